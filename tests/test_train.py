@@ -1,0 +1,156 @@
+"""Training and recording: what a run writes, and that what it writes is what it claims."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import TINY, run_train
+from model import GPT, GPTConfig, per_token_loss
+from train import get_args, get_lr, log_schedule
+
+
+def load(run, name):
+    return np.load(os.path.join(run, name + '.npy'), allow_pickle=False)
+
+
+def test_run_writes_every_record_with_the_right_shape(tiny_run):
+    cfg = json.load(open(os.path.join(tiny_run, 'config.json')))
+    S, B, T, P, d = 12, 4, 16, 3, 16
+    V = cfg['vocab_size_actual']
+    hidden_steps = load(tiny_run, 'hidden_steps')
+    expected = {'lr': (S,), 'train_loss': (S,), 'grad_norm': (S,), 'update_norm': (S,), 'train_offsets': (S, B),
+                'train_loss_pre': (S, B, T), 'train_loss_post': (S, B, T), 'probe_loss': (S + 1, P, T),
+                'probe_hidden': (len(hidden_steps), P, T, d), 'probe_tokens': (P, T + 1), 'train_counts': (V,)}
+    for name, shape in expected.items():
+        a = load(tiny_run, name)
+        assert a.shape == shape, name
+        assert np.all(np.isfinite(a)), name
+        assert list(cfg['records'].get(name, [list(shape)])[0]) == list(shape), name
+    assert hidden_steps[0] == 0 and hidden_steps[-1] == S
+    assert np.all(load(tiny_run, 'update_norm') > 0) and np.all(load(tiny_run, 'lr') > 0)
+    assert cfg['n_params'] > cfg['n_params_nonembedding'] > 0
+    assert json.load(open(os.path.join(tiny_run, 'progress.json')))['steps_done'] == S
+
+
+def test_pre_update_token_losses_average_to_the_logged_loss(tiny_run):
+    pre = load(tiny_run, 'train_loss_pre').astype(np.float64)
+    np.testing.assert_allclose(pre.mean(axis=(1, 2)), load(tiny_run, 'train_loss'), rtol=1e-6)
+    # and the update changed them: post differs from pre
+    assert np.abs(load(tiny_run, 'train_loss_post') - load(tiny_run, 'train_loss_pre')).max() > 0
+
+
+def test_records_match_a_recomputation_from_the_checkpoint(tiny_run):
+    """The final checkpoint holds theta_S: the probe row S and the post-update losses of the
+    last step (theta_S on the batch of step S - 1) must be what that model gives."""
+    ckpt = torch.load(os.path.join(tiny_run, 'ckpt.pt'), weights_only=True)
+    cfg = json.load(open(os.path.join(tiny_run, 'config.json')))
+    model = GPT(GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16))
+    model.load_state_dict(ckpt['model'])
+    S = ckpt['step']
+    probe = torch.from_numpy(load(tiny_run, 'probe_tokens').astype(np.int64))
+    with torch.no_grad():
+        logits, _, h = model(probe[:, :-1], return_hidden=True)
+        probe_loss = per_token_loss(logits, probe[:, 1:])
+    np.testing.assert_allclose(load(tiny_run, 'probe_loss')[S], probe_loss.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(load(tiny_run, 'probe_hidden')[-1], h.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_last_post_update_losses_match_the_final_model(tiny_run, cache_dir):
+    """theta_S on the batch of step S - 1, rebuilt from the recorded offsets."""
+    ckpt = torch.load(os.path.join(tiny_run, 'ckpt.pt'), weights_only=True)
+    cfg = json.load(open(os.path.join(tiny_run, 'config.json')))
+    model = GPT(GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16))
+    model.load_state_dict(ckpt['model'])
+    corpus = data.prepare(None, 300, cache_dir)
+    offsets = load(tiny_run, 'train_offsets')[-1]
+    x, y = (torch.from_numpy(a) for a in data.get_windows(corpus['train'], offsets, 16))
+    with torch.no_grad():
+        loss = per_token_loss(model(x)[0], y)
+    np.testing.assert_allclose(load(tiny_run, 'train_loss_post')[-1], loss.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path, cache_dir, tiny_run):
+    common = [*TINY, '--max_iters', '12', '--ckpt_interval', '6', '--cache_dir', cache_dir]
+    run_train(*common, '--out_dir', str(tmp_path / 'a'))
+    run_train(*common, '--out_dir', str(tmp_path / 'b'), '--seed', '7')
+    for name in ['train_loss', 'train_loss_post', 'probe_loss']:
+        np.testing.assert_array_equal(load(str(tmp_path / 'a'), name), load(tiny_run, name))
+    assert not np.array_equal(load(str(tmp_path / 'b'), 'train_loss'), load(tiny_run, 'train_loss'))
+
+
+def test_record_none_writes_scalars_only(tmp_path, cache_dir):
+    out = str(tmp_path / 'bare')
+    run_train(*TINY, '--max_iters', '5', '--record', 'none', '--cache_dir', cache_dir, '--out_dir', out)
+    assert np.all(np.isfinite(load(out, 'train_loss')))
+    assert not os.path.exists(os.path.join(out, 'probe_loss.npy'))
+
+
+def test_existing_run_is_refused_and_left_alone(tiny_run, cache_dir):
+    before = load(tiny_run, 'train_loss')
+    proc = run_train(*TINY, '--max_iters', '3', '--cache_dir', cache_dir, '--out_dir', tiny_run, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and 'already holds a run' in proc.stderr
+    np.testing.assert_array_equal(load(tiny_run, 'train_loss'), before)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--n_embd', '10', '--n_head', '4'], 'not divisible'),
+    (['--n_layer', '0'], 'must be positive'),
+    (['--learning_rate', 'nan'], 'finite'),
+])
+def test_bad_settings_fail_with_one_line(tmp_path, flags, message):
+    proc = run_train(*flags, '--out_dir', str(tmp_path / 'x'), check=False)
+    assert proc.returncode == 2 and message in proc.stderr and 'Traceback' not in proc.stderr
+    assert not os.path.exists(tmp_path / 'x')
+
+
+def test_bad_data_fails_with_one_line(tmp_path, cache_dir):
+    (tmp_path / 'bin.txt').write_bytes(b'\xff\xfe\x00abc')
+    (tmp_path / 'small.txt').write_text('only a few words\n')
+    for path, message in [(tmp_path / 'missing.txt', 'no such file'), (tmp_path / 'bin.txt', 'binary'),
+                          (tmp_path / 'small.txt', 'fewer than')]:
+        proc = run_train(*TINY, '--data', str(path), '--cache_dir', cache_dir, '--out_dir', str(tmp_path / 'o'), check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / 'o')
+
+
+def test_user_text_file_trains(tmp_path, cache_dir):
+    text = ''.join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 13}.\n" for i in range(400))
+    (tmp_path / 'corpus.txt').write_text(text)
+    out = str(tmp_path / 'run')
+    run_train(*TINY, '--data', str(tmp_path / 'corpus.txt'), '--max_iters', '4', '--cache_dir', cache_dir, '--out_dir', out)
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    assert 'corpus.txt' in cfg['corpus'] and np.all(np.isfinite(load(out, 'probe_loss')))
+
+
+def test_default_corpus_is_split_by_book_and_cached(cache_dir):
+    train_text, val_text, desc = data.load_kjv()
+    assert 'Proverbs' in desc and 0.05 < len(val_text) / (len(train_text) + len(val_text)) < 0.15
+    assert 'Train up a child in the way he should go' in val_text  # Proverbs 22:6
+    assert 'Train up a child in the way he should go' not in train_text
+    first = data.prepare(None, 300, cache_dir)
+    again = data.prepare(None, 300, cache_dir)
+    assert first['key'] == again['key'] and np.array_equal(first['train'], again['train'])
+    assert first['counts'].sum() == len(first['train']) and first['train'].dtype == np.uint16
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(first['tokenizer'])
+    assert tok.decode(first['val'][:200].tolist()) in val_text
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = data.batch_offsets(1, 5, 8, 16, 1000)
+    assert np.array_equal(a, data.batch_offsets(1, 5, 8, 16, 1000))
+    assert not np.array_equal(a, data.batch_offsets(1, 6, 8, 16, 1000))
+    assert a.min() >= 0 and a.max() + 16 + 1 <= 1000
+
+
+def test_schedule_and_learning_rate():
+    assert log_schedule(100)[0] == 0 and log_schedule(100)[-1] == 100
+    assert log_schedule(10, every=4) == [0, 4, 8, 10]
+    args = get_args(['--max_iters', '100', '--warmup_iters', '10', '--learning_rate', '1e-3', '--min_lr', '1e-4'])
+    lrs = [get_lr(t, args) for t in range(100)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-2) and min(lrs[10:]) > 1e-4  # never below min_lr
