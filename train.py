@@ -33,7 +33,8 @@ LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and l
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail  # a bad flag or value: one line and exit status 2, without the usage text
     g = p.add_argument_group('model')
     g.add_argument('--n_layer', type=int, default=4, help='number of Transformer blocks')
     g.add_argument('--n_head', type=int, default=4, help='attention heads per block')
