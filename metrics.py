@@ -12,8 +12,10 @@ The measurements of both results, one function per quantity, in the notation of 
 5. the first-order predicted per-token loss change along the real update (one JVP)
 6. saturation companions: frequency buckets, Zipf fit, LM-head spectrum, anisotropy of h
 
-Everything takes and returns torch tensors; callers choose the dtype (fp32 in training,
-float64 in the tests, which check every function against brute-force autograd).
+Everything takes and returns torch tensors (scalars as 0-dim tensors: float(x) for JSON; the
+small per-batch summaries of theta_decomposition and opposition_summary come back on the CPU,
+ready for numpy records). Callers choose the dtype (fp32 in training, float64 in the tests,
+which check every function against brute-force autograd). A cosine with a zero vector is NaN (see `cosine`).
 """
 
 import contextlib
@@ -30,15 +32,15 @@ from model import per_token_loss
 # 1. destructive interference
 
 
-def interference(total, total_abs):
-    """D = 1 - |sum_i x_i| / sum_i |x_i|, from the two sums. In [0, 1]; 1 = complete
-    cancellation, 0 = all x_i of one sign. NaN where every x_i is 0 (D is undefined there)."""
+def interference_from_sums(total, total_abs):
+    """D = 1 - |sum_i x_i| / sum_i |x_i|, from the two sums (total, total_abs). In [0, 1]:
+    1 = complete cancellation, 0 = all x_i of one sign. NaN where every x_i is 0 (undefined)."""
     return 1 - total.abs() / total_abs
 
 
 def destructive_interference(x, dim=-1):
-    """D(x) = 1 - |sum_i x_i| / sum_i |x_i| over `dim` (see `interference`)."""
-    return interference(x.sum(dim), x.abs().sum(dim))
+    """D(x) = 1 - |sum_i x_i| / sum_i |x_i| over `dim` (the formula: `interference_from_sums`)."""
+    return interference_from_sums(x.sum(dim), x.abs().sum(dim))
 
 
 def interference_magnitude(x, dim=-1):
@@ -48,8 +50,9 @@ def interference_magnitude(x, dim=-1):
 
 
 def sign_flip_null(x, dim=-1, generator=None):
-    """D of the same magnitudes |x_i| with independent random signs: the value D takes when
-    the signs carry no structure (1 - D ~ 1/sqrt(N)). Compare measured D with it at the same N."""
+    """D of the same magnitudes |x_i| with independent random signs: the value D takes when the
+    signs carry no structure (1 - D ~ 1/sqrt(N)), so compare a measured D with it at the same N.
+    `generator`: a CPU torch.Generator, for a reproducible null."""
     signs = torch.randint(0, 2, x.shape, generator=generator).to(device=x.device, dtype=x.dtype) * 2 - 1
     return destructive_interference(x.abs() * signs, dim)
 
@@ -70,18 +73,20 @@ def grad_z_minus(p, y):
 
 
 def cosine(a, b):
-    """cos(a, b) along the last dimension; NaN where a vector is zero (no direction)."""
+    """cos(a, b) = <a, b> / (|a| |b|) along the last dimension. NaN where a vector is zero: it has
+    no direction, and a 0 would read as "orthogonal" and bias averages (e.g. grad_h+ = 0 when
+    p_y rounds to 1 in fp32). Average with torch.nanmean."""
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
 def output_decomposition(h, U, y):
-    """Per token, with h (N, d), U (V, d), y (N,):
+    """Per token, with h (N, d), U (V, d), y (N,), p = softmax(U h):
 
         grad_h+ = -(1 - p_y) U_y,   grad_h- = U^T p - p_y U_y,   grad_h+ + grad_h- = dl/dh
 
-    Returns (N,) tensors: p_y; the shared 2D basis cos(h, grad_h+) (= -cos(h, U_y)) and
-    cos(h, grad_h-); dissent cos(grad_h+, grad_h-); and |grad_h+|, |grad_h-|, |dl/dh|.
-    grad_h- = p @ U - p_y U_y never forms a per-token V x d gradient."""
+    Returns a dict of (N,) tensors: p_y; the shared 2D basis cos(h, grad_h+) (= -cos(h, U_y)) and
+    cos(h, grad_h-); dissent cos(grad_h+, grad_h-); and |grad_h+|, |grad_h-|, |dl/dh| (norm_grad).
+    grad_h- = p @ U - p_y U_y, so no per-token V x d tensor is ever formed. Cosines: see `cosine`."""
     p = torch.softmax(h @ U.T, dim=-1)  # (N, V)
     p_y = p.gather(1, y[:, None]).squeeze(1)  # (N,)
     U_y = U[y]  # (N, d)
@@ -96,77 +101,95 @@ def output_decomposition(h, U, y):
 # 3. parameter-space decomposition over a batch (gradient dissent)
 
 
-def theta_decomposition(logits, targets, params, grads=None):
+def theta_decomposition(logits, targets, params, grads=None, average=None):
     """grad_theta+ = (dz/dtheta)^T grad_z+ and grad_theta- = grad_theta - grad_theta+ (linearity),
-    for the MEAN loss over the batch's N tokens (so each seed is divided by N, as in training).
+    for the MEAN loss over the batch's N = B*T tokens (each seed is divided by N, as in training):
 
-    logits (B, T, V) must still hold its autograd graph (it is kept: retain_graph=True);
-    params: dict name -> parameter; grads: the gradient of the mean loss per parameter if the
-    caller already has it (p.grad after the training backward), else computed here.
-    Returns, per parameter and for 'model' (all parameters as one vector): cos(grad+, grad-),
-    |grad+|, |grad-|, |grad|. Per token, grad_U+ and grad_U- sit in different rows of U, so the
-    opposition measured here is a batch-level quantity."""
+        grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i
+
+    logits (B, T, V) must still hold its autograd graph (kept: retain_graph=True); targets (B, T);
+    params: dict name -> parameter; grads: dict name -> gradient of the mean loss of THIS batch if
+    the caller has it (p.grad after the training backward, before clipping, one micro-batch),
+    else computed here by a second backward. average: optional function averaging a tensor over
+    data-parallel processes in place, applied to the gradients computed here so that they match
+    p.grad, which DDP has already averaged (the global mean loss, given equal tokens per process).
+    Returns, per parameter name and for 'model' (all parameters as one vector), a dict of 0-dim
+    CPU tensors (one device sync): cos(grad+, grad-), |grad+|, |grad-|, |grad|. Per token, grad_U+
+    and grad_U- sit in different rows of U, so the opposition measured here is batch-level."""
     B, T, V = logits.shape
-    y = targets.reshape(-1)
-    with torch.no_grad():
-        p = torch.softmax(logits.detach().reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (N, V)
-        seed_plus = (grad_z_plus(p, y) / y.numel()).view(B, T, V).to(logits.dtype)
+    N, y = targets.numel(), targets.reshape(-1)
+    with torch.no_grad():  # softmax in at least fp32, as the loss is computed
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        p = torch.softmax(logits.detach().reshape(N, V).to(dtype), -1)  # (N, V)
+        seed_plus = (grad_z_plus(p, y) / N).view(B, T, V).to(logits.dtype)  # (B, T, V)
     names, tensors = list(params), list(params.values())
-    plus = torch.autograd.grad(logits, tensors, seed_plus, retain_graph=True)
+    plus = dict(zip(names, torch.autograd.grad(logits, tensors, seed_plus, retain_graph=True)))
     if grads is None:
-        seed = ((p - F.one_hot(y, V).to(p.dtype)) / y.numel()).view(B, T, V).to(logits.dtype)
+        seed = ((p - F.one_hot(y, V).to(p.dtype)) / N).view(B, T, V).to(logits.dtype)  # dl/dz / N
         grads = dict(zip(names, torch.autograd.grad(logits, tensors, seed, retain_graph=True)))
-    out, dot, sq_plus, sq_minus = {}, 0.0, 0.0, 0.0
-    for name, g_plus in zip(names, plus):
-        g_minus = grads[name] - g_plus
-        out[name] = dict(cos=cosine(g_plus.flatten(), g_minus.flatten()).item(), norm_plus=g_plus.norm().item(),
-                         norm_minus=g_minus.norm().item(), norm_grad=grads[name].norm().item())
-        dot += (g_plus * g_minus).sum().item()
-        sq_plus += out[name]['norm_plus'] ** 2
-        sq_minus += out[name]['norm_minus'] ** 2
-    sq_grad = sum(o['norm_grad'] ** 2 for o in out.values())
-    out['model'] = dict(cos=dot / (sq_plus * sq_minus) ** 0.5, norm_plus=sq_plus ** 0.5,
-                        norm_minus=sq_minus ** 0.5, norm_grad=sq_grad ** 0.5)
-    return out
+        for g in grads.values() if average is not None else []:
+            average(g)
+    for g in plus.values() if average is not None else []:
+        average(g)
+    plus = {name: g.flatten() for name, g in plus.items()}
+    minus = {name: grads[name].flatten().to(plus[name].dtype) - plus[name] for name in names}
+    plus['model'], minus['model'] = torch.cat(list(plus.values())), torch.cat(list(minus.values()))
+    keys = ['cos', 'norm_plus', 'norm_minus', 'norm_grad']
+    stats = torch.stack([torch.stack([cosine(plus[n], minus[n]), plus[n].norm(), minus[n].norm(),
+                                      (plus[n] + minus[n]).norm()]) for n in plus]).cpu()  # (n_names + 1, 4)
+    return {n: dict(zip(keys, row)) for n, row in zip(plus, stats)}
 
 
 # -----------------------------------------------------------------------------
 # 4. gradient opposition between tokens, per parameter coordinate
+#
+# Tokens are the examples: g_i = d l_i / d theta is the gradient of token i's OWN loss (not of
+# the batch mean, which would scale every g_i by 1/N; D_j is scale-free, sums are not).
+# The sums below are (sum_i g_ij, sum_i |g_ij|) per coordinate j, with the parameter's shape.
 
 
 def position_local_modules(model):
-    """Layers whose parameters act on one position only and whose output reaches only that
-    position's loss: the LM head, the final norm, and in the last block the attention output
-    projection (it maps the already-mixed attention output at position s to position s), the
-    second LayerNorm and the MLP. For them the per-token gradient is outer(g_s, x_s), and exact
-    per-token statistics come from one ordinary backward. The last block's c_attn is NOT local:
-    its keys and values at position s feed the attention of every later position; neither is
-    anything earlier. A tied LM head is also the token embedding, so it is not local either."""
-    last = model.transformer.h[-1]
-    prefix = f"transformer.h.{len(model.transformer.h) - 1}"
-    modules = {'transformer.ln_f': model.transformer.ln_f, f"{prefix}.ln_2": last.ln_2,
-               f"{prefix}.attn.c_proj": last.attn.c_proj, f"{prefix}.mlp.c_fc": last.mlp.c_fc,
-               f"{prefix}.mlp.c_proj": last.mlp.c_proj}
-    if not model.config.tie_weights:
-        modules['lm_head'] = model.lm_head
+    """name -> module for the layers whose per-token gradient is outer(g_s, x_s) of one position s:
+    their parameters act on each position separately AND the output at s reaches only l_s.
+
+    - lm_head (U): z_s = U h_s feeds l_s only (left out when tied: U is then also the token
+      embedding, whose output is mixed across positions by every attention layer);
+    - transformer.ln_f: h_s = ln_f(x_s), per position, then only z_s;
+    - last block's ln_2, mlp.c_fc, mlp.c_proj: the MLP branch works per position and writes into
+      position s of the residual stream, after which only ln_f and the head follow;
+    - last block's attn.c_proj: its input y_s is already mixed across positions, but c_proj maps
+      y_s to position s only, and nothing after it mixes positions again.
+    NOT local: the last block's attn.c_attn (keys and values at s feed the attention of every
+    later position, so l_i depends on it through all s <= i), ln_1, and everything earlier."""
+    last, prefix = model.transformer.h[-1], f"transformer.h.{len(model.transformer.h) - 1}"
+    modules = {} if model.config.tie_weights else {'lm_head': model.lm_head}
+    modules.update({'transformer.ln_f': model.transformer.ln_f, f"{prefix}.ln_2": last.ln_2,
+                    f"{prefix}.attn.c_proj": last.attn.c_proj, f"{prefix}.mlp.c_fc": last.mlp.c_fc,
+                    f"{prefix}.mlp.c_proj": last.mlp.c_proj})
     return modules
 
 
 @contextlib.contextmanager
 def capture_activations(modules):
-    """Record, for each module, its input X during the forward and its output gradient G
-    during the FIRST backward through it (later backward passes over the same graph, such as
-    theta_decomposition's, are ignored). Yields dict name -> [X, G]."""
+    """Yields dict name -> [X, G]: each module's input X (recorded by a forward hook during the
+    caller's forward) and its output gradient G (recorded by a tensor hook on the output during
+    the FIRST backward through it; later passes over the same graph, such as those of
+    theta_decomposition, are ignored). The backward may run inside or after the with block.
+    Forward hooks are removed on exit. Run one forward (not several micro-batches) inside."""
     acts, handles = {}, []
 
-    def hook(name):
+    def make_hook(name):
+        def save_grad(G):
+            if acts[name][1] is None:
+                acts[name][1] = G.detach()
+
         def forward_hook(module, inputs, output):
             acts[name] = [inputs[0].detach(), None]
             if output.requires_grad:
-                output.register_hook(lambda g: acts[name].__setitem__(1, g.detach()) if acts[name][1] is None else None)
+                output.register_hook(save_grad)
         return forward_hook
     for name, module in modules.items():
-        handles.append(module.register_forward_hook(hook(name)))
+        handles.append(module.register_forward_hook(make_hook(name)))
     try:
         yield acts
     finally:
@@ -175,20 +198,23 @@ def capture_activations(modules):
 
 
 def position_local_gradient_sums(modules, acts, n_tokens):
-    """Per parameter: (sum_i g_i, sum_i |g_i|) over tokens, g_i = d l_i / d theta, exactly, from one
-    ordinary backward of the MEAN loss over n_tokens (so G = (1/n_tokens) dl_s/dout, rescaled here).
-    Linear with inputs X (N, in) and output gradients G (N, out): g_s = outer(G_s, X_s), so
-        sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|   (one matmul each), bias: sum G, sum |G|;
-    LayerNorm with normalised input xhat: weight g_s = G_s * xhat_s, bias g_s = G_s."""
+    """param name -> (sum_s g_s, sum_s |g_s|), g_s = d l_s / d theta, exact, from the X and G of one
+    ordinary backward of the MEAN loss over n_tokens: G = (1/n_tokens) dl_s/dout, so G is
+    multiplied by n_tokens here (if the caller's loss has another scale, pass N / that scale).
+    Linear with inputs X (N, in), output gradients G (N, out): g_s = outer(G_s, X_s), so
+        sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|   (one matmul each); bias: sum G, sum |G|.
+    LayerNorm with normalised input xhat_s: weight g_s = G_s * xhat_s, bias g_s = G_s."""
     sums = {}
     for name, module in modules.items():
         X, G = acts[name]
-        X = X.reshape(-1, X.shape[-1]).float() if X.dtype in (torch.float16, torch.bfloat16) else X.reshape(-1, X.shape[-1])
-        G = G.reshape(-1, G.shape[-1]).to(X.dtype) * n_tokens  # (N, out)
+        assert G is not None, f"no output gradient recorded for {name}: run a backward first"
+        dtype = torch.promote_types(X.dtype, torch.float32)  # bf16 activations summed in fp32
+        X = X.reshape(-1, X.shape[-1]).to(dtype)  # (N, in)
+        G = G.reshape(-1, G.shape[-1]).to(dtype) * n_tokens  # (N, out), gradients of l_s
         if isinstance(module, nn.Linear):
             sums[name + '.weight'] = (G.T @ X, G.abs().T @ X.abs())  # (out, in) each
         else:
-            assert isinstance(module, nn.LayerNorm)
+            assert isinstance(module, nn.LayerNorm), f"{name}: only Linear and LayerNorm are local"
             G_xhat = G * F.layer_norm(X, module.normalized_shape, eps=module.eps)  # (N, d)
             sums[name + '.weight'] = (G_xhat.sum(0), G_xhat.abs().sum(0))
         if module.bias is not None:
@@ -197,49 +223,82 @@ def position_local_gradient_sums(modules, acts, n_tokens):
 
 
 def per_token_gradient_sums(model, idx, targets, chunk_size=64):
-    """(sum_i g_i, sum_i |g_i|) for EVERY parameter, g_i = d l_i / d theta, exact: one forward,
-    then one backward per token position, batched over one-hot cotangents with
-    autograd.grad(is_grads_batched=True) in chunks of chunk_size (memory: chunk_size copies of
-    the gradient). Correct for a tied head/embedding matrix, which sees both of its uses."""
-    params = dict(model.named_parameters())  # a tied matrix appears once
+    """param name -> (sum_i g_i, sum_i |g_i|) for EVERY parameter, g_i = d l_i / d theta, exact:
+    one forward for the per-token losses l (N,), then one backward per token, batched over one-hot
+    cotangents with autograd.grad(is_grads_batched=True), chunk_size at a time (memory: chunk_size
+    gradients of the whole model). Names as model.named_parameters() gives them: a tied head /
+    embedding matrix appears once, and its g_i includes both of its uses.
+    The attention KEY biases (c_attn.bias[d:2d]) get exact zeros: their true gradient is 0, since
+    q_s . (k_j + b) shifts every score of query s by the same q_s . b and softmax ignores shifts;
+    the computed one is rounding noise, and its D_j would be noise too (it moved the fp32 mean D
+    of a c_attn.bias by up to 3% from the float64 value)."""
+    params = dict(model.named_parameters())
     losses = per_token_loss(model(idx)[0], targets).reshape(-1)  # (N,)
-    eye = torch.eye(losses.numel(), dtype=losses.dtype, device=losses.device)
+    N = losses.numel()
     sums = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
-    for start in range(0, losses.numel(), chunk_size):
-        grads = torch.autograd.grad(losses, list(params.values()), eye[start:start + chunk_size],
-                                    retain_graph=True, is_grads_batched=True)  # each (chunk, *shape)
+    for start in range(0, N, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, N), device=losses.device)  # (C,)
+        one_hot = F.one_hot(rows, N).to(losses.dtype)  # (C, N): cotangent c selects l_{start+c}
+        grads = torch.autograd.grad(losses, list(params.values()), one_hot,
+                                    retain_graph=True, is_grads_batched=True)  # each (C, *shape)
         for (total, total_abs), g in zip(sums.values(), grads):
             total += g.sum(0)
             total_abs += g.abs().sum(0)
+    d = model.config.n_embd
+    for i, block in enumerate(model.transformer.h):
+        if block.attn.c_attn.bias is not None:
+            for total in sums[f"transformer.h.{i}.attn.c_attn.bias"]:
+                total[d:2 * d] = 0  # the key bias: no coordinate of D (see above)
     return sums
 
 
+def coordinate_opposition(sum_g, sum_abs_g):
+    """D_j = 1 - |sum_i g_ij| / sum_i |g_ij| for every coordinate j of one or more tensors, as a
+    flat (n,) tensor over the coordinates with sum_i |g_ij| > 0 only (D is undefined where no token
+    moves the coordinate, e.g. the embedding rows of tokens absent from the batch), so NaN-free."""
+    sum_g, sum_abs_g = sum_g.flatten(), sum_abs_g.flatten()
+    used = sum_abs_g > 0
+    return interference_from_sums(sum_g[used], sum_abs_g[used])  # (n,)
+
+
 def opposition_group(name):
-    """The layer a parameter belongs to: 'block 3', 'embeddings', 'ln_f' or 'lm_head'."""
-    if name.startswith('transformer.h.'):
-        return 'block ' + name.split('.')[2]
-    if name.startswith(('transformer.wte', 'transformer.wpe')):
+    """The layer of a parameter: 'h.3' for 'transformer.h.3.*', 'embeddings' (wte, wpe; with
+    tying also the head), 'ln_f', 'lm_head'."""
+    parts = name.split('.')
+    if parts[:2] == ['transformer', 'h']:
+        return 'h.' + parts[2]
+    if parts[:2] in (['transformer', 'wte'], ['transformer', 'wpe']):
         return 'embeddings'
-    return name.split('.')[-2] if name.startswith('transformer.') else name.split('.')[0]
+    return parts[-2]  # 'transformer.ln_f.weight' -> 'ln_f', 'lm_head.weight' -> 'lm_head'
+
+
+def opposition_keys(names):
+    """The keys of opposition_summary for parameters `names`, in its order: the tensor names, then
+    their layers (opposition_group, in order of first appearance), then 'model'."""
+    groups = list(dict.fromkeys(opposition_group(name) for name in names))
+    return list(names) + groups + ['model']
 
 
 def opposition_summary(sums, bins=20):
-    """Gradient opposition D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per coordinate j (tokens as
-    examples), summarised per parameter tensor, per layer and for the whole 'model':
-    'mean': the exact mean of D_j over coordinates (coordinates with all g_ij = 0 left out);
-    'weighted': the mean weighted by sum_i |g_ij|, which equals 1 - sum_j |sum_i g_ij| / sum_ij |g_ij|;
-    'hist': counts of D_j in `bins` equal bins of [0, 1]."""
-    groups = {}
-    for name, pair in sums.items():
+    """Gradient opposition D_j (see coordinate_opposition) summarised per parameter tensor (its
+    name), per layer (see opposition_group) and for 'model' (every tensor in `sums`); keys in the
+    order of opposition_keys. Each entry, as CPU tensors:
+    'mean': the exact mean of D_j over coordinates (never histogram midpoints);
+    'weighted': the mean weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|;
+    'hist': (bins,) counts of D_j in equal bins of [0, 1]; 'n': the number of coordinates counted."""
+    members = {key: [] for key in opposition_keys(list(sums))}
+    for name in sums:
         for key in (name, opposition_group(name), 'model'):
-            groups.setdefault(key, []).append(pair)
+            members[key].append(name)
     out = {}
-    for key, pairs in groups.items():
-        total = torch.cat([s.flatten() for s, _ in pairs]).double()
-        total_abs = torch.cat([a.flatten() for _, a in pairs]).double()
-        D = interference(total, total_abs)[total_abs > 0]
-        out[key] = dict(mean=D.mean().item(), weighted=interference(total.abs().sum(), total_abs.sum()).item(),
-                        hist=torch.histc(D, bins=bins, min=0.0, max=1.0).long())
+    for key, names in members.items():
+        total = torch.cat([sums[n][0].flatten() for n in names]).double()  # (n_coords,)
+        total_abs = torch.cat([sums[n][1].flatten() for n in names]).double()  # (n_coords,)
+        D = coordinate_opposition(total, total_abs)  # (n,)
+        # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
+        hist = torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0).long()
+        weighted = interference_from_sums(total.abs().sum(), total_abs.sum())  # weights sum_i |g_ij|
+        out[key] = dict(mean=D.mean().cpu(), weighted=weighted.cpu(), hist=hist.cpu(), n=torch.tensor(D.numel()))
     return out
 
 
@@ -247,32 +306,41 @@ def opposition_summary(sums, bins=20):
 # 5. update-weighted interference: first-order prediction of each token's loss change
 
 
-def predicted_loss_change(model, idx, targets, delta):
+def predicted_loss_change(model, idx, targets, delta, params=None):
     """First-order predicted change of every token's loss along the update delta:
+
         Delta l_i ~ <grad l_i, delta> = sum_j p_ij,   p_ij = (grad l_i)_j delta_j,
-    for all tokens at once from ONE forward-mode JVP. delta: dict name -> tensor, the real
-    update theta_{t+1} - theta_t. The JVP runs attention with the plain-math kernel because the
-    fused CPU kernels have no forward-mode derivative. Returns (B, T)."""
-    names = [name for name, _ in model.named_parameters()]  # a tied matrix once: it takes both roles
-    primals = tuple(p.detach() for _, p in model.named_parameters())
+
+    for all tokens at once from ONE forward-mode JVP. delta: dict name -> tensor, the real update
+    theta_{t+1} - theta_t, keyed as model.named_parameters() (a tied matrix once, under
+    'transformer.wte.weight': functional_call keeps it tied, so it takes both roles). params:
+    optional dict name -> tensor, the point theta_t to expand around (e.g. a copy taken before
+    optimizer.step()); by default the model's current parameters. Returns (B, T).
+    The default CPU attention kernel (flash) has no forward-mode derivative, nor have the fused
+    CUDA ones, so attention runs in the plain-math kernel here: the same function, exact JVP."""
+    theta = dict(model.named_parameters()) if params is None else params
+    names = [name for name, _ in model.named_parameters()]
+    primals = tuple(theta[name].detach() for name in names)
+    tangents = tuple(delta[name].to(p.dtype) for name, p in zip(names, primals))
 
     def losses(*params):
-        return per_token_loss(functional_call(model, dict(zip(names, params)), (idx,))[0], targets)
+        return per_token_loss(functional_call(model, dict(zip(names, params)), (idx,))[0], targets)  # (B, T)
     with sdpa_kernel(SDPBackend.MATH):
-        _, change = jvp(losses, primals, tuple(delta[name].to(p.dtype) for name, p in zip(names, primals)))
+        _, change = jvp(losses, primals, tangents)
     return change
 
 
 def first_order_agreement(predicted, true):
-    """How well the first-order prediction matches the true per-token change: correlation,
-    R^2 = 1 - sum (true - pred)^2 / sum (true - mean true)^2, the least-squares slope of true on
-    predicted through the origin, and rel_err = |true - pred| / |true| (vector norms)."""
+    """How well the predicted per-token changes match the true ones (any shape, flattened):
+    corr: Pearson correlation; r2 = 1 - sum (true - pred)^2 / sum (true - mean true)^2 (the
+    prediction as is, not refitted); slope: least squares of true on pred through the origin,
+    sum pred*true / sum pred^2; rel_err = ||true - pred|| / ||true|| (L2 norms over all tokens)."""
     pred, true = predicted.flatten().double(), true.flatten().double()
     resid = true - pred
-    return dict(corr=torch.corrcoef(torch.stack([pred, true]))[0, 1].item(),
-                r2=(1 - resid.pow(2).sum() / (true - true.mean()).pow(2).sum()).item(),
-                slope=((pred * true).sum() / pred.pow(2).sum()).item(),
-                rel_err=(resid.norm() / true.norm()).item())
+    return dict(corr=torch.corrcoef(torch.stack([pred, true]))[0, 1],
+                r2=1 - resid.pow(2).sum() / (true - true.mean()).pow(2).sum(),
+                slope=(pred * true).sum() / pred.pow(2).sum(),
+                rel_err=resid.norm() / true.norm())
 
 
 # -----------------------------------------------------------------------------
@@ -280,36 +348,40 @@ def first_order_agreement(predicted, true):
 
 
 def frequency_buckets(counts, n_buckets=8):
-    """Bucket of every token id by its rank in the training unigram counts (rank 0 = most
-    frequent), with log-spaced rank edges: bucket k holds ranks edges[k] .. edges[k+1] - 1, so
-    bucket 0 is the few most frequent tokens and the last bucket the long tail. Small
-    vocabularies may give fewer buckets (equal edges merge). Returns (bucket (V,), edges)."""
+    """Bucket of every token id by its rank in the training unigram counts (V,) (rank 0 = most
+    frequent, ties by id), with log-spaced rank edges edges[k] = round((V + 1)^(k / n_buckets)) - 1:
+    bucket k holds ranks edges[k] .. edges[k+1] - 1, so bucket 0 is the few most frequent tokens
+    and the last one the long tail. A tiny vocabulary may give fewer buckets (equal edges merge):
+    use len(edges) - 1. Returns (bucket (V,) long, edges (n+1,) long, from 0 to V)."""
     V = counts.numel()
     rank = torch.empty(V, dtype=torch.long)
-    rank[torch.argsort(-counts.double(), stable=True)] = torch.arange(V)
-    edges = torch.unique(torch.round(torch.logspace(0, torch.log10(torch.tensor(V + 1.0)), n_buckets + 1)).long() - 1)
+    rank[torch.argsort(-counts.double().cpu(), stable=True)] = torch.arange(V)  # (V,)
+    k = torch.arange(n_buckets + 1, dtype=torch.float64)
+    edges = torch.unique(torch.round((V + 1.0) ** (k / n_buckets)).long() - 1)  # (n + 1,)
     return torch.searchsorted(edges, rank, right=True) - 1, edges
 
 
 def zipf_fit(counts, k=3.0):
-    """Least-squares line log c = intercept + slope * log r over the tokens with count > 0 (r:
-    rank from 1); residuals per token id (NaN for unseen tokens) and the outliers: ids whose
-    |residual| exceeds k standard deviations of the residuals (tokens far off the Zipf line)."""
+    """Least-squares line log c = intercept + slope * log r over the tokens with count > 0 (r: rank
+    from 1). Returns slope, intercept, residuals (V,) per token id (NaN for unseen tokens) and
+    outliers: the ids whose |residual| > k * std of the residuals (tokens far off the Zipf line)."""
+    counts = counts.cpu()
     order = torch.argsort(-counts.double(), stable=True)
-    seen = order[counts[order] > 0]
-    log_r = torch.log(torch.arange(1, seen.numel() + 1, dtype=torch.float64))
-    log_c = torch.log(counts[seen].double())
+    seen = order[counts[order] > 0]  # ids by rank
+    log_r = torch.log(torch.arange(1, seen.numel() + 1, dtype=torch.float64))  # (n,)
+    log_c = torch.log(counts[seen].double())  # (n,)
     A = torch.stack([torch.ones_like(log_r), log_r], 1)  # (n, 2)
-    intercept, slope = torch.linalg.lstsq(A, log_c[:, None]).solution.flatten().tolist()
-    residuals = torch.full((counts.numel(),), float('nan'), dtype=torch.float64)
+    intercept, slope = torch.linalg.lstsq(A, log_c[:, None]).solution.flatten()
+    residuals = torch.full((counts.numel(),), float('nan'), dtype=torch.float64)  # (V,)
     residuals[seen] = log_c - (intercept + slope * log_r)
-    outliers = seen[(residuals[seen].abs() > k * residuals[seen].std())]
+    outliers = seen[residuals[seen].abs() > k * residuals[seen].std()]
     return dict(slope=slope, intercept=intercept, residuals=residuals, outliers=outliers)
 
 
 def bucket_mean_loss(loss, targets, bucket_of_token, n_buckets):
-    """Mean loss of the tokens whose TARGET lies in each frequency bucket; NaN for an empty one."""
-    b = bucket_of_token.to(targets.device)[targets.flatten()]
+    """(n_buckets,) mean loss of the tokens whose TARGET lies in each frequency bucket (loss and
+    targets of one shape, e.g. (B, T)); NaN for an empty bucket."""
+    b = bucket_of_token.to(targets.device)[targets.flatten()]  # (N,)
     total = torch.zeros(n_buckets, dtype=loss.dtype, device=loss.device).index_add_(0, b, loss.flatten())
     count = torch.bincount(b, minlength=n_buckets).to(loss.dtype)
     return total / count
@@ -321,15 +393,15 @@ def singular_values(U):
 
 
 def spectral_entropy(s):
-    """Shannon entropy (nats) of q_k = s_k^2 / sum s^2, the share of U's energy in each singular
-    direction: log(rank) when all directions are used equally, 0 when one dominates."""
+    """H = -sum_k q_k log q_k (nats), q_k = s_k^2 / sum s^2: the share of U's energy (squared
+    Frobenius norm) in each singular direction. log(rank) when all are used equally, 0 for one."""
     q = s.pow(2) / s.pow(2).sum()
-    return -(q * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum()
+    return -(q * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum()  # 0 log 0 = 0
 
 
 def anisotropy(h):
-    """Mean pairwise cosine of the rows of h (N, d) over pairs i != j, in O(N d):
-    with unit rows u_i, sum_{i != j} <u_i, u_j> = |sum_i u_i|^2 - N."""
-    u = F.normalize(h, dim=-1)
+    """Mean pairwise cosine of the rows of h (N, d) over pairs i != j, exact in O(N d): with unit
+    rows u_i, sum_{i != j} <u_i, u_j> = |sum_i u_i|^2 - N, divided by N (N - 1) pairs."""
+    u = F.normalize(h.reshape(-1, h.shape[-1]), dim=-1)  # (N, d)
     N = u.shape[0]
     return (u.sum(0).pow(2).sum() - N) / (N * (N - 1))

@@ -27,9 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import metrics
 from model import GPT, GPTConfig, per_token_loss
 
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
+HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
+H_KEYS = ['p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']  # metrics.output_decomposition
 
 
 def get_args(argv=None):
@@ -66,20 +69,25 @@ def get_args(argv=None):
     g.add_argument('--record', default='all', choices=['all', 'light', 'none'], help='all: everything every step; light: probe every step, post-update train losses on the log schedule; none: scalars only')
     g.add_argument('--probe_seqs', type=int, default=16, help='held-out probe sequences of block_size tokens, chosen once')
     g.add_argument('--hidden_every', type=int, default=0, help='write the probe hidden states every N steps (0: log-spaced steps; first and last always)')
+    g.add_argument('--grad_every', type=int, default=0, help='exact all-parameter opposition and JVP prediction every N steps (0: log-spaced steps)')
+    g.add_argument('--opposition_seqs', type=int, default=1, help='probe sequences used by the exact all-parameter opposition (one backward per token)')
     g.add_argument('--log_interval', type=int, default=10, help='steps between progress lines')
     g.add_argument('--ckpt_interval', type=int, default=250, help='steps between checkpoints (and at the end)')
     g.add_argument('--resume', action='store_true', help='continue the run in --out_dir from its checkpoint')
     g.add_argument('--overwrite', action='store_true', help='replace a run already in --out_dir')
     args = p.parse_args(argv)
-    for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'max_iters', 'probe_seqs', 'log_interval', 'ckpt_interval']:
+    for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'max_iters', 'probe_seqs',
+                 'opposition_seqs', 'log_interval', 'ckpt_interval']:
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ['learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'hidden_every']:
+    for name in ['learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'hidden_every', 'grad_every']:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             p.error(f"--{name} must be a finite number >= 0, got {value}")
     if args.n_embd % args.n_head:
         p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+    if args.opposition_seqs > args.probe_seqs:
+        p.error(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
     return args
 
 
@@ -197,12 +205,20 @@ def main(argv=None):
     model = GPT(config).to(device)  # parameters stay fp32; autocast does the bf16 matmuls
     optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
     raw_model = model  # the recording passes use the plain fp32 module
-    params = [p for p in model.parameters()]
+    params = dict(model.named_parameters())  # a tied matrix appears once
+    local_modules = metrics.position_local_modules(model)
+    local_names = [f"{m}.{n}" for m, module in local_modules.items() for n, _ in module.named_parameters()]
 
     # --- run directory ----------------------------------------------------------------------
     S, P, d = args.max_iters, args.probe_seqs, args.n_embd
     hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are steps 0..S (S: the final model)
-    post_steps = set(range(S)) if args.record == 'all' else set(log_schedule(S - 1))
+    grad_steps = log_schedule(S - 1, args.grad_every)  # exact opposition and JVP prediction
+    # steps with the post-update pass, the dissent in theta and the local opposition: every step
+    # under --record all, the log-spaced schedule (and the grad steps) under light
+    full_steps = set(range(S)) if args.record == 'all' else set(log_schedule(S - 1)) | set(grad_steps)
+    theta_names = list(params) + ['model']
+    local_keys = metrics.opposition_keys(local_names)
+    all_keys = metrics.opposition_keys(list(params))
     specs = {  # record name -> (shape, dtype); row t belongs to step t
         'lr': ((S,), np.float64),
         'train_loss': ((S,), np.float64),
@@ -216,6 +232,24 @@ def main(argv=None):
             'train_loss_post': ((S, B, T), np.float32),
             'probe_loss': ((S + 1, P, T), np.float32),
             'probe_hidden': ((len(hidden_steps), P, T, d), np.float32),
+            # zero-sum learning: D, M and the sign-flip null of per-token loss changes
+            'train_D': ((S,), np.float64), 'train_M': ((S,), np.float64), 'train_D_null': ((S,), np.float64),
+            'probe_D': ((S,), np.float64), 'probe_M': ((S,), np.float64), 'probe_D_null': ((S,), np.float64),
+            # the output-layer decomposition of every probe token, and the geometry of h and U
+            **{'probe_' + k: ((S + 1, P, T), np.float32) for k in H_KEYS},
+            'probe_anisotropy': ((S + 1,), np.float64),
+            'head_singular_values': ((len(hidden_steps), min(d, corpus['vocab_size'])), np.float32),
+            # dissent in parameter space, columns theta_names
+            **{'theta_' + k: ((S, len(theta_names)), np.float64) for k in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']},
+            # gradient opposition between tokens: position-local every step (columns local_opposition_keys),
+            # all parameters on the probe subset at the grad steps (columns opposition_keys)
+            'local_opposition_mean': ((S, len(local_keys)), np.float64),
+            'local_opposition_weighted': ((S, len(local_keys)), np.float64),
+            'local_opposition_hist': ((S, len(local_keys), HIST_BINS), np.int64),
+            'opposition_mean': ((len(grad_steps), len(all_keys)), np.float64),
+            'opposition_weighted': ((len(grad_steps), len(all_keys)), np.float64),
+            'opposition_hist': ((len(grad_steps), len(all_keys), HIST_BINS), np.int64),
+            'train_loss_pred': ((len(grad_steps), B, T), np.float32),  # first-order predicted change
         })
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     start = 0
@@ -231,7 +265,7 @@ def main(argv=None):
         except Exception as e:  # a torn or foreign file: say so, do not trust it
             fail(f"cannot read checkpoint {ckpt_path}: {e}")
         same = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size',
-                'batch_size', 'max_iters', 'seed', 'record', 'probe_seqs', 'hidden_every']
+                'batch_size', 'max_iters', 'seed', 'record', 'probe_seqs', 'hidden_every', 'grad_every', 'opposition_seqs']
         changed = [k for k in same if ckpt['args'].get(k) != getattr(args, k)]
         if changed:
             fail(f"--resume: checkpoint {ckpt_path} was made with other settings: {', '.join(changed)}")
@@ -251,26 +285,60 @@ def main(argv=None):
             np.save(os.path.join(args.out_dir, 'train_counts.npy'), corpus['counts'])
             np.save(os.path.join(args.out_dir, 'probe_tokens.npy'), np.concatenate([px.cpu().numpy(), py.cpu().numpy()[:, -1:]], 1))
             np.save(os.path.join(args.out_dir, 'hidden_steps.npy'), np.array(hidden_steps, dtype=np.int64))
+            np.save(os.path.join(args.out_dir, 'grad_steps.npy'), np.array(grad_steps, dtype=np.int64))
             write_json(os.path.join(args.out_dir, 'config.json'), dict(
                 vars(args), n_params=model.num_params(), n_params_nonembedding=model.num_params(non_embedding=True),
                 vocab_size_actual=corpus['vocab_size'], corpus=corpus['corpus'], data_key=corpus['key'],
                 train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'],
                 probe_offsets=probe_offsets.tolist(), device_used=device, dtype_used=dtype, world_size=world,
+                theta_names=theta_names, local_opposition_keys=local_keys, opposition_keys=all_keys,
                 torch_version=torch.__version__, records={k: [list(s), np.dtype(t).name] for k, (s, t) in specs.items()}))
-        hidden_row = {s: i for i, s in enumerate(hidden_steps)}
+    hidden_row = {s: i for i, s in enumerate(hidden_steps)}
+    grad_row = {s: i for i, s in enumerate(grad_steps)}
 
     if args.compile:
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 
+    def null_generator(step):
+        """The sign-flip null's random signs, a function of (seed, step): a resumed run redraws them."""
+        return torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+
+    def record_interference(prefix, row, change, step):
+        """D, M and the sign-flip null of per-token loss changes (all tokens as one vector)."""
+        change = change.flatten().double()
+        records[prefix + '_D'][row] = metrics.destructive_interference(change).item()
+        records[prefix + '_M'][row] = metrics.interference_magnitude(change).item()
+        records[prefix + '_D_null'][row] = metrics.sign_flip_null(change, generator=null_generator(step)).item()
+
     def record_probe(step):
-        """Probe losses at theta_step (row `step`), and the raw h on the hidden schedule."""
+        """Everything measured on the probe set at theta_step (probe row `step`): per-token losses,
+        the change since the previous step (row step - 1 of probe_D), the output-layer
+        decomposition of every token, the anisotropy of h; raw h and U's spectrum on schedule;
+        the exact all-parameter opposition at the grad steps."""
         loss, h = fp32_forward(raw_model, px, py)  # (P, T), (P, T, d)
         records['probe_loss'][step] = loss.cpu().numpy()
-        if step in hidden_row:
-            records['probe_hidden'][hidden_row[step]] = h.cpu().numpy()
+        if step > 0:  # from the stored rows, so that a resumed run computes the same numbers
+            record_interference('probe', step - 1, torch.from_numpy(records['probe_loss'][step] - records['probe_loss'][step - 1]), step)
+        U = raw_model.lm_head.weight.detach()
+        with torch.no_grad():
+            for k, v in metrics.output_decomposition(h.reshape(-1, d), U, py.reshape(-1)).items():
+                records['probe_' + k][step] = v.reshape(P, T).cpu().numpy()
+            records['probe_anisotropy'][step] = metrics.anisotropy(h.reshape(-1, d)).item()
+            if step in hidden_row:
+                records['probe_hidden'][hidden_row[step]] = h.cpu().numpy()
+                records['head_singular_values'][hidden_row[step]] = metrics.singular_values(U).cpu().numpy()
+        if step in grad_row:
+            k = args.opposition_seqs
+            sums = metrics.per_token_gradient_sums(raw_model, px[:k], py[:k])
+            write_opposition('opposition', grad_row[step], metrics.opposition_summary(sums, HIST_BINS), all_keys)
         return loss.mean().item()
+
+    def write_opposition(prefix, row, summary, keys):
+        records[prefix + '_mean'][row] = [summary[k]['mean'] for k in keys]
+        records[prefix + '_weighted'][row] = [summary[k]['weighted'] for k in keys]
+        records[prefix + '_hist'][row] = torch.stack([summary[k]['hist'] for k in keys]).numpy()
 
     def gather(t):
         """Concatenate a per-rank (B/world, ...) tensor into the global (B, ...) one."""
@@ -280,46 +348,67 @@ def main(argv=None):
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts)
 
+    def average(t):
+        """Mean of a tensor over the processes, in place (a no-op for one process)."""
+        if ddp:
+            dist.all_reduce(t)
+            t.div_(world)
+
     # --- training loop ------------------------------------------------------------------------
     if master:
         print(f"{model_desc(raw_model, corpus)}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} process{'es' if world > 1 else ''}), recording: {args.record}")
+    recording = args.record != 'none'
     t0, t_last, probe_mean = time.time(), time.time(), float('nan')
     for step in range(start, S):
         offsets = data.batch_offsets(args.seed, step, B, T, len(corpus['train']))  # the global batch
         mine = offsets[rank * (B // world):(rank + 1) * (B // world)]  # this process's rows
         x, y = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], mine, T))
-        if master and args.record != 'none':
+        if master and recording:
             probe_mean = record_probe(step)
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
             group['lr'] = lr
+        full = recording and step in full_steps
 
-        # forward and backward: per-token losses l_i, their mean is the training loss
-        with autocast:
-            logits, _ = model(x)
-            losses = per_token_loss(logits, y)  # (B/world, T), fp32
-            loss = losses.mean()
-        if not torch.isfinite(loss):
-            if master:
-                for r in records.values():
-                    r.flush()
-            fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, "
-                 f"the last checkpoint is {ckpt_path}")
-        loss.backward()
-        if dtype != 'float32' and args.record != 'none':  # bf16 losses are too coarse to record
+        # forward and backward: per-token losses l_i, their mean is the training loss; on full
+        # steps the inputs and output gradients of the position-local layers are captured too
+        with metrics.capture_activations(local_modules) if full else nullcontext({}) as acts:
+            with autocast:
+                logits, _ = model(x)
+                losses = per_token_loss(logits, y)  # (B/world, T), fp32
+                loss = losses.mean()
+            if not torch.isfinite(loss):
+                if master:
+                    for r in records.values():
+                        r.flush()
+                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, "
+                     f"the last checkpoint is {ckpt_path}")
+            loss.backward(retain_graph=full)  # the graph is kept for the grad+ backward below
+        if full:
+            # dissent in theta: grad+ by a second backward seeded with grad_z+, grad- = grad - grad+
+            theta = metrics.theta_decomposition(logits, y, params, {n: p.grad for n, p in params.items()}, average)
+            # exact opposition of the position-local layers from the training backward: |G|^T |X|
+            sums = metrics.position_local_gradient_sums(local_modules, acts, losses.numel())
+            for total, total_abs in sums.values() if ddp else []:
+                dist.all_reduce(total)  # sums over tokens add up across processes
+                dist.all_reduce(total_abs)
+            local = metrics.opposition_summary(sums, HIST_BINS)
+        del logits  # frees the graph kept for theta_decomposition
+        if dtype != 'float32' and recording:  # bf16 losses are too coarse to record
             losses, _ = fp32_forward(raw_model, x, y)
         losses_pre = gather(losses.detach())  # (B, T)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float('inf'))
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.grad_clip if args.grad_clip > 0 else float('inf'))
 
         # the real update delta = theta_{t+1} - theta_t (AdamW, weight decay and clipping included)
-        before = [p.detach().clone() for p in params] if args.record != 'none' else None
+        before = {n: p.detach().clone() for n, p in params.items()} if recording else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_norm = float('nan')
-        if before is not None:
-            update_norm = math.sqrt(sum((p.detach() - b).pow(2).sum().item() for p, b in zip(params, before)))
+        if recording:
+            delta = {n: p.detach() - before[n] for n, p in params.items()}
+            update_norm = math.sqrt(sum(v.pow(2).sum().item() for v in delta.values()))
         # the same batch after its own update: the zero-sum-learning measurement on the train batch
-        losses_post = gather(fp32_forward(raw_model, x, y)[0]) if step in post_steps and args.record != 'none' else None
+        losses_post = gather(fp32_forward(raw_model, x, y)[0]) if full else None
 
         if master:
             records['lr'][step] = lr
@@ -327,12 +416,21 @@ def main(argv=None):
             records['grad_norm'][step] = grad_norm.item()
             records['update_norm'][step] = update_norm
             records['train_offsets'][step] = offsets
-            if args.record != 'none':
+            if recording:
                 records['train_loss_pre'][step] = losses_pre.cpu().numpy()
-                if losses_post is not None:
-                    records['train_loss_post'][step] = losses_post.cpu().numpy()
+            if full:
+                records['train_loss_post'][step] = losses_post.cpu().numpy()
+                record_interference('train', step, losses_post - losses_pre, step)
+                for k in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']:
+                    records['theta_' + k][step] = [theta[n][k] for n in theta_names]
+                write_opposition('local_opposition', step, local, local_keys)
+            if step in grad_row and recording:
+                # first-order prediction of each token's change, at theta_t along the real delta
+                xg, yg = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], offsets, T))
+                pred = metrics.predicted_loss_change(raw_model, xg, yg, delta, params=before)
+                records['train_loss_pred'][grad_row[step]] = pred.cpu().numpy()
             if (step + 1) % args.ckpt_interval == 0 or step + 1 == S:
-                if step + 1 == S and args.record != 'none':
+                if step + 1 == S and recording:
                     record_probe(S)  # the final model's probe row, before the last checkpoint
                 for r in records.values():
                     r.flush()

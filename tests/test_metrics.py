@@ -8,14 +8,21 @@ from torch.nn import functional as F
 import metrics as M
 from model import GPT, GPTConfig, per_token_loss
 
-B, T, V = 2, 8, 37
+B, T, V, D_MODEL = 2, 8, 37, 16
+N = B * T
 RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # every test deterministic, alone or in any order
 
 
 def tiny(tie=False, seed=0):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=16, tie_weights=tie)).double()
-    # move away from the near-uniform initial state so that the gradients are not degenerate
+    config = GPTConfig(block_size=T, vocab_size=V, n_layer=2, n_head=2, n_embd=D_MODEL, tie_weights=tie)
+    model = GPT(config).double()
+    # move away from the near-uniform initial state so that no gradient is degenerate
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -30,8 +37,17 @@ def per_token_grads(model, x, y):
     return [dict(zip(params, torch.autograd.grad(l, list(params.values()), retain_graph=True))) for l in losses]
 
 
+def brute_sums(model, x, y):
+    grads = per_token_grads(model, x, y)
+    return {n: (sum(g[n] for g in grads), sum(g[n].abs() for g in grads)) for n in grads[0]}
+
+
 def close(a, b):
     np.testing.assert_allclose(torch.as_tensor(a).detach().numpy(), torch.as_tensor(b).detach().numpy(), rtol=RTOL, atol=1e-12)
+
+
+def cos(a, b):
+    return F.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=0)
 
 
 # 1. destructive interference ---------------------------------------------------------------
@@ -44,49 +60,59 @@ def test_interference_extremes_and_identity():
     D, Mag = M.destructive_interference(r), M.interference_magnitude(r)
     assert torch.all((D >= 0) & (D <= 1))
     close(r.mean(-1).abs(), (1 - D) * Mag)  # |mean x| = (1 - D) M
+    close(Mag, r.abs().mean(-1))
     close(M.destructive_interference(r, dim=0), 1 - r.sum(0).abs() / r.abs().sum(0))
-    assert torch.isnan(M.destructive_interference(torch.zeros(3)))
+    assert torch.isnan(M.destructive_interference(torch.zeros(3)))  # undefined, not 0 or 1
 
 
-def test_sign_flip_null_is_seeded_and_near_one_for_many_tokens():
-    x = torch.rand(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # all positive: D = 0
+def test_sign_flip_null_is_seeded_and_keeps_magnitudes():
+    x = torch.rand(3, 4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # all > 0: D = 0
     a = M.sign_flip_null(x, generator=torch.Generator().manual_seed(1))
     b = M.sign_flip_null(x, generator=torch.Generator().manual_seed(1))
-    assert a == b and M.destructive_interference(x) == 0 and a > 0.9
+    c = M.sign_flip_null(x, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (3,) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.all(M.destructive_interference(x) == 0) and torch.all((a > 0.9) & (a <= 1))
+    assert M.sign_flip_null(torch.tensor([2.0]), generator=torch.Generator().manual_seed(0)) == 0  # N = 1
 
 
 # 2. output-layer decomposition -------------------------------------------------------------
-
-def test_output_decomposition_matches_autograd_per_token():
-    model, x, y = tiny()
-    h = model.hidden(x).detach().reshape(-1, 16)
-    U = model.lm_head.weight.detach()
-    yf = y.reshape(-1)
-    out = M.output_decomposition(h, U, yf)
-    for i in range(h.shape[0]):
-        hi = h[i].clone().requires_grad_(True)
-        z = U @ hi
-        p = torch.softmax(z, -1).detach()
-        # seeding the logits with grad_z+ / grad_z- and backpropagating gives grad_h+ / grad_h-
-        gp = torch.autograd.grad(z, hi, M.grad_z_plus(p[None], yf[i:i + 1])[0], retain_graph=True)[0]
-        gm = torch.autograd.grad(z, hi, M.grad_z_minus(p[None], yf[i:i + 1])[0], retain_graph=True)[0]
-        g = torch.autograd.grad(F.cross_entropy(z[None], yf[i:i + 1]), hi)[0]
-        close(gp + gm, g)  # grad_h+ + grad_h- = dl/dh
-        close(out['cos_h_plus'][i], F.cosine_similarity(hi, gp, dim=0, eps=0))
-        close(out['cos_h_minus'][i], F.cosine_similarity(hi, gm, dim=0, eps=0))
-        close(out['cos_plus_minus'][i], F.cosine_similarity(gp, gm, dim=0, eps=0))
-        close(out['cos_h_plus'][i], -F.cosine_similarity(hi, U[yf[i]], dim=0, eps=0))
-        close(out['norm_plus'][i], gp.norm())
-        close(out['norm_minus'][i], gm.norm())
-        close(out['norm_grad'][i], g.norm())
-        close(out['p_y'][i], p[yf[i]])
-
 
 def test_grad_z_parts_sum_to_the_logit_gradient():
     p = torch.softmax(torch.randn(6, V, dtype=torch.float64), -1)
     y = torch.randint(0, V, (6,))
     close(M.grad_z_plus(p, y) + M.grad_z_minus(p, y), p - F.one_hot(y, V))
     assert torch.all(M.grad_z_plus(p, y) <= 0) and torch.all(M.grad_z_minus(p, y) >= 0)
+    assert torch.all((M.grad_z_plus(p, y) != 0).sum(1) == 1)  # only the true logit
+
+
+def test_output_decomposition_matches_autograd_per_token():
+    model, x, y = tiny()
+    h = model.hidden(x).detach().reshape(-1, D_MODEL)
+    U = model.lm_head.weight.detach()
+    yf = y.reshape(-1)
+    out = M.output_decomposition(h, U, yf)
+    assert set(out) == {'p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad'}
+    for i in range(N):
+        hi = h[i].clone().requires_grad_(True)
+        z = U @ hi
+        p = torch.softmax(z, -1).detach()
+        # seeding the token's logits with grad_z+ / grad_z- and backpropagating gives grad_h+ / grad_h-
+        gp = torch.autograd.grad(z, hi, M.grad_z_plus(p[None], yf[i:i + 1])[0], retain_graph=True)[0]
+        gm = torch.autograd.grad(z, hi, M.grad_z_minus(p[None], yf[i:i + 1])[0], retain_graph=True)[0]
+        g = torch.autograd.grad(F.cross_entropy(z[None], yf[i:i + 1]), hi)[0]
+        close(gp + gm, g)  # grad_h+ + grad_h- = dl/dh
+        close(out['cos_h_plus'][i], cos(hi, gp))
+        close(out['cos_h_minus'][i], cos(hi, gm))
+        close(out['cos_plus_minus'][i], cos(gp, gm))
+        close(out['cos_h_plus'][i], -cos(hi, U[yf[i]]))
+        close(out['norm_plus'][i], gp.norm())
+        close(out['norm_minus'][i], gm.norm())
+        close(out['norm_grad'][i], g.norm())
+        close(out['p_y'][i], p[yf[i]])
+
+
+def test_cosine_with_a_zero_vector_is_nan():
+    assert torch.isnan(M.cosine(torch.zeros(3), torch.ones(3)))
 
 
 # 3. parameter-space decomposition ----------------------------------------------------------
@@ -97,59 +123,72 @@ def test_theta_decomposition_matches_per_token_loop(tie):
     params = dict(model.named_parameters())
     logits = model(x)[0]
     out = M.theta_decomposition(logits, y, params)
-    # brute force: each token's logit row seeded with grad_z+ / N, one backward per token
-    N = B * T
+    # brute force: each token's logit row seeded with grad_z+ / N and grad_z- / N, one backward each
     plus = {n: torch.zeros_like(p) for n, p in params.items()}
-    full = {n: torch.zeros_like(p) for n, p in params.items()}
+    minus = {n: torch.zeros_like(p) for n, p in params.items()}
     for b in range(B):
         for t in range(T):
             z = model(x)[0][b, t]
             p = torch.softmax(z, -1).detach()
-            gp = torch.autograd.grad(z, list(params.values()), M.grad_z_plus(p[None], y[b, t:t + 1])[0] / N,
-                                     retain_graph=True, allow_unused=True)
-            g = torch.autograd.grad(F.cross_entropy(z[None], y[b, t:t + 1]) / N, list(params.values()), allow_unused=True)
-            for n, a, c in zip(params, gp, g):
-                plus[n] += 0 if a is None else a
-                full[n] += 0 if c is None else c
-    full_batch = dict(zip(params, torch.autograd.grad(per_token_loss(model(x)[0], y).mean(), list(params.values()))))
+            for acc, part in ((plus, M.grad_z_plus), (minus, M.grad_z_minus)):
+                g = torch.autograd.grad(z, list(params.values()), part(p[None], y[b, t:t + 1])[0] / N,
+                                        retain_graph=True, allow_unused=True)
+                for n, gn in zip(params, g):
+                    acc[n] += 0 if gn is None else gn
+    full = dict(zip(params, torch.autograd.grad(per_token_loss(model(x)[0], y).mean(), list(params.values()))))
     for n in params:
-        close(full[n], full_batch[n])  # the loop is right
-        minus = full[n] - plus[n]
-        close(out[n]['cos'], F.cosine_similarity(plus[n].flatten(), minus.flatten(), dim=0, eps=0))
+        close(plus[n] + minus[n], full[n])  # grad_theta+ + grad_theta- = grad_theta of the mean loss
+        close(out[n]['cos'], cos(plus[n], minus[n]))
         close(out[n]['norm_plus'], plus[n].norm())
-        close(out[n]['norm_minus'], minus.norm())
+        close(out[n]['norm_minus'], minus[n].norm())
         close(out[n]['norm_grad'], full[n].norm())
     cat = lambda d: torch.cat([v.flatten() for v in d.values()])
-    close(out['model']['cos'], F.cosine_similarity(cat(plus), cat(full) - cat(plus), dim=0, eps=0))
-    # handing in the gradients of the training backward gives the same answer
-    logits = model(x)[0]
-    again = M.theta_decomposition(logits, y, params, grads=full_batch)
-    close(again['model']['norm_minus'], out['model']['norm_minus'])
+    close(out['model']['cos'], cos(cat(plus), cat(minus)))
+    close(out['model']['norm_grad'], cat(full).norm())
+    # the caller's graph survives, and handing in the training gradients gives the same answer
+    again = M.theta_decomposition(logits, y, params, grads=full)
+    for n in out:
+        for k in out[n]:
+            close(again[n][k], out[n][k])
+
+
+def test_theta_decomposition_averages_over_data_parallel_processes():
+    # two "processes" hold one sequence each; DDP has averaged p.grad, `average` does the same to grad+
+    model, x, y = tiny()
+    params = dict(model.named_parameters())
+    full = dict(zip(params, torch.autograd.grad(per_token_loss(model(x)[0], y).mean(), list(params.values()))))
+    logits1 = model(x[1:])[0]
+    p1 = torch.softmax(logits1.detach(), -1).reshape(T, V)
+    seed1 = (M.grad_z_plus(p1, y[1]) / T).view(1, T, V)
+    other = iter(torch.autograd.grad(logits1, list(params.values()), seed1))  # grad+ of process 1
+    average = lambda t: t.add_(next(other)).div_(2)  # what all_reduce and / world do, in process 0
+    out = M.theta_decomposition(model(x[:1])[0], y[:1], params, grads=full, average=average)
+    ref = M.theta_decomposition(model(x)[0], y, params)  # one process, the whole batch
+    for n in ref:
+        for k in ref[n]:
+            close(out[n][k], ref[n][k])
 
 
 # 4. gradient opposition --------------------------------------------------------------------
 
-def brute_sums(model, x, y):
-    grads = per_token_grads(model, x, y)
-    return {n: (sum(g[n] for g in grads), sum(g[n].abs() for g in grads)) for n in grads[0]}
+LOCAL = {'lm_head.weight', 'transformer.ln_f.weight', 'transformer.ln_f.bias',
+         'transformer.h.1.ln_2.weight', 'transformer.h.1.ln_2.bias',
+         'transformer.h.1.attn.c_proj.weight', 'transformer.h.1.attn.c_proj.bias',
+         'transformer.h.1.mlp.c_fc.weight', 'transformer.h.1.mlp.c_fc.bias',
+         'transformer.h.1.mlp.c_proj.weight', 'transformer.h.1.mlp.c_proj.bias'}
 
 
 def test_position_local_sums_equal_the_per_token_loop():
     model, x, y = tiny()
     modules = M.position_local_modules(model)
-    assert 'transformer.h.1.attn.c_attn' not in modules and not any('h.0' in n for n in modules)
     with M.capture_activations(modules) as acts:
         logits = model(x)[0]
-        loss = per_token_loss(logits, y).mean()
-        loss.backward(retain_graph=True)
-        M.theta_decomposition(logits, y, dict(model.named_parameters()))  # a second backward: ignored
-    local = M.position_local_gradient_sums(modules, acts, B * T)
+        per_token_loss(logits, y).mean().backward(retain_graph=True)
+        M.theta_decomposition(logits, y, dict(model.named_parameters()))  # later backward passes: ignored
+    assert all(not m._forward_hooks for m in modules.values())  # hooks removed on exit
+    local = M.position_local_gradient_sums(modules, acts, N)
+    assert set(local) == LOCAL  # no attn.c_attn, no ln_1, nothing of block 0, no embeddings
     brute = brute_sums(model, x, y)
-    assert set(local) == {'lm_head.weight', 'transformer.ln_f.weight', 'transformer.ln_f.bias',
-                          'transformer.h.1.ln_2.weight', 'transformer.h.1.ln_2.bias',
-                          'transformer.h.1.attn.c_proj.weight', 'transformer.h.1.attn.c_proj.bias',
-                          'transformer.h.1.mlp.c_fc.weight', 'transformer.h.1.mlp.c_fc.bias',
-                          'transformer.h.1.mlp.c_proj.weight', 'transformer.h.1.mlp.c_proj.bias'}
     for n, (s, a) in local.items():
         close(s, brute[n][0])
         close(a, brute[n][1])
@@ -160,39 +199,62 @@ def test_the_local_recipe_would_be_wrong_for_the_last_blocks_c_attn():
     c_attn = {'transformer.h.1.attn.c_attn': model.transformer.h[1].attn.c_attn}
     with M.capture_activations(c_attn) as acts:
         per_token_loss(model(x)[0], y).mean().backward()
-    wrong = M.position_local_gradient_sums(c_attn, acts, B * T)['transformer.h.1.attn.c_attn.weight']
+    wrong = M.position_local_gradient_sums(c_attn, acts, N)['transformer.h.1.attn.c_attn.weight']
     right = brute_sums(model, x, y)['transformer.h.1.attn.c_attn.weight']
-    close(wrong[0], right[0])  # the sum of gradients is always right (it is the batch gradient) ...
+    close(wrong[0], right[0])  # the sum of gradients is always right (it is N times the batch gradient) ...
     assert (wrong[1] - right[1]).abs().max() > 1e-3 * right[1].abs().max()  # ... the sum of |g_i| is not
 
 
 @pytest.mark.parametrize('tie', [False, True])
 def test_batched_exact_opposition_equals_the_loop(tie):
     model, x, y = tiny(tie)
-    fast = M.per_token_gradient_sums(model, x, y, chunk_size=5)  # a chunk that does not divide N
+    fast = M.per_token_gradient_sums(model, x, y, chunk_size=5)  # a chunk size that does not divide N
     brute = brute_sums(model, x, y)
-    assert set(fast) == set(brute)
+    assert set(fast) == set(brute) == set(dict(model.named_parameters()))
     for n in brute:
         close(fast[n][0], brute[n][0])
         close(fast[n][1], brute[n][1])
-    if tie:  # the tied matrix is not local and gets both of its uses
-        assert 'lm_head' not in M.position_local_modules(model)
-        assert 'transformer.wte.weight' in fast and 'lm_head.weight' not in fast
+    for i in range(2):  # the key bias: exact zeros here, rounding noise in the loop (its true gradient is 0)
+        key_bias = brute[f'transformer.h.{i}.attn.c_attn.bias'][1]
+        assert torch.all(fast[f'transformer.h.{i}.attn.c_attn.bias'][1][D_MODEL:2 * D_MODEL] == 0)
+        assert key_bias[D_MODEL:2 * D_MODEL].max() < 1e-12 * key_bias.max()
+    if tie:  # the tied matrix appears once, is not local, and its g_i has both of its uses
+        assert 'lm_head' not in M.position_local_modules(model) and 'lm_head.weight' not in fast
+        W = model.transformer.wte.weight
+        l0 = per_token_loss(model(x)[0], y).reshape(-1)[0]
+        g_head = torch.autograd.grad(l0, W, retain_graph=True)[0]
+        h = model.hidden(x)
+        g_only_head = torch.autograd.grad(per_token_loss(F.linear(h.detach(), W), y).reshape(-1)[0], W)[0]
+        assert (g_head - g_only_head).abs().max() > 1e-6  # the embedding use matters ...
+        close(brute['transformer.wte.weight'][0], fast['transformer.wte.weight'][0])  # ... and is counted
 
 
-def test_opposition_summary_is_the_exact_coordinate_mean():
+def test_coordinate_opposition_and_summary_are_exact():
     model, x, y = tiny()
-    brute = brute_sums(model, x, y)
-    summary = M.opposition_summary(brute, bins=10)
+    sums = brute_sums(model, x, y)
+    sums['transformer.wpe.weight'][0][-1, -1] = 0  # a coordinate no token moves: left out, not NaN
+    sums['transformer.wpe.weight'][1][-1, -1] = 0
+    summary = M.opposition_summary(sums, bins=10)
     grads = per_token_grads(model, x, y)
     n = 'transformer.h.0.mlp.c_fc.weight'
     g = torch.stack([gi[n] for gi in grads])  # (N, *shape)
-    D = 1 - g.sum(0).abs() / g.abs().sum(0)
+    D = 1 - g.sum(0).abs() / g.abs().sum(0)  # brute-force D_j
+    close(M.coordinate_opposition(*sums[n]), D.flatten())
     close(summary[n]['mean'], D.mean())
-    close(summary[n]['weighted'], (D * g.abs().sum(0)).sum() / g.abs().sum())
-    assert summary[n]['hist'].sum() == D.numel()
-    n_coords = sum(p.numel() for p in model.parameters())
-    assert summary['model']['hist'].sum() <= n_coords and 'block 0' in summary and 'lm_head' in summary
+    close(summary[n]['weighted'], (D * g.abs().sum(0)).sum() / g.abs().sum())  # weights sum_i |g_ij|
+    close(summary[n]['hist'], np.histogram(D.numpy(), bins=10, range=(0, 1))[0])
+    assert summary[n]['hist'].sum() == summary[n]['n'] == D.numel()
+    # layers group 'transformer.h.{i}.*'; the model is every coordinate with sum |g| > 0
+    block0 = [k for k in sums if k.startswith('transformer.h.0.')]
+    D0 = torch.cat([1 - sums[k][0].flatten().abs() / sums[k][1].flatten() for k in block0])
+    close(summary['h.0']['mean'], D0.mean())
+    assert list(summary) == M.opposition_keys(list(sums))  # the column order train.py records
+    assert set(summary) == set(sums) | {'h.0', 'h.1', 'embeddings', 'ln_f', 'lm_head', 'model'}
+    wpe = M.coordinate_opposition(*sums['transformer.wpe.weight'])
+    assert wpe.numel() == T * D_MODEL - 1 and not torch.isnan(wpe).any()
+    unused_rows = V - x.unique().numel()  # embedding rows of tokens absent from the batch: no gradient
+    n_coords = sum(p.numel() for p in model.parameters()) - unused_rows * D_MODEL - 1
+    assert summary['model']['hist'].sum() == summary['model']['n'] == n_coords
     assert 0 <= summary['model']['mean'] <= 1
 
 
@@ -203,6 +265,7 @@ def test_jvp_prediction_equals_the_sum_of_update_weighted_gradients(tie):
     model, x, y = tiny(tie)
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()}
     pred = M.predicted_loss_change(model, x, y, delta)
+    assert pred.shape == (B, T)
     grads = per_token_grads(model, x, y)
     brute = torch.stack([sum((g[n] * delta[n]).sum() for n in delta) for g in grads])  # sum_j p_ij
     close(pred.reshape(-1), brute)
@@ -212,46 +275,80 @@ def test_jvp_prediction_equals_the_sum_of_update_weighted_gradients(tie):
         for n, p in model.named_parameters():
             p.add_(delta[n])
     true = per_token_loss(model(x)[0], y).detach() - before
+    # expanding around theta_t given explicitly, while the model already holds theta_t + delta
+    before = {n: p - delta[n] for n, p in model.named_parameters()}
+    close(M.predicted_loss_change(model, x, y, delta, params=before), pred)
     agreement = M.first_order_agreement(pred, true)
-    assert agreement['r2'] > 0.99 and abs(agreement['slope'] - 1) < 0.05
+    assert agreement['r2'] > 0.99 and abs(agreement['slope'] - 1) < 0.05 and agreement['rel_err'] < 0.1
+    close(agreement['corr'], np.corrcoef(pred.flatten().numpy(), true.flatten().numpy())[0, 1])
+
+
+def test_jvp_works_in_float32_through_attention():
+    model, x, y = tiny()
+    model.float()
+    delta = {n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    pred = M.predicted_loss_change(model, x, y, delta)  # the fused CPU attention has no forward AD
+    grads = per_token_grads(model, x, y)
+    brute = torch.stack([sum((g[n] * delta[n]).sum() for n in delta) for g in grads])
+    np.testing.assert_allclose(pred.reshape(-1).numpy(), brute.numpy(), rtol=1e-3, atol=1e-6)
+
+
+def test_first_order_agreement_on_known_numbers():
+    pred = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    a = M.first_order_agreement(pred, 2 * pred)  # true = 2 pred
+    close(a['slope'], 2.0)
+    close(a['corr'], 1.0)
+    close(a['rel_err'], 0.5)
+    close(a['r2'], 1 - (pred ** 2).sum() / ((2 * pred - 4) ** 2).sum())
 
 
 # 6. saturation companions ------------------------------------------------------------------
 
-def test_frequency_buckets_follow_rank():
+def test_frequency_buckets_follow_rank_and_bucket_losses():
     counts = torch.tensor([5, 100, 0, 7, 50, 1, 1, 3, 20, 9] * 10)
     bucket, edges = M.frequency_buckets(counts, n_buckets=4)
-    assert bucket.min() == 0 and bucket.max() == len(edges) - 2 and edges[0] == 0 and edges[-1] == 100
-    order = torch.argsort(-counts, stable=True)
+    n_buckets = len(edges) - 1
+    assert edges[0] == 0 and edges[-1] == 100 and torch.all(edges[1:] > edges[:-1])
+    assert torch.all(torch.bincount(bucket, minlength=n_buckets) > 0) and bucket.max() == n_buckets - 1
+    order = torch.argsort(-counts, stable=True)  # token ids by rank
     assert torch.all(bucket[order][1:] >= bucket[order][:-1])  # monotone in rank
+    for k in range(n_buckets):  # bucket k holds ranks edges[k] .. edges[k+1] - 1
+        assert set(order[edges[k]:edges[k + 1]].tolist()) == set(torch.nonzero(bucket == k).flatten().tolist())
     loss = torch.rand(3, 4, dtype=torch.float64)
     targets = torch.randint(0, 100, (3, 4))
-    per_bucket = M.bucket_mean_loss(loss, targets, bucket, len(edges) - 1)
-    for k in range(len(edges) - 1):
+    per_bucket = M.bucket_mean_loss(loss, targets, bucket, n_buckets)
+    for k in range(n_buckets):
         sel = bucket[targets] == k
         if sel.any():
             close(per_bucket[k], loss[sel].mean())
         else:
             assert torch.isnan(per_bucket[k])
+    b8, e8 = M.frequency_buckets(torch.randint(0, 1000, (4096,)), n_buckets=8)
+    assert len(e8) == 9 and e8.tolist()[:3] == [0, 2, 7] and torch.all(torch.bincount(b8) > 0)
 
 
 def test_zipf_fit_recovers_an_exact_law_and_flags_an_outlier():
     ranks = torch.arange(1, 501, dtype=torch.float64)
-    counts = torch.round(1e6 * ranks ** -1.1).long()
+    counts = torch.cat([torch.round(1e6 * ranks ** -1.1).long(), torch.zeros(3, dtype=torch.long)])  # 3 unseen
     fit = M.zipf_fit(counts)
-    assert abs(fit['slope'] + 1.1) < 1e-3 and fit['outliers'].numel() == 0
+    assert abs(fit['slope'] + 1.1) < 1e-3 and abs(fit['intercept'] - np.log(1e6)) < 1e-2
+    assert fit['outliers'].numel() == 0 and torch.isnan(fit['residuals'][-3:]).all()
+    slope, intercept = np.polyfit(np.log(ranks.numpy()), np.log(counts[:500].double().numpy()), 1)
+    close(fit['slope'], slope)
+    close(fit['intercept'], intercept)
     counts[0] *= 30  # the most frequent token far above the line (as ',' or 'the' often are)
     assert M.zipf_fit(counts)['outliers'].tolist() == [0]
 
 
-def test_anisotropy_spectrum_against_explicit_versions():
+def test_anisotropy_and_spectrum_against_explicit_versions():
     h = torch.randn(50, 8, dtype=torch.float64) + 0.5
     u = F.normalize(h, dim=-1)
-    C = u @ u.T
+    C = u @ u.T  # explicit N x N cosine matrix
     close(M.anisotropy(h), (C.sum() - C.diagonal().sum()) / (50 * 49))
     U = torch.randn(37, 8, dtype=torch.float64)
     s = M.singular_values(U)
-    close(s, torch.from_numpy(np.linalg.svd(U.numpy(), compute_uv=False)))
+    close(s, np.linalg.svd(U.numpy(), compute_uv=False))
     q = s ** 2 / (s ** 2).sum()
     close(M.spectral_entropy(s), -(q * q.log()).sum())
     close(M.spectral_entropy(torch.ones(8, dtype=torch.float64)), np.log(8))
+    close(M.spectral_entropy(torch.tensor([3.0, 0.0], dtype=torch.float64)), 0.0)

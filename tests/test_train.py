@@ -154,3 +154,62 @@ def test_schedule_and_learning_rate():
     lrs = [get_lr(t, args) for t in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
     assert max(lrs) == pytest.approx(1e-3, rel=1e-2) and min(lrs[10:]) > 1e-4  # never below min_lr
+
+
+def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
+    """A one-step run: theta_0 is the seeded initialisation and theta_1 the final checkpoint, so
+    every record of step 0 can be recomputed in float64 and compared with what train.py wrote."""
+    import metrics
+    out = str(tmp_path / 'one')
+    run_train(*TINY, '--max_iters', '1', '--cache_dir', cache_dir, '--out_dir', out, '--opposition_seqs', '2')
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(cfg['seed'])
+    model0 = GPT(conf).double()  # theta_0, as train.py initialised it
+    model1 = GPT(conf)
+    model1.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
+    model1.double()
+    corpus = data.prepare(None, 300, cache_dir)
+    x, y = (torch.from_numpy(a) for a in data.get_windows(corpus['train'], load(out, 'train_offsets')[0], 16))
+    probe = torch.from_numpy(load(out, 'probe_tokens').astype(np.int64))
+    px, py = probe[:, :-1], probe[:, 1:]
+    rel = dict(rtol=2e-4, atol=1e-6)
+
+    # zero-sum learning on the train batch and on the probe set
+    pre, post = (per_token_loss(m(x)[0], y).detach() for m in (model0, model1))
+    np.testing.assert_allclose(load(out, 'train_loss_post')[0], post.numpy(), **rel)
+    np.testing.assert_allclose(load(out, 'train_D')[0], metrics.destructive_interference((post - pre).flatten()).item(), rtol=1e-3)
+    np.testing.assert_allclose(load(out, 'train_M')[0], (post - pre).abs().mean().item(), rtol=1e-3)
+    probe_change = (per_token_loss(model1(px)[0], py) - per_token_loss(model0(px)[0], py)).detach()
+    np.testing.assert_allclose(load(out, 'probe_D')[0], metrics.destructive_interference(probe_change.flatten()).item(), rtol=1e-3)
+    assert 0 <= load(out, 'probe_D_null')[0] <= 1
+
+    # output-layer decomposition of the probe tokens, at theta_0 and theta_1
+    for row, m in [(0, model0), (1, model1)]:
+        h = m.hidden(px).detach().reshape(-1, 16)
+        ref = metrics.output_decomposition(h, m.lm_head.weight.detach(), py.reshape(-1))
+        for k, v in ref.items():
+            np.testing.assert_allclose(load(out, 'probe_' + k)[row].reshape(-1), v.numpy(), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(load(out, 'probe_anisotropy')[row], float(metrics.anisotropy(h)), rtol=1e-4)
+
+    # dissent in theta and position-local opposition on the train batch at theta_0
+    logits = model0(x)[0]
+    theta = metrics.theta_decomposition(logits, y, dict(model0.named_parameters()))
+    for j, name in enumerate(cfg['theta_names']):
+        np.testing.assert_allclose(load(out, 'theta_cos')[0, j], float(theta[name]['cos']), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(load(out, 'theta_norm_minus')[0, j], float(theta[name]['norm_minus']), rtol=1e-3)
+    brute = metrics.per_token_gradient_sums(model0, x, y)  # every parameter, exact
+    local = metrics.opposition_summary({n: brute[n] for n in brute if n in set(cfg['local_opposition_keys'])})
+    for j, key in enumerate(cfg['local_opposition_keys']):
+        np.testing.assert_allclose(load(out, 'local_opposition_mean')[0, j], float(local[key]['mean']), rtol=1e-3)
+        np.testing.assert_allclose(load(out, 'local_opposition_weighted')[0, j], float(local[key]['weighted']), rtol=1e-3)
+        assert load(out, 'local_opposition_hist')[0, j].sum() == int(local[key]['hist'].sum())
+
+    # exact all-parameter opposition on the probe subset, and the JVP prediction along the real update
+    full = metrics.opposition_summary(metrics.per_token_gradient_sums(model0, px[:2], py[:2]))
+    for j, key in enumerate(cfg['opposition_keys']):
+        np.testing.assert_allclose(load(out, 'opposition_mean')[0, j], float(full[key]['mean']), rtol=1e-3)
+    delta = {n: p1.detach() - p0.detach() for (n, p0), p1 in zip(model0.named_parameters(), model1.parameters())}
+    pred = metrics.predicted_loss_change(model0, x, y, delta)
+    np.testing.assert_allclose(load(out, 'train_loss_pred')[0], pred.detach().numpy(), rtol=1e-3, atol=1e-6)
+    assert np.corrcoef(pred.detach().numpy().ravel(), (post - pre).numpy().ravel())[0, 1] > 0.9
