@@ -1,0 +1,266 @@
+"""bnsl.py: the 1-break BNSL fit of loss deceleration, its preprocessing, and its command line."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnsl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T_LOG = np.unique(np.round(np.geomspace(1, 5000, 200)))  # ~150 log-spaced integer steps, 1..5000
+T_ALL = np.arange(5000, dtype=float)  # every step of a run, as in train_loss.npy (row t = step t)
+
+# (t_d, c0, c1, f1): decelerating (c1 < 0: slope c0 before, r_d = c0 + c1 < c0 after), sharp
+# and gradual breaks, early and late, and one accelerating curve (c1 > 0)
+CASES = [(30, 0.3, -0.25, 0.05), (150, 0.6, -0.45, 0.3), (400, 0.8, -0.6, 1.0),
+         (1500, 0.3, -0.2, 0.1), (200, 0.5, 0.3, 0.5)]
+
+
+def curve(t, t_d, c0, c1, f1, b=5.0, noise=0.0, seed=0):
+    """A BNSL loss curve at steps t (t = 0 evaluated at t = 1), with multiplicative log-normal noise."""
+    L = bnsl.bnsl_1break(np.maximum(t, 1), b, c0, c1, t_d, f1)
+    return L * np.exp(noise * np.random.default_rng(seed).standard_normal(len(t)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'bnsl.py'), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def write_csv(path, steps, loss, header=True):
+    with open(path, 'w') as f:
+        f.write('step,loss\n' if header else '')
+        f.writelines(f"{s:g},{float(v)!r}\n" for s, v in zip(steps, loss))
+    return path
+
+
+def write_run(path, loss, n_rows, dtype=np.float32):
+    """A run directory as train.py writes it: train_loss.npy preallocated with NaN, filled in front."""
+    os.makedirs(path)
+    rec = np.full(n_rows, np.nan, dtype=dtype)
+    rec[:len(loss)] = loss
+    np.save(os.path.join(path, 'train_loss.npy'), rec)
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+        json.dump({'max_iters': n_rows}, f)
+    return path
+
+# -----------------------------------------------------------------------------
+# the functional form
+
+
+def test_nbreak_form_matches_closed_form_and_1break():
+    t = np.geomspace(1, 1e4, 50)
+    b, c0, cs, ds, fs = 4.0, 0.5, [-0.3, 0.1], [50.0, 2000.0], [0.2, 0.7]
+    closed = b * t ** -c0 * np.prod([(1 + (t / d) ** (1 / f)) ** (-c * f) for c, d, f in zip(cs, ds, fs)], axis=0)
+    np.testing.assert_allclose(bnsl.bnsl(t, b, c0, cs, ds, fs), closed, rtol=1e-12)
+    np.testing.assert_allclose(bnsl.bnsl_1break(t, b, c0, -0.3, 50.0, 0.2), bnsl.bnsl(t, b, c0, [-0.3], [50.0], [0.2]), rtol=1e-15)
+    # slopes: c0 well before the break, c0 + c1 well after (for one break)
+    x = np.log([1e-6, 2e-6, 1e9, 2e9])
+    y = bnsl.log_bnsl(x, 0.0, c0, [-0.3], [math.log(50.0)], [0.2])
+    assert -(y[1] - y[0]) / (x[1] - x[0]) == pytest.approx(c0, abs=1e-9)
+    assert -(y[3] - y[2]) / (x[3] - x[2]) == pytest.approx(c0 - 0.3, abs=1e-9)
+
+
+def test_softplus_is_stable_for_sharp_breaks():
+    y = bnsl.log_bnsl(np.log([1.0, 1e6]), 0.0, 0.5, [-0.3], [math.log(10.0)], [1e-3])
+    assert np.all(np.isfinite(y))
+
+
+def test_mirror_solution_is_the_same_curve():
+    """The trap the bound f1 > 0 removes: (log b, c0, c1, f1) -> (log b + c1 log d1, c0 + c1, -c1, -f1)
+    gives the same curve."""
+    x = np.log(T_LOG)
+    y = bnsl.log_bnsl(x, 1.0, 0.6, [-0.45], [math.log(150)], [0.3])
+    y_mirror = bnsl.log_bnsl(x, 1.0 - 0.45 * math.log(150), 0.6 - 0.45, [0.45], [math.log(150)], [-0.3])
+    np.testing.assert_allclose(y_mirror, y, atol=1e-12)
+
+
+def test_jacobian_matches_finite_differences():
+    x = np.log(T_LOG)
+    p = np.array([1.2, 0.6, -0.45, math.log(150), 0.3])
+    J = bnsl.log_bnsl_jacobian(x, p)
+    for k in range(5):
+        h = np.zeros(5)
+        h[k] = 1e-6
+        fd = (bnsl.log_bnsl(x, *(p + h)[:2], [(p + h)[2]], [(p + h)[3]], [(p + h)[4]])
+              - bnsl.log_bnsl(x, *(p - h)[:2], [(p - h)[2]], [(p - h)[3]], [(p - h)[4]])) / 2e-6
+        np.testing.assert_allclose(J[:, k], fd, atol=1e-7)
+
+# -----------------------------------------------------------------------------
+# preprocessing
+
+
+def test_log_moving_average_matches_brute_force():
+    y = np.random.default_rng(0).random(1000)
+    for factor in [1.2, 1.5, 2.0]:
+        brute = [np.mean(y[math.floor(j / factor):j + 1]) for j in range(len(y))]
+        np.testing.assert_allclose(bnsl.log_moving_average(y, factor), brute, rtol=1e-12)
+
+
+def test_log_subsample():
+    steps = np.arange(1, 100001, dtype=float)
+    i = bnsl.log_subsample(steps, 200)
+    assert i[0] == 0 and i[-1] == len(steps) - 1 and np.all(np.diff(i) > 0) and len(i) <= 200
+    gaps = np.diff(np.log(steps[i]))[-50:]  # where steps are dense, the spacing in log t is even
+    np.testing.assert_allclose(gaps, gaps.mean(), rtol=0.01)
+    np.testing.assert_array_equal(bnsl.log_subsample(steps[:50], 200), np.arange(50))
+
+
+def test_preprocess_switches():
+    loss = curve(T_ALL, 150, 0.6, -0.45, 0.3, noise=0.05)
+    s, v = bnsl.preprocess(T_ALL, loss, smooth=False, subsample=False, min_step=0)
+    np.testing.assert_array_equal(s, T_ALL[1:])  # only t = 0 (no log) is dropped
+    np.testing.assert_array_equal(v, loss[1:])
+    s, v = bnsl.preprocess(T_ALL, loss, subsample=False, min_step=100)
+    assert s[0] == 101  # the transient t <= min_step is cut after smoothing every row
+    np.testing.assert_allclose(v, bnsl.log_moving_average(loss)[101:])
+    s, v = bnsl.preprocess(T_ALL, loss)
+    assert s[0] == bnsl.MIN_STEP + 1 and s[-1] == 4999 and len(s) <= 200
+
+# -----------------------------------------------------------------------------
+# the fit
+
+
+@pytest.mark.parametrize('t_d,c0,c1,f1', CASES)
+def test_recovers_noiseless_parameters(t_d, c0, c1, f1):
+    r = bnsl.fit_bnsl(T_LOG, curve(T_LOG, t_d, c0, c1, f1), n_boot=0)
+    assert r['identifiable'] and r['reason'] is None
+    for key, true in [('t_d', t_d), ('c0', c0), ('c1', c1), ('f1', f1), ('b', 5.0), ('r_d', c0 + c1),
+                      ('L_d', 5.0 * t_d ** -c0)]:
+        assert r[key] == pytest.approx(true, rel=1e-4), key
+    assert r['rsle'] < 1e-8 and r['n_points'] == len(T_LOG)
+    assert r['final_loss_pred'] == pytest.approx(5.0 * t_d ** -c0 * (5000 / t_d) ** -(c0 + c1), rel=1e-4)
+
+
+@pytest.mark.parametrize('t_d,c0,c1,f1', CASES)
+@pytest.mark.parametrize('seed', [0, 1])
+def test_recovers_parameters_under_noise_raw(t_d, c0, c1, f1, seed):
+    """Stated tolerance, raw path (~150 log-spaced points, 2 % multiplicative noise): t_d within
+    15 %, slopes c0 and r_d within 0.03. (f1 is poorly determined by noisy data: not checked.)"""
+    r = bnsl.fit_bnsl(T_LOG, curve(T_LOG, t_d, c0, c1, f1, noise=0.02, seed=seed), n_boot=0)
+    assert r['identifiable']
+    assert r['t_d'] == pytest.approx(t_d, rel=0.15)
+    assert r['c0'] == pytest.approx(c0, abs=0.03) and r['r_d'] == pytest.approx(c0 + c1, abs=0.03)
+    assert r['f1'] > 0 and np.sign(r['c1']) == np.sign(c1)
+
+
+@pytest.mark.parametrize('t_d,c0,c1,f1', [(150, 0.6, -0.45, 0.3), (500, 0.8, -0.5, 0.5), (300, 0.4, -0.3, 0.2)])
+def test_recovers_parameters_under_noise_preprocessed(t_d, c0, c1, f1):
+    """Stated tolerance, published preprocessing of every step 0..4999 with 5 % noise: t_d within
+    20 % (the trailing average alone delays t_d by about sqrt(1.2), +9 %), c0 and r_d within 0.05."""
+    r = bnsl.fit_bnsl(*bnsl.preprocess(T_ALL, curve(T_ALL, t_d, c0, c1, f1, noise=0.05)), n_boot=20)
+    assert r['identifiable']
+    assert r['t_d'] == pytest.approx(t_d, rel=0.2) and r['t_d'] > t_d  # the delay of the trailing window
+    assert r['c0'] == pytest.approx(c0, abs=0.05) and r['r_d'] == pytest.approx(c0 + c1, abs=0.05)
+    for k in ['t_d', 'L_d', 'r_d']:  # intervals bracket the estimate
+        for s in ['cov', 'boot']:
+            lo, hi = r[f'{k}_ci_{s}']
+            assert lo <= r[k] <= hi, (k, s)
+
+
+@pytest.mark.parametrize('noise', [0.0, 0.05])
+def test_never_the_mirror(noise):
+    """Deceleration: true c1 < 0, so r_d = c0 + c1 < c0. The fit must return c1 < 0 with f1 > 0,
+    not the mirror (c1 > 0, f1 < 0, 'r_d' = the pre-break slope)."""
+    for t_d, c0, c1, f1 in [(150, 0.6, -0.45, 0.3), (80, 0.5, -0.4, 0.2), (1000, 0.5, -0.3, 1.0), (2000, 0.3, -0.15, 0.05)]:
+        r = bnsl.fit_bnsl(*bnsl.preprocess(T_ALL, curve(T_ALL, t_d, c0, c1, f1, noise=noise)), n_boot=0)
+        assert r['identifiable'], r['reason']
+        assert r['f1'] > 0 and r['c1'] < 0 and r['r_d'] < r['c0']
+        assert r['r_d'] == pytest.approx(c0 + c1, abs=0.05) and r['c0'] == pytest.approx(c0, abs=0.05)
+
+
+@pytest.mark.parametrize('noise,raw', [(0.0, True), (0.02, True), (0.0, False), (0.1, False)])
+def test_pure_power_law_is_not_identifiable(noise, raw):
+    steps = T_LOG if raw else T_ALL
+    loss = 5.0 * np.maximum(steps, 1) ** -0.4 * np.exp(noise * np.random.default_rng(3).standard_normal(len(steps)))
+    steps, loss = (steps, loss) if raw else bnsl.preprocess(steps, loss)
+    r = bnsl.fit_bnsl(steps, loss)
+    assert not r['identifiable'] and r['reason']
+    for k in ['t_d', 'L_d', 'r_d', 'final_loss_pred', 't_d_ci_cov', 't_d_ci_boot', 'r_d_ci_boot']:
+        assert r[k] is None, k
+    json.dumps(r, allow_nan=False)
+
+
+def test_break_outside_the_data_is_not_identifiable():
+    r = bnsl.fit_bnsl(T_LOG[T_LOG > 300], curve(T_LOG[T_LOG > 300], 20, 0.6, -0.45, 0.1), n_boot=0)
+    assert not r['identifiable'] and r['t_d'] is None
+
+
+def test_deterministic():
+    steps, loss = bnsl.preprocess(T_ALL, curve(T_ALL, 150, 0.6, -0.45, 0.3, noise=0.05))
+    a, b = bnsl.fit_bnsl(steps, loss, n_boot=30, seed=1), bnsl.fit_bnsl(steps, loss, n_boot=30, seed=1)
+    assert json.dumps(a) == json.dumps(b)
+    assert bnsl.fit_bnsl(steps, loss, n_boot=30, seed=2)['t_d_ci_boot'] != a['t_d_ci_boot']
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_cli_run_directory_with_nan_tail(tmp_path):
+    run = write_run(str(tmp_path / 'run'), curve(T_ALL[:3000], 150, 0.6, -0.45, 0.3, noise=0.03), 5000)
+    p = run_cli(run, '--n_boot', '20')
+    assert p.returncode == 0 and p.stderr == '', p.stderr
+    r = json.loads(p.stdout)
+    keys = {'t_d', 'L_d', 'c0', 'c1', 'r_d', 'f1', 'b', 'rsle', 'n_points', 'identifiable', 'reason',
+            'final_loss_pred', 'path', 't_d_ci_cov', 't_d_ci_boot', 'L_d_ci_cov', 'L_d_ci_boot', 'r_d_ci_cov', 'r_d_ci_boot'}
+    assert keys <= set(r) and r['path'] == run and r['identifiable']
+    assert r['t_range'] == [bnsl.MIN_STEP + 1, 2999]  # rows before the first NaN, transient cut
+    assert r['t_d'] == pytest.approx(150, rel=0.2) and r['r_d'] == pytest.approx(0.15, abs=0.05)
+
+
+def test_cli_csv_with_and_without_header_and_several_paths(tmp_path):
+    loss = curve(T_LOG, 150, 0.6, -0.45, 0.3)
+    a = write_csv(str(tmp_path / 'a.csv'), T_LOG, loss, header=True)
+    b = write_csv(str(tmp_path / 'b.csv'), T_LOG, loss, header=False)
+    p = run_cli(a, b, '--raw', '--n_boot', '10')
+    assert p.returncode == 0, p.stderr
+    ra, rb = [json.loads(line) for line in p.stdout.splitlines()]
+    assert ra['path'] == a and rb['path'] == b
+    assert ra['t_d'] == pytest.approx(150, rel=1e-4) and ra['n_points'] == len(T_LOG)
+    assert {k: v for k, v in ra.items() if k != 'path'} == {k: v for k, v in rb.items() if k != 'path'}
+    p = run_cli(a, '--raw', '--table', '--n_boot', '0')
+    assert p.returncode == 0 and 't_d' in p.stdout and 'r_d' in p.stdout
+
+
+def test_cli_pure_power_law_reports_null(tmp_path):
+    path = write_csv(str(tmp_path / 'pl.csv'), T_LOG, 3.0 * T_LOG ** -0.3)
+    r = json.loads(run_cli(path, '--raw').stdout)
+    assert r['identifiable'] is False and r['t_d'] is None and r['reason']
+
+
+def bad_inputs(tmp):
+    """(name, path) of each kind of bad input."""
+    os.makedirs(tmp / 'empty_dir')
+    good = [f"{s:g},{float(v)!r}" for s, v in zip(T_LOG, curve(T_LOG, 150, 0.6, -0.45, 0.3))]
+    files = {
+        'few.csv': 'step,loss\n' + '\n'.join(good[:5]),
+        'zero.csv': '\n'.join(good[:20] + ['500,0.0'] + good[60:70]),
+        'negative.csv': '\n'.join(good[:20] + ['500,-1.5']),
+        'nan.csv': '\n'.join(good[:20] + ['500,nan']),
+        'inf.csv': '\n'.join(good[:20] + ['500,inf']),
+        'garbage.csv': 'step,loss\n1,2\nthis is not, a number\n',
+        'three_cols.csv': '\n'.join(g + ',1' for g in good),
+        'unsorted.csv': '\n'.join(good[20:40] + good[:20]),
+        'binary.csv': b'\xff\xfe\x00\x81 not text',
+    }
+    for name, text in files.items():
+        (tmp / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    yield from [(n, str(tmp / n)) for n in files]
+    yield 'missing', str(tmp / 'no_such.csv')
+    yield 'dir without record', str(tmp / 'empty_dir')
+    yield 'run with too few rows', write_run(str(tmp / 'short_run'), np.linspace(5, 4, 25), 1000)
+    yield 'run with inf', write_run(str(tmp / 'inf_run'), np.r_[np.linspace(5, 4, 500), np.inf], 1000)
+
+
+def test_cli_bad_input_one_line_exit_2(tmp_path):
+    for name, path in bad_inputs(tmp_path):
+        p = run_cli(path)
+        assert p.returncode == 2, (name, p.returncode, p.stdout, p.stderr)
+        lines = p.stderr.splitlines()
+        assert len(lines) == 1 and path in lines[0] and 'Traceback' not in p.stderr, (name, p.stderr)
+        assert p.stdout == '', name
