@@ -378,13 +378,26 @@ def zipf_fit(counts, k=3.0):
     return dict(slope=slope, intercept=intercept, residuals=residuals, outliers=outliers)
 
 
-def bucket_mean_loss(loss, targets, bucket_of_token, n_buckets):
-    """(n_buckets,) mean loss of the tokens whose TARGET lies in each frequency bucket (loss and
-    targets of one shape, e.g. (B, T)); NaN for an empty bucket."""
+def bucket_mean(values, targets, bucket_of_token, n_buckets):
+    """(..., n_buckets) mean of a per-token quantity (a loss, a cosine, ...) over the tokens whose
+    TARGET lies in each frequency bucket. values has the shape of targets, optionally after leading
+    dimensions (e.g. steps: values (S, B, T) with targets (B, T)). NaN values (a cosine with a zero
+    vector, a row not yet recorded) are left out of the mean; NaN for a bucket with none left."""
     b = bucket_of_token.to(targets.device)[targets.flatten()]  # (N,)
-    total = torch.zeros(n_buckets, dtype=loss.dtype, device=loss.device).index_add_(0, b, loss.flatten())
-    count = torch.bincount(b, minlength=n_buckets).to(loss.dtype)
+    lead = values.shape[:values.dim() - targets.dim()]
+    x = values.reshape(*lead, -1)  # (..., N)
+    ok = ~torch.isnan(x)
+    total = torch.zeros(*lead, n_buckets, dtype=x.dtype, device=x.device).index_add_(-1, b, torch.where(ok, x, 0))
+    count = torch.zeros_like(total).index_add_(-1, b, ok.to(x.dtype))
     return total / count
+
+
+def saturation_onset(loss, rise=0.01):
+    """Index at which a (smoothed) loss curve (S,) saturates: its argmin, when the curve ends more
+    than `rise` (relative) above that minimum, i.e. it stopped improving and got worse. None when the
+    last value is within `rise` of the best (still improving, or flat at its best)."""
+    best = int(torch.argmin(loss))
+    return best if loss[-1] > (1 + rise) * loss[best] else None
 
 
 def singular_values(U):

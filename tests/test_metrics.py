@@ -316,7 +316,7 @@ def test_frequency_buckets_follow_rank_and_bucket_losses():
         assert set(order[edges[k]:edges[k + 1]].tolist()) == set(torch.nonzero(bucket == k).flatten().tolist())
     loss = torch.rand(3, 4, dtype=torch.float64)
     targets = torch.randint(0, 100, (3, 4))
-    per_bucket = M.bucket_mean_loss(loss, targets, bucket, n_buckets)
+    per_bucket = M.bucket_mean(loss, targets, bucket, n_buckets)
     for k in range(n_buckets):
         sel = bucket[targets] == k
         if sel.any():
@@ -325,6 +325,32 @@ def test_frequency_buckets_follow_rank_and_bucket_losses():
             assert torch.isnan(per_bucket[k])
     b8, e8 = M.frequency_buckets(torch.randint(0, 1000, (4096,)), n_buckets=8)
     assert len(e8) == 9 and e8.tolist()[:3] == [0, 2, 7] and torch.all(torch.bincount(b8) > 0)
+
+
+def test_bucket_mean_over_steps_skips_nan():
+    counts = torch.tensor([5, 100, 0, 7, 50, 1, 1, 3, 20, 9] * 10)
+    bucket, edges = M.frequency_buckets(counts, n_buckets=4)
+    targets = torch.randint(0, 100, (3, 4))
+    values = torch.rand(6, 3, 4, dtype=torch.float64)  # 6 steps of per-token values
+    values[2, 0, 0] = values[5] = float('nan')  # a zero-vector cosine; a step not yet recorded
+    out = M.bucket_mean(values, targets, bucket, len(edges) - 1)
+    assert out.shape == (6, len(edges) - 1) and torch.isnan(out[5]).all()
+    for s in range(5):  # explicit loop over steps and buckets
+        for k in range(len(edges) - 1):
+            v = values[s][bucket[targets] == k]
+            v = v[~torch.isnan(v)]
+            if v.numel():
+                close(out[s, k], v.mean())
+            else:
+                assert torch.isnan(out[s, k])
+
+
+def test_saturation_onset():
+    t = torch.arange(1, 101, dtype=torch.float64)
+    assert M.saturation_onset(5 / t ** 0.3) is None  # still improving
+    rising = torch.cat([5 / t[:60] ** 0.3, 5 / 60 ** 0.3 * (1 + 0.002 * torch.arange(1, 41))])  # +8 % after 60
+    assert M.saturation_onset(rising) == 59
+    assert M.saturation_onset(rising, rise=0.1) is None  # a rise smaller than asked for
 
 
 def test_zipf_fit_recovers_an_exact_law_and_flags_an_outlier():

@@ -1,0 +1,714 @@
+"""
+Every figure of both results from run directories written by train.py, and a report.
+
+    python plot.py out/                      # a run directory, or a folder of run directories
+    python plot.py out/L2 out/L4 out/L6      # several paths: runs ordered and coloured by size
+    python plot.py out/ --out figs --format png pdf
+
+Figures go to FIRST_PATH/figures/ (or --out DIR), with report.md beside them: each figure with a
+caption that says what to look for, and tables per run (t_d, L_d, r_d with intervals, best and
+final validation loss, saturation onset, interference before and after t_d). A run still training
+is plotted as far as it is recorded (rows not yet written are NaN and skipped); a run recorded
+with less than everything (e.g. --record none) is left out of the figures that need what it lacks,
+and the report says so. Every quantity is computed by the function of metrics.py or bnsl.py named
+after it; this file only reads records and draws.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import matplotlib
+matplotlib.use('Agg')  # files only, no screen
+import matplotlib.pyplot as plt
+from matplotlib.colors import LogNorm
+from matplotlib.lines import Line2D
+
+import bnsl
+import metrics
+
+N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
+DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
+MAX_TRAJ = 150  # points per trajectory in the 2D-basis figure (log-spaced steps)
+MAX_SCATTER = 3000  # points per run in the first-order scatter
+ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps']  # saved once, not per step
+
+# -----------------------------------------------------------------------------
+# reading runs
+
+
+def fail(msg):
+    """Bad input: one line naming the problem and exit status 2, never a traceback."""
+    print(f"plot.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def find_runs(paths):
+    """The run directories (holding config.json) given as PATHs or found below them."""
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ValueError(f"{path}: no such directory")
+        if os.path.isfile(os.path.join(path, 'config.json')):
+            runs.append(path)
+            continue
+        found = sorted(os.path.dirname(c) for c in glob.glob(os.path.join(path, '**', 'config.json'), recursive=True))
+        if not found:
+            raise ValueError(f"{path}: no run directories (folders with config.json) in it")
+        runs += found
+    return list(dict.fromkeys(os.path.normpath(r) for r in runs))
+
+
+def load_record(path, shape=None, dtype=None):
+    """One .npy record, memory-mapped; a corrupt or truncated file, or one whose shape or dtype is
+    not what config.json says, raises ValueError naming the file."""
+    try:
+        a = np.load(path, mmap_mode='r', allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: corrupt or truncated record ({e})")
+    if shape is not None and (list(a.shape) != list(shape) or a.dtype.name != dtype):
+        raise ValueError(f"{path}: shape {list(a.shape)} {a.dtype.name}, config.json says {list(shape)} {dtype}")
+    return a
+
+
+def load_run(path):
+    """A run as a dict: path, name, config, rec (record name -> array) and missing (record names
+    that config.json lists but the directory lacks)."""
+    try:
+        with open(os.path.join(path, 'config.json')) as f:
+            config = json.load(f)
+        specs = config['records']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: not a config.json written by train.py ({e})")
+    rec, missing = {}, []
+    for name, spec in [(n, s) for n, s in specs.items()] + [(n, None) for n in ONCE]:
+        file = os.path.join(path, name + '.npy')
+        if os.path.isfile(file):
+            rec[name] = load_record(file, *(spec or [None, None]))
+        elif spec is not None or name == 'train_counts':
+            missing.append(name)
+    if 'train_loss' not in rec:
+        raise ValueError(f"{path}: train_loss.npy is missing (the one record every figure needs)")
+    name = os.path.basename(os.path.abspath(path))
+    return dict(path=path, name=name, config=config, rec=rec, missing=missing,
+                label=f"{name} ({config['n_layer']}L/{config['n_embd']}d, {config['n_params'] / 1e6:.2g}M)")
+
+
+def recorded(values, steps=None):
+    """(steps, values) of the rows recorded so far: NaN rows (not yet written) dropped."""
+    values = np.asarray(values, dtype=float)
+    steps = np.arange(len(values)) if steps is None else np.asarray(steps)
+    ok = np.isfinite(values)
+    return steps[ok], values[ok]
+
+
+def smooth(values):
+    """The trailing log moving average of bnsl.py (factor 1.2), for noisy per-step series."""
+    return bnsl.log_moving_average(values) if len(values) else values
+
+
+def buckets(run):
+    """(bucket of every token id, edges, targets (P, T) of the probe set) of a run."""
+    counts = torch.from_numpy(np.array(run['rec']['train_counts']))
+    bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+    targets = torch.from_numpy(np.asarray(run['rec']['probe_tokens'])[:, 1:].astype(np.int64))
+    return bucket, edges, targets
+
+
+def bucket_series(run, name):
+    """(rows, n_buckets): the per-token record `name` (rows, P, T) averaged per frequency bucket."""
+    bucket, edges, targets = buckets(run)
+    values = torch.from_numpy(np.asarray(run['rec'][name], dtype=np.float64))
+    return metrics.bucket_mean(values, targets, bucket, len(edges) - 1).numpy()
+
+
+def token_mean(run, name):
+    """(rows,): the per-token record `name` (rows, P, T) averaged over the probe tokens."""
+    a = np.asarray(run['rec'][name], dtype=np.float64)
+    return np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in a.reshape(len(a), -1)])
+
+
+def bucket_names(edges):
+    return [f"ranks {int(a)}-{int(b) - 1}" for a, b in zip(edges[:-1], edges[1:])]
+
+
+# -----------------------------------------------------------------------------
+# the deceleration fit of every run
+
+
+def fit_run(run, min_step):
+    """The BNSL fit (bnsl.fit_bnsl, published preprocessing) of a run's training loss, or a dict
+    with identifiable False and the reason when there are too few points."""
+    t, l = bnsl.preprocess(*recorded(run['rec']['train_loss']), min_step=min_step)
+    if len(t) < bnsl.MIN_POINTS:
+        return dict(identifiable=False, reason=f"{len(t)} steps > {min_step:g} recorded, the fit needs {bnsl.MIN_POINTS}",
+                    t_d=None, L_d=None, r_d=None)
+    return bnsl.fit_bnsl(t, l)
+
+
+def ci_text(fit, key, fmt):
+    """'value [lo, hi]' with the bootstrap interval (covariance if there is none), or the reason."""
+    if fit.get(key) is None:
+        return 'n/a'
+    ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
+    return fmt.format(fit[key]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else '')
+
+
+# -----------------------------------------------------------------------------
+# figure helpers
+
+
+def run_legend(fig, runs):
+    """One legend for the figure: a line of each run's colour, smallest model first."""
+    handles = [Line2D([], [], color=r['color'], lw=2, label=r['label']) for r in runs]
+    fig.legend(handles=handles, loc='upper center', ncol=min(len(runs), 4), fontsize=8, frameon=False)
+
+
+def mark_break(ax, run):
+    """A dotted vertical line at the run's t_d, when its break is identifiable."""
+    if run['fit'].get('t_d') is not None:
+        ax.axvline(run['fit']['t_d'], color=run['color'], ls=':', lw=1)
+
+
+def grid(n_panels, ncols, width=4.0, height=3.2, top=1):
+    """A figure with n_panels axes in rows of ncols, and space above for the legend."""
+    nrows = math.ceil(n_panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4 * top), squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.remove()
+    return fig, list(axes.flat[:n_panels])
+
+
+def log_steps(ax, label='step t'):
+    ax.set_xscale('log')
+    ax.set_xlabel(label + ' (log)')
+
+
+# -----------------------------------------------------------------------------
+# the nine figures: each takes the runs that hold what it needs and returns a figure
+
+
+def fig_loss(runs):
+    fig, (ax,) = grid(1, 1, 7, 5)
+    for r in runs:
+        steps, loss = recorded(r['rec']['train_loss'])
+        ax.plot(steps[1:], loss[1:], color=r['color'], alpha=0.25, lw=0.6)
+        ax.plot(steps[1:], smooth(loss)[1:], color=r['color'], lw=1.5)
+        fit = r['fit']
+        if fit.get('t_d') is not None:
+            t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
+            ax.plot(t, bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1']), color='k', lw=1, ls='--')
+            pre = t[t <= fit['t_d'] * 3]
+            post = t[t >= fit['t_d'] / 3]
+            ax.plot(pre, fit['b'] * pre ** -fit['c0'], color=r['color'], lw=1, ls=':')
+            ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=r['color'], lw=1, ls=':')
+            ax.plot([fit['t_d']], [fit['L_d']], 'o', color=r['color'], mec='k', ms=7, zorder=5)
+    ax.set_yscale('log')
+    log_steps(ax)
+    ax.set_ylabel('training loss (nats/token, log)')
+    ax.set_title('Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot)', fontsize=9)
+    return fig
+
+
+def fig_deceleration(runs):
+    fig, axes = grid(4, 4, 3.4, 3.2)
+    n = np.array([r['config']['n_params'] for r in runs])
+    for ax, key, label in zip(axes, ['t_d', 'L_d', 'r_d'], ['t_d (steps)', 'L_d (nats/token)', 'r_d (slope after t_d)']):
+        unfit = [r['name'] for r in runs if r['fit'].get(key) is None]
+        for r, size in zip(runs, n):
+            fit = r['fit']
+            if fit.get(key) is None:
+                continue
+            ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov') or [fit[key], fit[key]]
+            ax.errorbar([size], [fit[key]], yerr=[[fit[key] - ci[0]], [ci[1] - fit[key]]], fmt='o', color=r['color'], capsize=3)
+        if unfit:
+            ax.text(0.02, 0.02, 'no identifiable break:\n' + ', '.join(unfit), transform=ax.transAxes, fontsize=7, va='bottom')
+        ax.set_xscale('log')
+        ax.set_xlabel('parameters (log)')
+        ax.set_ylabel(label)
+    axes[0].set_title('95% block-bootstrap intervals', fontsize=8)
+    ax = axes[3]
+    for r, size in zip(runs, n):
+        _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else recorded(r['rec']['train_loss'])
+        if len(probe):
+            ax.plot([size], [probe.min()], 'o', color=r['color'])
+            ax.plot([size], [probe[-1]], 'x', color=r['color'], ms=8)
+    ax.set_xscale('log')
+    ax.set_xlabel('parameters (log)')
+    ax.set_ylabel('validation loss: best (o), last (x)')
+    ax.set_title('validation = the probe set', fontsize=8)
+    return fig
+
+
+def probe_interference(run, dt):
+    """(steps, D) of per-token probe-loss changes over dt steps, probe row t to t + dt."""
+    loss = torch.from_numpy(np.asarray(run['rec']['probe_loss'], dtype=np.float64))
+    loss = loss.reshape(len(loss), -1)  # (S + 1, P T)
+    D = metrics.destructive_interference(loss[dt:] - loss[:-dt]).numpy()
+    return recorded(D)
+
+
+def fig_zero_sum(runs):
+    fig, axes = grid(4, 2, 5.5, 3.6)
+    for r in runs:
+        for ax, prefix in zip(axes[:2], ['train', 'probe']):
+            steps, D = recorded(r['rec'][prefix + '_D'])
+            ax.plot(steps, D, color=r['color'], alpha=0.2, lw=0.5)
+            ax.plot(steps, smooth(D), color=r['color'], lw=1.5)
+            ax.plot(*recorded(smooth(np.asarray(r['rec'][prefix + '_D_null'], dtype=float))), color=r['color'], lw=0.8, ls='--')
+            mark_break(ax, r)
+        steps, D_long = probe_interference(r, DT_LONG)
+        axes[1].plot(steps, smooth(D_long), color=r['color'], lw=1, ls='-.')
+        for prefix, ls in [('train', '-'), ('probe', '--')]:
+            steps, M = recorded(r['rec'][prefix + '_M'])
+            axes[2].plot(steps, smooth(M), color=r['color'], lw=1.2, ls=ls)
+        _, D = recorded(r['rec']['probe_D'])
+        _, M = recorded(r['rec']['probe_M'])
+        axes[3].scatter(D, M, s=3, color=r['color'], alpha=0.5)
+    for ax, title in zip(axes[:2], ['training batch, before vs after its own update',
+                                    f'probe set, step t to t+1 (solid) and t to t+{DT_LONG} (dash-dot)']):
+        log_steps(ax)
+        ax.set_ylabel('D of per-token loss changes')
+        ax.set_title(title + '; dashed: sign-flip null', fontsize=8)
+    log_steps(axes[2])
+    axes[2].set_yscale('log')
+    axes[2].set_ylabel('M = mean |Delta l_i| (nats)')
+    axes[2].set_title('magnitude of per-token changes: training batch (solid), probe (dashed)', fontsize=8)
+    ax = axes[3]
+    ax.set_yscale('log')
+    ax.set_xlim(0, 1)
+    lo, hi = ax.get_ylim()
+    D = np.linspace(0, 0.999, 300)
+    for level in 10.0 ** np.arange(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        ax.plot(D, level / (1 - D), color='0.6', lw=0.6)  # |Delta L| = (1 - D) M = level
+        if lo <= level <= hi:
+            ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel('D (probe set, step t to t+1)')
+    ax.set_ylabel('M (nats, log)')
+    ax.set_title('D-M plane; grey: contours of |mean Delta l| = (1 - D) M', fontsize=8)
+    return fig
+
+
+def layer_names(keys):
+    """The per-layer columns of an opposition record (metrics.opposition_keys: tensors, layers, 'model')."""
+    tensors = [k for k in keys if k.endswith(('.weight', '.bias'))]
+    return list(dict.fromkeys(metrics.opposition_group(k) for k in tensors))
+
+
+def fig_opposition(runs):
+    fig, axes = grid(2 + len(runs), 4, 3.8, 3.2)
+    top = axes[:2]
+    for r in runs:
+        cfg = r['config']
+        j = cfg['local_opposition_keys'].index('model')
+        for name, ls in [('mean', '-'), ('weighted', '--')]:
+            steps, v = recorded(r['rec']['local_opposition_' + name][:, j])
+            top[0].plot(steps, smooth(v), color=r['color'], ls=ls, lw=1.3)
+        j = cfg['opposition_keys'].index('model')
+        for name, ls in [('mean', '-'), ('weighted', '--')]:
+            steps, v = recorded(r['rec']['opposition_' + name][:, j], r['rec']['grad_steps'])
+            top[1].plot(steps, v, color=r['color'], ls=ls, marker='o', ms=3, lw=1)
+        for ax in top:
+            mark_break(ax, r)
+    top[0].set_title('position-local layers, every step (smoothed)\nmean D_j (solid), |g|-weighted (dashed)', fontsize=8)
+    top[1].set_title('all parameters, exact, on the probe subset\nmean D_j (solid), |g|-weighted (dashed)', fontsize=8)
+    for ax, r in zip(axes[2:], runs):
+        keys = r['config']['opposition_keys']
+        layers = layer_names(keys)
+        colors = plt.cm.plasma(np.linspace(0, 0.9, len(layers)))
+        for layer, c in zip(layers, colors):
+            steps, v = recorded(r['rec']['opposition_mean'][:, keys.index(layer)], r['rec']['grad_steps'])
+            ax.plot(steps, v, color=c, marker='.', lw=1, label=layer)
+        ax.set_title(f"{r['label']}: per layer", fontsize=8)
+        ax.legend(fontsize=6, ncol=2)
+    for ax in axes:
+        log_steps(ax)
+        ax.set_ylabel('gradient opposition D_j')
+    return fig
+
+
+def first_order_pairs(run):
+    """[(step, predicted (B T,), true (B T,))] of the grad steps whose records are complete."""
+    pairs = []
+    for k, s in enumerate(run['rec']['grad_steps']):
+        pred = np.asarray(run['rec']['train_loss_pred'][k], dtype=float).ravel()
+        true = np.asarray(run['rec']['train_loss_post'][s], dtype=float).ravel() - np.asarray(run['rec']['train_loss_pre'][s], dtype=float).ravel()
+        if np.isfinite(pred).all() and np.isfinite(true).all():
+            pairs.append((int(s), pred, true))
+    return pairs
+
+
+def fig_first_order(runs):
+    fig, axes = grid(3, 3, 4.3, 3.8)
+    lim = 0
+    for r in runs:
+        pairs = first_order_pairs(r)
+        if not pairs:
+            continue
+        pred, true = np.concatenate([p for _, p, _ in pairs]), np.concatenate([t for _, _, t in pairs])
+        pick = np.random.default_rng(0).choice(len(pred), min(len(pred), MAX_SCATTER), replace=False)
+        axes[0].scatter(pred[pick], true[pick], s=2, color=r['color'], alpha=0.4)
+        lim = max(lim, np.abs(true).max(), np.abs(pred).max())
+        agree = [metrics.first_order_agreement(torch.from_numpy(p), torch.from_numpy(t)) for _, p, t in pairs]
+        steps = [s for s, _, _ in pairs]
+        axes[1].plot(steps, [float(a['corr']) for a in agree], color=r['color'], marker='o', ms=3)
+        axes[2].plot(steps, [float(a['slope']) for a in agree], color=r['color'], marker='o', ms=3)
+    ax = axes[0]
+    ax.set_xscale('symlog', linthresh=1e-3)
+    ax.set_yscale('symlog', linthresh=1e-3)
+    ax.plot([-lim, lim], [-lim, lim], color='k', lw=0.8)
+    ax.set_xlabel('predicted <grad l_i, delta> (nats, symlog)')
+    ax.set_ylabel('true Delta l_i (nats, symlog)')
+    ax.set_title('per token, training batch, all scheduled steps', fontsize=8)
+    for ax, label in [(axes[1], 'correlation(predicted, true)'), (axes[2], 'slope of true on predicted')]:
+        log_steps(ax)
+        ax.set_ylabel(label)
+    axes[2].axhline(1, color='k', lw=0.6)
+    return fig
+
+
+def best_and_last(values):
+    """(lowest, last) of the recorded rows of a loss series; NaN, NaN when none is recorded."""
+    _, v = recorded(values)
+    return (v.min(), v[-1]) if len(v) else (np.nan, np.nan)
+
+
+def fig_saturation(runs):
+    fig, axes = grid(2 + len(runs), 4, 3.8, 3.2)
+    seen = set()
+    for r in runs:  # one Zipf plot per distinct corpus and vocabulary
+        key = (r['config'].get('data_key'), len(r['rec']['train_counts']))
+        if key in seen:
+            continue
+        seen.add(key)
+        counts = torch.from_numpy(np.array(r['rec']['train_counts']))
+        zipf = metrics.zipf_fit(counts)
+        c = counts.numpy()
+        rank_of = np.empty(len(c), dtype=int)  # rank (from 1) of every token id, as in metrics.zipf_fit
+        rank_of[np.argsort(-c, kind='stable')] = np.arange(1, len(c) + 1)
+        nonzero = c > 0
+        order = np.argsort(rank_of[nonzero])
+        axes[0].loglog(rank_of[nonzero][order], c[nonzero][order], color=r['color'], lw=1.2, label=f"V = {len(c)}")
+        rank = np.arange(1, nonzero.sum() + 1)
+        axes[0].loglog(rank, np.exp(float(zipf['intercept'])) * rank ** float(zipf['slope']), color='k', lw=0.7, ls='--')
+        out = zipf['outliers'].numpy()
+        axes[0].plot(rank_of[out], c[out], 'rx', ms=5)
+        for e in buckets(r)[1][1:-1].numpy():
+            axes[0].axvline(e + 0.5, color='0.7', lw=0.5)
+    axes[0].set_xlabel('rank in the training counts (log)')
+    axes[0].set_ylabel('count (log)')
+    axes[0].set_title('Zipf plot; dashed: fit, x: outliers, grey: bucket edges', fontsize=8)
+    axes[0].legend(fontsize=7)
+    for r in runs:
+        best, last = zip(*[best_and_last(v) for v in bucket_series(r, 'probe_loss').T])  # per bucket
+        axes[1].plot(best, color=r['color'], marker='o')
+        axes[1].plot(last, color=r['color'], marker='x', ls='--')
+    _, edges, _ = buckets(runs[0])
+    axes[1].set_xticks(range(len(edges) - 1))
+    axes[1].set_xticklabels(bucket_names(edges), rotation=30, fontsize=6)
+    axes[1].set_ylabel('validation loss (nats/token)')
+    axes[1].set_title('per frequency bucket: best (o, solid), last (x, dashed)', fontsize=8)
+    for ax, r in zip(axes[2:], runs):
+        loss = bucket_series(r, 'probe_loss')
+        _, edges, _ = buckets(r)
+        colors = plt.cm.plasma(np.linspace(0, 0.9, len(edges) - 1))
+        for k, (c, name) in enumerate(zip(colors, bucket_names(edges))):
+            steps, v = recorded(loss[:, k])
+            if len(v):
+                ax.plot(steps, v, color=c, lw=1, label=name)
+                ax.plot(steps[np.argmin(v)], v.min(), 'o', color=c, ms=4)
+        log_steps(ax)
+        ax.set_ylabel('validation loss (nats/token)')
+        ax.set_title(f"{r['label']}: per bucket (dot: best)", fontsize=8)
+        ax.legend(fontsize=6)
+    return fig
+
+
+def fig_basis(runs):
+    n_b = max(len(buckets(r)[1]) - 1 for r in runs)
+    fig, axes = grid(n_b * len(runs), n_b, 2.4, 2.4)
+    norm = LogNorm(1, max(len(r['rec']['probe_loss']) for r in runs))
+    for i, r in enumerate(runs):
+        plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
+        _, edges, _ = buckets(r)
+        for k, name in enumerate(bucket_names(edges)):
+            ax = axes[i * n_b + k]
+            steps = np.flatnonzero(np.isfinite(plus[:, k]) & np.isfinite(minus[:, k]))  # recorded rows
+            if len(steps):
+                steps = steps[np.unique(np.round(np.geomspace(1, len(steps), MAX_TRAJ)).astype(int) - 1)]
+                ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
+                sc = ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm, s=6)
+            else:
+                ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
+            ax.plot([-1], [1], marker='*', color='r', ms=8)
+            ax.set_xlim(-1.05, 1.05)
+            ax.set_ylim(-1.05, 1.05)
+            ax.set_title(f"{r['name']}, {name}", fontsize=7, color=r['color'])
+            ax.tick_params(labelsize=6)
+            if k == 0:
+                ax.set_ylabel('cos(h, grad_h-)', fontsize=7)
+            if i == len(runs) - 1:
+                ax.set_xlabel('cos(h, grad_h+)', fontsize=7)
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'), cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]))
+    cbar.set_label('step (log)', fontsize=7)
+    return fig
+
+
+def fig_dissent(runs):
+    fig, axes = grid(4, 2, 5.5, 3.5)
+    for r in runs:
+        steps, v = recorded(token_mean(r, 'probe_cos_plus_minus'))
+        axes[0].plot(steps, v, color=r['color'], lw=1.3)
+        for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
+            axes[1].plot(*recorded(token_mean(r, 'probe_' + name)), color=r['color'], ls=ls, lw=1.3)
+        j = r['config']['theta_names'].index('model')
+        steps, v = recorded(r['rec']['theta_cos'][:, j])
+        axes[2].plot(steps, v, color=r['color'], lw=0.4, alpha=0.25)
+        axes[2].plot(steps, smooth(v), color=r['color'], lw=1.3)
+        for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
+            steps, v = recorded(r['rec']['theta_' + name][:, j])
+            axes[3].plot(steps, smooth(v), color=r['color'], ls=ls, lw=1.3)
+        for ax in axes:
+            mark_break(ax, r)
+    axes[0].set_title('h: mean over probe tokens of cos(grad_h+, grad_h-)', fontsize=8)
+    axes[1].set_title('h: mean |grad_h| (solid), |grad_h+| (dashed), |grad_h-| (dotted)', fontsize=8)
+    axes[2].set_title('theta, all parameters, training batch: cos(grad+, grad-)', fontsize=8)
+    axes[3].set_title('theta: |grad| (solid), |grad+| (dashed), |grad-| (dotted), smoothed', fontsize=8)
+    for ax, label in zip(axes, ['cosine', 'norm (log)', 'cosine', 'norm (log)']):
+        log_steps(ax)
+        ax.set_ylabel(label)
+    for ax in axes[1::2]:
+        ax.set_yscale('log')
+    return fig
+
+
+def fig_geometry(runs):
+    fig, axes = grid(3, 3, 4.3, 3.6)
+    for r in runs:
+        steps = np.asarray(r['rec']['hidden_steps'])
+        s = np.asarray(r['rec']['head_singular_values'], dtype=float)  # (K, min(V, d))
+        done = np.isfinite(s).all(1)
+        if not done.any():
+            continue
+        for row, ls in [(np.flatnonzero(done)[0], ':'), (np.flatnonzero(done)[-1], '-')]:
+            axes[0].plot(np.arange(1, s.shape[1] + 1), s[row] / s[row, 0], color=r['color'], ls=ls)
+        H = [float(metrics.spectral_entropy(torch.from_numpy(row))) for row in s[done]]
+        axes[1].plot(steps[done], H, color=r['color'], marker='.')
+        axes[1].axhline(math.log(s.shape[1]), color=r['color'], lw=0.6, ls='--')
+        axes[2].plot(*recorded(r['rec']['probe_anisotropy']), color=r['color'])
+    axes[0].set_yscale('log')
+    axes[0].set_xlabel('index k')
+    axes[0].set_ylabel('s_k / s_1 (log)')
+    axes[0].set_title('LM-head singular values: first (dotted) and last (solid) recorded step', fontsize=8)
+    log_steps(axes[1])
+    axes[1].set_ylabel('spectral entropy (nats)')
+    axes[1].set_title('entropy of s_k^2 / sum s^2; dashed: its maximum log(min(V, d))', fontsize=8)
+    log_steps(axes[2])
+    axes[2].set_ylabel('mean pairwise cos(h_i, h_j)')
+    axes[2].set_title('anisotropy of h over the probe tokens', fontsize=8)
+    return fig
+
+
+# name, what it needs, the function, its caption
+FIGURES = [
+    ('fig1_loss', ['train_loss'], fig_loss,
+     "Training loss against step, log-log, every run (faint: per step; solid: trailing log moving "
+     "average, factor 1.2). Dashed black: the 1-break BNSL fit of bnsl.py to the preprocessed curve; "
+     "dotted: its pre-break power law b t^-c0 and post-break line L_d (t/t_d)^-r_d; dot: (t_d, L_d). "
+     "Look for the bend: a steep early power law that gives way to a shallow one, earlier and at a "
+     "lower loss for larger models."),
+    ('fig2_deceleration', ['train_loss'], fig_deceleration,
+     "t_d, L_d and r_d of each run against its parameter count, with 95% block-bootstrap intervals, "
+     "and the best (o) and last (x) validation loss (probe set). Runs whose break is not identifiable "
+     "are named in the panel. Expect L_d to fall and r_d to rise with size."),
+    ('fig3_zero_sum', ['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'], fig_zero_sum,
+     "Zero-sum learning. Top: destructive interference D of the per-token loss changes (faint: per "
+     "step; solid: trailing log moving average), for the training batch of each step before and after "
+     "its own update, and for the fixed probe set between consecutive steps (and 10 steps apart, "
+     "dash-dot); dashed: the sign-flip null, D of the same magnitudes with random signs. Dotted "
+     "verticals: t_d. Bottom left: the magnitude M = mean |Delta l_i| (smoothed). Bottom right: every "
+     "probe step in the D-M plane; along a grey contour the mean change |Delta L| = (1 - D) M is "
+     "constant. Look for D rising towards 1 around t_d, far above the null: the improvement is then "
+     "bounded by (1 - D) M, however large the individual changes."),
+    ('fig4_opposition', ['local_opposition_mean', 'local_opposition_weighted', 'opposition_mean', 'opposition_weighted', 'grad_steps'], fig_opposition,
+     "Gradient opposition between tokens: D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per parameter "
+     "coordinate, g_i the gradient of token i's own loss; its exact mean over coordinates (solid) and "
+     "its |g|-weighted mean (dashed). Top left: the position-local layers (LM head, final norm, last "
+     "block's MLP and attention projection), exact from each step's training backward (smoothed). Top "
+     "right: every parameter, exact per-token backward passes on the probe subset at the scheduled "
+     "steps. Below: the same per layer, one panel per run. Near-total opposition (D_j near 1) after "
+     "deceleration is what makes learning zero-sum; expect it weaker for larger models."),
+    ('fig5_first_order', ['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], fig_first_order,
+     "First-order prediction of each token's loss change along the real AdamW update, "
+     "<grad l_i, delta> from one JVP, against the true change of the training batch (post - pre), at "
+     "the scheduled steps. Left: every token (a random subset of at most 3000 per run), symlog axes, "
+     "black: y = x. Middle and right: correlation and slope per step. Where they are near 1 the "
+     "per-token gradients explain the per-token changes, and with them the interference."),
+    ('fig6_saturation', ['probe_loss', 'train_counts', 'probe_tokens'], fig_saturation,
+     "Saturation per token-frequency bucket (buckets log-spaced in rank of the training counts; "
+     "the probe tokens are bucketed by their target). Top left: Zipf plot of the training counts with "
+     "the least-squares fit (dashed), its outliers (x) and the bucket edges. Top right: best and last "
+     "validation loss per bucket. Below: probe loss per bucket over training, one panel per run (no "
+     "smoothing; dot: best step). Saturation is a bucket whose loss stops falling or rises again: "
+     "expect it first for the frequent tokens, and mostly in the long tail for small models."),
+    ('fig7_basis', ['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'], fig_basis,
+     "The shared 2D basis: cos(h, grad_h+) against cos(h, grad_h-), averaged over the probe tokens of "
+     "each frequency bucket (columns) for each run (rows), coloured by step (at most 150 log-spaced "
+     "steps). The red star (-1, +1) is the collapse: h anti-aligned with the attractive part and "
+     "aligned with the repulsive part. Look for trajectories heading there as a model saturates."),
+    ('fig8_dissent', ['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad',
+                      'theta_cos', 'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], fig_dissent,
+     "Gradient dissent: the opposition of the attractive (grad+) and repulsive (grad-) parts of the "
+     "output-layer gradient. Top: in h, per probe token, averaged over the probe set (no smoothing). "
+     "Bottom: in theta, all parameters as one vector, for the mean loss of each step's training batch "
+     "(faint: per step; solid: trailing log moving average). Dotted verticals: t_d. Dissent is "
+     "cos(grad+, grad-) moving towards -1 while |grad+| and |grad-| grow and |grad| does not."),
+    ('fig9_geometry', ['head_singular_values', 'hidden_steps', 'probe_anisotropy'], fig_geometry,
+     "Geometry of the output layer. Left: singular values of the LM-head matrix U, normalised by "
+     "the largest, at the first and last recorded step. Middle: their spectral entropy over training "
+     "(a falling entropy means U concentrates in few directions). Right: anisotropy of h, the mean "
+     "pairwise cosine of the probe tokens' hidden states (0: isotropic, 1: all parallel)."),
+]
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def md_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows])
+
+
+def run_summary(run):
+    """Best / last validation loss, saturation onset and probe D before / after t_d of a run."""
+    out = dict(best='n/a', last='n/a', onset='n/a', D_before='n/a', D_after='n/a')
+    if 'probe_loss' not in run['rec']:
+        return out
+    steps, loss = recorded(token_mean(run, 'probe_loss'))
+    if not len(loss):
+        return out
+    out.update(best=f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", last=f"{loss[-1]:.4f} (step {steps[-1]})")
+    onset = metrics.saturation_onset(torch.from_numpy(smooth(loss)))
+    out['onset'] = 'none' if onset is None else f"step {steps[onset]}"
+    t_d = run['fit'].get('t_d')
+    if t_d is not None and 'probe_D' in run['rec']:
+        steps, D = recorded(run['rec']['probe_D'])
+        for key, sel in [('D_before', steps < t_d), ('D_after', steps >= t_d)]:
+            out[key] = f"{D[sel].mean():.4f}" if sel.any() else 'n/a'
+    return out
+
+
+def bucket_table(runs):
+    """Per run and bucket: best and last validation loss, and the bucket's saturation onset."""
+    rows, header = [], None
+    for r in runs:
+        if not all(k in r['rec'] for k in ['probe_loss', 'train_counts', 'probe_tokens']):
+            continue
+        loss = bucket_series(r, 'probe_loss')
+        _, edges, _ = buckets(r)
+        header = header or ['run'] + bucket_names(edges)
+        cells = []
+        for k in range(len(edges) - 1):
+            steps, v = recorded(loss[:, k])
+            if not len(v):
+                cells.append('n/a')
+                continue
+            onset = metrics.saturation_onset(torch.from_numpy(smooth(v)))
+            cells.append(f"{v.min():.3f} / {v[-1]:.3f}" + ('' if onset is None else f", sat. {steps[onset]}"))
+        rows.append([r['name']] + cells)
+    return md_table(header, rows) if rows else ''
+
+
+def write_report(path, runs, drawn, notes, fmt):
+    parts = ['# Training dynamics report', '',
+             f"Runs (ordered and coloured by parameter count): {', '.join(r['label'] for r in runs)}.", '']
+    parts += ['## Deceleration and validation loss', '',
+              "t_d, L_d, r_d from bnsl.py (1-break BNSL, published preprocessing) with 95% block-bootstrap "
+              "intervals; validation loss = mean probe-set loss; saturation onset = the step of the "
+              "best smoothed validation loss when the run ends more than 1% above it; D = mean "
+              "interference of per-token probe-loss changes (step t to t+1) before and after t_d.", '']
+    rows = []
+    for r in runs:
+        fit, s = r['fit'], run_summary(r)
+        rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(r['rec']['train_loss'])[0]),
+                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
+                     'n/a' if fit.get('rsle') is None else f"{fit['rsle']:.3g}", 'yes' if fit['identifiable'] else f"no: {fit['reason']}",
+                     s['best'], s['last'], s['onset'], s['D_before'], s['D_after']])
+    parts += [md_table(['run', 'params', 'steps', 't_d', 'L_d', 'r_d', 'RSLE', 'identifiable', 'best val. loss',
+                        'last val. loss', 'saturation onset', 'D before t_d', 'D after t_d'], rows), '']
+    table = bucket_table(runs)
+    if table:
+        parts += ['## Validation loss per token-frequency bucket', '',
+                  'best / last loss of the probe tokens whose target is in the bucket; "sat. t": saturation onset.', '',
+                  table, '']
+    parts += ['## Figures', '']
+    for name, _, _, caption in FIGURES:
+        if name in drawn:
+            parts += [f"### {name}", '', f"![{name}]({name}.{fmt})", '', caption, '']
+    if notes:
+        parts += ['## Not plotted', ''] + [f"- {n}" for n in notes] + ['']
+    with open(path, 'w') as f:
+        f.write('\n'.join(parts))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail
+    p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
+    p.add_argument('--out', default=None, help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='file format(s) of the figures')
+    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP, help='BNSL fit: drop the transient steps t <= min_step')
+    p.add_argument('--dpi', type=int, default=110, help='resolution of PNG figures')
+    args = p.parse_args(argv)
+    try:
+        runs = [load_run(r) for r in find_runs(args.paths)]
+    except ValueError as e:
+        fail(e)
+    runs.sort(key=lambda r: (r['config']['n_params'], r['path']))
+    colors = plt.cm.viridis(np.linspace(0.05, 0.85, len(runs))) if len(runs) > 1 else [plt.cm.viridis(0.3)]
+    for r, c in zip(runs, colors):
+        r['color'] = c
+        r['fit'] = fit_run(r, args.min_step)
+    out = args.out or os.path.join(args.paths[0], 'figures')
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {out}: cannot create it ({e.strerror})")
+    drawn, notes = [], []
+    for r in runs:
+        if r['config'].get('record') != 'all':
+            notes.append(f"{r['name']} was recorded with --record {r['config'].get('record')}: "
+                         "what that level does not record is left out")
+        if r['missing']:
+            notes.append(f"{r['name']} lacks {', '.join(r['missing'])} (listed in its config.json, not in the directory)")
+    for name, needs, draw, _ in FIGURES:
+        have = [r for r in runs if all(k in r['rec'] for k in needs)]
+        lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in needs if k not in r['rec'])}"
+                            for r in runs if r not in have)
+        if not have:
+            notes.append(f"{name}: not drawn ({lacking})")
+            continue
+        if lacking:
+            notes.append(f"{name}: leaves out runs ({lacking})")
+        with np.errstate(all='ignore'):
+            fig = draw(have)
+        run_legend(fig, have)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+        for fmt in args.format:
+            fig.savefig(os.path.join(out, f"{name}.{fmt}"), dpi=args.dpi)
+        plt.close(fig)
+        drawn.append(name)
+    write_report(os.path.join(out, 'report.md'), runs, drawn, notes, args.format[0])
+    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} in {out}")
+    for n in notes:
+        print(f"  note: {n}")
+
+
+if __name__ == '__main__':
+    main()

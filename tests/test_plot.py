@@ -1,0 +1,154 @@
+"""plot.py on real (tiny) runs: every figure drawn and non-blank, the report complete and true to
+the records, partial and unfinished runs plotted as far as they go, bad input refused in one line."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY, run_train
+from plot import FIGURES
+
+NAMES = [name for name, _, _, _ in FIGURES]
+IGNORE = shutil.ignore_patterns('figures')  # a copied run starts without the figures of earlier tests
+SHORT = ['--max_iters', '30', '--grad_every', '10', '--ckpt_interval', '30']
+
+
+def run_plot(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory, cache_dir):
+    """Two tiny models of different sizes, trained for real into one folder."""
+    root = tmp_path_factory.mktemp('sweep')
+    for name, layers in [('small', '1'), ('large', '2')]:
+        args = [*TINY, *SHORT, '--cache_dir', cache_dir, '--out_dir', str(root / 'runs' / name)]
+        args[args.index('--n_layer') + 1] = layers
+        run_train(*args)
+    return root
+
+
+def assert_figures(folder, names):
+    for name in names:
+        image = mpimg.imread(os.path.join(folder, name + '.png'))  # (H, W, 4) floats in [0, 1]
+        rgb = image[..., :3]
+        assert rgb.std() > 0.01, f"{name} is blank"
+        assert (rgb < 0.9).mean() > 0.005, f"{name} is (nearly) all white"
+
+
+def test_a_sweep_gives_every_figure_and_the_report(sweep):
+    proc = run_plot(str(sweep / 'runs'))
+    assert proc.returncode == 0, proc.stderr
+    figures = sweep / 'runs' / 'figures'
+    assert_figures(figures, NAMES)
+    report = (figures / 'report.md').read_text()
+    for name in NAMES:
+        assert f"]({name}.png)" in report
+    assert 'Not plotted' not in report  # both runs hold every record
+    # runs ordered by size: the smaller first, in the legend line and in the table
+    assert report.index('| small |') < report.index('| large |')
+    for header in ['t_d', 'L_d', 'r_d', 'best val. loss', 'last val. loss', 'saturation onset', 'D before t_d']:
+        assert header in report
+
+
+def test_report_numbers_are_the_records(sweep):
+    run_plot(str(sweep / 'runs'))
+    report = (sweep / 'runs' / 'figures' / 'report.md').read_text()
+    for name in ['small', 'large']:
+        probe = np.load(sweep / 'runs' / name / 'probe_loss.npy').astype(np.float64)
+        mean = probe.reshape(len(probe), -1).mean(1)  # validation loss at every recorded theta_t
+        row = next(line for line in report.splitlines() if line.startswith(f'| {name} |'))
+        best = re.search(r'\| ([0-9.]+) \(step (\d+)\) \| ([0-9.]+) \(step (\d+)\) \|', row)
+        assert float(best.group(1)) == pytest.approx(mean.min(), abs=1e-4) and int(best.group(2)) == mean.argmin()
+        assert float(best.group(3)) == pytest.approx(mean[-1], abs=1e-4) and int(best.group(4)) == len(mean) - 1
+
+
+def test_one_run_and_several_paths_and_pdf(sweep, tmp_path):
+    run = sweep / 'runs' / 'small'
+    assert run_plot(str(run)).returncode == 0
+    assert_figures(run / 'figures', NAMES)
+    out = tmp_path / 'both'
+    proc = run_plot(str(sweep / 'runs' / 'large'), str(run), '--out', str(out), '--format', 'png', 'pdf')
+    assert proc.returncode == 0, proc.stderr
+    assert all((out / f"{n}.pdf").stat().st_size > 1000 for n in NAMES)
+    assert '| small |' in (out / 'report.md').read_text()
+
+
+def test_a_run_with_a_record_removed_is_plotted_and_the_gap_reported(sweep, tmp_path):
+    partial = tmp_path / 'partial'
+    shutil.copytree(sweep / 'runs' / 'small', partial, ignore=IGNORE)
+    os.remove(partial / 'theta_cos.npy')
+    proc = run_plot(str(partial), str(sweep / 'runs' / 'large'), '--out', str(tmp_path / 'fig'))
+    assert proc.returncode == 0, proc.stderr
+    assert_figures(tmp_path / 'fig', NAMES)  # the other run still gives fig8
+    report = (tmp_path / 'fig' / 'report.md').read_text()
+    assert 'partial lacks theta_cos' in report and 'fig8_dissent: leaves out runs (partial lacks theta_cos)' in report
+    # alone, the run gives every figure but the one that needs the missing record
+    proc = run_plot(str(partial), '--out', str(tmp_path / 'alone'))
+    assert proc.returncode == 0 and not (tmp_path / 'alone' / 'fig8_dissent.png').exists()
+    assert 'fig8_dissent: not drawn' in (tmp_path / 'alone' / 'report.md').read_text()
+    assert_figures(tmp_path / 'alone', [n for n in NAMES if n != 'fig8_dissent'])
+
+
+def test_a_run_still_training_is_plotted_as_far_as_recorded(sweep, tmp_path):
+    """A run cut at step 20 of 30: its per-step rows from there on are still NaN / -1."""
+    run = tmp_path / 'unfinished'
+    shutil.copytree(sweep / 'runs' / 'large', run, ignore=IGNORE)
+    for f in run.glob('*.npy'):
+        a = np.load(f, mmap_mode='r+')
+        if a.dtype.kind == 'f' and f.stem not in ('probe_hidden', 'head_singular_values', 'opposition_mean',
+                                                   'opposition_weighted', 'train_loss_pred') and len(a) >= 30:
+            a[20:] = np.nan
+            a.flush()
+    proc = run_plot(str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert_figures(run / 'figures', NAMES)
+    assert '| unfinished | ' in (run / 'figures' / 'report.md').read_text()
+    assert re.search(r'\| unfinished \| [0-9,]+ \| 20 \|', (run / 'figures' / 'report.md').read_text())
+
+
+def test_a_bare_run_gives_the_loss_figures_and_says_what_is_missing(tmp_path, cache_dir):
+    out = tmp_path / 'bare'
+    run_train(*TINY, *SHORT, '--record', 'none', '--cache_dir', cache_dir, '--out_dir', str(out))
+    proc = run_plot(str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert_figures(out / 'figures', ['fig1_loss', 'fig2_deceleration'])
+    report = (out / 'figures' / 'report.md').read_text()
+    assert 'fig3_zero_sum: not drawn' in report and 'record none' in report
+
+
+def bad_inputs(tmp, sweep):
+    """(arguments, what the one-line error must name) for each kind of bad input."""
+    empty = tmp / 'empty'
+    empty.mkdir()
+    truncated = tmp / 'truncated'
+    shutil.copytree(sweep / 'runs' / 'small', truncated, ignore=IGNORE)
+    with open(truncated / 'probe_loss.npy', 'r+b') as f:
+        f.truncate(1000)
+    garbage = tmp / 'garbage'
+    shutil.copytree(sweep / 'runs' / 'small', garbage, ignore=IGNORE)
+    (garbage / 'train_D.npy').write_bytes(b'not a numpy file at all')
+    config = tmp / 'config'
+    shutil.copytree(sweep / 'runs' / 'small', config, ignore=IGNORE)
+    (config / 'config.json').write_text('{"records": ')
+    wrong = tmp / 'wrong'
+    shutil.copytree(sweep / 'runs' / 'small', wrong, ignore=IGNORE)
+    np.save(wrong / 'train_M.npy', np.zeros(7))
+    return [([str(tmp / 'missing')], 'no such directory'), ([str(empty)], 'no run directories'),
+            ([str(truncated)], 'probe_loss.npy'), ([str(garbage)], 'train_D.npy'),
+            ([str(config)], 'config.json'), ([str(wrong)], 'train_M.npy'),
+            ([str(sweep / 'runs'), '--format', 'gif'], 'invalid choice')]
+
+
+def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path):
+    for args, name in bad_inputs(tmp_path, sweep):
+        proc = run_plot(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and name in proc.stderr, (args, proc.stderr)
+        assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'truncated' / 'figures').exists()  # nothing written for a bad run
