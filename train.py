@@ -1,7 +1,7 @@
 """
 Train a compact GPT and record its training dynamics at every step.
 
-    python train.py                       # default corpus (King James Bible), about 5 min on 2 CPU cores
+    python train.py                       # default corpus (King James Bible), about 6 min on 2 CPU cores
     python train.py --n_layer 6 --out_dir out/L6
     torchrun --nproc_per_node 2 train.py  # DistributedDataParallel
 
@@ -51,7 +51,7 @@ def get_args(argv=None):
     g.add_argument('--cache_dir', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache'), help='where tokenizers and token arrays are cached')
     g.add_argument('--batch_size', type=int, default=16, help='sequences per step (the global batch under DDP)')
     g = p.add_argument_group('optimizer and schedule')
-    g.add_argument('--max_iters', type=int, default=1000, help='number of optimizer steps')
+    g.add_argument('--max_iters', type=int, default=500, help='number of optimizer steps')
     g.add_argument('--learning_rate', type=float, default=1e-3, help='peak learning rate')
     g.add_argument('--min_lr', type=float, default=1e-4, help='learning rate at the end of the cosine decay (0 is allowed)')
     g.add_argument('--warmup_iters', type=int, default=50, help='steps of linear warmup')
@@ -66,7 +66,7 @@ def get_args(argv=None):
     g.add_argument('--seed', type=int, default=1337, help='seeds the initialisation, the batches and the probe set')
     g = p.add_argument_group('recording')
     g.add_argument('--out_dir', default='out', help='run directory')
-    g.add_argument('--record', default='all', choices=['all', 'light', 'none'], help='all: everything every step; light: probe every step, post-update train losses on the log schedule; none: scalars only')
+    g.add_argument('--record', default='all', choices=['all', 'light', 'none'], help='all: everything every step; light: the probe records every step, the post-update pass, theta and local opposition on the log schedule; none: scalars only')
     g.add_argument('--probe_seqs', type=int, default=16, help='held-out probe sequences of block_size tokens, chosen once')
     g.add_argument('--hidden_every', type=int, default=0, help='write the probe hidden states every N steps (0: log-spaced steps; first and last always)')
     g.add_argument('--grad_every', type=int, default=0, help='exact all-parameter opposition and JVP prediction every N steps (0: log-spaced steps)')
@@ -224,6 +224,7 @@ def main(argv=None):
         'train_loss': ((S,), np.float64),
         'grad_norm': ((S,), np.float64),
         'update_norm': ((S,), np.float64),
+        'step_ms': ((S,), np.float64),  # wall time of the step, recording included, checkpoint excluded
         'train_offsets': ((S, B), np.int64),
     }
     if args.record != 'none':
@@ -360,6 +361,7 @@ def main(argv=None):
     recording = args.record != 'none'
     t0, t_last, probe_mean = time.time(), time.time(), float('nan')
     for step in range(start, S):
+        t_step = time.perf_counter()
         offsets = data.batch_offsets(args.seed, step, B, T, len(corpus['train']))  # the global batch
         mine = offsets[rank * (B // world):(rank + 1) * (B // world)]  # this process's rows
         x, y = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], mine, T))
@@ -429,6 +431,7 @@ def main(argv=None):
                 xg, yg = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], offsets, T))
                 pred = metrics.predicted_loss_change(raw_model, xg, yg, delta, params=before)
                 records['train_loss_pred'][grad_row[step]] = pred.cpu().numpy()
+            records['step_ms'][step] = 1000 * (time.perf_counter() - t_step)  # .item() above waited for the device
             if (step + 1) % args.ckpt_interval == 0 or step + 1 == S:
                 if step + 1 == S and recording:
                     record_probe(S)  # the final model's probe row, before the last checkpoint

@@ -1,0 +1,30 @@
+"""bench.py runs end to end on a tiny model, prints every section, and its method comparisons agree."""
+import re
+import subprocess
+import sys
+import os
+
+from conftest import ROOT
+
+TINY_BENCH = ['--n_layer', '2', '--n_head', '2', '--n_embd', '16', '--block_size', '16', '--batch_size', '4',
+              '--vocab_size', '300', '--probe_seqs', '3', '--steps', '40', '--rounds', '1', '--reps', '1']
+
+
+def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *TINY_BENCH, '--cache_dir', cache_dir],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for row in ['plain nanoGPT-style loop', '--record none (bare)', '--record light', '--record all',
+                'probe pass', 'h-space decomposition', 'theta+/-', 'position-local opposition, |G|^T |X|',
+                'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs']:
+        assert row in out, row
+    # the fast methods give the sums of the slow ones (float32: up to rounding)
+    for diff in re.findall(r'max relative difference (?:of the sums )?([0-9.e+-]+)', out):
+        assert float(diff) < 1e-5
+    assert len(re.findall(r'max relative difference', out)) == 2
+
+
+def test_bench_bad_flag_is_one_line():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--steps', '2'], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
