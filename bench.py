@@ -42,11 +42,12 @@ from model import GPT, GPTConfig, per_token_loss
 
 WARMUP = 3  # first steps of every run left out of the medians
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
+OPPOSITION_SEQS = 1  # probe sequences of the scheduled all-parameter opposition (train.py's default)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = train.fail
+    p.error = fail
     d = train.get_args([])  # train.py's defaults
     for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs']:
         p.add_argument('--' + name, type=int, default=getattr(d, name), help=f"as in train.py")
@@ -59,6 +60,12 @@ def get_args(argv=None):
     if args.steps <= WARMUP + 1 or args.rounds < 1 or args.reps < 1:
         p.error(f"--steps must exceed {WARMUP + 1}, --rounds and --reps be positive")
     return args
+
+
+def fail(msg):
+    """Bad input: one line naming the problem and exit status 2, never a traceback."""
+    print(f"bench.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def sync(device):
@@ -103,7 +110,7 @@ def plain_loop(args, corpus, steps):
 def train_py(args, level, out_dir):
     """ms per step of train.py itself at a recording level (its step_ms record), and its run dir."""
     argv = ['--record', level, '--max_iters', str(args.steps), '--out_dir', out_dir, '--overwrite',
-            '--grad_every', str(args.steps), '--ckpt_interval', str(args.steps), '--log_interval', str(args.steps),
+            '--grad_every', str(args.steps), '--hidden_every', str(args.steps), '--ckpt_interval', str(args.steps), '--log_interval', str(args.steps),
             '--device', args.device, '--cache_dir', args.cache_dir]
     for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs']:
         argv += ['--' + name, str(getattr(args, name))]
@@ -111,7 +118,7 @@ def train_py(args, level, out_dir):
         train.main(argv)
     ms = np.load(os.path.join(out_dir, 'step_ms.npy'))
     keep = np.arange(len(ms)) >= WARMUP
-    keep &= np.arange(len(ms)) < len(ms) - 1  # the last step runs the scheduled passes
+    keep &= np.arange(len(ms)) < len(ms) - 1  # the last step runs the scheduled passes (as the first, a warm-up step)
     if level == 'light':  # its unscheduled steps: no post-update pass recorded
         keep &= np.isnan(np.load(os.path.join(out_dir, 'train_loss_post.npy'))[:, 0, 0])
     return list(ms[keep])
@@ -122,21 +129,22 @@ def model_config(args, corpus):
                      n_head=args.n_head, n_embd=args.n_embd)
 
 
-def looped_sums(model, idx, targets, params):
-    """The published method: one backward per token, (sum_i g_i, sum_i |g_i|) for `params`."""
-    losses = per_token_loss(model(idx)[0], targets).reshape(-1)
-    names = list(params)
+def looped_sums(losses, params):
+    """The published method: one backward per token loss in `losses` (a flat tensor with its graph),
+    (sum_i g_i, sum_i |g_i|) for each of `params` (name -> parameter)."""
     sums = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
     for loss in losses:
-        for n, g in zip(names, torch.autograd.grad(loss, list(params.values()), retain_graph=True)):
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)):
             sums[n][0].add_(g)
             sums[n][1].add_(g.abs())
     return sums
 
 
-def max_rel_diff(a, b):
-    """Largest |a - b| over all tensors, relative to the largest |b|."""
-    return max(float((a[n][k] - b[n][k]).abs().max()) for n in b for k in (0, 1)) / max(float(b[n][1].abs().max()) for n in b)
+def max_rel_diff(fast, slow, skip=()):
+    """Largest relative difference between two sets of sums, tensor by tensor: max |fast - slow| /
+    max |slow| of each tensor (so an error in a small tensor is not hidden by a large one)."""
+    return max(float((fast[n][k] - slow[n][k]).abs().max() / slow[n][k].abs().max().clamp_min(1e-30))
+               for n in slow if n not in skip for k in (0, 1))
 
 
 def components(args, corpus, rounds):
@@ -176,7 +184,7 @@ def components(args, corpus, rounds):
     h = train.fp32_forward(model, px, py)[1].reshape(-1, args.n_embd)
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(N, dtype=torch.float64, device=args.device)  # stands for post - pre of the batch
-    k = 1  # probe sequences of the scheduled all-parameter opposition (train.py's default)
+    k = OPPOSITION_SEQS
     variants = {
         'training step (forward, backward, clip, AdamW)': (step, None),
         'probe pass (fp32 forward, P sequences)': (lambda _: train.fp32_forward(model, px, py), None),
@@ -186,9 +194,9 @@ def components(args, corpus, rounds):
         'position-local opposition, |G|^T |X|': (lambda s: metrics.opposition_summary(metrics.position_local_gradient_sums(local, s[1], N)), graph),
         'D, M and null of the batch changes': (lambda _: [f(change) for f in (metrics.destructive_interference, metrics.interference_magnitude, metrics.sign_flip_null)], None),
         f'scheduled: all-parameter opposition, batched ({k} probe seq)': (lambda _: metrics.opposition_summary(metrics.per_token_gradient_sums(model, px[:k], py[:k])), None),
-        f'scheduled: all-parameter opposition, looped ({k} probe seq)': (lambda _: metrics.opposition_summary(looped_sums(model, px[:k], py[:k], params)), None),
+        f'scheduled: all-parameter opposition, looped ({k} probe seq)': (lambda _: metrics.opposition_summary(looped_sums(per_token_loss(model(px[:k])[0], py[:k]).flatten(), params)), None),
         'scheduled: JVP prediction of the batch': (lambda _: metrics.predicted_loss_change(model, x, y, delta), None),
-        f'position-local, one backward per token ({LOCAL_SUBSET} tokens)': (lambda s: [torch.autograd.grad(l, list(local_params.values()), retain_graph=True) for l in s[0][:LOCAL_SUBSET]], subset_graph),
+        f'position-local, one backward per token ({LOCAL_SUBSET} tokens)': (lambda s: looped_sums(s[0][:LOCAL_SUBSET], local_params), subset_graph),
         f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)': (lambda s: metrics.position_local_gradient_sums(local, s[1], 1), subset_graph),
     }
     times = {name: [] for name in variants}
@@ -199,18 +207,13 @@ def components(args, corpus, rounds):
             model.zero_grad(set_to_none=True)
     # the same numbers: batched vs looped on the probe sequence; |G|^T|X| vs looped on the subset
     batched = metrics.per_token_gradient_sums(model, px[:k], py[:k])
-    looped = looped_sums(model, px[:k], py[:k], params)
-    for i, block in enumerate(model.transformer.h):  # the key bias: exact zeros in the batched sums
-        looped[f"transformer.h.{i}.attn.c_attn.bias"][1][args.n_embd:2 * args.n_embd] = 0
+    looped = looped_sums(per_token_loss(model(px[:k])[0], py[:k]).flatten(), params)
+    # the attention biases hold the key biases, exact zeros in the batched sums, rounding noise in the loop
+    key_biases = [f"transformer.h.{i}.attn.c_attn.bias" for i in range(args.n_layer)]
     losses, acts = subset_graph()
-    fast = metrics.position_local_gradient_sums(local, acts, 1)
-    slow = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in local_params.items()}
-    for l in losses[:LOCAL_SUBSET]:
-        for n, g in zip(local_params, torch.autograd.grad(l, list(local_params.values()), retain_graph=True)):
-            slow[n][0].add_(g)
-            slow[n][1].add_(g.abs())
-    checks = {'all-parameter: batched vs looped': max_rel_diff(batched, looped),
-              'position-local: |G|^T|X| vs looped': max_rel_diff(fast, slow)}
+    checks = {'all-parameter: batched vs looped': max_rel_diff(batched, looped, skip=key_biases),
+              'position-local: |G|^T|X| vs looped': max_rel_diff(metrics.position_local_gradient_sums(local, acts, 1),
+                                                                  looped_sums(losses[:LOCAL_SUBSET], local_params))}
     return times, checks, N
 
 
@@ -233,51 +236,53 @@ def record_bytes(run_dir, default_steps):
 def main(argv=None):
     args = get_args(argv)
     corpus = data.prepare(None, args.vocab_size, args.cache_dir)
-    tmp = tempfile.mkdtemp(prefix='bench-')
-    levels = ['none', 'light', 'all']
-    steps = {'plain': [], **{level: [] for level in levels}}
-    print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, vocabulary "
-          f"{corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.rounds} rounds of {args.steps} steps per variant", flush=True)
-    for r in range(args.rounds):  # interleaved: every variant once per round
-        steps['plain'] += plain_loop(args, corpus, args.steps)
-        for level in levels:
-            steps[level] += train_py(args, level, os.path.join(tmp, level))
-        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    med = {k: statistics.median(v) if v else float('nan') for k, v in steps.items()}  # light: none unscheduled in a very short run
-    tokens = args.batch_size * args.block_size
-    print("\n1. training step                                       median ms   ratio to bare   tokens/s")
-    names = {'plain': 'plain nanoGPT-style loop (bench.py)', 'none': 'train.py --record none (bare)',
-             'light': 'train.py --record light (unscheduled steps)', 'all': 'train.py --record all'}
-    for k in ['plain', 'none', 'light', 'all']:
-        print(f"   {names[k]:50s}{med[k]:10.1f}{med[k] / med['none']:14.2f}{tokens / med[k] * 1000:12.0f}")
+    with tempfile.TemporaryDirectory(prefix='bench-') as tmp:  # the runs made here, removed at the end
+        levels = ['none', 'light', 'all']
+        steps = {'plain': [], **{level: [] for level in levels}}
+        print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, vocabulary "
+              f"{corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; {args.rounds} rounds of {args.steps} steps per variant", flush=True)
+        for r in range(args.rounds):  # interleaved: every variant once per round
+            steps['plain'] += plain_loop(args, corpus, args.steps)
+            for level in levels:
+                steps[level] += train_py(args, level, os.path.join(tmp, level))
+            print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        med = {k: statistics.median(v) if v else float('nan') for k, v in steps.items()}  # light: none unscheduled in a very short run
+        tokens = args.batch_size * args.block_size
+        print("\n1. training step                                       median ms   ratio to bare   tokens/s")
+        names = {'plain': 'plain nanoGPT-style loop (bench.py)', 'none': 'train.py --record none (bare)',
+                 'light': 'train.py --record light (unscheduled steps)', 'all': 'train.py --record all'}
+        for k in ['plain', 'none', 'light', 'all']:
+            print(f"   {names[k]:50s}{med[k]:10.1f}{med[k] / med['none']:14.2f}{tokens / med[k] * 1000:12.0f}")
 
-    times, checks, N = components(args, corpus, args.rounds)
-    cmed = {k: statistics.median(v) for k, v in times.items()}
-    base = cmed['training step (forward, backward, clip, AdamW)']
-    print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   ratio to a training step")
-    for name, ms in cmed.items():
-        print(f"   {name:60s}{ms:10.2f}{ms / base:10.3f}")
-    b, l = [cmed[n] for n in cmed if 'all-parameter opposition' in n]
-    print(f"\n3. all-parameter exact opposition: looped / batched = {l / b:.1f}x faster batched; "
-          f"max relative difference of the sums {checks['all-parameter: batched vs looped']:.1e}")
-    slow, fast = [cmed[n] for n in cmed if n.startswith('position-local,')]
-    print(f"4. position-local opposition: one backward per token / |G|^T|X| = {slow / fast:.0f}x on {LOCAL_SUBSET} tokens; "
-          f"extrapolated to the batch of {N}: {slow * N / LOCAL_SUBSET:.0f} ms vs {cmed['position-local opposition, |G|^T |X|']:.1f} ms "
-          f"({slow * N / LOCAL_SUBSET / cmed['position-local opposition, |G|^T |X|']:.0f}x); max relative difference "
-          f"{checks['position-local: |G|^T|X| vs looped']:.1e}")
+        times, checks, N = components(args, corpus, args.rounds)
+        cmed = {k: statistics.median(v) for k, v in times.items()}
+        base = cmed['training step (forward, backward, clip, AdamW)']
+        print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   ratio to a training step")
+        for name, ms in cmed.items():
+            print(f"   {name:60s}{ms:10.2f}{ms / base:10.3f}")
+        b = cmed[f'scheduled: all-parameter opposition, batched ({OPPOSITION_SEQS} probe seq)']
+        l = cmed[f'scheduled: all-parameter opposition, looped ({OPPOSITION_SEQS} probe seq)']
+        print(f"\n3. all-parameter exact opposition: batched {l / b:.1f}x faster than looped (attention biases left out of the check); "
+              f"max relative difference of the sums {checks['all-parameter: batched vs looped']:.1e}")
+        slow = cmed[f'position-local, one backward per token ({LOCAL_SUBSET} tokens)']
+        fast = cmed[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
+        print(f"4. position-local opposition: one backward per token / |G|^T|X| = {slow / fast:.0f}x on {LOCAL_SUBSET} tokens; "
+              f"extrapolated to the batch of {N}: {slow * N / LOCAL_SUBSET:.0f} ms vs {cmed['position-local opposition, |G|^T |X|']:.1f} ms "
+              f"({slow * N / LOCAL_SUBSET / cmed['position-local opposition, |G|^T |X|']:.0f}x); max relative difference "
+              f"{checks['position-local: |G|^T|X| vs looped']:.1e}")
 
-    default_steps = train.get_args([]).max_iters
-    per_step, total = record_bytes(os.path.join(tmp, 'all'), default_steps)
-    print(f"\n5. --record all writes {per_step / 1e6:.2f} MB per step, {total / 1e9:.2f} GB for a run of {default_steps} steps "
-          f"of this model (hidden states and spectra on the default log schedule)")
-    t, loss = np.arange(1, default_steps + 1.0), None
-    loss = bnsl.bnsl_1break(t, 20.0, 0.3, -0.2, 90.0, 0.1) * np.exp(0.01 * np.random.default_rng(0).standard_normal(len(t)))
-    fits = [timed(lambda _: bnsl.fit_bnsl(*bnsl.preprocess(t, loss)), 'cpu') for _ in range(3)]
-    print(f"   BNSL fit of a {default_steps}-step curve (preprocessed, 100 bootstrap resamples): {statistics.median(fits) / 1000:.2f} s")
-    with contextlib.redirect_stdout(io.StringIO()):
-        ms = timed(lambda _: plot.main([tmp, '--out', os.path.join(tmp, 'figures')]), 'cpu')
-    print(f"   plot.py on the {len(levels)} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
+        default_steps = train.get_args([]).max_iters
+        per_step, total = record_bytes(os.path.join(tmp, 'all'), default_steps)
+        print(f"\n5. --record all writes {per_step / 1e6:.2f} MB per step, {total / 1e9:.2f} GB for a run of {default_steps} steps "
+              f"of this model (hidden states and spectra on the default log schedule)")
+        t = np.arange(1, default_steps + 1.0)
+        loss = bnsl.bnsl_1break(t, 20.0, 0.3, -0.2, 90.0, 0.1) * np.exp(0.01 * np.random.default_rng(0).standard_normal(len(t)))
+        fits = [timed(lambda _: bnsl.fit_bnsl(*bnsl.preprocess(t, loss)), 'cpu') for _ in range(3)]
+        print(f"   BNSL fit of a {default_steps}-step curve (preprocessed, 100 bootstrap resamples): {statistics.median(fits) / 1000:.2f} s")
+        with contextlib.redirect_stdout(io.StringIO()):
+            ms = timed(lambda _: plot.main([tmp, '--out', os.path.join(tmp, 'figures')]), 'cpu')
+        print(f"   plot.py on the {len(levels)} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
 
 
 if __name__ == '__main__':

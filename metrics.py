@@ -400,6 +400,13 @@ def first_order_agreement(predicted, true):
 # 6. saturation companions
 
 
+def token_ranks(counts):
+    """Rank of every token id in the unigram counts (V,): 0 = most frequent, ties by id. (V,) long"""
+    rank = torch.empty(counts.numel(), dtype=torch.long)
+    rank[torch.argsort(-counts.double().cpu(), stable=True)] = torch.arange(counts.numel())
+    return rank
+
+
 def frequency_buckets(counts, n_buckets=8):
     """Bucket of every token id by its rank in the training unigram counts (V,) (rank 0 = most
     frequent, ties by id), with log-spaced rank edges edges[k] = round((V + 1)^(k / n_buckets)) - 1:
@@ -407,28 +414,29 @@ def frequency_buckets(counts, n_buckets=8):
     and the last one the long tail. A tiny vocabulary may give fewer buckets (equal edges merge):
     use len(edges) - 1. Returns (bucket (V,) long, edges (n+1,) long, from 0 to V)."""
     V = counts.numel()
-    rank = torch.empty(V, dtype=torch.long)
-    rank[torch.argsort(-counts.double().cpu(), stable=True)] = torch.arange(V)  # (V,)
+    rank = token_ranks(counts)  # (V,)
     k = torch.arange(n_buckets + 1, dtype=torch.float64)
     edges = torch.unique(torch.round((V + 1.0) ** (k / n_buckets)).long() - 1)  # (n + 1,)
     return torch.searchsorted(edges, rank, right=True) - 1, edges
 
 
 def zipf_fit(counts, k=3.0):
-    """Least-squares line log c = intercept + slope * log r over the tokens with count > 0 (r: rank
-    from 1). Returns slope, intercept, residuals (V,) per token id (NaN for unseen tokens) and
-    outliers: the ids whose |residual| > k * std of the residuals (tokens far off the Zipf line)."""
+    """Least-squares line log c = intercept + slope * log r over the tokens with count > 0, r the rank
+    from 1 (token_ranks + 1). Returns slope, intercept; per token id (V,): rank (from 1), fitted (the
+    line's count exp(intercept) r^slope) and residuals (log c - log fitted, NaN for unseen tokens);
+    and outliers: the ids whose |residual| > k * std of the residuals (tokens far off the Zipf line)."""
     counts = counts.cpu()
-    order = torch.argsort(-counts.double(), stable=True)
-    seen = order[counts[order] > 0]  # ids by rank
-    log_r = torch.log(torch.arange(1, seen.numel() + 1, dtype=torch.float64))  # (n,)
+    rank = token_ranks(counts) + 1  # (V,)
+    seen = torch.argsort(rank)[:int((counts > 0).sum())]  # ids of the seen tokens, by rank
+    log_r = torch.log(rank[seen].double())  # (n,)
     log_c = torch.log(counts[seen].double())  # (n,)
     A = torch.stack([torch.ones_like(log_r), log_r], 1)  # (n, 2)
     intercept, slope = torch.linalg.lstsq(A, log_c[:, None]).solution.flatten()
+    fitted = torch.exp(intercept + slope * torch.log(rank.double()))  # (V,)
     residuals = torch.full((counts.numel(),), float('nan'), dtype=torch.float64)  # (V,)
-    residuals[seen] = log_c - (intercept + slope * log_r)
+    residuals[seen] = log_c - torch.log(fitted[seen])
     outliers = seen[residuals[seen].abs() > k * residuals[seen].std()]
-    return dict(slope=slope, intercept=intercept, residuals=residuals, outliers=outliers)
+    return dict(slope=slope, intercept=intercept, rank=rank, fitted=fitted, residuals=residuals, outliers=outliers)
 
 
 def bucket_mean(values, targets, bucket_of_token, n_buckets):
@@ -436,6 +444,7 @@ def bucket_mean(values, targets, bucket_of_token, n_buckets):
     TARGET lies in each frequency bucket. values has the shape of targets, optionally after leading
     dimensions (e.g. steps: values (S, B, T) with targets (B, T)). NaN values (a cosine with a zero
     vector, a row not yet recorded) are left out of the mean; NaN for a bucket with none left."""
+    assert values.shape[values.dim() - targets.dim():] == targets.shape, "values must end with targets' shape"
     b = bucket_of_token.to(targets.device)[targets.flatten()]  # (N,)
     lead = values.shape[:values.dim() - targets.dim()]
     x = values.reshape(*lead, -1)  # (..., N)
@@ -448,7 +457,9 @@ def bucket_mean(values, targets, bucket_of_token, n_buckets):
 def saturation_onset(loss, rise=0.01):
     """Index at which a (smoothed) loss curve (S,) saturates: its argmin, when the curve ends more
     than `rise` (relative) above that minimum, i.e. it stopped improving and got worse. None when the
-    last value is within `rise` of the best (still improving, or flat at its best)."""
+    last value is within `rise` of the best (still improving, or flat at its best). loss must be
+    finite: drop rows not yet recorded first (argmin would pick a NaN)."""
+    assert torch.isfinite(loss).all(), "saturation_onset: drop the NaN rows first"
     best = int(torch.argmin(loss))
     return best if loss[-1] > (1 + rise) * loss[best] else None
 

@@ -107,9 +107,15 @@ def recorded(values, steps=None):
     return steps[ok], values[ok]
 
 
-def smooth(values):
-    """The trailing log moving average of bnsl.py (factor 1.2), for noisy per-step series."""
-    return bnsl.log_moving_average(values) if len(values) else values
+def series(values, steps=None, smoothed=False):
+    """(steps, values) to draw against a log step axis: the recorded rows (NaN rows, not yet written
+    or not recorded at this --record level, dropped); when `smoothed`, the trailing log moving
+    average of bnsl.py (factor 1.2), but only where the rows are consecutive steps (rows on a
+    schedule, e.g. under --record light, are drawn as recorded); step 0 last dropped (no log)."""
+    steps, values = recorded(values, steps)
+    if smoothed and len(values) and np.all(np.diff(steps) == 1):
+        values = bnsl.log_moving_average(values)
+    return steps[steps > 0], values[steps > 0]
 
 
 def buckets(run):
@@ -134,7 +140,8 @@ def token_mean(run, name):
 
 
 def bucket_names(edges):
-    return [f"ranks {int(a)}-{int(b) - 1}" for a, b in zip(edges[:-1], edges[1:])]
+    """Labels of frequency buckets by their ranks counted from 1, as on the Zipf plot."""
+    return [f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
 
 
 # -----------------------------------------------------------------------------
@@ -152,11 +159,13 @@ def fit_run(run, min_step):
 
 
 def ci_text(fit, key, fmt):
-    """'value [lo, hi]' with the bootstrap interval (covariance if there is none), or the reason."""
+    """'value [lo, hi]' with the bootstrap interval (covariance if there is none; an end that is not
+    finite, null in bnsl.py's output, as '?'), or 'n/a' without a value."""
     if fit.get(key) is None:
         return 'n/a'
     ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
-    return fmt.format(fit[key]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else '')
+    end = lambda v: '?' if v is None else fmt.format(v)
+    return fmt.format(fit[key]) + (f" [{end(ci[0])}, {end(ci[1])}]" if ci else '')
 
 
 # -----------------------------------------------------------------------------
@@ -196,16 +205,15 @@ def log_steps(ax, label='step t'):
 def fig_loss(runs):
     fig, (ax,) = grid(1, 1, 7, 5)
     for r in runs:
-        steps, loss = recorded(r['rec']['train_loss'])
-        ax.plot(steps[1:], loss[1:], color=r['color'], alpha=0.25, lw=0.6)
-        ax.plot(steps[1:], smooth(loss)[1:], color=r['color'], lw=1.5)
+        ax.plot(*series(r['rec']['train_loss']), color=r['color'], alpha=0.25, lw=0.6)
+        ax.plot(*series(r['rec']['train_loss'], smoothed=True), color=r['color'], lw=1.5)
         fit = r['fit']
         if fit.get('t_d') is not None:
             t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
             ax.plot(t, bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1']), color='k', lw=1, ls='--')
             pre = t[t <= fit['t_d'] * 3]
             post = t[t >= fit['t_d'] / 3]
-            ax.plot(pre, fit['b'] * pre ** -fit['c0'], color=r['color'], lw=1, ls=':')
+            ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=r['color'], lw=1, ls=':')  # b t^-c0
             ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=r['color'], lw=1, ls=':')
             ax.plot([fit['t_d']], [fit['L_d']], 'o', color=r['color'], mec='k', ms=7, zorder=5)
     ax.set_yscale('log')
@@ -224,18 +232,22 @@ def fig_deceleration(runs):
             fit = r['fit']
             if fit.get(key) is None:
                 continue
-            ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov') or [fit[key], fit[key]]
-            ax.errorbar([size], [fit[key]], yerr=[[fit[key] - ci[0]], [ci[1] - fit[key]]], fmt='o', color=r['color'], capsize=3)
+            ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
+            if ci is None or None in ci:  # no interval (or a non-finite end): the point alone
+                ci = [fit[key], fit[key]]
+            # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
+            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
+            ax.errorbar([size], [fit[key]], yerr=yerr, fmt='o', color=r['color'], capsize=3)
         if unfit:
             ax.text(0.02, 0.02, 'no identifiable break:\n' + ', '.join(unfit), transform=ax.transAxes, fontsize=7, va='bottom')
         ax.set_xscale('log')
         ax.set_xlabel('parameters (log)')
         ax.set_ylabel(label)
-    axes[0].set_title('95% block-bootstrap intervals', fontsize=8)
+    axes[0].set_title('95% block-bootstrap intervals (covariance if none)', fontsize=8)
     ax = axes[3]
     for r, size in zip(runs, n):
-        _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else recorded(r['rec']['train_loss'])
-        if len(probe):
+        _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else (None, [])
+        if len(probe):  # runs without a probe set (--record none) have no validation loss
             ax.plot([size], [probe.min()], 'o', color=r['color'])
             ax.plot([size], [probe[-1]], 'x', color=r['color'], ms=8)
     ax.set_xscale('log')
@@ -246,30 +258,26 @@ def fig_deceleration(runs):
 
 
 def probe_interference(run, dt):
-    """(steps, D) of per-token probe-loss changes over dt steps, probe row t to t + dt."""
+    """D of per-token probe-loss changes over dt steps: row t is probe row t to t + dt. (S + 1 - dt,)"""
     loss = torch.from_numpy(np.asarray(run['rec']['probe_loss'], dtype=np.float64))
     loss = loss.reshape(len(loss), -1)  # (S + 1, P T)
-    D = metrics.destructive_interference(loss[dt:] - loss[:-dt]).numpy()
-    return recorded(D)
+    return metrics.destructive_interference(loss[dt:] - loss[:-dt]).numpy()
 
 
 def fig_zero_sum(runs):
     fig, axes = grid(4, 2, 5.5, 3.6)
     for r in runs:
         for ax, prefix in zip(axes[:2], ['train', 'probe']):
-            steps, D = recorded(r['rec'][prefix + '_D'])
-            ax.plot(steps, D, color=r['color'], alpha=0.2, lw=0.5)
-            ax.plot(steps, smooth(D), color=r['color'], lw=1.5)
-            ax.plot(*recorded(smooth(np.asarray(r['rec'][prefix + '_D_null'], dtype=float))), color=r['color'], lw=0.8, ls='--')
+            ax.plot(*series(r['rec'][prefix + '_D']), color=r['color'], alpha=0.2, lw=0.5)
+            ax.plot(*series(r['rec'][prefix + '_D'], smoothed=True), color=r['color'], lw=1.5)
+            ax.plot(*series(r['rec'][prefix + '_D_null'], smoothed=True), color=r['color'], lw=0.8, ls='--')
             mark_break(ax, r)
-        steps, D_long = probe_interference(r, DT_LONG)
-        axes[1].plot(steps, smooth(D_long), color=r['color'], lw=1, ls='-.')
+        axes[1].plot(*series(probe_interference(r, DT_LONG), smoothed=True), color=r['color'], lw=1, ls='-.')
         for prefix, ls in [('train', '-'), ('probe', '--')]:
-            steps, M = recorded(r['rec'][prefix + '_M'])
-            axes[2].plot(steps, smooth(M), color=r['color'], lw=1.2, ls=ls)
-        _, D = recorded(r['rec']['probe_D'])
-        _, M = recorded(r['rec']['probe_M'])
-        axes[3].scatter(D, M, s=3, color=r['color'], alpha=0.5)
+            axes[2].plot(*series(r['rec'][prefix + '_M'], smoothed=True), color=r['color'], lw=1.2, ls=ls)
+        D, M = (np.asarray(r['rec']['probe_' + k], dtype=float) for k in ('D', 'M'))  # (S,) each
+        ok = np.isfinite(D) & np.isfinite(M)  # D is NaN (0/0) when no probe loss changed
+        axes[3].scatter(D[ok], M[ok], s=3, color=r['color'], alpha=0.5)
     for ax, title in zip(axes[:2], ['training batch, before vs after its own update',
                                     f'probe set, step t to t+1 (solid) and t to t+{DT_LONG} (dash-dot)']):
         log_steps(ax)
@@ -308,12 +316,10 @@ def fig_opposition(runs):
         cfg = r['config']
         j = cfg['local_opposition_keys'].index('model')
         for name, ls in [('mean', '-'), ('weighted', '--')]:
-            steps, v = recorded(r['rec']['local_opposition_' + name][:, j])
-            top[0].plot(steps, smooth(v), color=r['color'], ls=ls, lw=1.3)
+            top[0].plot(*series(r['rec']['local_opposition_' + name][:, j], smoothed=True), color=r['color'], ls=ls, lw=1.3)
         j = cfg['opposition_keys'].index('model')
         for name, ls in [('mean', '-'), ('weighted', '--')]:
-            steps, v = recorded(r['rec']['opposition_' + name][:, j], r['rec']['grad_steps'])
-            top[1].plot(steps, v, color=r['color'], ls=ls, marker='o', ms=3, lw=1)
+            top[1].plot(*series(r['rec']['opposition_' + name][:, j], r['rec']['grad_steps']), color=r['color'], ls=ls, marker='o', ms=3, lw=1)
         for ax in top:
             mark_break(ax, r)
     top[0].set_title('position-local layers, every step (smoothed)\nmean D_j (solid), |g|-weighted (dashed)', fontsize=8)
@@ -323,8 +329,7 @@ def fig_opposition(runs):
         layers = layer_names(keys)
         colors = plt.cm.plasma(np.linspace(0, 0.9, len(layers)))
         for layer, c in zip(layers, colors):
-            steps, v = recorded(r['rec']['opposition_mean'][:, keys.index(layer)], r['rec']['grad_steps'])
-            ax.plot(steps, v, color=c, marker='.', lw=1, label=layer)
+            ax.plot(*series(r['rec']['opposition_mean'][:, keys.index(layer)], r['rec']['grad_steps']), color=c, marker='.', lw=1, label=layer)
         ax.set_title(f"{r['label']}: per layer", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
     for ax in axes:
@@ -389,19 +394,16 @@ def fig_saturation(runs):
         seen.add(key)
         counts = torch.from_numpy(np.array(r['rec']['train_counts']))
         zipf = metrics.zipf_fit(counts)
-        c = counts.numpy()
-        rank_of = np.empty(len(c), dtype=int)  # rank (from 1) of every token id, as in metrics.zipf_fit
-        rank_of[np.argsort(-c, kind='stable')] = np.arange(1, len(c) + 1)
-        nonzero = c > 0
-        order = np.argsort(rank_of[nonzero])
-        axes[0].loglog(rank_of[nonzero][order], c[nonzero][order], color=r['color'], lw=1.2, label=f"V = {len(c)}")
-        rank = np.arange(1, nonzero.sum() + 1)
-        axes[0].loglog(rank, np.exp(float(zipf['intercept'])) * rank ** float(zipf['slope']), color='k', lw=0.7, ls='--')
+        c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()  # (V,) each, by token id
+        order = np.argsort(rank)  # token ids by rank
+        nonzero = order[c[order] > 0]
+        axes[0].loglog(rank[nonzero], c[nonzero], color=r['color'], lw=1.2, label=f"V = {len(c)}")
+        axes[0].loglog(rank[order], fitted[order], color='k', lw=0.7, ls='--')
         out = zipf['outliers'].numpy()
-        axes[0].plot(rank_of[out], c[out], 'rx', ms=5)
+        axes[0].plot(rank[out], c[out], 'rx', ms=5)
         for e in buckets(r)[1][1:-1].numpy():
             axes[0].axvline(e + 0.5, color='0.7', lw=0.5)
-    axes[0].set_xlabel('rank in the training counts (log)')
+    axes[0].set_xlabel('rank in the training counts, from 1 (log)')
     axes[0].set_ylabel('count (log)')
     axes[0].set_title('Zipf plot; dashed: fit, x: outliers, grey: bucket edges', fontsize=8)
     axes[0].legend(fontsize=7)
@@ -419,7 +421,7 @@ def fig_saturation(runs):
         _, edges, _ = buckets(r)
         colors = plt.cm.plasma(np.linspace(0, 0.9, len(edges) - 1))
         for k, (c, name) in enumerate(zip(colors, bucket_names(edges))):
-            steps, v = recorded(loss[:, k])
+            steps, v = series(loss[:, k])
             if len(v):
                 ax.plot(steps, v, color=c, lw=1, label=name)
                 ax.plot(steps[np.argmin(v)], v.min(), 'o', color=c, ms=4)
@@ -433,7 +435,7 @@ def fig_saturation(runs):
 def fig_basis(runs):
     n_b = max(len(buckets(r)[1]) - 1 for r in runs)
     fig, axes = grid(n_b * len(runs), n_b, 2.4, 2.4)
-    norm = LogNorm(1, max(len(r['rec']['probe_loss']) for r in runs))
+    norm = LogNorm(1, max(len(r['rec']['probe_cos_h_plus']) for r in runs))
     for i, r in enumerate(runs):
         plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
         _, edges, _ = buckets(r)
@@ -443,7 +445,7 @@ def fig_basis(runs):
             if len(steps):
                 steps = steps[np.unique(np.round(np.geomspace(1, len(steps), MAX_TRAJ)).astype(int) - 1)]
                 ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
-                sc = ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm, s=6)
+                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm, s=6)
             else:
                 ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
             ax.plot([-1], [1], marker='*', color='r', ms=8)
@@ -463,17 +465,14 @@ def fig_basis(runs):
 def fig_dissent(runs):
     fig, axes = grid(4, 2, 5.5, 3.5)
     for r in runs:
-        steps, v = recorded(token_mean(r, 'probe_cos_plus_minus'))
-        axes[0].plot(steps, v, color=r['color'], lw=1.3)
+        axes[0].plot(*series(token_mean(r, 'probe_cos_plus_minus')), color=r['color'], lw=1.3)
         for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
-            axes[1].plot(*recorded(token_mean(r, 'probe_' + name)), color=r['color'], ls=ls, lw=1.3)
+            axes[1].plot(*series(token_mean(r, 'probe_' + name)), color=r['color'], ls=ls, lw=1.3)
         j = r['config']['theta_names'].index('model')
-        steps, v = recorded(r['rec']['theta_cos'][:, j])
-        axes[2].plot(steps, v, color=r['color'], lw=0.4, alpha=0.25)
-        axes[2].plot(steps, smooth(v), color=r['color'], lw=1.3)
+        axes[2].plot(*series(r['rec']['theta_cos'][:, j]), color=r['color'], lw=0.4, alpha=0.25)
+        axes[2].plot(*series(r['rec']['theta_cos'][:, j], smoothed=True), color=r['color'], lw=1.3)
         for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
-            steps, v = recorded(r['rec']['theta_' + name][:, j])
-            axes[3].plot(steps, smooth(v), color=r['color'], ls=ls, lw=1.3)
+            axes[3].plot(*series(r['rec']['theta_' + name][:, j], smoothed=True), color=r['color'], ls=ls, lw=1.3)
         for ax in axes:
             mark_break(ax, r)
     axes[0].set_title('h: mean over probe tokens of cos(grad_h+, grad_h-)', fontsize=8)
@@ -499,9 +498,9 @@ def fig_geometry(runs):
         for row, ls in [(np.flatnonzero(done)[0], ':'), (np.flatnonzero(done)[-1], '-')]:
             axes[0].plot(np.arange(1, s.shape[1] + 1), s[row] / s[row, 0], color=r['color'], ls=ls)
         H = [float(metrics.spectral_entropy(torch.from_numpy(row))) for row in s[done]]
-        axes[1].plot(steps[done], H, color=r['color'], marker='.')
+        axes[1].plot(*series(H, steps[done]), color=r['color'], marker='.')
         axes[1].axhline(math.log(s.shape[1]), color=r['color'], lw=0.6, ls='--')
-        axes[2].plot(*recorded(r['rec']['probe_anisotropy']), color=r['color'])
+        axes[2].plot(*series(r['rec']['probe_anisotropy']), color=r['color'])
     axes[0].set_yscale('log')
     axes[0].set_xlabel('index k')
     axes[0].set_ylabel('s_k / s_1 (log)')
@@ -539,10 +538,10 @@ FIGURES = [
     ('fig4_opposition', ['local_opposition_mean', 'local_opposition_weighted', 'opposition_mean', 'opposition_weighted', 'grad_steps'], fig_opposition,
      "Gradient opposition between tokens: D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per parameter "
      "coordinate, g_i the gradient of token i's own loss; its exact mean over coordinates (solid) and "
-     "its |g|-weighted mean (dashed). Top left: the position-local layers (LM head, final norm, last "
-     "block's MLP and attention projection), exact from each step's training backward (smoothed). Top "
-     "right: every parameter, exact per-token backward passes on the probe subset at the scheduled "
-     "steps. Below: the same per layer, one panel per run. Near-total opposition (D_j near 1) after "
+     "its |g|-weighted mean (dashed). First panel: the position-local layers (LM head, final norm, last "
+     "block's MLP and attention projection), exact from each step's training backward (smoothed). "
+     "Second panel: every parameter, exact per-token backward passes on the probe subset at the scheduled "
+     "steps. Then one panel per run: that mean per layer. Near-total opposition (D_j near 1) after "
      "deceleration is what makes learning zero-sum; expect it weaker for larger models."),
     ('fig5_first_order', ['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], fig_first_order,
      "First-order prediction of each token's loss change along the real AdamW update, "
@@ -552,9 +551,9 @@ FIGURES = [
      "per-token gradients explain the per-token changes, and with them the interference."),
     ('fig6_saturation', ['probe_loss', 'train_counts', 'probe_tokens'], fig_saturation,
      "Saturation per token-frequency bucket (buckets log-spaced in rank of the training counts; "
-     "the probe tokens are bucketed by their target). Top left: Zipf plot of the training counts with "
-     "the least-squares fit (dashed), its outliers (x) and the bucket edges. Top right: best and last "
-     "validation loss per bucket. Below: probe loss per bucket over training, one panel per run (no "
+     "the probe tokens are bucketed by their target). First panel: Zipf plot of the training counts with "
+     "the least-squares fit (dashed), its outliers (x) and the bucket edges. Second: best and last "
+     "validation loss per bucket. Then: probe loss per bucket over training, one panel per run (no "
      "smoothing; dot: best step). Saturation is a bucket whose loss stops falling or rises again: "
      "expect it first for the frequent tokens, and mostly in the long tail for small models."),
     ('fig7_basis', ['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'], fig_basis,
@@ -594,7 +593,8 @@ def run_summary(run):
     if not len(loss):
         return out
     out.update(best=f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", last=f"{loss[-1]:.4f} (step {steps[-1]})")
-    onset = metrics.saturation_onset(torch.from_numpy(smooth(loss)))
+    steps, loss = series(token_mean(run, 'probe_loss'), smoothed=True)
+    onset = metrics.saturation_onset(torch.from_numpy(loss)) if len(loss) else None
     out['onset'] = 'none' if onset is None else f"step {steps[onset]}"
     t_d = run['fit'].get('t_d')
     if t_d is not None and 'probe_D' in run['rec']:
@@ -615,12 +615,13 @@ def bucket_table(runs):
         header = header or ['run'] + bucket_names(edges)
         cells = []
         for k in range(len(edges) - 1):
-            steps, v = recorded(loss[:, k])
+            best, last = best_and_last(loss[:, k])
+            steps, v = series(loss[:, k], smoothed=True)
             if not len(v):
                 cells.append('n/a')
                 continue
-            onset = metrics.saturation_onset(torch.from_numpy(smooth(v)))
-            cells.append(f"{v.min():.3f} / {v[-1]:.3f}" + ('' if onset is None else f", sat. {steps[onset]}"))
+            onset = metrics.saturation_onset(torch.from_numpy(v))
+            cells.append(f"{best:.3f} / {last:.3f}" + ('' if onset is None else f", sat. {steps[onset]}"))
         rows.append([r['name']] + cells)
     return md_table(header, rows) if rows else ''
 

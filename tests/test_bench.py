@@ -20,8 +20,8 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
                 'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs']:
         assert row in out, row
     # the fast methods give the sums of the slow ones (float32: up to rounding)
-    for diff in re.findall(r'max relative difference (?:of the sums )?([0-9.e+-]+)', out):
-        assert float(diff) < 1e-5
+    for diff in re.findall(r'max relative difference (?:of the sums )?(\S+)', out):
+        assert float(diff.rstrip(';')) < 1e-5  # a nan fails here
     assert len(re.findall(r'max relative difference', out)) == 2
 
 

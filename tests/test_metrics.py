@@ -359,6 +359,8 @@ def test_zipf_fit_recovers_an_exact_law_and_flags_an_outlier():
     fit = M.zipf_fit(counts)
     assert abs(fit['slope'] + 1.1) < 1e-3 and abs(fit['intercept'] - np.log(1e6)) < 1e-2
     assert fit['outliers'].numel() == 0 and torch.isnan(fit['residuals'][-3:]).all()
+    assert fit['rank'][:500].tolist() == list(range(1, 501)) and fit['rank'][-3:].tolist() == [501, 502, 503]
+    close(fit['fitted'], torch.exp(fit['intercept']) * fit['rank'].double() ** fit['slope'])
     slope, intercept = np.polyfit(np.log(ranks.numpy()), np.log(counts[:500].double().numpy()), 1)
     close(fit['slope'], slope)
     close(fit['intercept'], intercept)

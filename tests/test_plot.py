@@ -152,3 +152,42 @@ def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and name in proc.stderr, (args, proc.stderr)
         assert 'Traceback' not in proc.stderr
     assert not (tmp_path / 'truncated' / 'figures').exists()  # nothing written for a bad run
+
+
+def test_a_light_run_draws_its_scheduled_rows_unsmoothed_and_complete(tmp_path, cache_dir):
+    """--record light writes train_D and its null on the log schedule only: every recorded row is
+    drawn (step 0 aside, on log axes), none is lost to NaN rows, none is averaged with far-off steps."""
+    import plot
+    out = tmp_path / 'light'
+    run_train(*TINY, '--max_iters', '60', '--grad_every', '30', '--record', 'light', '--cache_dir', cache_dir, '--out_dir', str(out))
+    assert run_plot(str(out)).returncode == 0
+    assert_figures(out / 'figures', NAMES)
+    run = plot.load_run(str(out))
+    run.update(color='k', fit=plot.fit_run(run, plot.bnsl.MIN_STEP))
+    fig = plot.fig_zero_sum([run])
+    raw, smoothed, null = fig.axes[0].lines[:3]  # training batch: per step, "smoothed", sign-flip null
+    D = np.load(out / 'train_D.npy')
+    steps = np.flatnonzero(np.isfinite(D) & (np.arange(len(D)) > 0))
+    assert 0 < len(steps) < 59  # a schedule, not every step
+    for line, values in [(raw, D), (smoothed, D), (null, np.load(out / 'train_D_null.npy'))]:
+        np.testing.assert_array_equal(line.get_xdata(), steps)
+        np.testing.assert_array_equal(line.get_ydata(), values[steps])
+
+
+def test_the_report_holds_the_bnsl_fit_of_the_recorded_curve(sweep, tmp_path):
+    """A run whose training loss follows a known 1-break BNSL: the report and fig1 show bnsl.py's fit."""
+    import bnsl
+    run = tmp_path / 'known'
+    shutil.copytree(sweep / 'runs' / 'large', run, ignore=IGNORE)
+    loss = np.load(run / 'train_loss.npy', mmap_mode='r+')
+    t = np.arange(len(loss), dtype=float)
+    loss[:] = bnsl.bnsl_1break(np.maximum(t, 1), 8.0, 0.4, -0.3, 8.0, 0.2)  # t_d = 8, r_d = 0.1
+    loss.flush()
+    assert run_plot(str(run), '--min_step', '0').returncode == 0
+    fit = bnsl.fit_bnsl(*bnsl.preprocess(t, np.array(loss), min_step=0))
+    assert fit['identifiable'] and 6 < fit['t_d'] < 10
+    row = next(line for line in (run / 'figures' / 'report.md').read_text().splitlines() if line.startswith('| known |'))
+    cells = [c.strip() for c in row.split('|')[1:-1]]
+    assert cells[3].startswith(f"{fit['t_d']:.4g} [") and cells[5].startswith(f"{fit['r_d']:.3g} [") and cells[7] == 'yes'
+    assert cells[11] != 'n/a' and cells[12] != 'n/a'  # D before and after t_d
+    assert_figures(run / 'figures', ['fig1_loss', 'fig2_deceleration'])
