@@ -1,7 +1,7 @@
 """
 Train a compact GPT and record its training dynamics at every step.
 
-    python train.py                       # default corpus (King James Bible), about 6 min on 2 CPU cores
+    python train.py                       # default corpus (King James Bible), about 5 min on 2 CPU cores
     python train.py --n_layer 6 --out_dir out/L6
     torchrun --nproc_per_node 2 train.py  # DistributedDataParallel
 
@@ -31,6 +31,9 @@ import metrics
 from model import GPT, GPTConfig, per_token_loss
 
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
+# settings a resumed run must share with the run it continues (the records are shaped by them)
+RESUME_SAME = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size', 'batch_size',
+               'max_iters', 'seed', 'record', 'probe_seqs', 'hidden_every', 'grad_every', 'opposition_seqs']
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 H_KEYS = ['p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']  # metrics.output_decomposition
 
@@ -135,18 +138,23 @@ def open_records(out_dir, specs, create):
             records[name] = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
             records[name][...] = np.nan if np.dtype(dtype).kind == 'f' else -1
         else:
-            records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
+            try:
+                records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"{path}: corrupt or truncated record ({e})") from None
             if records[name].shape != shape or records[name].dtype != dtype:
                 raise ValueError(f"{path}: shape {records[name].shape} {records[name].dtype}, expected {shape} {np.dtype(dtype)}")
     return records
 
 
 def save_checkpoint(path, model, optimizer, step, args):
-    """Model, optimizer and the next step to run, written atomically (temporary file, fsync,
-    rename). The batch stream needs no saved state: batches are a function of (seed, step)."""
+    """Model, optimizer, the next step to run and torch's random state, written atomically
+    (temporary file, fsync, rename): a run killed mid-write keeps its previous checkpoint. The batch
+    stream and the null's signs need no saved state (functions of (seed, step)), and nothing draws
+    from numpy's or Python's global generators; torch's state is kept for forks that add dropout."""
     tmp = path + '.tmp'
     torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
-                'args': vars(args)}, tmp)
+                'rng': torch.get_rng_state(), 'args': vars(args)}, tmp)
     with open(tmp, 'rb') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -253,35 +261,40 @@ def main(argv=None):
             'train_loss_pred': ((len(grad_steps), B, T), np.float32),  # first-order predicted change
         })
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-    start = 0
-    if master:
-        exists = os.path.exists(os.path.join(args.out_dir, 'config.json'))
-        if args.resume and not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}")
-        if exists and not args.resume and not args.overwrite:
-            fail(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to replace it")
+    config_path = os.path.join(args.out_dir, 'config.json')
+    start = 0  # the first step to run
     if args.resume:
         try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        except Exception as e:  # a torn or foreign file: say so, do not trust it
-            fail(f"cannot read checkpoint {ckpt_path}: {e}")
-        same = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size',
-                'batch_size', 'max_iters', 'seed', 'record', 'probe_seqs', 'hidden_every', 'grad_every', 'opposition_seqs']
-        changed = [k for k in same if ckpt['args'].get(k) != getattr(args, k)]
+            with open(config_path) as f:
+                previous = json.load(f)
+        except FileNotFoundError:
+            fail(f"--resume: no run in {args.out_dir} (no config.json)")
+        except (OSError, ValueError) as e:
+            fail(f"--resume: cannot read {config_path}: {e}")
+        changed = [k for k in RESUME_SAME if previous.get(k) != getattr(args, k)]
+        changed += ['the corpus content'] if previous.get('data_key') != corpus['key'] else []
         if changed:
-            fail(f"--resume: checkpoint {ckpt_path} was made with other settings: {', '.join(changed)}")
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        start = ckpt['step']
+            fail(f"--resume: the run in {args.out_dir} was made with other settings: {', '.join(changed)}")
+        if os.path.exists(ckpt_path):  # else it was stopped before its first checkpoint: start again
+            try:
+                ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+                model.load_state_dict(ckpt['model'])
+                optimizer.load_state_dict(ckpt['optimizer'])
+                torch.set_rng_state(ckpt['rng'])
+                start = int(ckpt['step'])
+            except Exception as e:  # a torn, foreign or mismatched file: say so, never trust it
+                fail(f"cannot resume from checkpoint {ckpt_path}: {' '.join(str(e).split())[:300]}")
+    elif os.path.exists(config_path) and not args.overwrite:
+        fail(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to replace it")
     if master:
         if args.overwrite and not args.resume and os.path.isdir(args.out_dir):
             shutil.rmtree(args.out_dir)
         try:
             os.makedirs(args.out_dir, exist_ok=True)
-            records = open_records(args.out_dir, specs, create=not args.resume)
+            records = open_records(args.out_dir, specs, create=start == 0)
         except (ValueError, OSError) as e:
             fail(e)
-        if not args.resume:
+        if start == 0:  # a new run (or one resumed before its first checkpoint): every one-off file
             shutil.copy(corpus['tokenizer'], os.path.join(args.out_dir, 'tokenizer.json'))
             np.save(os.path.join(args.out_dir, 'train_counts.npy'), corpus['counts'])
             np.save(os.path.join(args.out_dir, 'probe_tokens.npy'), np.concatenate([px.cpu().numpy(), py.cpu().numpy()[:, -1:]], 1))
@@ -383,8 +396,8 @@ def main(argv=None):
                 if master:
                     for r in records.values():
                         r.flush()
-                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, "
-                     f"the last checkpoint is {ckpt_path}")
+                last = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, {last}")
             loss.backward(retain_graph=full)  # the graph is kept for the grad+ backward below
         if full:
             # dissent in theta: grad+ by a second backward seeded with grad_z+, grad- = grad - grad+
