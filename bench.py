@@ -181,14 +181,15 @@ def components(args, corpus, rounds):
             losses[:LOCAL_SUBSET].sum().backward(retain_graph=True)  # G of the subset only (others 0)
         return losses, acts
 
-    h = train.fp32_forward(model, px, py)[1].reshape(-1, args.n_embd)
+    _, h, probe_logits = train.fp32_forward(model, px, py)  # as train.py's probe pass: h and logits reused
+    h, probe_logits = h.reshape(-1, args.n_embd), probe_logits.reshape(h.shape[0] * h.shape[1], -1)
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(N, dtype=torch.float64, device=args.device)  # stands for post - pre of the batch
     k = OPPOSITION_SEQS
     variants = {
         'training step (forward, backward, clip, AdamW)': (step, None),
         'probe pass (fp32 forward, P sequences)': (lambda _: train.fp32_forward(model, px, py), None),
-        'h-space decomposition of the probe tokens': (lambda _: metrics.output_decomposition(h, model.lm_head.weight.detach(), py.reshape(-1)), None),
+        'h-space decomposition of the probe tokens': (lambda _: metrics.output_decomposition(h, model.lm_head.weight.detach(), py.reshape(-1), probe_logits), None),
         'post-update pass (fp32 forward, batch)': (lambda _: train.fp32_forward(model, x, y), None),
         'theta+/- (second backward) and norms': (lambda s: metrics.theta_decomposition(s[0], y, params, {n: p.grad for n, p in params.items()}), graph),
         'position-local opposition, |G|^T |X|': (lambda s: metrics.opposition_summary(metrics.position_local_gradient_sums(local, s[1], N)), graph),

@@ -79,15 +79,16 @@ def cosine(a, b):
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
-def output_decomposition(h, U, y):
+def output_decomposition(h, U, y, logits=None):
     """Per token, with h (N, d), U (V, d), y (N,), p = softmax(U h):
 
         grad_h+ = -(1 - p_y) U_y,   grad_h- = U^T p - p_y U_y,   grad_h+ + grad_h- = dl/dh
 
     Returns a dict of (N,) tensors: p_y; the shared 2D basis cos(h, grad_h+) (= -cos(h, U_y)) and
     cos(h, grad_h-); dissent cos(grad_h+, grad_h-); and |grad_h+|, |grad_h-|, |dl/dh| (norm_grad).
-    grad_h- = p @ U - p_y U_y, so no per-token V x d tensor is ever formed. Cosines: see `cosine`."""
-    p = torch.softmax(h @ U.T, dim=-1)  # (N, V)
+    grad_h- = p @ U - p_y U_y, so no per-token V x d tensor is ever formed. Cosines: see `cosine`.
+    logits: z = U h (N, V) if the caller has it already (it is not recomputed then)."""
+    p = torch.softmax(h @ U.T if logits is None else logits, dim=-1)  # (N, V)
     p_y = p.gather(1, y[:, None]).squeeze(1)  # (N,)
     U_y = U[y]  # (N, d)
     g_plus = -(1 - p_y)[:, None] * U_y  # (N, d)
@@ -199,8 +200,9 @@ def capture_activations(modules):
 
 def position_local_gradient_sums(modules, acts, n_tokens):
     """param name -> (sum_s g_s, sum_s |g_s|), g_s = d l_s / d theta, exact, from the X and G of one
-    ordinary backward of the MEAN loss over n_tokens: G = (1/n_tokens) dl_s/dout, so G is
-    multiplied by n_tokens here (if the caller's loss has another scale, pass N / that scale).
+    ordinary backward of the MEAN loss over n_tokens: G = (1/n_tokens) dl_s/dout, so the sums are
+    multiplied by n_tokens here, after the matmuls: the smaller tensors (if the caller's loss has
+    another scale, pass N / that scale; n_tokens > 0).
     Linear with inputs X (N, in), output gradients G (N, out): g_s = outer(G_s, X_s), so
         sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|   (one matmul each); bias: sum G, sum |G|.
     LayerNorm with normalised input xhat_s: weight g_s = G_s * xhat_s, bias g_s = G_s."""
@@ -210,7 +212,7 @@ def position_local_gradient_sums(modules, acts, n_tokens):
         assert G is not None, f"no output gradient recorded for {name}: run a backward first"
         dtype = torch.promote_types(X.dtype, torch.float32)  # bf16 activations summed in fp32
         X = X.reshape(-1, X.shape[-1]).to(dtype)  # (N, in)
-        G = G.reshape(-1, G.shape[-1]).to(dtype) * n_tokens  # (N, out), gradients of l_s
+        G = G.reshape(-1, G.shape[-1]).to(dtype)  # (N, out), n_tokens G = the gradients of l_s
         if isinstance(module, nn.Linear):
             sums[name + '.weight'] = (G.T @ X, G.abs().T @ X.abs())  # (out, in) each
         else:
@@ -219,6 +221,9 @@ def position_local_gradient_sums(modules, acts, n_tokens):
             sums[name + '.weight'] = (G_xhat.sum(0), G_xhat.abs().sum(0))
         if module.bias is not None:
             sums[name + '.bias'] = (G.sum(0), G.abs().sum(0))
+    for total, total_abs in sums.values():
+        total.mul_(n_tokens)
+        total_abs.mul_(n_tokens)
     return sums
 
 
@@ -339,19 +344,24 @@ def opposition_summary(sums, bins=20):
     'mean': the exact mean of D_j over coordinates (never histogram midpoints);
     'weighted': the mean weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|;
     'hist': (bins,) counts of D_j in equal bins of [0, 1]; 'n': the number of coordinates counted."""
+    per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
+    for name, (total, total_abs) in sums.items():
+        total, total_abs = total.flatten().double(), total_abs.flatten().double()  # (n_coords,)
+        D = coordinate_opposition(total, total_abs)  # (n,)
+        # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
+        per[name] = dict(D_sum=D.sum(), n=D.numel(), hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
+                         abs_total=total.abs().sum(), total_abs=total_abs.sum())
     members = {key: [] for key in opposition_keys(list(sums))}
     for name in sums:
         for key in (name, opposition_group(name), 'model'):
-            members[key].append(name)
+            members[key].append(per[name])
     out = {}
-    for key, names in members.items():
-        total = torch.cat([sums[n][0].flatten() for n in names]).double()  # (n_coords,)
-        total_abs = torch.cat([sums[n][1].flatten() for n in names]).double()  # (n_coords,)
-        D = coordinate_opposition(total, total_abs)  # (n,)
-        # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
-        hist = torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0).long()
-        weighted = interference_from_sums(total.abs().sum(), total_abs.sum())  # weights sum_i |g_ij|
-        out[key] = dict(mean=D.mean().cpu(), weighted=weighted.cpu(), hist=hist.cpu(), n=torch.tensor(D.numel()))
+    for key, parts in members.items():  # a layer or the model: the union of its tensors' coordinates
+        n = sum(p['n'] for p in parts)
+        mean = sum(p['D_sum'] for p in parts) / n if n else torch.tensor(float('nan'), dtype=torch.float64)
+        weighted = interference_from_sums(sum(p['abs_total'] for p in parts), sum(p['total_abs'] for p in parts))
+        out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(), hist=sum(p['hist'] for p in parts).long().cpu(),
+                        n=torch.tensor(n))
     return out
 
 

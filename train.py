@@ -162,10 +162,10 @@ def save_checkpoint(path, model, optimizer, step, args):
 
 @torch.no_grad()
 def fp32_forward(model, x, y):
-    """Per-token losses (B, T) and hidden states h (B, T, d) with fp32 weights, logits and
-    log-softmax: the recording pass, kept outside any autocast region."""
+    """Per-token losses (B, T), hidden states h (B, T, d) and logits (B, T, V) with fp32 weights,
+    logits and log-softmax: the recording pass, kept outside any autocast region."""
     logits, _, h = model(x, return_hidden=True)
-    return per_token_loss(logits, y), h
+    return per_token_loss(logits, y), h, logits
 
 
 def main(argv=None):
@@ -331,13 +331,13 @@ def main(argv=None):
         the change since the previous step (row step - 1 of probe_D), the output-layer
         decomposition of every token, the anisotropy of h; raw h and U's spectrum on schedule;
         the exact all-parameter opposition at the grad steps."""
-        loss, h = fp32_forward(raw_model, px, py)  # (P, T), (P, T, d)
+        loss, h, logits = fp32_forward(raw_model, px, py)  # (P, T), (P, T, d), (P, T, V)
         records['probe_loss'][step] = loss.cpu().numpy()
         if step > 0:  # from the stored rows, so that a resumed run computes the same numbers
             record_interference('probe', step - 1, torch.from_numpy(records['probe_loss'][step] - records['probe_loss'][step - 1]), step)
         U = raw_model.lm_head.weight.detach()
         with torch.no_grad():
-            for k, v in metrics.output_decomposition(h.reshape(-1, d), U, py.reshape(-1)).items():
+            for k, v in metrics.output_decomposition(h.reshape(-1, d), U, py.reshape(-1), logits.reshape(P * T, -1)).items():
                 records['probe_' + k][step] = v.reshape(P, T).cpu().numpy()
             records['probe_anisotropy'][step] = metrics.anisotropy(h.reshape(-1, d)).item()
             if step in hidden_row:
@@ -410,7 +410,7 @@ def main(argv=None):
             local = metrics.opposition_summary(sums, HIST_BINS)
         del logits  # frees the graph kept for theta_decomposition
         if dtype != 'float32' and recording:  # bf16 losses are too coarse to record
-            losses, _ = fp32_forward(raw_model, x, y)
+            losses = fp32_forward(raw_model, x, y)[0]
         losses_pre = gather(losses.detach())  # (B, T)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.grad_clip if args.grad_clip > 0 else float('inf'))
 

@@ -92,6 +92,9 @@ def test_output_decomposition_matches_autograd_per_token():
     yf = y.reshape(-1)
     out = M.output_decomposition(h, U, yf)
     assert set(out) == {'p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad'}
+    given = M.output_decomposition(h, U, yf, logits=h @ U.T)  # the caller's logits: the same answer
+    for k in out:
+        close(given[k], out[k])
     for i in range(N):
         hi = h[i].clone().requires_grad_(True)
         z = U @ hi
