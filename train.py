@@ -65,7 +65,7 @@ def get_args(argv=None):
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
     g.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'], help='training precision (auto: bfloat16 autocast on GPUs that support it); recording is always fp32')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model for the training step')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model for the training steps that record no activations (under --record all: none)')
     g.add_argument('--seed', type=int, default=1337, help='seeds the initialisation, the batches and the probe set')
     g = p.add_argument_group('recording')
     g.add_argument('--out_dir', default='out', help='run directory')
@@ -310,10 +310,13 @@ def main(argv=None):
     hidden_row = {s: i for i, s in enumerate(hidden_steps)}
     grad_row = {s: i for i, s in enumerate(grad_steps)}
 
-    if args.compile:
-        model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+    # steps that capture the position-local activations run eagerly: the capture hooks into the
+    # modules, which a compiled graph would skip; the other steps take the compiled module
+    eager = model
+    if args.compile:
+        model = torch.compile(model)
 
     def null_generator(step):
         """The sign-flip null's random signs, a function of (seed, step): a resumed run redraws them."""
@@ -389,7 +392,7 @@ def main(argv=None):
         # steps the inputs and output gradients of the position-local layers are captured too
         with metrics.capture_activations(local_modules) if full else nullcontext({}) as acts:
             with autocast:
-                logits, _ = model(x)
+                logits, _ = (eager if full else model)(x)
                 losses = per_token_loss(logits, y)  # (B/world, T), fp32
                 loss = losses.mean()
             if not torch.isfinite(loss):
