@@ -119,18 +119,24 @@ def series(values, steps=None, smoothed=False):
 
 
 def buckets(run):
-    """(bucket of every token id, edges, targets (P, T) of the probe set) of a run."""
-    counts = torch.from_numpy(np.array(run['rec']['train_counts']))
-    bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
-    targets = torch.from_numpy(np.asarray(run['rec']['probe_tokens'])[:, 1:].astype(np.int64))
-    return bucket, edges, targets
+    """(bucket of every token id, edges, targets (P, T) of the probe set) of a run, computed once."""
+    if 'buckets' not in run:
+        counts = torch.from_numpy(np.array(run['rec']['train_counts']))
+        bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+        targets = torch.from_numpy(np.asarray(run['rec']['probe_tokens'])[:, 1:].astype(np.int64))
+        run['buckets'] = bucket, edges, targets
+    return run['buckets']
 
 
 def bucket_series(run, name):
-    """(rows, n_buckets): the per-token record `name` (rows, P, T) averaged per frequency bucket."""
-    bucket, edges, targets = buckets(run)
-    values = torch.from_numpy(np.asarray(run['rec'][name], dtype=np.float64))
-    return metrics.bucket_mean(values, targets, bucket, len(edges) - 1).numpy()
+    """(rows, n_buckets): the per-token record `name` (rows, P, T) averaged per frequency bucket,
+    computed once per run and record (figures and report tables share it)."""
+    cache = run.setdefault('bucket_series', {})
+    if name not in cache:
+        bucket, edges, targets = buckets(run)
+        values = torch.from_numpy(np.asarray(run['rec'][name], dtype=np.float64))
+        cache[name] = metrics.bucket_mean(values, targets, bucket, len(edges) - 1).numpy()
+    return cache[name]
 
 
 def token_mean(run, name):
@@ -158,12 +164,17 @@ def fit_run(run, min_step):
     return bnsl.fit_bnsl(t, l)
 
 
+def interval(fit, key):
+    """The 95% interval [lo, hi] of a fitted quantity: the block bootstrap's, the covariance's if
+    there is none, or None. An end that is not finite is None (bnsl.py writes it as null)."""
+    return fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
+
+
 def ci_text(fit, key, fmt):
-    """'value [lo, hi]' with the bootstrap interval (covariance if there is none; an end that is not
-    finite, null in bnsl.py's output, as '?'), or 'n/a' without a value."""
+    """'value [lo, hi]' (see `interval`; an end that is None as '?'), or 'n/a' without a value."""
     if fit.get(key) is None:
         return 'n/a'
-    ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
+    ci = interval(fit, key)
     end = lambda v: '?' if v is None else fmt.format(v)
     return fmt.format(fit[key]) + (f" [{end(ci[0])}, {end(ci[1])}]" if ci else '')
 
@@ -184,10 +195,11 @@ def mark_break(ax, run):
         ax.axvline(run['fit']['t_d'], color=run['color'], ls=':', lw=1)
 
 
-def grid(n_panels, ncols, width=4.0, height=3.2, top=1):
-    """A figure with n_panels axes in rows of ncols, and space above for the legend."""
+def grid(n_panels, ncols, width=4.0, height=3.2):
+    """A figure with n_panels axes (width x height inches each) in rows of ncols, and space above
+    for the legend."""
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4 * top), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4), squeeze=False)
     for ax in axes.flat[n_panels:]:
         ax.remove()
     return fig, list(axes.flat[:n_panels])
@@ -232,7 +244,7 @@ def fig_deceleration(runs):
             fit = r['fit']
             if fit.get(key) is None:
                 continue
-            ci = fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
+            ci = interval(fit, key)
             if ci is None or None in ci:  # no interval (or a non-finite end): the point alone
                 ci = [fit[key], fit[key]]
             # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
