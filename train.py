@@ -13,6 +13,7 @@ The README documents every file. Recording passes always run in fp32 (DESIGN.md 
 """
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -284,7 +285,7 @@ def main(argv=None):
                 start = int(ckpt['step'])
             except Exception as e:  # a torn, foreign or mismatched file: say so, never trust it
                 fail(f"cannot resume from checkpoint {ckpt_path}: {' '.join(str(e).split())[:300]}")
-    elif os.path.exists(config_path) and not args.overwrite:
+    elif master and os.path.exists(config_path) and not args.overwrite:  # master only: it writes config.json
         fail(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to replace it")
     if master:
         if args.overwrite and not args.resume and os.path.isdir(args.out_dir):
@@ -465,6 +466,11 @@ def main(argv=None):
     if master:
         print(f"done: {S - start} steps in {(time.time() - t0) / 60:.1f} min; records in {args.out_dir}")
     if ddp:
+        # release DDP (its reducer holds gloo work objects) while the interpreter is fully alive, wait
+        # for rank 0's last records and checkpoint, then leave together: gloo can abort at exit otherwise
+        del model, eager
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
