@@ -86,10 +86,7 @@ def timed(fn, device, setup=None):
 def plain_loop(args, corpus, steps):
     """ms per step of a minimal nanoGPT-style loop (forward, mean loss, backward, clip, AdamW) of
     the same model, batches and schedule as train.py, without any recording."""
-    d = train.get_args([])
-    torch.manual_seed(d.seed)
-    model = GPT(model_config(args, corpus)).to(args.device)
-    opt = model.configure_optimizers(d.weight_decay, d.learning_rate, (d.beta1, d.beta2), args.device)
+    d, model, opt = seeded_model(args, corpus)
     times = []
     for step in range(steps):
         t = time.perf_counter()
@@ -124,9 +121,14 @@ def train_py(args, level, out_dir):
     return list(ms[keep])
 
 
-def model_config(args, corpus):
-    return GPTConfig(block_size=args.block_size, vocab_size=corpus['vocab_size'], n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd)
+def seeded_model(args, corpus):
+    """(train.py's default settings, the model initialised as train.py does, its AdamW)."""
+    d = train.get_args([])
+    torch.manual_seed(d.seed)
+    config = GPTConfig(block_size=args.block_size, vocab_size=corpus['vocab_size'], n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config).to(args.device)
+    return d, model, model.configure_optimizers(d.weight_decay, d.learning_rate, (d.beta1, d.beta2), args.device)
 
 
 def looped_sums(losses, params):
@@ -149,11 +151,8 @@ def max_rel_diff(fast, slow, skip=()):
 
 def components(args, corpus, rounds):
     """name -> list of ms: each recorded quantity on its own, and the two method comparisons."""
-    d = train.get_args([])
-    torch.manual_seed(d.seed)
-    model = GPT(model_config(args, corpus)).to(args.device)
+    d, model, opt = seeded_model(args, corpus)
     params = dict(model.named_parameters())
-    opt = model.configure_optimizers(d.weight_decay, d.learning_rate, (d.beta1, d.beta2), args.device)
     offsets = data.batch_offsets(d.seed, 0, args.batch_size, args.block_size, len(corpus['train']))
     x, y = (torch.from_numpy(a).to(args.device) for a in data.get_windows(corpus['train'], offsets, args.block_size))
     probe = np.arange(args.probe_seqs) * (args.block_size + 1)
