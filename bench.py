@@ -15,8 +15,12 @@ machine noise hits them alike. Prints a table of medians and ratios.
    passes (metrics.per_token_gradient_sums) against the published method, one backward per token;
 4. exact opposition of the position-local layers: |G|^T |X| from the ordinary backward against one
    backward per token for those layers (timed on a subset of tokens and scaled to the batch);
-5. bytes written per step and for a default run, the BNSL fit, plot.py on the runs made here.
-Sections 3 and 4 also check that both methods give the same sums.
+5. bytes written per step and for a default run, the BNSL fit, plot.py on the runs made here;
+6. model FLOPs of the training steps: TFLOP/s achieved and, where the peak of the device is known
+   (or given with --peak_tflops), model FLOPs utilisation (MFU). On a GPU, at a GPT-2-small-like size:
+   python bench.py --device cuda --dtype bfloat16 --compile --steps_only --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8
+Sections 3 and 4 also check that both methods give the same sums. --dtype and --compile apply to the
+training steps (the plain loop, train.py, and the training step of section 2); recording is fp32.
 """
 
 import argparse
@@ -41,6 +45,9 @@ import train
 from model import GPT, GPTConfig, per_token_loss
 
 WARMUP = 3  # first steps of every run left out of the medians
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by device name;
+# the first name found in torch.cuda.get_device_name() is used
+PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100': 989.4, 'H200': 989.4, 'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
 OPPOSITION_SEQS = 1  # probe sequences of the scheduled all-parameter opposition (train.py's default)
 
@@ -52,6 +59,10 @@ def get_args(argv=None):
     for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs']:
         p.add_argument('--' + name, type=int, default=getattr(d, name), help=f"as in train.py")
     p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N or mps')
+    p.add_argument('--dtype', default='float32', choices=['auto', 'float32', 'bfloat16'], help='training precision, as in train.py')
+    p.add_argument('--compile', action='store_true', help='torch.compile the training steps, as in train.py')
+    p.add_argument('--steps_only', action='store_true', help='sections 1 and 6 only (the training steps), e.g. for MFU at a large size')
+    p.add_argument('--peak_tflops', type=float, default=0.0, help="the device's peak TFLOP/s at --dtype, for MFU (0: from PEAK_BF16_TFLOPS for bf16 on a known GPU)")
     p.add_argument('--steps', type=int, default=40, help='training steps per run and round')
     p.add_argument('--rounds', type=int, default=3, help='rounds; every variant runs once a round')
     p.add_argument('--reps', type=int, default=5, help='repetitions of each quantity timed on its own, per round')
@@ -59,6 +70,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.steps <= WARMUP + 1 or args.rounds < 1 or args.reps < 1:
         p.error(f"--steps must exceed {WARMUP + 1}, --rounds and --reps be positive")
+    if not args.peak_tflops >= 0:
+        p.error(f"--peak_tflops must be positive or 0, not {args.peak_tflops}")
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is available")
     return args
 
 
@@ -66,6 +81,10 @@ def fail(msg):
     """Bad input: one line naming the problem and exit status 2, never a traceback."""
     print(f"bench.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def device_type(device):
+    return 'cuda' if device.startswith('cuda') else device
 
 
 def sync(device):
@@ -87,6 +106,8 @@ def plain_loop(args, corpus, steps):
     """ms per step of a minimal nanoGPT-style loop (forward, mean loss, backward, clip, AdamW) of
     the same model, batches and schedule as train.py, without any recording."""
     d, model, opt = seeded_model(args, corpus)
+    autocast = train.precision(args.dtype, device_type(args.device))[1]
+    step_model = torch.compile(model) if args.compile else model
     times = []
     for step in range(steps):
         t = time.perf_counter()
@@ -94,7 +115,8 @@ def plain_loop(args, corpus, steps):
         x, y = (torch.from_numpy(a).to(args.device) for a in data.get_windows(corpus['train'], offsets, args.block_size))
         for group in opt.param_groups:
             group['lr'] = train.get_lr(step, d)
-        _, loss = model(x, y)
+        with autocast:
+            _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
         opt.step()
@@ -108,7 +130,7 @@ def train_py(args, level, out_dir):
     """ms per step of train.py itself at a recording level (its step_ms record), and its run dir."""
     argv = ['--record', level, '--max_iters', str(args.steps), '--out_dir', out_dir, '--overwrite',
             '--grad_every', str(args.steps), '--hidden_every', str(args.steps), '--ckpt_interval', str(args.steps), '--log_interval', str(args.steps),
-            '--device', args.device, '--cache_dir', args.cache_dir]
+            '--device', args.device, '--dtype', args.dtype, '--cache_dir', args.cache_dir] + ['--compile'] * args.compile
     for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs']:
         argv += ['--' + name, str(getattr(args, name))]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -121,14 +143,42 @@ def train_py(args, level, out_dir):
     return list(ms[keep])
 
 
+def model_config(args, corpus):
+    return GPTConfig(block_size=args.block_size, vocab_size=corpus['vocab_size'], n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd)
+
+
 def seeded_model(args, corpus):
     """(train.py's default settings, the model initialised as train.py does, its AdamW)."""
     d = train.get_args([])
     torch.manual_seed(d.seed)
-    config = GPTConfig(block_size=args.block_size, vocab_size=corpus['vocab_size'], n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(config).to(args.device)
+    model = GPT(model_config(args, corpus)).to(args.device)
     return d, model, model.configure_optimizers(d.weight_decay, d.learning_rate, (d.beta1, d.beta2), args.device)
+
+
+def flops_per_token(config):
+    """Model FLOPs of one training token, forward and backward, counting a multiply-add as 2 FLOPs
+    and the backward as twice the forward (as in nanoGPT's MFU, after the PaLM paper's appendix B):
+
+        F = 6 (12 L d^2 + V d) + 12 L T d
+
+    12 L d^2 + V d are the weights that multiply activations (per block 4 d^2 in attention and
+    8 d^2 in the MLP; the LM head V d); 12 L T d is attention over a context of T (q k^T and the
+    weighted sum of v, over all T positions: the causal mask is not subtracted, as kernels compute
+    whole tiles). Embedding lookups, biases, LayerNorm, GELU and softmax are left out."""
+    L, d, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
+    return 6 * (12 * L * d * d + V * d) + 12 * L * T * d
+
+
+def peak_tflops(args):
+    """The device's peak TFLOP/s for the MFU: --peak_tflops, else the datasheet bf16 peak of a known
+    GPU when training in bf16, else None (no MFU printed)."""
+    if args.peak_tflops > 0:
+        return args.peak_tflops
+    if device_type(args.device) == 'cuda' and train.precision(args.dtype, 'cuda')[0] == 'bfloat16':
+        name = torch.cuda.get_device_name(args.device)
+        return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return None
 
 
 def looped_sums(losses, params):
@@ -160,9 +210,12 @@ def components(args, corpus, rounds):
     local = metrics.position_local_modules(model)
     local_params = {f"{m}.{n}": p for m, module in local.items() for n, p in module.named_parameters()}
     N = x.numel()
+    autocast = train.precision(args.dtype, device_type(args.device))[1]
+    step_model = torch.compile(model) if args.compile else model
 
     def step(_):
-        _, loss = model(x, y)
+        with autocast:
+            _, loss = step_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
         opt.step()
@@ -170,8 +223,10 @@ def components(args, corpus, rounds):
 
     def graph():  # the training forward and backward, graph kept, position-local X and G captured
         with metrics.capture_activations(local) as acts:
-            logits = model(x)[0]
-            per_token_loss(logits, y).mean().backward(retain_graph=True)
+            with autocast:
+                logits = model(x)[0]
+                loss = per_token_loss(logits, y).mean()
+            loss.backward(retain_graph=True)
         return logits, acts
 
     def subset_graph():  # the losses of the first LOCAL_SUBSET tokens and their captured X, G
@@ -233,14 +288,49 @@ def record_bytes(run_dir, default_steps):
     return per_step, total
 
 
+def method_and_record_costs(args, corpus, tmp, n_runs):
+    """Sections 2 to 5: each recorded quantity, the two method comparisons, bytes, BNSL and plot.py
+    (on the n_runs train.py runs in tmp)."""
+    times, checks, N = components(args, corpus, args.rounds)
+    cmed = {k: statistics.median(v) for k, v in times.items()}
+    base = cmed['training step (forward, backward, clip, AdamW)']
+    print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   ratio to a training step")
+    for name, ms in cmed.items():
+        print(f"   {name:60s}{ms:10.2f}{ms / base:10.3f}")
+    b = cmed[f'scheduled: all-parameter opposition, batched ({OPPOSITION_SEQS} probe seq)']
+    l = cmed[f'scheduled: all-parameter opposition, looped ({OPPOSITION_SEQS} probe seq)']
+    print(f"\n3. all-parameter exact opposition: batched {l / b:.1f}x faster than looped (attention biases left out of the check); "
+          f"max relative difference of the sums {checks['all-parameter: batched vs looped']:.1e}")
+    slow = cmed[f'position-local, one backward per token ({LOCAL_SUBSET} tokens)']
+    fast = cmed[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
+    print(f"4. position-local opposition: one backward per token / |G|^T|X| = {slow / fast:.0f}x on {LOCAL_SUBSET} tokens; "
+          f"extrapolated to the batch of {N}: {slow * N / LOCAL_SUBSET:.0f} ms vs {cmed['position-local opposition, |G|^T |X|']:.1f} ms "
+          f"({slow * N / LOCAL_SUBSET / cmed['position-local opposition, |G|^T |X|']:.0f}x); max relative difference "
+          f"{checks['position-local: |G|^T|X| vs looped']:.1e}")
+
+    default_steps = train.get_args([]).max_iters
+    per_step, total = record_bytes(os.path.join(tmp, 'all'), default_steps)
+    print(f"\n5. --record all writes {per_step / 1e6:.2f} MB per step, {total / 1e9:.2f} GB for a run of {default_steps} steps "
+          f"of this model (hidden states and spectra on the default log schedule)")
+    t = np.arange(1, default_steps + 1.0)
+    loss = bnsl.bnsl_1break(t, 20.0, 0.3, -0.2, 90.0, 0.1) * np.exp(0.01 * np.random.default_rng(0).standard_normal(len(t)))
+    fits = [timed(lambda _: bnsl.fit_bnsl(*bnsl.preprocess(t, loss)), 'cpu') for _ in range(3)]
+    print(f"   BNSL fit of a {default_steps}-step curve (preprocessed, 100 bootstrap resamples): {statistics.median(fits) / 1000:.2f} s")
+    with contextlib.redirect_stdout(io.StringIO()):
+        ms = timed(lambda _: plot.main([tmp, '--out', os.path.join(tmp, 'figures')]), 'cpu')
+    print(f"   plot.py on the {n_runs} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
+
+
 def main(argv=None):
     args = get_args(argv)
     corpus = data.prepare(None, args.vocab_size, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix='bench-') as tmp:  # the runs made here, removed at the end
         levels = ['none', 'light', 'all']
+        dtype = train.precision(args.dtype, device_type(args.device))[0]
         steps = {'plain': [], **{level: [] for level in levels}}
         print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, vocabulary "
-              f"{corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, {args.device}, torch {torch.__version__}, "
+              f"{corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, {args.device} "
+              f"({dtype}{', compiled' if args.compile else ''}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; {args.rounds} rounds of {args.steps} steps per variant", flush=True)
         for r in range(args.rounds):  # interleaved: every variant once per round
             steps['plain'] += plain_loop(args, corpus, args.steps)
@@ -255,34 +345,15 @@ def main(argv=None):
         for k in ['plain', 'none', 'light', 'all']:
             print(f"   {names[k]:50s}{med[k]:10.1f}{med[k] / med['none']:14.2f}{tokens / med[k] * 1000:12.0f}")
 
-        times, checks, N = components(args, corpus, args.rounds)
-        cmed = {k: statistics.median(v) for k, v in times.items()}
-        base = cmed['training step (forward, backward, clip, AdamW)']
-        print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   ratio to a training step")
-        for name, ms in cmed.items():
-            print(f"   {name:60s}{ms:10.2f}{ms / base:10.3f}")
-        b = cmed[f'scheduled: all-parameter opposition, batched ({OPPOSITION_SEQS} probe seq)']
-        l = cmed[f'scheduled: all-parameter opposition, looped ({OPPOSITION_SEQS} probe seq)']
-        print(f"\n3. all-parameter exact opposition: batched {l / b:.1f}x faster than looped (attention biases left out of the check); "
-              f"max relative difference of the sums {checks['all-parameter: batched vs looped']:.1e}")
-        slow = cmed[f'position-local, one backward per token ({LOCAL_SUBSET} tokens)']
-        fast = cmed[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
-        print(f"4. position-local opposition: one backward per token / |G|^T|X| = {slow / fast:.0f}x on {LOCAL_SUBSET} tokens; "
-              f"extrapolated to the batch of {N}: {slow * N / LOCAL_SUBSET:.0f} ms vs {cmed['position-local opposition, |G|^T |X|']:.1f} ms "
-              f"({slow * N / LOCAL_SUBSET / cmed['position-local opposition, |G|^T |X|']:.0f}x); max relative difference "
-              f"{checks['position-local: |G|^T|X| vs looped']:.1e}")
+        if not args.steps_only:
+            method_and_record_costs(args, corpus, tmp, len(levels))
 
-        default_steps = train.get_args([]).max_iters
-        per_step, total = record_bytes(os.path.join(tmp, 'all'), default_steps)
-        print(f"\n5. --record all writes {per_step / 1e6:.2f} MB per step, {total / 1e9:.2f} GB for a run of {default_steps} steps "
-              f"of this model (hidden states and spectra on the default log schedule)")
-        t = np.arange(1, default_steps + 1.0)
-        loss = bnsl.bnsl_1break(t, 20.0, 0.3, -0.2, 90.0, 0.1) * np.exp(0.01 * np.random.default_rng(0).standard_normal(len(t)))
-        fits = [timed(lambda _: bnsl.fit_bnsl(*bnsl.preprocess(t, loss)), 'cpu') for _ in range(3)]
-        print(f"   BNSL fit of a {default_steps}-step curve (preprocessed, 100 bootstrap resamples): {statistics.median(fits) / 1000:.2f} s")
-        with contextlib.redirect_stdout(io.StringIO()):
-            ms = timed(lambda _: plot.main([tmp, '--out', os.path.join(tmp, 'figures')]), 'cpu')
-        print(f"   plot.py on the {len(levels)} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
+        flops, peak = flops_per_token(model_config(args, corpus)), peak_tflops(args)
+        print(f"\n6. model FLOPs of the training step: {flops / 1e6:.2f} MFLOP per token (the recording's work not counted), {dtype}; "
+              + (f"MFU against a peak of {peak:.0f} TFLOP/s" if peak else "no peak known for this device (--peak_tflops), no MFU"))
+        for k in ['plain', 'none', 'light', 'all']:
+            tflops = flops * tokens / med[k] * 1000 / 1e12
+            print(f"   {names[k]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * tflops / peak:5.1f}%" if peak else ""))
 
 
 if __name__ == '__main__':

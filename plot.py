@@ -596,6 +596,68 @@ def md_table(header, rows):
     return '\n'.join(lines + ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows])
 
 
+def run_onset(run):
+    """The step at which the run's validation loss saturates (metrics.saturation_onset of the
+    smoothed probe-set loss), or None."""
+    steps, loss = series(token_mean(run, 'probe_loss'), smoothed=True)
+    onset = metrics.saturation_onset(torch.from_numpy(loss)) if len(loss) else None
+    return None if onset is None else int(steps[onset])
+
+
+def windows(run):
+    """(label, first step, end step) of the phases of a run: before t_d, from t_d to the saturation
+    onset, after the onset (the phases that the run has; the whole run when it has neither)."""
+    S = len(run['rec']['train_loss'])
+    t_d = run['fit'].get('t_d') if run['fit']['identifiable'] else None
+    onset = run_onset(run) if 'probe_loss' in run['rec'] else None
+    cuts = [(0, 'start')] + ([(int(math.ceil(t_d)), 't_d')] if t_d is not None and t_d < S else []) \
+        + ([(onset, 'saturation onset')] if onset is not None else []) + [(S, 'end')]
+    cuts = sorted(cuts)
+    return [(f"{a_name} to {b_name}", a, b) for (a, a_name), (b, b_name) in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def dissent_table(runs):
+    """Per run and phase (windows): the mean of the dissent measurements over its steps."""
+    rows = []
+    for r in runs:
+        rec = r['rec']
+        j = r['config']['theta_names'].index('model') if 'theta_cos' in rec else None
+        cols = [(rec['theta_' + n][:, j] if j is not None and 'theta_' + n in rec else None) for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
+        cols += [token_mean(r, 'probe_' + n) if 'probe_' + n in rec else None for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
+        for label, a, b in windows(r):
+            cells = []
+            for v in cols:
+                v = None if v is None else np.asarray(v[a:b], dtype=float)
+                cells.append('n/a' if v is None or not np.isfinite(v).any() else f"{np.nanmean(v):.3g}")
+            rows.append([r['name'], f"{label} (steps {a}-{b - 1})"] + cells)
+    header = ['run', 'phase', 'cos(g+, g-) theta', r'\|g+\| theta', r'\|g-\| theta', r'\|g\| theta',
+              'cos(g+, g-) h', r'\|g+\| h', r'\|g-\| h', r'\|g\| h']
+    return md_table(header, rows) if rows else ''
+
+
+def basis_table(runs):
+    """Per run and bucket: the 2D basis (cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best
+    validation loss and at the last recorded step."""
+    rows, header = [], None
+    for r in runs:
+        if not all(k in r['rec'] for k in ['probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens']):
+            continue
+        loss = bucket_series(r, 'probe_loss')
+        plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
+        _, edges, _ = buckets(r)
+        header = header or ['run'] + bucket_names(edges)
+        cells = []
+        for k in range(len(edges) - 1):
+            steps, _ = recorded(loss[:, k])
+            if not len(steps):
+                cells.append('n/a')
+                continue
+            best = steps[np.nanargmin(loss[steps, k])]
+            cells.append(f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> ({plus[steps[-1], k]:+.2f}, {minus[steps[-1], k]:+.2f})")
+        rows.append([r['name']] + cells)
+    return md_table(header, rows) if rows else ''
+
+
 def run_summary(run):
     """Best / last validation loss, saturation onset and probe D before / after t_d of a run."""
     out = dict(best='n/a', last='n/a', onset='n/a', D_before='n/a', D_after='n/a')
@@ -605,9 +667,8 @@ def run_summary(run):
     if not len(loss):
         return out
     out.update(best=f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", last=f"{loss[-1]:.4f} (step {steps[-1]})")
-    steps, loss = series(token_mean(run, 'probe_loss'), smoothed=True)
-    onset = metrics.saturation_onset(torch.from_numpy(loss)) if len(loss) else None
-    out['onset'] = 'none' if onset is None else f"step {steps[onset]}"
+    onset = run_onset(run)
+    out['onset'] = 'none' if onset is None else f"step {onset}"
     t_d = run['fit'].get('t_d')
     if t_d is not None and 'probe_D' in run['rec']:
         steps, D = recorded(run['rec']['probe_D'])
@@ -659,6 +720,19 @@ def write_report(path, runs, drawn, notes, fmt):
     if table:
         parts += ['## Validation loss per token-frequency bucket', '',
                   'best / last loss of the probe tokens whose target is in the bucket; "sat. t": saturation onset.', '',
+                  table, '']
+    table = dissent_table(runs)
+    if table:
+        parts += ['## Dissent by phase', '',
+                  "Means over the steps of each phase (t_d from the BNSL fit, the saturation onset as above). "
+                  "theta: all parameters as one vector, gradient of the training batch's mean loss, "
+                  "g+ the attractive part (through grad_z+), g- = g - g+. h: per probe token, averaged "
+                  "over the probe set.", '', table, '']
+    table = basis_table(runs)
+    if table:
+        parts += ['## The 2D basis per frequency bucket', '',
+                  "(cos(h, grad_h+), cos(h, grad_h-)) averaged over the probe tokens of the bucket, at the step "
+                  "of the bucket's best validation loss -> at the last step. The collapse point is (-1, +1).", '',
                   table, '']
     parts += ['## Figures', '']
     for name, _, _, caption in FIGURES:

@@ -169,6 +169,14 @@ def fp32_forward(model, x, y):
     return per_token_loss(logits, y), h, logits
 
 
+def precision(dtype, device_type):
+    """(training dtype, its autocast context): --dtype auto is bf16 autocast on GPUs that support
+    it, fp32 elsewhere. Parameters, optimizer state and the recording passes stay fp32."""
+    if dtype == 'auto':
+        dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    return dtype, nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
 def main(argv=None):
     args = get_args(argv)
 
@@ -188,9 +196,7 @@ def main(argv=None):
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     device_type = 'cuda' if device.startswith('cuda') else device
-    dtype = args.dtype if args.dtype != 'auto' else (
-        'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32')
-    autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    dtype, autocast = precision(args.dtype, device_type)
     torch.manual_seed(args.seed)
 
     # --- data -----------------------------------------------------------------------------

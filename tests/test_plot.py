@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, run_train
-from plot import FIGURES
+from plot import FIGURES, N_BUCKETS
 
 NAMES = [name for name, _, _, _ in FIGURES]
 IGNORE = shutil.ignore_patterns('figures')  # a copied run starts without the figures of earlier tests
@@ -191,3 +191,55 @@ def test_the_report_holds_the_bnsl_fit_of_the_recorded_curve(sweep, tmp_path):
     assert cells[3].startswith(f"{fit['t_d']:.4g} [") and cells[5].startswith(f"{fit['r_d']:.3g} [") and cells[7] == 'yes'
     assert cells[11] != 'n/a' and cells[12] != 'n/a'  # D before and after t_d
     assert_figures(run / 'figures', ['fig1_loss', 'fig2_deceleration'])
+
+
+def test_dissent_and_basis_tables_are_the_records_by_phase(sweep, tmp_path):
+    """A run with a known break (t_d = 8) whose validation loss is made to rise after step 20: the
+    dissent table splits it into three phases that tile the run, each cell the mean of its record
+    over the phase's steps; the basis table holds the bucket means of the per-token cosines at the
+    bucket's best step and at the last step."""
+    import bnsl
+    import metrics
+    import torch
+    run = tmp_path / 'known'
+    shutil.copytree(sweep / 'runs' / 'large', run, ignore=IGNORE)
+    loss = np.load(run / 'train_loss.npy', mmap_mode='r+')
+    S = len(loss)
+    loss[:] = bnsl.bnsl_1break(np.maximum(np.arange(S, dtype=float), 1), 8.0, 0.4, -0.3, 8.0, 0.2)
+    loss.flush()
+    probe = np.load(run / 'probe_loss.npy', mmap_mode='r+')  # (S + 1, P, T)
+    probe += 0.3 * np.maximum(np.arange(S + 1) - 20, 0)[:, None, None]
+    probe.flush()
+    assert run_plot(str(run), '--min_step', '0').returncode == 0
+    report = (run / 'figures' / 'report.md').read_text().splitlines()
+
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in report if line.startswith('| known | ') and 'steps ' in line]
+    assert [r[1].split(' (')[0] for r in rows] == ['start to t_d', 't_d to saturation onset', 'saturation onset to end']
+    spans = [tuple(int(s) for s in re.search(r'steps (\d+)-(\d+)', r[1]).groups()) for r in rows]
+    assert spans[0][0] == 0 and spans[-1][1] == S - 1 and all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
+    assert 20 <= spans[2][0] <= 23  # the onset, near the planted rise (the curve is smoothed first)
+    j = __import__('json').loads((run / 'config.json').read_text())['theta_names'].index('model')
+    records = [np.load(run / f'theta_{n}.npy')[:, j] for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
+    records += [np.load(run / f'probe_{n}.npy').reshape(S + 1, -1) for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
+    for row, (a, b) in zip(rows, spans):
+        for cell, rec in zip(row[2:], records):
+            window = rec[a:b + 1]
+            expected = np.nanmean(window if window.ndim == 1 else np.nanmean(window, axis=1))
+            assert float(cell) == pytest.approx(expected, rel=5e-3, abs=1e-6)  # printed to 3 significant digits
+
+    row = next(line for line in report if line.startswith('| known | (')).split('|')[2:-1]
+    counts = torch.from_numpy(np.load(run / 'train_counts.npy'))
+    bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+    bucket_of_target = bucket.numpy()[np.load(run / 'probe_tokens.npy')[:, 1:]]  # (P, T)
+    plus, minus = np.load(run / 'probe_cos_h_plus.npy'), np.load(run / 'probe_cos_h_minus.npy')
+    assert len(row) == len(edges) - 1
+    for k, cell in enumerate(row):
+        mask = bucket_of_target == k
+        if not mask.any():
+            assert cell.strip() == 'n/a'
+            continue
+        best = int(np.argmin([probe[t][mask].mean() for t in range(S + 1)]))
+        numbers = [float(x) for x in re.findall(r'[+-]\d\.\d\d', cell)]
+        assert int(re.search(r' at (\d+) ', cell).group(1)) == best
+        for got, t in zip([numbers[:2], numbers[2:]], [best, S]):
+            assert got == pytest.approx([np.nanmean(plus[t][mask]), np.nanmean(minus[t][mask])], abs=0.0051)
