@@ -20,7 +20,10 @@ machine noise hits them alike. Prints a table of medians and ratios.
    (or given with --peak_tflops), model FLOPs utilisation (MFU). On a GPU, at a GPT-2-small-like size:
    python bench.py --device cuda --dtype bfloat16 --compile --steps_only --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8
 Sections 3 and 4 also check that both methods give the same sums. --dtype and --compile apply to the
-training steps (the plain loop, train.py, and the training step of section 2); recording is fp32.
+training steps (the plain loop, train.py, and the training step of section 2). As in train.py, the
+probe, post-update and per-token passes are fp32, while theta+/- and |G|^T |X| reuse the training
+forward and backward and so carry the training precision (under bf16, section 4 compares a bf16
+|G|^T |X| with an fp32 loop).
 """
 
 import argparse
@@ -47,7 +50,7 @@ from model import GPT, GPTConfig, per_token_loss
 WARMUP = 3  # first steps of every run left out of the medians
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by device name;
 # the first name found in torch.cuda.get_device_name() is used
-PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100': 989.4, 'H200': 989.4, 'A100': 312.0}
+PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H100': 989.4, 'H200': 989.4, 'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
 OPPOSITION_SEQS = 1  # probe sequences of the scheduled all-parameter opposition (train.py's default)
 
@@ -74,6 +77,8 @@ def get_args(argv=None):
         p.error(f"--peak_tflops must be positive or 0, not {args.peak_tflops}")
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is available")
+    if args.device.startswith('cuda:') and not (args.device[5:].isdigit() and int(args.device[5:]) < torch.cuda.device_count()):
+        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
     return args
 
 
@@ -158,7 +163,8 @@ def seeded_model(args, corpus):
 
 def flops_per_token(config):
     """Model FLOPs of one training token, forward and backward, counting a multiply-add as 2 FLOPs
-    and the backward as twice the forward (as in nanoGPT's MFU, after the PaLM paper's appendix B):
+    and the backward as twice the forward (the PaLM paper's appendix B, as nanoGPT's MFU, with N the
+    weights that multiply activations rather than every parameter):
 
         F = 6 (12 L d^2 + V d) + 12 L T d
 
@@ -168,6 +174,13 @@ def flops_per_token(config):
     whole tiles). Embedding lookups, biases, LayerNorm, GELU and softmax are left out."""
     L, d, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     return 6 * (12 * L * d * d + V * d) + 12 * L * T * d
+
+
+def mfu(flops, tokens, ms, peak):
+    """(achieved TFLOP/s, model FLOPs utilisation) of a step of `tokens` tokens taking `ms`:
+    TFLOP/s = F * tokens / seconds / 1e12, MFU = TFLOP/s / peak (None without a peak)."""
+    tflops = flops * tokens / (ms / 1000) / 1e12
+    return tflops, (tflops / peak if peak else None)
 
 
 def peak_tflops(args):
@@ -255,6 +268,8 @@ def components(args, corpus, rounds):
         f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)': (lambda s: metrics.position_local_gradient_sums(local, s[1], 1), subset_graph),
     }
     times = {name: [] for name in variants}
+    if args.compile:
+        step(None)  # compiles, outside the timings
     for _ in range(rounds):
         for name, (fn, setup) in variants.items():
             for _ in range(args.reps):
@@ -349,11 +364,12 @@ def main(argv=None):
             method_and_record_costs(args, corpus, tmp, len(levels))
 
         flops, peak = flops_per_token(model_config(args, corpus)), peak_tflops(args)
-        print(f"\n6. model FLOPs of the training step: {flops / 1e6:.2f} MFLOP per token (the recording's work not counted), {dtype}; "
-              + (f"MFU against a peak of {peak:.0f} TFLOP/s" if peak else "no peak known for this device (--peak_tflops), no MFU"))
+        name = torch.cuda.get_device_name(args.device) if device_type(args.device) == 'cuda' else args.device
+        print(f"\n6. model FLOPs of the training step: {flops / 1e6:.2f} MFLOP per token (the recording's work not counted), {dtype} on {name}; "
+              + (f"MFU against a peak of {peak:.4g} TFLOP/s" if peak else "no peak known for this device (--peak_tflops), no MFU"))
         for k in ['plain', 'none', 'light', 'all']:
-            tflops = flops * tokens / med[k] * 1000 / 1e12
-            print(f"   {names[k]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * tflops / peak:5.1f}%" if peak else ""))
+            tflops, util = mfu(flops, tokens, med[k], peak)
+            print(f"   {names[k]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * util:5.1f}%" if peak else ""))
 
 
 if __name__ == '__main__':

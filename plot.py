@@ -7,7 +7,8 @@ Every figure of both results from run directories written by train.py, and a rep
 
 Figures go to FIRST_PATH/figures/ (or --out DIR), with report.md beside them: each figure with a
 caption that says what to look for, and tables per run (t_d, L_d, r_d with intervals, best and
-final validation loss, saturation onset, interference before and after t_d). A run still training
+final validation loss, saturation onset, interference before and after t_d), per run and
+frequency bucket (validation loss, the 2D basis), and per run and phase (dissent). A run still training
 is plotted as far as it is recorded (rows not yet written are NaN and skipped); a run recorded
 with less than everything (e.g. --record none) is left out of the figures that need what it lacks,
 and the report says so. Every quantity is computed by the function of metrics.py or bnsl.py named
@@ -617,13 +618,15 @@ def windows(run):
 
 
 def dissent_table(runs):
-    """Per run and phase (windows): the mean of the dissent measurements over its steps."""
+    """Per run and phase (windows): the mean of the dissent measurements over its recorded steps."""
     rows = []
     for r in runs:
         rec = r['rec']
         j = r['config']['theta_names'].index('model') if 'theta_cos' in rec else None
         cols = [(rec['theta_' + n][:, j] if j is not None and 'theta_' + n in rec else None) for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
         cols += [token_mean(r, 'probe_' + n) if 'probe_' + n in rec else None for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
+        if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
+            continue
         for label, a, b in windows(r):
             cells = []
             for v in cols:
@@ -724,7 +727,9 @@ def write_report(path, runs, drawn, notes, fmt):
     table = dissent_table(runs)
     if table:
         parts += ['## Dissent by phase', '',
-                  "Means over the steps of each phase (t_d from the BNSL fit, the saturation onset as above). "
+                  "Means over the recorded steps of each phase (t_d from the BNSL fit, the saturation onset as "
+                  "above; a phase is missing when the run has no identifiable t_d or no onset; under --record light "
+                  "the theta columns hold only the log-scheduled steps). "
                   "theta: all parameters as one vector, gradient of the training batch's mean loss, "
                   "g+ the attractive part (through grad_z+), g- = g - g+. h: per probe token, averaged "
                   "over the probe set.", '', table, '']
@@ -732,7 +737,7 @@ def write_report(path, runs, drawn, notes, fmt):
     if table:
         parts += ['## The 2D basis per frequency bucket', '',
                   "(cos(h, grad_h+), cos(h, grad_h-)) averaged over the probe tokens of the bucket, at the step "
-                  "of the bucket's best validation loss -> at the last step. The collapse point is (-1, +1).", '',
+                  "of the bucket's best validation loss -> at the last recorded step (the final model). The collapse point is (-1, +1).", '',
                   table, '']
     parts += ['## Figures', '']
     for name, _, _, caption in FIGURES:

@@ -17,7 +17,7 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
     out = proc.stdout
     for row in ['plain nanoGPT-style loop', '--record none (bare)', '--record light', '--record all',
                 'probe pass', 'h-space decomposition', 'theta+/-', 'position-local opposition, |G|^T |X|',
-                'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs']:
+                'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs', '6. model FLOPs', 'TFLOP/s']:
         assert row in out, row
     # the fast methods give the sums of the slow ones (float32: up to rounding)
     for diff in re.findall(r'max relative difference (?:of the sums )?(\S+)', out):

@@ -217,6 +217,8 @@ def test_dissent_and_basis_tables_are_the_records_by_phase(sweep, tmp_path):
     assert [r[1].split(' (')[0] for r in rows] == ['start to t_d', 't_d to saturation onset', 'saturation onset to end']
     spans = [tuple(int(s) for s in re.search(r'steps (\d+)-(\d+)', r[1]).groups()) for r in rows]
     assert spans[0][0] == 0 and spans[-1][1] == S - 1 and all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
+    t_d = bnsl.fit_bnsl(*bnsl.preprocess(np.arange(S, dtype=float), np.array(loss), min_step=0))['t_d']
+    assert spans[1][0] == int(np.ceil(t_d))  # the first step at or after t_d
     assert 20 <= spans[2][0] <= 23  # the onset, near the planted rise (the curve is smoothed first)
     j = __import__('json').loads((run / 'config.json').read_text())['theta_names'].index('model')
     records = [np.load(run / f'theta_{n}.npy')[:, j] for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
