@@ -107,6 +107,18 @@ def timed(fn, device, setup=None):
     return 1000 * (time.perf_counter() - t)
 
 
+def plain_step(model, step_model, opt, x, y, autocast, grad_clip):
+    """One training step without recording: forward of step_model (the model, or its compiled
+    form) under autocast, mean loss, backward, clip, AdamW. Returns the loss."""
+    with autocast:
+        _, loss = step_model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def plain_loop(args, corpus, steps):
     """ms per step of a minimal nanoGPT-style loop (forward, mean loss, backward, clip, AdamW) of
     the same model, batches and schedule as train.py, without any recording."""
@@ -120,12 +132,7 @@ def plain_loop(args, corpus, steps):
         x, y = (torch.from_numpy(a).to(args.device) for a in data.get_windows(corpus['train'], offsets, args.block_size))
         for group in opt.param_groups:
             group['lr'] = train.get_lr(step, d)
-        with autocast:
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = plain_step(model, step_model, opt, x, y, autocast, d.grad_clip)
         loss.item()  # train.py reads the loss every step too
         times.append(1000 * (time.perf_counter() - t))
     return times[WARMUP:]
@@ -227,12 +234,7 @@ def components(args, corpus, rounds):
     step_model = torch.compile(model) if args.compile else model
 
     def step(_):
-        with autocast:
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        plain_step(model, step_model, opt, x, y, autocast, d.grad_clip)
 
     def graph():  # the training forward and backward, graph kept, position-local X and G captured
         with metrics.capture_activations(local) as acts:
