@@ -79,6 +79,7 @@ def get_args(argv=None):
         p.error(f"--device {args.device}: no CUDA device is available")
     if args.device.startswith('cuda:') and not (args.device[5:].isdigit() and int(args.device[5:]) < torch.cuda.device_count()):
         p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    args.dtype = train.precision(args.dtype, device_type(args.device))[0]  # 'auto' resolved once, as train.py does
     return args
 
 
@@ -195,7 +196,7 @@ def peak_tflops(args):
     GPU when training in bf16, else None (no MFU printed)."""
     if args.peak_tflops > 0:
         return args.peak_tflops
-    if device_type(args.device) == 'cuda' and train.precision(args.dtype, 'cuda')[0] == 'bfloat16':
+    if device_type(args.device) == 'cuda' and args.dtype == 'bfloat16':
         name = torch.cuda.get_device_name(args.device)
         return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
     return None
@@ -343,11 +344,10 @@ def main(argv=None):
     corpus = data.prepare(None, args.vocab_size, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix='bench-') as tmp:  # the runs made here, removed at the end
         levels = ['none', 'light', 'all']
-        dtype = train.precision(args.dtype, device_type(args.device))[0]
         steps = {'plain': [], **{level: [] for level in levels}}
         print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, vocabulary "
               f"{corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, {args.device} "
-              f"({dtype}{', compiled' if args.compile else ''}), torch {torch.__version__}, "
+              f"({args.dtype}{', compiled' if args.compile else ''}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; {args.rounds} rounds of {args.steps} steps per variant", flush=True)
         for r in range(args.rounds):  # interleaved: every variant once per round
             steps['plain'] += plain_loop(args, corpus, args.steps)
@@ -367,7 +367,7 @@ def main(argv=None):
 
         flops, peak = flops_per_token(model_config(args, corpus)), peak_tflops(args)
         name = torch.cuda.get_device_name(args.device) if device_type(args.device) == 'cuda' else args.device
-        print(f"\n6. model FLOPs of the training step: {flops / 1e6:.2f} MFLOP per token (the recording's work not counted), {dtype} on {name}; "
+        print(f"\n6. model FLOPs of the training step: {flops / 1e6:.2f} MFLOP per token (the recording's work not counted), {args.dtype} on {name}; "
               + (f"MFU against a peak of {peak:.4g} TFLOP/s" if peak else "no peak known for this device (--peak_tflops), no MFU"))
         for k in ['plain', 'none', 'light', 'all']:
             tflops, util = mfu(flops, tokens, med[k], peak)
