@@ -1,0 +1,364 @@
+"""
+What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder,
+which measures and writes them at each moment of a training step. train.py's loop calls it:
+
+    batch of step t
+    rec.probe(t)           theta_t on the fixed held-out probe set: per-token losses, their change
+                           since step t - 1 (D, M and the null), the output-layer decomposition, the
+                           geometry of h and U; on schedule h itself and the exact all-parameter
+                           opposition between tokens
+    forward, backward      inside rec.capture(t): on full steps, the inputs X and output gradients G
+                           of the position-local layers are kept
+    rec.batch(t, ...)      theta_t on the training batch: per-token losses, dissent in parameter space
+                           (a second backward), position-local opposition between tokens (|G|^T |X|)
+    clip
+    rec.keep_theta()       a copy of theta_t, so that the real update delta can be measured
+    optimizer.step()
+    rec.after_update(t)    theta_{t+1} on the same batch: per-token losses after its own update and
+                           their D, M and null; |delta|; on schedule the first-order prediction
+                           <grad l_i, delta> of every token's change
+
+Notation (the README's): token i, target y_i, h_i the output-layer hidden state, U the LM head,
+l_i = -log p_i[y_i]; theta_t the parameters before step t, delta = theta_{t+1} - theta_t.
+
+Records are .npy memmaps, preallocated for the whole run and written by process 0 only. Under
+DistributedDataParallel every process runs every moment, because the training-batch measures are
+collective: per-token rows are gathered from the processes, gradient sums added, gradients averaged.
+Every recording pass runs in fp32 (weights, logits, log-softmax), even when training uses bf16:
+the loss changes of one step are small, and bf16 rounding would bury them.
+"""
+
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import metrics
+from model import per_token_loss
+
+HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
+LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
+
+# Every per-step record train.py writes: (name, shape, dtype, when, meaning); the file is name.npy.
+# shape, in the sizes of the run: S steps, B batch, T block size, P probe sequences, d width,
+#   R = min(d, V), K = len(hidden_steps), G = len(grad_steps), H = HIST_BINS histogram bins, and the
+#   column counts n_theta, n_local, n_all (their names: config.json's theta_names,
+#   local_opposition_keys, opposition_keys). Row t belongs to step t; probe row t is theta_t.
+# when: 'every' step at every --record level; 'step': every step unless --record none;
+#   'full': on full steps (every step under --record all, a log-spaced schedule under light);
+#   'hidden' / 'grad': one row per step of hidden_steps.npy / grad_steps.npy.
+# docs/records.md shows this table (records_markdown); a test keeps the two the same.
+RECORDS = [
+    # the training step
+    ('lr', 'S', 'float64', 'every', "learning rate of step t"),
+    ('train_loss', 'S', 'float64', 'every',
+     "mean training loss at theta_t on the batch of step t (= mean of train_loss_pre[t])"),
+    ('grad_norm', 'S', 'float64', 'every', "global gradient norm, before clipping"),
+    ('update_norm', 'S', 'float64', 'every',
+     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); "
+     "NaN under --record none"),
+    ('step_ms', 'S', 'float64', 'every',
+     "wall time of step t in ms, its recording included, the checkpoint excluded"),
+    ('train_offsets', 'S, B', 'int64', 'every',
+     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], "
+     "targets train[o+1 : o+T+1]"),
+    # zero-sum learning on the training batch: the same tokens before and after their own update
+    ('train_loss_pre', 'S, B, T', 'float32', 'step',
+     "per-token loss l_i(theta_t) of step t's batch, before its update"),
+    ('train_loss_post', 'S, B, T', 'float32', 'full',
+     "per-token loss l_i(theta_{t+1}) of the same batch, after its own update"),
+    ('train_D', 'S', 'float64', 'full',
+     "destructive interference D = 1 - |sum_i x_i| / sum_i |x_i| of x = train_loss_post[t] - "
+     "train_loss_pre[t], all N = B*T tokens as one vector"),
+    ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x; |mean_i x_i| = (1 - D) M"),
+    ('train_D_null', 'S', 'float64', 'full',
+     "sign-flip null: D of the same |x_i| with random signs (drawn from seed and step), "
+     "the D of N changes whose signs carry no structure"),
+    ('train_loss_pred', 'G, B, T', 'float32', 'grad',
+     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step "
+     "grad_steps[k], at theta_t along the real update (one JVP); compare with post - pre"),
+    # the fixed held-out probe set
+    ('probe_loss', 'S+1, P, T', 'float32', 'step', "per-token probe loss at theta_t; row S: the final model"),
+    ('probe_D', 'S', 'float64', 'step',
+     "D of x = probe_loss[t+1] - probe_loss[t] (theta_t -> theta_{t+1}), all N = P*T tokens"),
+    ('probe_M', 'S', 'float64', 'step', "M of the same probe change"),
+    ('probe_D_null', 'S', 'float64', 'step', "sign-flip null of the same probe change"),
+    ('probe_p_y', 'S+1, P, T', 'float32', 'step', "p_y, the probability of the target, at theta_t"),
+    ('probe_cos_h_plus', 'S+1, P, T', 'float32', 'step',
+     "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y (so = -cos(h, U_y)): the 2D basis, first axis"),
+    ('probe_cos_h_minus', 'S+1, P, T', 'float32', 'step',
+     "cos(h, grad_h-), grad_h- = U^T p - p_y U_y: the 2D basis, second axis"),
+    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step', "cos(grad_h+, grad_h-): dissent in h, per token"),
+    ('probe_norm_plus', 'S+1, P, T', 'float32', 'step', "|grad_h+|"),
+    ('probe_norm_minus', 'S+1, P, T', 'float32', 'step', "|grad_h-|"),
+    ('probe_norm_grad', 'S+1, P, T', 'float32', 'step', "|dl/dh| = |grad_h+ + grad_h-|"),
+    ('probe_anisotropy', 'S+1', 'float64', 'step',
+     "anisotropy of h: mean pairwise cosine over the P*T probe tokens (pairs i != j)"),
+    ('probe_hidden', 'K, P, T, d', 'float32', 'hidden', "h of every probe token at step hidden_steps[k]"),
+    ('head_singular_values', 'K, R', 'float32', 'hidden',
+     "singular values of U, largest first, at step hidden_steps[k]"),
+    # dissent in parameter space, on the training batch at theta_t
+    ('theta_cos', 'S, n_theta', 'float64', 'full',
+     "cos(grad_theta+, grad_theta-) of the gradient of the MEAN batch loss (before clipping): grad+ "
+     "by a second backward seeded with grad_z+ / N, grad- = grad - grad+; columns: each parameter "
+     "tensor, then model = all parameters as one vector"),
+    ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
+    ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
+    ('theta_norm_grad', 'S, n_theta', 'float64', 'full', "|grad_theta| (column model: grad_norm[t] up to rounding)"),
+    # gradient opposition between tokens, per parameter coordinate j
+    ('local_opposition_mean', 'S, n_local', 'float64', 'full',
+     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
+     "between the B*T tokens of step t's batch at theta_t, for the position-local layers, from the "
+     "training backward (sum_i |g_ij| = |G|^T |X|)"),
+    ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
+     "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
+    ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
+    ('opposition_mean', 'G, n_all', 'float64', 'grad',
+     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the tokens of "
+     "the first --opposition_seqs probe sequences (one backward per token, batched)"),
+    ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
+    ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
+]
+RECORD_NAMES = {name for name, *_ in RECORDS}
+
+
+def record_shape(shape, sizes):
+    """The shape of a record in a run: 'S+1, P, T' -> (sizes['S'] + 1, sizes['P'], sizes['T'])."""
+    dims = [dim.strip().partition('+') for dim in shape.split(',')]
+    return tuple(sizes[name] + int(extra or 0) for name, _, extra in dims)
+
+
+def records_markdown():
+    """RECORDS as the markdown table of docs/records.md."""
+    lines = ['| file | shape | dtype | when | meaning |', '|---|---|---|---|---|']
+    for name, shape, dtype, when, meaning in RECORDS:
+        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning.replace('|', chr(92) + '|')} |")
+    return '\n'.join(lines) + '\n'
+
+
+def log_schedule(last, every=0):
+    """Steps 0..last at which a scheduled record is written: every `every` steps, or (every=0)
+    LOG_POINTS log-spaced steps. The first and the last step are always included."""
+    if every > 0:
+        steps = set(range(0, last + 1, every))
+    else:
+        steps = set(np.unique(np.round(np.geomspace(1, max(1, last), LOG_POINTS))).astype(int).tolist())
+    return sorted(steps | {0, last})
+
+
+@torch.no_grad()
+def fp32_forward(model, x, y):
+    """Per-token losses (B, T), hidden states h (B, T, d) and logits (B, T, V) with fp32 weights,
+    logits and log-softmax: the recording pass, kept outside any autocast region."""
+    logits, _, h = model(x, return_hidden=True)
+    return per_token_loss(logits, y), h, logits
+
+
+class Recorder:
+    """The records of one run and everything needed to fill them: the memmaps (process 0 only),
+    the schedules, the probe set, the null's random signs. One method per moment of a step."""
+
+    def __init__(self, args, model, corpus, probe_x, probe_y, dtype, rank=0, world=1):
+        self.args, self.model, self.corpus = args, model, corpus  # model: the plain fp32 module
+        self.px, self.py = probe_x, probe_y  # (P, T) inputs and targets of the held-out probe set
+        self.dtype = dtype  # training precision; recording passes are fp32 whatever it is
+        self.master, self.world = rank == 0, world  # only process 0 writes
+        self.recording = args.record != 'none'
+        self.params = dict(model.named_parameters())  # a tied matrix appears once
+        self.local_modules = metrics.position_local_modules(model)
+        S = args.max_iters
+        self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
+        self.grad_steps = log_schedule(S - 1, args.grad_every)  # exact opposition and JVP prediction
+        # full steps: the post-update pass, dissent in theta and local opposition; every step under
+        # --record all, the log-spaced schedule (and the grad steps) under light
+        if args.record == 'all':
+            self.full_steps = set(range(S))
+        else:
+            self.full_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
+        self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
+        self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
+        # the columns of the parameter-space records
+        local_names = [f"{m}.{n}" for m, module in self.local_modules.items() for n, _ in module.named_parameters()]
+        self.theta_names = list(self.params) + ['model']
+        self.local_keys = metrics.opposition_keys(local_names)
+        self.all_keys = metrics.opposition_keys(list(self.params))
+        self.records = {}  # name -> memmap (process 0, after open)
+        self.probe_loss = self.train_loss = float('nan')  # the last values, for the progress line
+
+    def specs(self):
+        """name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every'
+        records under --record none."""
+        a, V = self.args, self.corpus['vocab_size']
+        sizes = dict(S=a.max_iters, B=a.batch_size, T=a.block_size, P=a.probe_seqs, d=a.n_embd,
+                     R=min(a.n_embd, V), K=len(self.hidden_steps), G=len(self.grad_steps), H=HIST_BINS,
+                     n_theta=len(self.theta_names), n_local=len(self.local_keys), n_all=len(self.all_keys))
+        return {name: (record_shape(shape, sizes), np.dtype(dtype)) for name, shape, dtype, when, _ in RECORDS
+                if self.recording or when == 'every'}
+
+    def open(self, out_dir, create):
+        """The records as .npy memmaps in out_dir (process 0): created for the whole run (float rows
+        NaN, integer rows -1, so a row not yet written is visible), or opened to continue a run.
+        A missing, corrupt or misshapen record raises ValueError naming the file."""
+        if not self.master:
+            return
+        for name, (shape, dtype) in self.specs().items():
+            path = os.path.join(out_dir, name + '.npy')
+            if create:
+                self.records[name] = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
+                self.records[name][...] = np.nan if dtype.kind == 'f' else -1
+                continue
+            try:
+                self.records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise ValueError(f"{path}: corrupt or truncated record ({e})") from None
+            if self.records[name].shape != shape or self.records[name].dtype != dtype:
+                raise ValueError(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
+                                 f"expected {shape} {dtype}")
+
+    def write(self, name, row, value):
+        """Row `row` of record `name` := value (a tensor, moved to the CPU, or a number). Only process
+        0 writes, and only the records this --record level keeps; a name not in RECORDS is an error."""
+        if name not in RECORD_NAMES:
+            raise KeyError(f"record {name} is not declared in recorder.RECORDS")
+        if self.master and name in self.records:
+            self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
+
+    def flush(self):
+        for r in self.records.values():
+            r.flush()
+
+    def full(self, step):
+        """Is `step` a full step (see RECORDS' 'full')?"""
+        return self.recording and step in self.full_steps
+
+    # --- the moments of a step, in order ----------------------------------------------------
+
+    def probe(self, step):
+        """Probe measures at theta_step (probe row `step`; step S is the final model): per-token
+        losses and their change since step - 1, the output-layer decomposition of every token, the
+        anisotropy of h; on schedule h itself, U's spectrum and the exact all-parameter opposition.
+        Process 0 alone: nothing here is collective."""
+        if not (self.master and self.recording):
+            return
+        (P, T), d = self.px.shape, self.args.n_embd
+        loss, h, logits = fp32_forward(self.model, self.px, self.py)  # (P, T), (P, T, d), (P, T, V)
+        self.write('probe_loss', step, loss)
+        self.probe_loss = loss.mean().item()
+        if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows, as a resumed run has them
+            change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
+            change = change.flatten().double()  # all P*T tokens as one vector
+            self.write('probe_D', step - 1, metrics.destructive_interference(change))
+            self.write('probe_M', step - 1, metrics.interference_magnitude(change))
+            self.write('probe_D_null', step - 1, metrics.sign_flip_null(change, generator=self.null_signs(step)))
+        U = self.model.lm_head.weight.detach()  # (V, d)
+        with torch.no_grad():
+            out = metrics.output_decomposition(h.view(-1, d), U, self.py.flatten(), logits.view(P * T, -1))
+            self.write('probe_p_y', step, out['p_y'].view(P, T))
+            self.write('probe_cos_h_plus', step, out['cos_h_plus'].view(P, T))
+            self.write('probe_cos_h_minus', step, out['cos_h_minus'].view(P, T))
+            self.write('probe_cos_plus_minus', step, out['cos_plus_minus'].view(P, T))
+            self.write('probe_norm_plus', step, out['norm_plus'].view(P, T))
+            self.write('probe_norm_minus', step, out['norm_minus'].view(P, T))
+            self.write('probe_norm_grad', step, out['norm_grad'].view(P, T))
+            self.write('probe_anisotropy', step, metrics.anisotropy(h.view(-1, d)))
+            if step in self.hidden_row:
+                self.write('probe_hidden', self.hidden_row[step], h)
+                self.write('head_singular_values', self.hidden_row[step], metrics.singular_values(U))
+        if step in self.grad_row:  # gradient opposition between the tokens of the first probe sequences
+            n = self.args.opposition_seqs
+            sums = metrics.per_token_gradient_sums(self.model, self.px[:n], self.py[:n])
+            opposition = metrics.opposition_summary(sums, HIST_BINS)
+            keys, row = self.all_keys, self.grad_row[step]
+            self.write('opposition_mean', row, [opposition[k]['mean'] for k in keys])
+            self.write('opposition_weighted', row, [opposition[k]['weighted'] for k in keys])
+            self.write('opposition_hist', row, torch.stack([opposition[k]['hist'] for k in keys]))
+
+    def capture(self, step):
+        """Wrap the training forward and backward: on full steps it keeps the inputs X and output
+        gradients G of the position-local layers (metrics.capture_activations: module hooks, so
+        the model must run eagerly), for the local opposition; elsewhere it does nothing."""
+        return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
+
+    def batch(self, step, x, y, logits, losses, acts):
+        """Training-batch measures at theta_t, after the backward, before clipping. logits (B/world,
+        T, V) and losses (B/world, T) are this process's rows of the training forward; on full steps
+        logits still holds its graph (backward with retain_graph=True) and acts what capture kept."""
+        if self.full(step):
+            grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
+            # dissent in theta: grad+ by a second backward seeded with grad_z+, grad- = grad - grad+
+            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average)
+            self.write('theta_cos', step, [dissent[n]['cos'] for n in self.theta_names])
+            self.write('theta_norm_plus', step, [dissent[n]['norm_plus'] for n in self.theta_names])
+            self.write('theta_norm_minus', step, [dissent[n]['norm_minus'] for n in self.theta_names])
+            self.write('theta_norm_grad', step, [dissent[n]['norm_grad'] for n in self.theta_names])
+            # exact opposition of the position-local layers from this backward: |G|^T |X|
+            sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel())
+            for total, total_abs in sums.values() if self.world > 1 else []:
+                dist.all_reduce(total)  # sums over tokens add up across processes
+                dist.all_reduce(total_abs)
+            opposition = metrics.opposition_summary(sums, HIST_BINS)
+            self.write('local_opposition_mean', step, [opposition[k]['mean'] for k in self.local_keys])
+            self.write('local_opposition_weighted', step, [opposition[k]['weighted'] for k in self.local_keys])
+            self.write('local_opposition_hist', step, torch.stack([opposition[k]['hist'] for k in self.local_keys]))
+        if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
+            losses, _, logits = fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
+        # per-token rows of the batch at theta_t: gathered from every process into (B, T)
+        self.loss_pre = self.gather(losses.detach())
+        self.write('train_loss_pre', step, self.loss_pre)
+        self.train_loss = self.loss_pre.mean().item()
+        self.write('train_loss', step, self.train_loss)
+
+    def keep_theta(self):
+        """A copy of theta_t, taken just before optimizer.step()."""
+        self.theta_t = {n: p.detach().clone() for n, p in self.params.items()} if self.recording else None
+
+    def after_update(self, step, x, y, offsets, lr, grad_norm):
+        """After optimizer.step(): the real update delta = theta_{t+1} - theta_t (AdamW, weight
+        decay and clipping included), the step's scalars and, on full steps, the same batch at
+        theta_{t+1}: the zero-sum-learning measurement on the training batch. On the grad steps,
+        the first-order prediction of every token's change along delta (process 0, global batch)."""
+        update_norm = float('nan')
+        if self.recording:
+            delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
+            update_norm = math.sqrt(sum(v.pow(2).sum().item() for v in delta.values()))
+        self.write('lr', step, lr)
+        self.write('grad_norm', step, grad_norm)
+        self.write('update_norm', step, update_norm)
+        self.write('train_offsets', step, offsets)
+        if self.full(step):
+            loss_post = self.gather(fp32_forward(self.model, x, y)[0])  # (B, T)
+            self.write('train_loss_post', step, loss_post)
+            change = (loss_post - self.loss_pre).flatten().double()  # all B*T tokens as one vector
+            self.write('train_D', step, metrics.destructive_interference(change))
+            self.write('train_M', step, metrics.interference_magnitude(change))
+            self.write('train_D_null', step, metrics.sign_flip_null(change, generator=self.null_signs(step)))
+        if self.master and self.recording and step in self.grad_row:
+            # at theta_t along the real delta, on the global batch (rebuilt from all the offsets)
+            windows = data.get_windows(self.corpus['train'], offsets, self.args.block_size)
+            xg, yg = (torch.from_numpy(a).to(x.device) for a in windows)
+            pred = metrics.predicted_loss_change(self.model, xg, yg, delta, params=self.theta_t)
+            self.write('train_loss_pred', self.grad_row[step], pred)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def null_signs(self, step):
+        """The sign-flip null's random signs, a function of (seed, step): a resumed run redraws them."""
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+
+    def gather(self, t):
+        """Concatenate a per-process (B/world, ...) tensor into the global (B, ...) one."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def average(self, t):
+        """Mean of a tensor over the processes, in place (a no-op for one process)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+            t.div_(self.world)
