@@ -77,7 +77,8 @@ def load_text(path):
     cut = text.rfind('\n', 0, len(text) - len(text) // VAL_EVERY) + 1  # start of the validation part
     if cut <= 0:  # a single line: cut anywhere
         cut = len(text) - len(text) // VAL_EVERY
-    desc = f"{os.path.abspath(path)} ({len(files)} file{'s' if len(files) > 1 else ''}); validation: last 1/{VAL_EVERY}"
+    desc = (f"{os.path.abspath(path)} ({len(files)} file{'s' if len(files) > 1 else ''}); "
+            f"validation: last 1/{VAL_EVERY}")
     return text[:cut], text[cut:], desc
 
 

@@ -1,21 +1,24 @@
 """
-The measurements of both results, one function per quantity, in the notation of DESIGN.md:
+The measurements of both results, one function per quantity, in this notation:
 
-    token i (one next-token prediction), target y_i, h_i the output-layer hidden state,
-    U the (V, d) LM-head matrix, z_i = U h_i, p_i = softmax(z_i), l_i = -log p_i[y_i].
+    token i (one next-token prediction), target y_i, h_i the output-layer hidden state (after the
+    final LayerNorm), U the (V, d) LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i),
+    l_i = -log p_i[y_i] the token's loss, theta the parameters, g_i = d l_i / d theta.
 
 1. destructive interference D and magnitude M of any numbers (loss changes, gradients)
 2. the output-layer decomposition per token: attractive grad+ and repulsive grad- in z and h
 3. the same decomposition in parameter space, over a batch (gradient dissent)
-4. gradient opposition between tokens, per parameter coordinate (cheap for position-local
-   layers, exact for all parameters by batched per-token backward passes)
+4. gradient opposition between tokens, per parameter coordinate: the definition (one backward
+   per token), and two fast paths that give the same sums (cheap for position-local layers,
+   exact for all parameters by batched per-token backward passes)
 5. the first-order predicted per-token loss change along the real update (one JVP)
 6. saturation companions: frequency buckets, Zipf fit, LM-head spectrum, anisotropy of h
 
 Everything takes and returns torch tensors (scalars as 0-dim tensors: float(x) for JSON; the
 small per-batch summaries of theta_decomposition and opposition_summary come back on the CPU,
 ready for numpy records). Callers choose the dtype (fp32 in training, float64 in the tests,
-which check every function against brute-force autograd). A cosine with a zero vector is NaN (see `cosine`).
+which check every function against brute-force autograd). A cosine with a zero vector is NaN
+(see `cosine`).
 """
 
 import contextlib
@@ -149,6 +152,33 @@ def theta_decomposition(logits, targets, params, grads=None, average=None):
 # The sums below are (sum_i g_ij, sum_i |g_ij|) per coordinate j, with the parameter's shape.
 
 
+def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=None):
+    """param name -> (sum_i g_i, sum_i |g_i|), g_i = d l_i / d theta, for the N tokens of idx (B, T)
+    against targets (B, T): the definition, as the published method computes it, one ordinary
+    backward per token (autograd.grad of l_i alone, l = per_token_loss of model(idx)). Slow: N
+    backward passes, each through the graph of the whole forward of idx.
+    names: the parameter names to sum (e.g. the position-local ones), in their order; by default
+    all of model.named_parameters() (a tied matrix once, its g_i including both of its uses).
+    n_tokens: sum over the first n_tokens tokens of idx only (row-major, as idx.flatten()), e.g.
+    to time a subset of a batch; the forward is still of all of idx. All N by default.
+
+    The fast paths give the same sums: per_token_gradient_sums (batched backward passes, every
+    parameter) and position_local_gradient_sums (|G|^T |X| for the position-local layers), up to
+    rounding, with one exception: per_token_gradient_sums sets the attention key biases
+    (c_attn.bias[d:2d]) to exact 0, their true gradient, where this loop gives rounding noise.
+    The reference the tests and bench.py check both fast paths against."""
+    params = dict(model.named_parameters())
+    params = {name: params[name] for name in (params if names is None else names)}
+    losses = per_token_loss(model(idx)[0], targets).flatten()[:n_tokens]  # (N,): l_i
+    sums = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
+    for loss in losses:  # one backward per token
+        grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)
+        for (total, total_abs), g in zip(sums.values(), grads):
+            total.add_(g)
+            total_abs.add_(g.abs())
+    return sums
+
+
 def position_local_modules(model):
     """name -> module for the layers whose per-token gradient is outer(g_s, x_s) of one position s:
     their parameters act on each position separately AND the output at s reaches only l_s.
@@ -205,7 +235,9 @@ def position_local_gradient_sums(modules, acts, n_tokens):
     another scale, pass N / that scale; n_tokens > 0).
     Linear with inputs X (N, in), output gradients G (N, out): g_s = outer(G_s, X_s), so
         sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|   (one matmul each); bias: sum G, sum |G|.
-    LayerNorm with normalised input xhat_s: weight g_s = G_s * xhat_s, bias g_s = G_s."""
+    LayerNorm with normalised input xhat_s: weight g_s = G_s * xhat_s, bias g_s = G_s.
+    For these layers the sums equal those of the definition, per_token_gradient_sums_looped (one
+    backward per token), up to rounding, at the cost of one matmul per tensor."""
     sums = {}
     for name, module in modules.items():
         X, G = acts[name]
@@ -263,7 +295,10 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16):
     The attention KEY biases (c_attn.bias[d:2d]) get exact zeros: their true gradient is 0, since
     q_s . (k_j + b) shifts every score of query s by the same q_s . b and softmax ignores shifts;
     the computed one is rounding noise, and its D_j would be noise too (it moved the fp32 mean D
-    of a c_attn.bias by up to 3% from the float64 value)."""
+    of a c_attn.bias by up to 3% from the float64 value).
+
+    Apart from those key biases, the sums equal those of the definition,
+    per_token_gradient_sums_looped (one plain backward per token), up to rounding."""
     params = dict(model.named_parameters())
     wte, head = model.transformer.wte, model.lm_head
     tied = wte.weight is head.weight
@@ -287,13 +322,16 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16):
             hp, ep = hidden_and_embedding(model, idx[n:n + 1, :b])  # (1, b, d) each, the prefix
             C = b - a  # tokens of the chunk, at positions a..b-1
             cotangent = torch.zeros(C, 1, b, d, dtype=h.dtype, device=h.device)
-            cotangent[torch.arange(C), 0, torch.arange(a, b)] = g_h[n, a:b]  # token i: dl_i/dh_i at its position
-            grads = torch.autograd.grad(hp, list(inner.values()) + [ep], cotangent, is_grads_batched=True)  # each (C, *shape)
+            # token i: dl_i/dh_i at its own position
+            cotangent[torch.arange(C), 0, torch.arange(a, b)] = g_h[n, a:b]
+            grads = torch.autograd.grad(hp, list(inner.values()) + [ep], cotangent,
+                                        is_grads_batched=True)  # each (C, *shape)
             for name, g in zip(inner, grads[:-1]):
                 sums[name][0].add_(g.sum(0))
                 sums[name][1].add_(g.abs().sum(0))
             g_e = grads[-1].reshape(C, b, d)  # dl_i/de_s for every position s of the prefix
-            g_rows = torch.zeros(C, len(ids), d, dtype=h.dtype, device=h.device).index_add_(1, where[n, :b], g_e)  # (C, R, d)
+            g_rows = torch.zeros(C, len(ids), d, dtype=h.dtype, device=h.device).index_add_(
+                1, where[n, :b], g_e)  # (C, R, d)
             if tied:  # the head part of the same rows, per token: dl_i/dz_i[r] h_i
                 g_rows += g_z[n, a:b][:, ids, None] * h.detach()[n, a:b][:, None, :]
             emb_total += g_rows.sum(0)
@@ -349,7 +387,8 @@ def opposition_summary(sums, bins=20):
         total, total_abs = total.flatten().double(), total_abs.flatten().double()  # (n_coords,)
         D = coordinate_opposition(total, total_abs)  # (n,)
         # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
-        per[name] = dict(D_sum=D.sum(), n=D.numel(), hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
+        per[name] = dict(D_sum=D.sum(), n=D.numel(),
+                         hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
                          abs_total=total.abs().sum(), total_abs=total_abs.sum())
     members = {key: [] for key in opposition_keys(list(sums))}
     for name in sums:
@@ -359,9 +398,10 @@ def opposition_summary(sums, bins=20):
     for key, parts in members.items():  # a layer or the model: the union of its tensors' coordinates
         n = sum(p['n'] for p in parts)
         mean = sum(p['D_sum'] for p in parts) / n if n else torch.tensor(float('nan'), dtype=torch.float64)
-        weighted = interference_from_sums(sum(p['abs_total'] for p in parts), sum(p['total_abs'] for p in parts))
-        out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(), hist=sum(p['hist'] for p in parts).long().cpu(),
-                        n=torch.tensor(n))
+        weighted = interference_from_sums(sum(p['abs_total'] for p in parts),
+                                          sum(p['total_abs'] for p in parts))
+        out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(),
+                        hist=sum(p['hist'] for p in parts).long().cpu(), n=torch.tensor(n))
     return out
 
 
@@ -446,7 +486,8 @@ def zipf_fit(counts, k=3.0):
     residuals = torch.full((counts.numel(),), float('nan'), dtype=torch.float64)  # (V,)
     residuals[seen] = log_c - torch.log(fitted[seen])
     outliers = seen[residuals[seen].abs() > k * residuals[seen].std()]
-    return dict(slope=slope, intercept=intercept, rank=rank, fitted=fitted, residuals=residuals, outliers=outliers)
+    return dict(slope=slope, intercept=intercept, rank=rank, fitted=fitted, residuals=residuals,
+                outliers=outliers)
 
 
 def bucket_mean(values, targets, bucket_of_token, n_buckets):
@@ -459,7 +500,8 @@ def bucket_mean(values, targets, bucket_of_token, n_buckets):
     lead = values.shape[:values.dim() - targets.dim()]
     x = values.reshape(*lead, -1)  # (..., N)
     ok = ~torch.isnan(x)
-    total = torch.zeros(*lead, n_buckets, dtype=x.dtype, device=x.device).index_add_(-1, b, torch.where(ok, x, 0))
+    total = torch.zeros(*lead, n_buckets, dtype=x.dtype, device=x.device).index_add_(
+        -1, b, torch.where(ok, x, 0))
     count = torch.zeros_like(total).index_add_(-1, b, ok.to(x.dtype))
     return total / count
 

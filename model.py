@@ -4,8 +4,8 @@ blocks (causal self-attention, MLP), a final LayerNorm and a linear LM head.
 
 The one addition: the model is split into `hidden(idx)`, which returns the output-layer hidden
 states h (the input of the LM head, after the final norm), and `lm_head(h)`, which turns them
-into logits. Everything the measurements need (DESIGN.md section 2: h, U, z = U h) is then
-available without hooks into the model's inside.
+into logits. Everything the measurements need (h, the (V, d) head matrix U and the logits
+z = U h, in the notation of metrics.py) is then available without hooks into the model's inside.
 """
 
 import math
@@ -87,8 +87,9 @@ class GPT(nn.Module):
         # U, the (V, d) LM-head matrix: logits z = U h (no bias, as in GPT-2)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
-            # with tying, U is also the token embedding, so it is no longer "position-local"
-            # (DESIGN.md section 4): the measurements treat it separately
+            # with tying, U is also the token embedding, whose output every attention layer mixes
+            # across positions, so U is no longer "position-local" (its per-token gradient is not
+            # one outer product): metrics.position_local_modules leaves it out
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream
@@ -150,7 +151,7 @@ class GPT(nn.Module):
 def per_token_loss(logits, targets):
     """l_i = -log p_i[y_i], computed in fp32 whatever the logits' dtype: (B, T, V), (B, T) -> (B, T).
 
-    Per-token loss changes are small, and a bf16 log-softmax would bury them in rounding
-    noise (DESIGN.md section 5), so the cast to fp32 happens before the log-softmax."""
+    Per-token loss changes are small, and a bf16 log-softmax (8 significant bits) would bury
+    them in rounding noise, so the cast to fp32 happens before the log-softmax."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     return F.cross_entropy(logits.transpose(1, 2), targets, reduction='none')  # (B, T)

@@ -58,7 +58,8 @@ def find_runs(paths):
         if os.path.isfile(os.path.join(path, 'config.json')):
             runs.append(path)
             continue
-        found = sorted(os.path.dirname(c) for c in glob.glob(os.path.join(path, '**', 'config.json'), recursive=True))
+        configs = glob.glob(os.path.join(path, '**', 'config.json'), recursive=True)
+        found = sorted(os.path.dirname(c) for c in configs)
         if not found:
             raise ValueError(f"{path}: no run directories (folders with config.json) in it")
         runs += found
@@ -73,7 +74,8 @@ def load_record(path, shape=None, dtype=None):
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: corrupt or truncated record ({e})")
     if shape is not None and (list(a.shape) != list(shape) or a.dtype.name != dtype):
-        raise ValueError(f"{path}: shape {list(a.shape)} {a.dtype.name}, config.json says {list(shape)} {dtype}")
+        raise ValueError(f"{path}: shape {list(a.shape)} {a.dtype.name}, "
+                         f"config.json says {list(shape)} {dtype}")
     return a
 
 
@@ -160,7 +162,8 @@ def fit_run(run, min_step):
     with identifiable False and the reason when there are too few points."""
     t, l = bnsl.preprocess(*recorded(run['rec']['train_loss']), min_step=min_step)
     if len(t) < bnsl.MIN_POINTS:
-        return dict(identifiable=False, reason=f"{len(t)} steps > {min_step:g} recorded, the fit needs {bnsl.MIN_POINTS}",
+        return dict(identifiable=False,
+                    reason=f"{len(t)} steps > {min_step:g} recorded, the fit needs {bnsl.MIN_POINTS}",
                     t_d=None, L_d=None, r_d=None)
     return bnsl.fit_bnsl(t, l)
 
@@ -223,23 +226,28 @@ def fig_loss(runs):
         fit = r['fit']
         if fit.get('t_d') is not None:
             t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
-            ax.plot(t, bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1']), color='k', lw=1, ls='--')
+            ax.plot(t, bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1']),
+                    color='k', lw=1, ls='--')
             pre = t[t <= fit['t_d'] * 3]
             post = t[t >= fit['t_d'] / 3]
-            ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=r['color'], lw=1, ls=':')  # b t^-c0
-            ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=r['color'], lw=1, ls=':')
+            ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre),
+                    color=r['color'], lw=1, ls=':')  # b t^-c0
+            ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']),
+                    color=r['color'], lw=1, ls=':')
             ax.plot([fit['t_d']], [fit['L_d']], 'o', color=r['color'], mec='k', ms=7, zorder=5)
     ax.set_yscale('log')
     log_steps(ax)
     ax.set_ylabel('training loss (nats/token, log)')
-    ax.set_title('Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot)', fontsize=9)
+    ax.set_title('Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot)',
+                 fontsize=9)
     return fig
 
 
 def fig_deceleration(runs):
     fig, axes = grid(4, 4, 3.4, 3.2)
     n = np.array([r['config']['n_params'] for r in runs])
-    for ax, key, label in zip(axes, ['t_d', 'L_d', 'r_d'], ['t_d (steps)', 'L_d (nats/token)', 'r_d (slope after t_d)']):
+    labels = ['t_d (steps)', 'L_d (nats/token)', 'r_d (slope after t_d)']
+    for ax, key, label in zip(axes, ['t_d', 'L_d', 'r_d'], labels):
         unfit = [r['name'] for r in runs if r['fit'].get(key) is None]
         for r, size in zip(runs, n):
             fit = r['fit']
@@ -252,7 +260,8 @@ def fig_deceleration(runs):
             yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
             ax.errorbar([size], [fit[key]], yerr=yerr, fmt='o', color=r['color'], capsize=3)
         if unfit:
-            ax.text(0.02, 0.02, 'no identifiable break:\n' + ', '.join(unfit), transform=ax.transAxes, fontsize=7, va='bottom')
+            ax.text(0.02, 0.02, 'no identifiable break:\n' + ', '.join(unfit), transform=ax.transAxes,
+                    fontsize=7, va='bottom')
         ax.set_xscale('log')
         ax.set_xlabel('parameters (log)')
         ax.set_ylabel(label)
@@ -329,20 +338,25 @@ def fig_opposition(runs):
         cfg = r['config']
         j = cfg['local_opposition_keys'].index('model')
         for name, ls in [('mean', '-'), ('weighted', '--')]:
-            top[0].plot(*series(r['rec']['local_opposition_' + name][:, j], smoothed=True), color=r['color'], ls=ls, lw=1.3)
+            top[0].plot(*series(r['rec']['local_opposition_' + name][:, j], smoothed=True),
+                        color=r['color'], ls=ls, lw=1.3)
         j = cfg['opposition_keys'].index('model')
         for name, ls in [('mean', '-'), ('weighted', '--')]:
-            top[1].plot(*series(r['rec']['opposition_' + name][:, j], r['rec']['grad_steps']), color=r['color'], ls=ls, marker='o', ms=3, lw=1)
+            top[1].plot(*series(r['rec']['opposition_' + name][:, j], r['rec']['grad_steps']),
+                        color=r['color'], ls=ls, marker='o', ms=3, lw=1)
         for ax in top:
             mark_break(ax, r)
-    top[0].set_title('position-local layers, every step (smoothed)\nmean D_j (solid), |g|-weighted (dashed)', fontsize=8)
-    top[1].set_title('all parameters, exact, on the probe subset\nmean D_j (solid), |g|-weighted (dashed)', fontsize=8)
+    top[0].set_title('position-local layers, every step (smoothed)\nmean D_j (solid), |g|-weighted (dashed)',
+                     fontsize=8)
+    top[1].set_title('all parameters, exact, on the probe subset\nmean D_j (solid), |g|-weighted (dashed)',
+                     fontsize=8)
     for ax, r in zip(axes[2:], runs):
         keys = r['config']['opposition_keys']
         layers = layer_names(keys)
         colors = plt.cm.plasma(np.linspace(0, 0.9, len(layers)))
         for layer, c in zip(layers, colors):
-            ax.plot(*series(r['rec']['opposition_mean'][:, keys.index(layer)], r['rec']['grad_steps']), color=c, marker='.', lw=1, label=layer)
+            ax.plot(*series(r['rec']['opposition_mean'][:, keys.index(layer)], r['rec']['grad_steps']),
+                    color=c, marker='.', lw=1, label=layer)
         ax.set_title(f"{r['label']}: per layer", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
     for ax in axes:
@@ -356,7 +370,9 @@ def first_order_pairs(run):
     pairs = []
     for k, s in enumerate(run['rec']['grad_steps']):
         pred = np.asarray(run['rec']['train_loss_pred'][k], dtype=float).ravel()
-        true = np.asarray(run['rec']['train_loss_post'][s], dtype=float).ravel() - np.asarray(run['rec']['train_loss_pre'][s], dtype=float).ravel()
+        post = np.asarray(run['rec']['train_loss_post'][s], dtype=float).ravel()
+        pre = np.asarray(run['rec']['train_loss_pre'][s], dtype=float).ravel()
+        true = post - pre
         if np.isfinite(pred).all() and np.isfinite(true).all():
             pairs.append((int(s), pred, true))
     return pairs
@@ -407,7 +423,8 @@ def fig_saturation(runs):
         seen.add(key)
         counts = torch.from_numpy(np.array(r['rec']['train_counts']))
         zipf = metrics.zipf_fit(counts)
-        c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()  # (V,) each, by token id
+        # (V,) each, by token id
+        c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()
         order = np.argsort(rank)  # token ids by rank
         nonzero = order[c[order] > 0]
         axes[0].loglog(rank[nonzero], c[nonzero], color=r['color'], lw=1.2, label=f"V = {len(c)}")
@@ -458,7 +475,8 @@ def fig_basis(runs):
             if len(steps):
                 steps = steps[np.unique(np.round(np.geomspace(1, len(steps), MAX_TRAJ)).astype(int) - 1)]
                 ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
-                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm, s=6)
+                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm,
+                           s=6)
             else:
                 ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
             ax.plot([-1], [1], marker='*', color='r', ms=8)
@@ -470,7 +488,8 @@ def fig_basis(runs):
                 ax.set_ylabel('cos(h, grad_h-)', fontsize=7)
             if i == len(runs) - 1:
                 ax.set_xlabel('cos(h, grad_h+)', fontsize=7)
-    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'), cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]))
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'),
+                        cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]))
     cbar.set_label('step (log)', fontsize=7)
     return fig
 
@@ -485,7 +504,8 @@ def fig_dissent(runs):
         axes[2].plot(*series(r['rec']['theta_cos'][:, j]), color=r['color'], lw=0.4, alpha=0.25)
         axes[2].plot(*series(r['rec']['theta_cos'][:, j], smoothed=True), color=r['color'], lw=1.3)
         for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
-            axes[3].plot(*series(r['rec']['theta_' + name][:, j], smoothed=True), color=r['color'], ls=ls, lw=1.3)
+            axes[3].plot(*series(r['rec']['theta_' + name][:, j], smoothed=True),
+                         color=r['color'], ls=ls, lw=1.3)
         for ax in axes:
             mark_break(ax, r)
     axes[0].set_title('h: mean over probe tokens of cos(grad_h+, grad_h-)', fontsize=8)
@@ -539,7 +559,8 @@ FIGURES = [
      "t_d, L_d and r_d of each run against its parameter count, with 95% block-bootstrap intervals, "
      "and the best (o) and last (x) validation loss (probe set). Runs whose break is not identifiable "
      "are named in the panel. Expect L_d to fall and r_d to rise with size."),
-    ('fig3_zero_sum', ['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'], fig_zero_sum,
+    ('fig3_zero_sum', ['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null',
+                       'probe_loss'], fig_zero_sum,
      "Zero-sum learning. Top: destructive interference D of the per-token loss changes (faint: per "
      "step; solid: trailing log moving average), for the training batch of each step before and after "
      "its own update, and for the fixed probe set between consecutive steps (and 10 steps apart, "
@@ -548,7 +569,8 @@ FIGURES = [
      "probe step in the D-M plane; along a grey contour the mean change |Delta L| = (1 - D) M is "
      "constant. Look for D rising towards 1 around t_d, far above the null: the improvement is then "
      "bounded by (1 - D) M, however large the individual changes."),
-    ('fig4_opposition', ['local_opposition_mean', 'local_opposition_weighted', 'opposition_mean', 'opposition_weighted', 'grad_steps'], fig_opposition,
+    ('fig4_opposition', ['local_opposition_mean', 'local_opposition_weighted', 'opposition_mean',
+                         'opposition_weighted', 'grad_steps'], fig_opposition,
      "Gradient opposition between tokens: D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per parameter "
      "coordinate, g_i the gradient of token i's own loss; its exact mean over coordinates (solid) and "
      "its |g|-weighted mean (dashed). First panel: the position-local layers (LM head, final norm, last "
@@ -556,7 +578,8 @@ FIGURES = [
      "Second panel: every parameter, exact per-token backward passes on the probe subset at the scheduled "
      "steps. Then one panel per run: that mean per layer. Near-total opposition (D_j near 1) after "
      "deceleration is what makes learning zero-sum; expect it weaker for larger models."),
-    ('fig5_first_order', ['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], fig_first_order,
+    ('fig5_first_order', ['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'],
+     fig_first_order,
      "First-order prediction of each token's loss change along the real AdamW update, "
      "<grad l_i, delta> from one JVP, against the true change of the training batch (post - pre), at "
      "the scheduled steps. Left: every token (a random subset of at most 3000 per run), symlog axes, "
@@ -623,8 +646,10 @@ def dissent_table(runs):
     for r in runs:
         rec = r['rec']
         j = r['config']['theta_names'].index('model') if 'theta_cos' in rec else None
-        cols = [(rec['theta_' + n][:, j] if j is not None and 'theta_' + n in rec else None) for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
-        cols += [token_mean(r, 'probe_' + n) if 'probe_' + n in rec else None for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
+        cols = [(rec['theta_' + n][:, j] if j is not None and 'theta_' + n in rec else None)
+                for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
+        cols += [token_mean(r, 'probe_' + n) if 'probe_' + n in rec else None
+                 for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
         if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
             continue
         for label, a, b in windows(r):
@@ -643,7 +668,8 @@ def basis_table(runs):
     validation loss and at the last recorded step."""
     rows, header = [], None
     for r in runs:
-        if not all(k in r['rec'] for k in ['probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens']):
+        needs = ['probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens']
+        if not all(k in r['rec'] for k in needs):
             continue
         loss = bucket_series(r, 'probe_loss')
         plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
@@ -656,7 +682,9 @@ def basis_table(runs):
                 cells.append('n/a')
                 continue
             best = steps[np.nanargmin(loss[steps, k])]
-            cells.append(f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> ({plus[steps[-1], k]:+.2f}, {minus[steps[-1], k]:+.2f})")
+            last = steps[-1]
+            cells.append(f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> "
+                         f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})")
         rows.append([r['name']] + cells)
     return md_table(header, rows) if rows else ''
 
@@ -669,7 +697,8 @@ def run_summary(run):
     steps, loss = recorded(token_mean(run, 'probe_loss'))
     if not len(loss):
         return out
-    out.update(best=f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", last=f"{loss[-1]:.4f} (step {steps[-1]})")
+    out.update(best=f"{loss.min():.4f} (step {steps[np.argmin(loss)]})",
+               last=f"{loss[-1]:.4f} (step {steps[-1]})")
     onset = run_onset(run)
     out['onset'] = 'none' if onset is None else f"step {onset}"
     t_d = run['fit'].get('t_d')
@@ -714,30 +743,35 @@ def write_report(path, runs, drawn, notes, fmt):
     for r in runs:
         fit, s = r['fit'], run_summary(r)
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(r['rec']['train_loss'])[0]),
-                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
-                     'n/a' if fit.get('rsle') is None else f"{fit['rsle']:.3g}", 'yes' if fit['identifiable'] else f"no: {fit['reason']}",
+                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit, 'L_d', '{:.4g}'),
+                     ci_text(fit, 'r_d', '{:.3g}'),
+                     'n/a' if fit.get('rsle') is None else f"{fit['rsle']:.3g}",
+                     'yes' if fit['identifiable'] else f"no: {fit['reason']}",
                      s['best'], s['last'], s['onset'], s['D_before'], s['D_after']])
-    parts += [md_table(['run', 'params', 'steps', 't_d', 'L_d', 'r_d', 'RSLE', 'identifiable', 'best val. loss',
-                        'last val. loss', 'saturation onset', 'D before t_d', 'D after t_d'], rows), '']
+    header = ['run', 'params', 'steps', 't_d', 'L_d', 'r_d', 'RSLE', 'identifiable', 'best val. loss',
+              'last val. loss', 'saturation onset', 'D before t_d', 'D after t_d']
+    parts += [md_table(header, rows), '']
     table = bucket_table(runs)
     if table:
         parts += ['## Validation loss per token-frequency bucket', '',
-                  'best / last loss of the probe tokens whose target is in the bucket; "sat. t": saturation onset.', '',
+                  'best / last loss of the probe tokens whose target is in the bucket; '
+                  '"sat. t": saturation onset.', '',
                   table, '']
     table = dissent_table(runs)
     if table:
         parts += ['## Dissent by phase', '',
-                  "Means over the recorded steps of each phase (t_d from the BNSL fit, the saturation onset as "
-                  "above; a phase is missing when the run has no identifiable t_d or no onset; under --record light "
-                  "the theta columns hold only the log-scheduled steps). "
+                  "Means over the recorded steps of each phase (t_d from the BNSL fit, the saturation onset "
+                  "as above; a phase is missing when the run has no identifiable t_d or no onset; under "
+                  "--record light the theta columns hold only the log-scheduled steps). "
                   "theta: all parameters as one vector, gradient of the training batch's mean loss, "
                   "g+ the attractive part (through grad_z+), g- = g - g+. h: per probe token, averaged "
                   "over the probe set.", '', table, '']
     table = basis_table(runs)
     if table:
         parts += ['## The 2D basis per frequency bucket', '',
-                  "(cos(h, grad_h+), cos(h, grad_h-)) averaged over the probe tokens of the bucket, at the step "
-                  "of the bucket's best validation loss -> at the last recorded step (the final model). The collapse point is (-1, +1).", '',
+                  "(cos(h, grad_h+), cos(h, grad_h-)) averaged over the probe tokens of the bucket, at the "
+                  "step of the bucket's best validation loss -> at the last recorded step (the final model). "
+                  "The collapse point is (-1, +1).", '',
                   table, '']
     parts += ['## Figures', '']
     for name, _, _, caption in FIGURES:
@@ -750,12 +784,16 @@ def write_report(path, runs, drawn, notes, fmt):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = fail
     p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
-    p.add_argument('--out', default=None, help='folder for the figures and report.md (default: FIRST_PATH/figures)')
-    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='file format(s) of the figures')
-    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP, help='BNSL fit: drop the transient steps t <= min_step')
+    p.add_argument('--out', default=None,
+                   help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'],
+                   help='file format(s) of the figures')
+    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP,
+                   help='BNSL fit: drop the transient steps t <= min_step')
     p.add_argument('--dpi', type=int, default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
     try:
@@ -778,7 +816,8 @@ def main(argv=None):
             notes.append(f"{r['name']} was recorded with --record {r['config'].get('record')}: "
                          "what that level does not record is left out")
         if r['missing']:
-            notes.append(f"{r['name']} lacks {', '.join(r['missing'])} (listed in its config.json, not in the directory)")
+            notes.append(f"{r['name']} lacks {', '.join(r['missing'])} "
+                         "(listed in its config.json, not in the directory)")
     for name, needs, draw, _ in FIGURES:
         have = [r for r in runs if all(k in r['rec'] for k in needs)]
         lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in needs if k not in r['rec'])}"

@@ -288,8 +288,9 @@ def main(argv=None):
     if master and start == 0:  # a new run (or one resumed before its first checkpoint)
         write_run_files(args, corpus, raw_model, rec, probe_offsets, device, dtype, world)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-    model = DDP(raw_model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None) \
-        if ddp else raw_model
+    model = raw_model
+    if ddp:  # the backward averages the gradients over the processes
+        model = DDP(raw_model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
     eager = model  # steps that capture activations run eagerly: a compiled graph would skip the hooks
     if args.compile:
         model = torch.compile(model)
@@ -340,10 +341,12 @@ def main(argv=None):
         rec.after_update(step, x, y, offsets, lr, grad_norm)
         rec.write('step_ms', step, 1000 * (time.perf_counter() - t_step))  # the writes waited for the device
 
+        # after the last step: probe measures of the final model theta_S (probe row S)
+        if step + 1 == S:
+            rec.probe(S)
+
         # checkpoint and log (process 0)
         if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S):
-            if step + 1 == S:
-                rec.probe(S)  # the final model's probe row, before the last checkpoint
             rec.flush()
             save_checkpoint(ckpt_path, raw_model, optimizer, step + 1, args)
             write_json(os.path.join(args.out_dir, 'progress.json'), {'steps_done': step + 1, 'max_iters': S})

@@ -4,20 +4,28 @@ import subprocess
 import sys
 import os
 
+import pytest
+
 from conftest import ROOT
 
 TINY_BENCH = ['--n_layer', '2', '--n_head', '2', '--n_embd', '16', '--block_size', '16', '--batch_size', '4',
               '--vocab_size', '300', '--probe_seqs', '3', '--steps', '40', '--rounds', '1', '--reps', '1']
 
 
-def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *TINY_BENCH, '--cache_dir', cache_dir],
+def run_bench(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args],
                           capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
+    proc = run_bench(*TINY_BENCH, '--cache_dir', cache_dir)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for row in ['plain nanoGPT-style loop', '--record none (bare)', '--record light', '--record all',
                 'probe pass', 'h-space decomposition', 'theta+/-', 'position-local opposition, |G|^T |X|',
-                'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs', '6. model FLOPs', 'TFLOP/s']:
+                'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs',
+                '6. model FLOPs', 'TFLOP/s']:
         assert row in out, row
     # the fast methods give the sums of the slow ones (float32: up to rounding)
     for diff in re.findall(r'max relative difference (?:of the sums )?(\S+)', out):
@@ -26,7 +34,7 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
 
 
 def test_bench_bad_flag_is_one_line():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), '--steps', '2'], capture_output=True, text=True, cwd=ROOT)
+    proc = run_bench('--steps', '2')
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
@@ -48,9 +56,10 @@ def test_flops_per_token_counts_every_matmul_of_a_training_step():
         assert counter.get_total_flops() == bench.flops_per_token(config) * x.numel()
 
 
+@pytest.mark.slow
 def test_bench_steps_only_in_bf16_prints_the_mfu(cache_dir):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *TINY_BENCH, '--cache_dir', cache_dir,
-                           '--steps_only', '--dtype', 'bfloat16', '--peak_tflops', '0.001'], capture_output=True, text=True, cwd=ROOT)
+    proc = run_bench(*TINY_BENCH, '--cache_dir', cache_dir, '--steps_only', '--dtype', 'bfloat16',
+                     '--peak_tflops', '0.001')
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert '(bfloat16)' in out and '2. each quantity' not in out

@@ -56,9 +56,11 @@ def write_run(path, loss, n_rows, dtype=np.float32):
 def test_nbreak_form_matches_closed_form_and_1break():
     t = np.geomspace(1, 1e4, 50)
     b, c0, cs, ds, fs = 4.0, 0.5, [-0.3, 0.1], [50.0, 2000.0], [0.2, 0.7]
-    closed = b * t ** -c0 * np.prod([(1 + (t / d) ** (1 / f)) ** (-c * f) for c, d, f in zip(cs, ds, fs)], axis=0)
+    closed = b * t ** -c0 * np.prod([(1 + (t / d) ** (1 / f)) ** (-c * f) for c, d, f in zip(cs, ds, fs)],
+                                    axis=0)
     np.testing.assert_allclose(bnsl.bnsl(t, b, c0, cs, ds, fs), closed, rtol=1e-12)
-    np.testing.assert_allclose(bnsl.bnsl_1break(t, b, c0, -0.3, 50.0, 0.2), bnsl.bnsl(t, b, c0, [-0.3], [50.0], [0.2]), rtol=1e-15)
+    np.testing.assert_allclose(bnsl.bnsl_1break(t, b, c0, -0.3, 50.0, 0.2),
+                               bnsl.bnsl(t, b, c0, [-0.3], [50.0], [0.2]), rtol=1e-15)
     # slopes: c0 well before the break, c0 + c1 well after (for one break)
     x = np.log([1e-6, 2e-6, 1e9, 2e9])
     y = bnsl.log_bnsl(x, 0.0, c0, [-0.3], [math.log(50.0)], [0.2])
@@ -149,7 +151,8 @@ def test_recovers_parameters_under_noise_raw(t_d, c0, c1, f1, seed):
     assert r['f1'] > 0 and np.sign(r['c1']) == np.sign(c1)
 
 
-@pytest.mark.parametrize('t_d,c0,c1,f1', [(150, 0.6, -0.45, 0.3), (500, 0.8, -0.5, 0.5), (300, 0.4, -0.3, 0.2)])
+@pytest.mark.parametrize('t_d,c0,c1,f1', [(150, 0.6, -0.45, 0.3), (500, 0.8, -0.5, 0.5),
+                                         (300, 0.4, -0.3, 0.2)])
 def test_recovers_parameters_under_noise_preprocessed(t_d, c0, c1, f1):
     """Stated tolerance, published preprocessing of every step 0..4999 with 5 % noise: t_d within
     20 % (the trailing average alone delays t_d by about sqrt(1.2), +9 %), c0 and r_d within 0.05."""
@@ -167,7 +170,8 @@ def test_recovers_parameters_under_noise_preprocessed(t_d, c0, c1, f1):
 def test_never_the_mirror(noise):
     """Deceleration: true c1 < 0, so r_d = c0 + c1 < c0. The fit must return c1 < 0 with f1 > 0,
     not the mirror (c1 > 0, f1 < 0, 'r_d' = the pre-break slope)."""
-    for t_d, c0, c1, f1 in [(150, 0.6, -0.45, 0.3), (80, 0.5, -0.4, 0.2), (1000, 0.5, -0.3, 1.0), (2000, 0.3, -0.15, 0.05)]:
+    for t_d, c0, c1, f1 in [(150, 0.6, -0.45, 0.3), (80, 0.5, -0.4, 0.2), (1000, 0.5, -0.3, 1.0),
+                            (2000, 0.3, -0.15, 0.05)]:
         r = bnsl.fit_bnsl(*bnsl.preprocess(T_ALL, curve(T_ALL, t_d, c0, c1, f1, noise=noise)), n_boot=0)
         assert r['identifiable'], r['reason']
         assert r['f1'] > 0 and r['c1'] < 0 and r['r_d'] < r['c0']
@@ -177,7 +181,8 @@ def test_never_the_mirror(noise):
 @pytest.mark.parametrize('noise,raw', [(0.0, True), (0.02, True), (0.0, False), (0.1, False)])
 def test_pure_power_law_is_not_identifiable(noise, raw):
     steps = T_LOG if raw else T_ALL
-    loss = 5.0 * np.maximum(steps, 1) ** -0.4 * np.exp(noise * np.random.default_rng(3).standard_normal(len(steps)))
+    factor = np.exp(noise * np.random.default_rng(3).standard_normal(len(steps)))  # log-normal noise
+    loss = 5.0 * np.maximum(steps, 1) ** -0.4 * factor
     steps, loss = (steps, loss) if raw else bnsl.preprocess(steps, loss)
     r = bnsl.fit_bnsl(steps, loss)
     assert not r['identifiable'] and r['reason']
@@ -207,7 +212,8 @@ def test_cli_run_directory_with_nan_tail(tmp_path):
     assert p.returncode == 0 and p.stderr == '', p.stderr
     r = json.loads(p.stdout)
     keys = {'t_d', 'L_d', 'c0', 'c1', 'r_d', 'f1', 'b', 'rsle', 'n_points', 'identifiable', 'reason',
-            'final_loss_pred', 'path', 't_d_ci_cov', 't_d_ci_boot', 'L_d_ci_cov', 'L_d_ci_boot', 'r_d_ci_cov', 'r_d_ci_boot'}
+            'final_loss_pred', 'path', 't_d_ci_cov', 't_d_ci_boot', 'L_d_ci_cov', 'L_d_ci_boot',
+            'r_d_ci_cov', 'r_d_ci_boot'}
     assert keys <= set(r) and r['path'] == run and r['identifiable']
     assert r['t_range'] == [bnsl.MIN_STEP + 1, 2999]  # rows before the first NaN, transient cut
     assert r['t_d'] == pytest.approx(150, rel=0.2) and r['r_d'] == pytest.approx(0.15, abs=0.05)
@@ -257,6 +263,7 @@ def bad_inputs(tmp):
     yield 'run with inf', write_run(str(tmp / 'inf_run'), np.r_[np.linspace(5, 4, 500), np.inf], 1000)
 
 
+@pytest.mark.slow  # 13 bnsl.py processes
 def test_cli_bad_input_one_line_exit_2(tmp_path):
     for name, path in bad_inputs(tmp_path):
         p = run_cli(path)

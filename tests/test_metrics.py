@@ -1,9 +1,13 @@
 """The specification of metrics.py: every measurement against a brute-force computation that
-loops over tokens and calls autograd on one loss at a time, on a tiny GPT in float64."""
+loops over tokens and calls autograd on one loss at a time, on a tiny GPT in float64. Gradient
+opposition: the looped definition (metrics.per_token_gradient_sums_looped) is checked against
+the per-token Jacobian, and then serves as the reference of both fast paths."""
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call, jacrev
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import metrics as M
 from model import GPT, GPTConfig, per_token_loss
@@ -34,16 +38,13 @@ def per_token_grads(model, x, y):
     """Brute force: g_i = d l_i / d theta for each token, one autograd call per token."""
     params = dict(model.named_parameters())
     losses = per_token_loss(model(x)[0], y).reshape(-1)
-    return [dict(zip(params, torch.autograd.grad(l, list(params.values()), retain_graph=True))) for l in losses]
-
-
-def brute_sums(model, x, y):
-    grads = per_token_grads(model, x, y)
-    return {n: (sum(g[n] for g in grads), sum(g[n].abs() for g in grads)) for n in grads[0]}
+    return [dict(zip(params, torch.autograd.grad(l, list(params.values()), retain_graph=True)))
+            for l in losses]
 
 
 def close(a, b):
-    np.testing.assert_allclose(torch.as_tensor(a).detach().numpy(), torch.as_tensor(b).detach().numpy(), rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(torch.as_tensor(a).detach().numpy(), torch.as_tensor(b).detach().numpy(),
+                               rtol=RTOL, atol=1e-12)
 
 
 def cos(a, b):
@@ -91,7 +92,8 @@ def test_output_decomposition_matches_autograd_per_token():
     U = model.lm_head.weight.detach()
     yf = y.reshape(-1)
     out = M.output_decomposition(h, U, yf)
-    assert set(out) == {'p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad'}
+    assert set(out) == {'p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus',
+                        'norm_grad'}
     given = M.output_decomposition(h, U, yf, logits=h @ U.T)  # the caller's logits: the same answer
     for k in out:
         close(given[k], out[k])
@@ -138,7 +140,8 @@ def test_theta_decomposition_matches_per_token_loop(tie):
                                         retain_graph=True, allow_unused=True)
                 for n, gn in zip(params, g):
                     acc[n] += 0 if gn is None else gn
-    full = dict(zip(params, torch.autograd.grad(per_token_loss(model(x)[0], y).mean(), list(params.values()))))
+    mean_loss = per_token_loss(model(x)[0], y).mean()
+    full = dict(zip(params, torch.autograd.grad(mean_loss, list(params.values()))))
     for n in params:
         close(plus[n] + minus[n], full[n])  # grad_theta+ + grad_theta- = grad_theta of the mean loss
         close(out[n]['cos'], cos(plus[n], minus[n]))
@@ -159,7 +162,8 @@ def test_theta_decomposition_averages_over_data_parallel_processes():
     # two "processes" hold one sequence each; DDP has averaged p.grad, `average` does the same to grad+
     model, x, y = tiny()
     params = dict(model.named_parameters())
-    full = dict(zip(params, torch.autograd.grad(per_token_loss(model(x)[0], y).mean(), list(params.values()))))
+    mean_loss = per_token_loss(model(x)[0], y).mean()
+    full = dict(zip(params, torch.autograd.grad(mean_loss, list(params.values()))))
     logits1 = model(x[1:])[0]
     p1 = torch.softmax(logits1.detach(), -1).reshape(T, V)
     seed1 = (M.grad_z_plus(p1, y[1]) / T).view(1, T, V)
@@ -181,8 +185,39 @@ LOCAL = {'lm_head.weight', 'transformer.ln_f.weight', 'transformer.ln_f.bias',
          'transformer.h.1.mlp.c_proj.weight', 'transformer.h.1.mlp.c_proj.bias'}
 
 
-def test_position_local_sums_equal_the_per_token_loop():
-    model, x, y = tiny()
+@pytest.mark.parametrize('tie', [False, True])
+def test_the_looped_definition_is_the_per_token_jacobian(tie):
+    """The reference itself, against an independent computation: the Jacobian of the N per-token
+    losses with respect to every parameter (torch.func.jacrev: reverse mode vectorised over tokens,
+    attention in the plain-math kernel), whose row i is g_i."""
+    model, x, y = tiny(tie)
+    looped = M.per_token_gradient_sums_looped(model, x, y)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert list(looped) == list(params)  # a tied matrix once, as named_parameters() gives it
+
+    def losses(p):
+        return per_token_loss(functional_call(model, p, (x,))[0], y).reshape(-1)  # (N,)
+    with sdpa_kernel(SDPBackend.MATH):
+        jacobian = jacrev(losses)(params)  # name -> (N, *shape): row i is g_i
+    for n, g in jacobian.items():
+        close(looped[n][0], g.sum(0))
+        close(looped[n][1], g.abs().sum(0))
+    # sum_i g_i is the gradient of the summed loss, N times that of the mean
+    total = torch.autograd.grad(per_token_loss(model(x)[0], y).sum(), list(model.parameters()))
+    for n, g in zip(params, total):
+        close(looped[n][0], g)
+    # some parameters (in the order given), over the first 5 tokens
+    names = ['transformer.ln_f.bias', 'transformer.h.0.attn.c_attn.weight']
+    some = M.per_token_gradient_sums_looped(model, x, y, names=names, n_tokens=5)
+    assert list(some) == names
+    for n in names:
+        close(some[n][0], jacobian[n][:5].sum(0))
+        close(some[n][1], jacobian[n][:5].abs().sum(0))
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_position_local_sums_equal_the_looped_definition(tie):
+    model, x, y = tiny(tie)
     modules = M.position_local_modules(model)
     with M.capture_activations(modules) as acts:
         logits = model(x)[0]
@@ -190,11 +225,12 @@ def test_position_local_sums_equal_the_per_token_loop():
         M.theta_decomposition(logits, y, dict(model.named_parameters()))  # later backward passes: ignored
     assert all(not m._forward_hooks for m in modules.values())  # hooks removed on exit
     local = M.position_local_gradient_sums(modules, acts, N)
-    assert set(local) == LOCAL  # no attn.c_attn, no ln_1, nothing of block 0, no embeddings
-    brute = brute_sums(model, x, y)
+    # no attn.c_attn, no ln_1, nothing of block 0, no embeddings; no head when tied
+    assert set(local) == LOCAL - ({'lm_head.weight'} if tie else set())
+    looped = M.per_token_gradient_sums_looped(model, x, y, names=list(local))
     for n, (s, a) in local.items():
-        close(s, brute[n][0])
-        close(a, brute[n][1])
+        close(s, looped[n][0])
+        close(a, looped[n][1])
 
 
 def test_the_local_recipe_would_be_wrong_for_the_last_blocks_c_attn():
@@ -202,23 +238,25 @@ def test_the_local_recipe_would_be_wrong_for_the_last_blocks_c_attn():
     c_attn = {'transformer.h.1.attn.c_attn': model.transformer.h[1].attn.c_attn}
     with M.capture_activations(c_attn) as acts:
         per_token_loss(model(x)[0], y).mean().backward()
-    wrong = M.position_local_gradient_sums(c_attn, acts, N)['transformer.h.1.attn.c_attn.weight']
-    right = brute_sums(model, x, y)['transformer.h.1.attn.c_attn.weight']
-    close(wrong[0], right[0])  # the sum of gradients is always right (it is N times the batch gradient) ...
+    name = 'transformer.h.1.attn.c_attn.weight'
+    wrong = M.position_local_gradient_sums(c_attn, acts, N)[name]
+    right = M.per_token_gradient_sums_looped(model, x, y, names=[name])[name]
+    close(wrong[0], right[0])  # the sum of gradients is always right (N times the batch gradient) ...
     assert (wrong[1] - right[1]).abs().max() > 1e-3 * right[1].abs().max()  # ... the sum of |g_i| is not
 
 
 @pytest.mark.parametrize('tie', [False, True])
-def test_batched_exact_opposition_equals_the_loop(tie):
+def test_batched_exact_opposition_equals_the_looped_definition(tie):
     model, x, y = tiny(tie)
     fast = M.per_token_gradient_sums(model, x, y, chunk_size=5)  # a chunk size that does not divide N
-    brute = brute_sums(model, x, y)
-    assert set(fast) == set(brute) == set(dict(model.named_parameters()))
-    for n in brute:
-        close(fast[n][0], brute[n][0])
-        close(fast[n][1], brute[n][1])
-    for i in range(2):  # the key bias: exact zeros here, rounding noise in the loop (its true gradient is 0)
-        key_bias = brute[f'transformer.h.{i}.attn.c_attn.bias'][1]
+    looped = M.per_token_gradient_sums_looped(model, x, y)
+    assert set(fast) == set(looped) == set(dict(model.named_parameters()))
+    for n in looped:
+        close(fast[n][0], looped[n][0])
+        close(fast[n][1], looped[n][1])
+    # the key bias: exact zeros here, rounding noise in the loop (its true gradient is 0)
+    for i in range(2):
+        key_bias = looped[f'transformer.h.{i}.attn.c_attn.bias'][1]
         assert torch.all(fast[f'transformer.h.{i}.attn.c_attn.bias'][1][D_MODEL:2 * D_MODEL] == 0)
         assert key_bias[D_MODEL:2 * D_MODEL].max() < 1e-12 * key_bias.max()
     if tie:  # the tied matrix appears once, is not local, and its g_i has both of its uses
@@ -229,12 +267,12 @@ def test_batched_exact_opposition_equals_the_loop(tie):
         h = model.hidden(x)
         g_only_head = torch.autograd.grad(per_token_loss(F.linear(h.detach(), W), y).reshape(-1)[0], W)[0]
         assert (g_head - g_only_head).abs().max() > 1e-6  # the embedding use matters ...
-        close(brute['transformer.wte.weight'][0], fast['transformer.wte.weight'][0])  # ... and is counted
+        close(looped['transformer.wte.weight'][0], fast['transformer.wte.weight'][0])  # ... and is counted
 
 
 def test_coordinate_opposition_and_summary_are_exact():
     model, x, y = tiny()
-    sums = brute_sums(model, x, y)
+    sums = M.per_token_gradient_sums_looped(model, x, y)
     sums['transformer.wpe.weight'][0][-1, -1] = 0  # a coordinate no token moves: left out, not NaN
     sums['transformer.wpe.weight'][1][-1, -1] = 0
     summary = M.opposition_summary(sums, bins=10)
@@ -316,7 +354,8 @@ def test_frequency_buckets_follow_rank_and_bucket_losses():
     order = torch.argsort(-counts, stable=True)  # token ids by rank
     assert torch.all(bucket[order][1:] >= bucket[order][:-1])  # monotone in rank
     for k in range(n_buckets):  # bucket k holds ranks edges[k] .. edges[k+1] - 1
-        assert set(order[edges[k]:edges[k + 1]].tolist()) == set(torch.nonzero(bucket == k).flatten().tolist())
+        in_bucket = torch.nonzero(bucket == k).flatten()
+        assert set(order[edges[k]:edges[k + 1]].tolist()) == set(in_bucket.tolist())
     loss = torch.rand(3, 4, dtype=torch.float64)
     targets = torch.randint(0, 100, (3, 4))
     per_bucket = M.bucket_mean(loss, targets, bucket, n_buckets)
@@ -351,14 +390,16 @@ def test_bucket_mean_over_steps_skips_nan():
 def test_saturation_onset():
     t = torch.arange(1, 101, dtype=torch.float64)
     assert M.saturation_onset(5 / t ** 0.3) is None  # still improving
-    rising = torch.cat([5 / t[:60] ** 0.3, 5 / 60 ** 0.3 * (1 + 0.002 * torch.arange(1, 41))])  # +8 % after 60
+    # +8 % after step 60
+    rising = torch.cat([5 / t[:60] ** 0.3, 5 / 60 ** 0.3 * (1 + 0.002 * torch.arange(1, 41))])
     assert M.saturation_onset(rising) == 59
     assert M.saturation_onset(rising, rise=0.1) is None  # a rise smaller than asked for
 
 
 def test_zipf_fit_recovers_an_exact_law_and_flags_an_outlier():
     ranks = torch.arange(1, 501, dtype=torch.float64)
-    counts = torch.cat([torch.round(1e6 * ranks ** -1.1).long(), torch.zeros(3, dtype=torch.long)])  # 3 unseen
+    # an exact Zipf law over 500 tokens, and 3 unseen ones
+    counts = torch.cat([torch.round(1e6 * ranks ** -1.1).long(), torch.zeros(3, dtype=torch.long)])
     fit = M.zipf_fit(counts)
     assert abs(fit['slope'] + 1.1) < 1e-3 and abs(fit['intercept'] - np.log(1e6)) < 1e-2
     assert fit['outliers'].numel() == 0 and torch.isnan(fit['residuals'][-3:]).all()

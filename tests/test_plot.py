@@ -13,13 +13,15 @@ import pytest
 from conftest import ROOT, TINY, run_train
 from plot import FIGURES, N_BUCKETS
 
+pytestmark = pytest.mark.slow  # every test trains tiny runs and runs plot.py in subprocesses
 NAMES = [name for name, _, _, _ in FIGURES]
 IGNORE = shutil.ignore_patterns('figures')  # a copied run starts without the figures of earlier tests
 SHORT = ['--max_iters', '30', '--grad_every', '10', '--ckpt_interval', '30']
 
 
 def run_plot(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), *args],
+                          capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope='module')
@@ -52,7 +54,8 @@ def test_a_sweep_gives_every_figure_and_the_report(sweep):
     assert 'Not plotted' not in report  # both runs hold every record
     # runs ordered by size: the smaller first, in the legend line and in the table
     assert report.index('| small |') < report.index('| large |')
-    for header in ['t_d', 'L_d', 'r_d', 'best val. loss', 'last val. loss', 'saturation onset', 'D before t_d']:
+    for header in ['t_d', 'L_d', 'r_d', 'best val. loss', 'last val. loss', 'saturation onset',
+                   'D before t_d']:
         assert header in report
 
 
@@ -64,8 +67,10 @@ def test_report_numbers_are_the_records(sweep):
         mean = probe.reshape(len(probe), -1).mean(1)  # validation loss at every recorded theta_t
         row = next(line for line in report.splitlines() if line.startswith(f'| {name} |'))
         best = re.search(r'\| ([0-9.]+) \(step (\d+)\) \| ([0-9.]+) \(step (\d+)\) \|', row)
-        assert float(best.group(1)) == pytest.approx(mean.min(), abs=1e-4) and int(best.group(2)) == mean.argmin()
-        assert float(best.group(3)) == pytest.approx(mean[-1], abs=1e-4) and int(best.group(4)) == len(mean) - 1
+        assert float(best.group(1)) == pytest.approx(mean.min(), abs=1e-4)
+        assert int(best.group(2)) == mean.argmin()
+        assert float(best.group(3)) == pytest.approx(mean[-1], abs=1e-4)
+        assert int(best.group(4)) == len(mean) - 1
 
 
 def test_one_run_and_several_paths_and_pdf(sweep, tmp_path):
@@ -87,7 +92,8 @@ def test_a_run_with_a_record_removed_is_plotted_and_the_gap_reported(sweep, tmp_
     assert proc.returncode == 0, proc.stderr
     assert_figures(tmp_path / 'fig', NAMES)  # the other run still gives fig8
     report = (tmp_path / 'fig' / 'report.md').read_text()
-    assert 'partial lacks theta_cos' in report and 'fig8_dissent: leaves out runs (partial lacks theta_cos)' in report
+    assert 'partial lacks theta_cos' in report
+    assert 'fig8_dissent: leaves out runs (partial lacks theta_cos)' in report
     # alone, the run gives every figure but the one that needs the missing record
     proc = run_plot(str(partial), '--out', str(tmp_path / 'alone'))
     assert proc.returncode == 0 and not (tmp_path / 'alone' / 'fig8_dissent.png').exists()
@@ -159,7 +165,8 @@ def test_a_light_run_draws_its_scheduled_rows_unsmoothed_and_complete(tmp_path, 
     drawn (step 0 aside, on log axes), none is lost to NaN rows, none is averaged with far-off steps."""
     import plot
     out = tmp_path / 'light'
-    run_train(*TINY, '--max_iters', '60', '--grad_every', '30', '--record', 'light', '--cache_dir', cache_dir, '--out_dir', str(out))
+    run_train(*TINY, '--max_iters', '60', '--grad_every', '30', '--record', 'light',
+              '--cache_dir', cache_dir, '--out_dir', str(out))
     assert run_plot(str(out)).returncode == 0
     assert_figures(out / 'figures', NAMES)
     run = plot.load_run(str(out))
@@ -186,9 +193,11 @@ def test_the_report_holds_the_bnsl_fit_of_the_recorded_curve(sweep, tmp_path):
     assert run_plot(str(run), '--min_step', '0').returncode == 0
     fit = bnsl.fit_bnsl(*bnsl.preprocess(t, np.array(loss), min_step=0))
     assert fit['identifiable'] and 6 < fit['t_d'] < 10
-    row = next(line for line in (run / 'figures' / 'report.md').read_text().splitlines() if line.startswith('| known |'))
+    report = (run / 'figures' / 'report.md').read_text()
+    row = next(line for line in report.splitlines() if line.startswith('| known |'))
     cells = [c.strip() for c in row.split('|')[1:-1]]
-    assert cells[3].startswith(f"{fit['t_d']:.4g} [") and cells[5].startswith(f"{fit['r_d']:.3g} [") and cells[7] == 'yes'
+    assert cells[3].startswith(f"{fit['t_d']:.4g} [") and cells[5].startswith(f"{fit['r_d']:.3g} [")
+    assert cells[7] == 'yes'
     assert cells[11] != 'n/a' and cells[12] != 'n/a'  # D before and after t_d
     assert_figures(run / 'figures', ['fig1_loss', 'fig2_deceleration'])
 
@@ -213,21 +222,26 @@ def test_dissent_and_basis_tables_are_the_records_by_phase(sweep, tmp_path):
     assert run_plot(str(run), '--min_step', '0').returncode == 0
     report = (run / 'figures' / 'report.md').read_text().splitlines()
 
-    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in report if line.startswith('| known | ') and 'steps ' in line]
-    assert [r[1].split(' (')[0] for r in rows] == ['start to t_d', 't_d to saturation onset', 'saturation onset to end']
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in report
+            if line.startswith('| known | ') and 'steps ' in line]
+    assert [r[1].split(' (')[0] for r in rows] == ['start to t_d', 't_d to saturation onset',
+                                                   'saturation onset to end']
     spans = [tuple(int(s) for s in re.search(r'steps (\d+)-(\d+)', r[1]).groups()) for r in rows]
-    assert spans[0][0] == 0 and spans[-1][1] == S - 1 and all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))
+    assert spans[0][0] == 0 and spans[-1][1] == S - 1
+    assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))  # the phases tile the run
     t_d = bnsl.fit_bnsl(*bnsl.preprocess(np.arange(S, dtype=float), np.array(loss), min_step=0))['t_d']
     assert spans[1][0] == int(np.ceil(t_d))  # the first step at or after t_d
     assert 20 <= spans[2][0] <= 23  # the onset, near the planted rise (the curve is smoothed first)
     j = __import__('json').loads((run / 'config.json').read_text())['theta_names'].index('model')
     records = [np.load(run / f'theta_{n}.npy')[:, j] for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
-    records += [np.load(run / f'probe_{n}.npy').reshape(S + 1, -1) for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
+    records += [np.load(run / f'probe_{n}.npy').reshape(S + 1, -1)
+                for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
     for row, (a, b) in zip(rows, spans):
         for cell, rec in zip(row[2:], records):
             window = rec[a:b + 1]
             expected = np.nanmean(window if window.ndim == 1 else np.nanmean(window, axis=1))
-            assert float(cell) == pytest.approx(expected, rel=5e-3, abs=1e-6)  # printed to 3 significant digits
+            # printed to 3 significant digits
+            assert float(cell) == pytest.approx(expected, rel=5e-3, abs=1e-6)
 
     row = next(line for line in report if line.startswith('| known | (')).split('|')[2:-1]
     counts = torch.from_numpy(np.load(run / 'train_counts.npy'))
