@@ -9,7 +9,8 @@ machine noise hits them alike. Prints a table of medians and ratios.
 1. training steps: a minimal plain nanoGPT-style loop written here, and train.py itself at
    --record none (the bare step) / light / all, timed by train.py (step_ms.npy, the wall time of
    each step, recording included, checkpoint excluded); the first steps of a run are warm-up and
-   dropped. light: the median over its unscheduled steps (the scheduled ones cost what all costs);
+   dropped. light: the median over its unscheduled steps (the scheduled ones cost what all costs;
+   a short run has none, as its log schedule covers every step: the row then says so);
 2. each recorded quantity on its own, on the same model, batch and probe set;
 3. exact per-token gradient opposition of every parameter on one probe sequence: batched backward
    passes (metrics.per_token_gradient_sums) against the published method, one backward per token
@@ -89,11 +90,9 @@ def get_args(argv=None):
         parser.error(f"--steps must exceed {WARMUP + 1}, --rounds and --reps be positive")
     if not args.peak_tflops >= 0:
         parser.error(f"--peak_tflops must be positive or 0, not {args.peak_tflops}")
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available")
-    index = args.device[5:]  # of cuda:N
-    if args.device.startswith('cuda:') and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    problem = train.check_device(args.device, args.dtype)  # train.py's rules: checked up front, one line
+    if problem or args.device == 'auto':
+        parser.error(problem or "--device auto: name the device to measure (cpu, cuda, cuda:N or mps)")
     # 'auto' resolved once, as train.py does
     args.dtype = train.precision(args.dtype, device_type(args.device))[0]
     return args
@@ -172,6 +171,15 @@ def train_py(args, level, out_dir):
     if level == 'light':  # its unscheduled steps: no post-update pass recorded
         keep &= np.isnan(np.load(os.path.join(out_dir, 'train_loss_post.npy'))[:, 0, 0])
     return list(ms[keep])
+
+
+def fewest_steps_for_light():
+    """The fewest --steps at which train_py times a --record light step: its post-update pass runs on
+    the log schedule, which covers every step of a short run, and a scheduled step is not timed."""
+    steps = WARMUP + 2
+    while not set(range(WARMUP, steps - 1)) - set(recorder.log_schedule(steps - 1)):
+        steps += 1
+    return steps
 
 
 def model_config(args, corpus):
@@ -397,14 +405,19 @@ def main(argv=None):
             for level in levels:
                 steps[level] += train_py(args, level, os.path.join(tmp, level))
             print(f"  round {round_no}/{args.rounds} done", file=sys.stderr, flush=True)
-        # NaN where there are no steps (light: none unscheduled in a very short run)
-        median_ms = {variant: statistics.median(ms) if ms else float('nan') for variant, ms in steps.items()}
+        # None where there are no steps (light: none unscheduled in a short run), a note in its rows
+        median_ms = {variant: statistics.median(ms) if ms else None for variant, ms in steps.items()}
+        no_steps = (f"n/a: no unscheduled step among the timed steps; use --steps {fewest_steps_for_light()} "
+                    f"or more")
         tokens = args.batch_size * args.block_size
         print("\n1. training step                                       median ms   ratio to bare   tokens/s")
         labels = {'plain': 'plain nanoGPT-style loop (bench.py)', 'none': 'train.py --record none (bare)',
                   'light': 'train.py --record light (unscheduled steps)', 'all': 'train.py --record all'}
         for variant in variants:
             ms = median_ms[variant]
+            if ms is None:
+                print(f"   {labels[variant]:50s}  {no_steps}")
+                continue
             ratio = ms / median_ms['none']
             print(f"   {labels[variant]:50s}{ms:10.1f}{ratio:14.2f}{tokens / ms * 1000:12.0f}")
 
@@ -419,6 +432,9 @@ def main(argv=None):
               + (f"MFU against a peak of {peak:.4g} TFLOP/s" if peak
                  else "no peak known for this device (--peak_tflops), no MFU"))
         for variant in variants:
+            if median_ms[variant] is None:
+                print(f"   {labels[variant]:50s}  n/a (no timed step, see section 1)")
+                continue
             tflops, utilisation = mfu(flops, tokens, median_ms[variant], peak)
             print(f"   {labels[variant]:50s}{tflops:10.3f} TFLOP/s"
                   + (f"   MFU {100 * utilisation:5.1f}%" if peak else ""))

@@ -93,9 +93,13 @@ dropped); --no_smooth, --no_subsample, --min_step and --n_points change one prep
 at a time (the options below).
 
 Bad input (a missing path, a directory without train_loss.npy, a CSV line that is not
-step,loss, a non-finite or non-positive loss, steps that are not strictly increasing, fewer than
-8 points left to fit, a bad flag value) stops bnsl.py with one line naming the problem and exit
-status 2. Every path is checked before any fit is printed.
+step,loss, a non-finite or non-positive loss, steps that are not strictly increasing, the same
+step twice with different losses, fewer than 8 points left to fit, a bad flag value) stops
+bnsl.py with one line naming the problem and exit status 2. Every path is checked before any fit
+is printed. Exact duplicate rows (the same step with the same loss, as published curves have)
+are not bad input: each is kept once, with one note on stderr, e.g. "bnsl.py: note: curve.csv:
+3 exact duplicate rows merged", and the exit status stays 0. A CSV may start with a UTF-8
+byte-order mark; it is ignored, so it never turns the first data row into a header.
 
 FROM PYTHON (fit_bnsl fits the points exactly as given, so preprocess first)
 
@@ -353,8 +357,8 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0):
 
 def read_csv(path):
     """(steps, loss) of a CSV with two comma-separated columns step,loss; the first line may be a header."""
-    try:
-        with open(path, encoding='utf-8') as f:
+    try:  # utf-8-sig drops a byte-order mark, which would otherwise make a first data row look like a header
+        with open(path, encoding='utf-8-sig') as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a UTF-8 text file")
@@ -401,9 +405,28 @@ def load_curve(path):
         raise ValueError(f"{path}: non-finite value at step {steps[bad[0]]:g} (loss {loss[bad[0]]})")
     if np.any(loss <= 0):
         raise ValueError(f"{path}: non-positive loss {loss[loss <= 0][0]:g} (log L undefined)")
+    steps, loss = merge_exact_duplicates(path, steps, loss)
     if np.any(steps < 0) or np.any(np.diff(steps) <= 0):
         raise ValueError(f"{path}: steps must be >= 0 and strictly increasing")
     return steps, loss
+
+
+def merge_exact_duplicates(path, steps, loss):
+    """(steps, loss) with exact duplicate rows (same step, same loss: published curves have them) kept
+    once, with a note on stderr; the same step with two different losses is bad input (ValueError)."""
+    first, keep = {}, []  # step -> loss of its first row; rows kept
+    for i, (s, v) in enumerate(zip(steps.tolist(), loss.tolist())):
+        if s not in first:
+            first[s] = v
+            keep.append(i)
+        elif v != first[s]:
+            raise ValueError(f"{path}: step {s:g} appears twice with different losses "
+                             f"({first[s]!r} and {v!r}); steps must be strictly increasing")
+    merged = len(steps) - len(keep)
+    if merged:
+        print(f"bnsl.py: note: {path}: {merged} exact duplicate row{'s' * (merged > 1)} merged",
+              file=sys.stderr)
+    return steps[keep], loss[keep]
 
 
 def format_table(res):

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import stat
 import tempfile
 
 import numpy as np
@@ -53,6 +54,11 @@ def read_text(path):
             raise ValueError(f"--data {path}: folder holds no .txt files")
     elif os.path.isfile(path):
         files = [path]
+    elif os.path.exists(path):  # a device, a pipe, a socket: say what it is
+        kind = next((k for k, test in [('a character device', stat.S_ISCHR), ('a block device', stat.S_ISBLK),
+                                       ('a named pipe', stat.S_ISFIFO), ('a socket', stat.S_ISSOCK)]
+                     if test(os.stat(path).st_mode)), 'not a regular file')
+        raise ValueError(f"--data {path}: {kind}, not a text file or a folder of .txt files")
     else:
         raise ValueError(f"--data {path}: no such file or folder")
     texts = []
@@ -109,9 +115,10 @@ def encode(tok, text):
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
 
 
-def prepare(data_path, vocab_size, cache_dir):
+def prepare(data_path, vocab_size, cache_dir, log=None):
     """Load (or build and cache) the tokenized corpus. Returns a dict with the train and val
-    token arrays, the training unigram counts (V,), the tokenizer file and a description."""
+    token arrays, the training unigram counts (V,), the tokenizer file and a description.
+    log: called with a line of progress when the cache has to be built (it takes a while)."""
     if not 256 < vocab_size <= 65536:
         raise ValueError(f"--vocab_size {vocab_size}: must be in 257..65536 (byte-level BPE, uint16 tokens)")
     train_text, val_text, desc = load_kjv() if data_path is None else load_text(data_path)
@@ -119,6 +126,9 @@ def prepare(data_path, vocab_size, cache_dir):
                          + train_text.encode() + b'|' + val_text.encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, key)
     if not os.path.exists(os.path.join(folder, 'meta.json')):
+        if log:
+            log(f"training a BPE tokenizer of {vocab_size} tokens on {len(train_text) / 1e6:.1f}M characters "
+                f"and encoding the corpus (cached in {cache_dir} for later runs)")
         tok = train_tokenizer(train_text, vocab_size)
         train_ids, val_ids = encode(tok, train_text), encode(tok, val_text)
         counts = np.bincount(train_ids, minlength=tok.get_vocab_size()).astype(np.int64)

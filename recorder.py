@@ -152,7 +152,7 @@ def log_schedule(last, every=0):
         steps = set(range(0, last + 1, every))
     else:
         steps = set(np.unique(np.round(np.geomspace(1, max(1, last), LOG_POINTS))).astype(int).tolist())
-    return sorted(steps | {0, last})
+    return sorted(step for step in steps | {0, last} if step <= last)
 
 
 @torch.no_grad()
@@ -179,11 +179,8 @@ class Recorder:
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
         self.grad_steps = log_schedule(S - 1, args.grad_every)  # exact opposition and JVP prediction
         # full steps: the post-update pass, dissent in theta and local opposition; every step under
-        # --record all, the log-spaced schedule (and the grad steps) under light
-        if args.record == 'all':
-            self.full_steps = set(range(S))
-        else:
-            self.full_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
+        # --record all, under light the log-spaced schedule and the grad steps
+        self.light_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
         # the columns of the parameter-space records
@@ -241,7 +238,7 @@ class Recorder:
 
     def full(self, step):
         """Is `step` a full step (see RECORDS' 'full')?"""
-        return self.recording and step in self.full_steps
+        return self.args.record == 'all' or (self.args.record == 'light' and step in self.light_steps)
 
     # --- the moments of a step, in order ----------------------------------------------------
 

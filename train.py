@@ -13,11 +13,16 @@ docs/records.md describes every file.
 """
 
 import argparse
+import collections
+import fcntl
 import gc
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -29,12 +34,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from model import GPT, GPTConfig, per_token_loss
-from recorder import Recorder
+from recorder import RECORDS, Recorder, fp32_forward
 
-# settings a resumed run must share with the run it continues (the records are shaped by them)
+# A resumed run continues ONE trajectory, which config.json describes: every setting that shapes the
+# records or changes what the run computes must be the same. The others (RESUME_MAY_CHANGE) only say
+# where and how fast it runs; their values at each resume are listed in config.json's `resumed`.
 RESUME_SAME = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size',
-               'batch_size', 'max_iters', 'seed', 'record', 'probe_seqs', 'hidden_every', 'grad_every',
+               'batch_size', 'max_iters', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1',
+               'beta2', 'grad_clip', 'dtype', 'seed', 'record', 'probe_seqs', 'hidden_every', 'grad_every',
                'opposition_seqs']
+RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
+                     'ckpt_interval']
+# what train.py writes into a run directory besides the records (name.npy for each name of RECORDS);
+# --overwrite deletes a folder's entries only if every one is among these or is plot.py's figures/
+RUN_FILES = ['config.json', 'progress.json', 'ckpt.pt', 'tokenizer.json', 'train_counts.npy',
+             'probe_tokens.npy', 'hidden_steps.npy', 'grad_steps.npy', 'ckpt.pt.tmp', 'config.json.tmp',
+             'progress.json.tmp']
+PLOT_FILES = r'fig\d+_\w+\.(png|pdf)|report\.md'  # what plot.py writes into its figures/ folder
 
 
 def get_args(argv=None):
@@ -80,7 +96,10 @@ def get_args(argv=None):
                    help='torch.compile the model for the training steps that record no activations '
                         '(under --record all: none)')
     g.add_argument('--seed', type=int, default=1337,
-                   help='seeds the initialisation, the batches and the probe set')
+                   help='seeds the initialisation, the batches and the probe set (0 .. 2^32 - 1)')
+    g.add_argument('--threads', type=int, default=0,
+                   help="CPU threads for torch (0: torch's default, one per core); 1 is often fastest for "
+                        "tiny models on a busy machine")
     g = p.add_argument_group('recording')
     g.add_argument('--out_dir', default='out', help='run directory')
     g.add_argument('--record', default='all', choices=['all', 'light', 'none'],
@@ -97,6 +116,8 @@ def get_args(argv=None):
     g.add_argument('--opposition_seqs', type=int, default=1,
                    help='probe sequences used by the exact all-parameter opposition (one backward per token)')
     g.add_argument('--log_interval', type=int, default=10, help='steps between progress lines')
+    g.add_argument('--log_seconds', type=float, default=30.0,
+                   help='a progress line at least this often, whatever --log_interval says')
     g.add_argument('--ckpt_interval', type=int, default=250,
                    help='steps between checkpoints (and at the end)')
     g.add_argument('--resume', action='store_true', help='continue the run in --out_dir from its checkpoint')
@@ -107,15 +128,45 @@ def get_args(argv=None):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ['learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'hidden_every',
-                 'grad_every']:
+                 'grad_every', 'threads']:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             p.error(f"--{name} must be a finite number >= 0, got {value}")
+    for name in ['beta1', 'beta2']:  # AdamW's moving averages need 0 <= beta < 1
+        if not 0 <= getattr(args, name) < 1:
+            p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if not args.log_seconds > 0:
+        p.error(f"--log_seconds must be positive, got {args.log_seconds}")
+    if not 0 <= args.seed < 2 ** 32:
+        p.error(f"--seed must be in 0 .. 2^32 - 1, got {args.seed}")
     if args.n_embd % args.n_head:
         p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.opposition_seqs > args.probe_seqs:
         p.error(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
+    device_problem = check_device(args.device, args.dtype)
+    if device_problem:
+        p.error(device_problem)
+    for name in ['out_dir', 'cache_dir']:
+        if os.path.exists(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
+            p.error(f"--{name} {getattr(args, name)} is a file, not a folder")
     return args
+
+
+def check_device(device, dtype):
+    """What is wrong with --device and --dtype on this machine (None if nothing): an unknown device,
+    one this machine does not have, or bf16 on a GPU without it."""
+    if device in ('auto', 'cpu'):
+        return None
+    if device == 'mps':
+        return None if torch.backends.mps.is_available() else "--device mps: this machine has no MPS device"
+    if not re.fullmatch(r'cuda(:\d+)?', device):
+        return f"--device {device}: not one of auto, cpu, cuda, cuda:N, mps"
+    index = int(device[5:] or 0)
+    if index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
+    if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
+        return f"--dtype bfloat16: {torch.cuda.get_device_name(index)} does not support it"
+    return None
 
 
 def fail(msg):
@@ -157,11 +208,12 @@ def setup_processes(args):
     return True, dist.get_rank(), dist.get_world_size(), device
 
 
-def load_data(args, device):
+def load_data(args, device, master=True):
     """The corpus (data.prepare) and the probe set: --probe_seqs disjoint held-out windows, chosen
     once by the seed and kept for the whole run. Returns corpus, probe offsets, inputs, targets."""
     try:
-        corpus = data.prepare(args.data, args.vocab_size, args.cache_dir)
+        corpus = data.prepare(args.data, args.vocab_size, args.cache_dir,
+                              log=(lambda msg: print(msg, flush=True)) if master else None)
     except (ValueError, OSError) as e:
         fail(e)
     T = args.block_size
@@ -178,25 +230,97 @@ def load_data(args, device):
     return corpus, offsets, px, py
 
 
+def get_batch(args, corpus, step, rank=0, world=1, device='cpu'):
+    """The batch of step t: the offsets of the global batch (a function of (seed, step)) and this
+    process's rows of it, inputs x and targets y (B/world, T) on the device."""
+    B, T = args.batch_size, args.block_size
+    offsets = data.batch_offsets(args.seed, step, B, T, len(corpus['train']))  # (B,)
+    mine = offsets[rank * (B // world):(rank + 1) * (B // world)]
+    x, y = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], mine, T))
+    return offsets, x, y
+
+
+def check_resources(args, rec, model, autocast, batch):
+    """Before anything is written: room on disk for the records and checkpoint of a new run, and
+    memory for a training step and the probe pass (one trial forward and backward of the first
+    batch; the gradients are dropped, so the run is the same as without the trial)."""
+    if not args.resume:
+        need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs().values())
+        need += 3 * 4 * model.num_params()  # the checkpoint: weights and AdamW's two moments, fp32
+        folder = os.path.abspath(args.out_dir)
+        while not os.path.isdir(folder):  # the nearest existing folder: where the run will be created
+            folder = os.path.dirname(folder)
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            fail(f"the records of this run need {need / 1e9:,.1f} GB, "
+                 f"and {folder} has {free / 1e9:,.1f} GB free")
+    x, y = batch
+    try:
+        with autocast:
+            per_token_loss(model(x)[0], y).mean().backward()
+        if rec.recording:
+            fp32_forward(model, rec.px, rec.py)
+    except RuntimeError as e:  # torch's out-of-memory errors, CPU and GPU
+        if 'memory' not in str(e):
+            raise
+        fail(f"out of memory for one step of {args.batch_size} x {args.block_size} tokens "
+             f"(a smaller --batch_size or --probe_seqs?): {' '.join(str(e).split())[:200]}")
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def note_resume(args, start, device):
+    """config.json keeps, at each resume, the step it continued from and the settings a resume may
+    change (RESUME_MAY_CHANGE), so the run directory still describes the run."""
+    path = os.path.join(args.out_dir, 'config.json')
+    with open(path) as f:
+        config = json.load(f)
+    config.setdefault('resumed', []).append(
+        dict(step=start, device_used=device, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE}))
+    write_json(path, config)
+
+
+def stop_on_signals(out_dir):
+    """SIGTERM (what job schedulers send) and Ctrl-C (SIGINT) stop the run with one line saying how
+    to continue it, and exit status 128 + the signal. --resume continues from the last checkpoint,
+    bitwise as after any other stop. Returns the handlers it replaced."""
+    def stop(signum, frame):
+        try:
+            with open(os.path.join(out_dir, 'progress.json')) as f:
+                done = json.load(f)['steps_done']
+        except (OSError, ValueError, KeyError):
+            done = 0
+        how = (f"continue it with the same command and --resume (from step {done}, its last checkpoint)"
+               if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet")
+        print(f"\ntrain.py: stopped by {signal.Signals(signum).name}; {how}", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
 def open_run_dir(args, corpus, model, optimizer, device, master):
-    """Make --out_dir ready and return the first step to run: 0 for a new run (an existing run is
-    refused unless --overwrite replaces it), or with --resume the step after the checkpoint, whose
-    model, optimizer and torch random state are loaded; the settings in RESUME_SAME and the corpus
-    must match the run's config.json (0 if the run was stopped before its first checkpoint)."""
-    ckpt_path, config_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'config.json')
-    start = 0
+    """Make --out_dir ready and return (the first step to run, the folder's lock). A new run goes
+    into a new or empty folder, or with --overwrite into one that holds only a run: what train.py
+    and plot.py wrote there (RUN_FILES, the records, figures/), which is deleted; a folder with
+    anything else in it is refused, whatever the flags. With --resume: the step after the
+    checkpoint, whose model, optimizer and torch random state are loaded; the settings in
+    RESUME_SAME and the corpus must match the run's config.json (step 0 if the run was stopped
+    before its first checkpoint). Every check comes before the first change to the folder."""
+    out = args.out_dir
+    ckpt_path, config_path = os.path.join(out, 'ckpt.pt'), os.path.join(out, 'config.json')
+    start, lock = 0, None
     if args.resume:
         try:
             with open(config_path) as f:
                 previous = json.load(f)
         except FileNotFoundError:
-            fail(f"--resume: no run in {args.out_dir} (no config.json)")
+            fail(f"--resume: no run in {out} (no config.json)")
         except (OSError, ValueError) as e:
             fail(f"--resume: cannot read {config_path}: {e}")
         changed = [k for k in RESUME_SAME if previous.get(k) != getattr(args, k)]
         changed += ['the corpus content'] if previous.get('data_key') != corpus['key'] else []
         if changed:
-            fail(f"--resume: the run in {args.out_dir} was made with other settings: {', '.join(changed)}")
+            fail(f"--resume: the run in {out} was made with other settings: {', '.join(changed)} "
+                 f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
         if os.path.exists(ckpt_path):  # else it was stopped before its first checkpoint: start again
             try:
                 ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -206,16 +330,68 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
                 start = int(ckpt['step'])
             except Exception as e:  # a torn, foreign or mismatched file: say so, never trust it
                 fail(f"cannot resume from checkpoint {ckpt_path}: {' '.join(str(e).split())[:300]}")
-    elif master and os.path.exists(config_path) and not args.overwrite:  # master only: it writes config.json
-        fail(f"{args.out_dir} already holds a run: --resume to continue it, --overwrite to replace it")
-    if master:
-        if args.overwrite and not args.resume and os.path.isdir(args.out_dir):
-            shutil.rmtree(args.out_dir)
-        try:
-            os.makedirs(args.out_dir, exist_ok=True)
-        except OSError as e:
-            fail(e)
-    return start
+        return start, lock_run_dir(out) if master else None
+    if not master:  # process 0 alone looks at and prepares the folder
+        return start, lock
+    existing = os.path.isdir(out) and os.listdir(out)
+    if existing:
+        foreign = foreign_entries(out)
+        if foreign:
+            fail(f"{out} holds files train.py did not write ({', '.join(foreign[:4])}"
+                 f"{', ...' if len(foreign) > 4 else ''}): a new run needs a new or empty folder")
+        if not args.overwrite:
+            fail(f"{out} already holds a run: --resume to continue it, --overwrite to replace it")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        fail(e)
+    lock = lock_run_dir(out)
+    if existing:  # --overwrite: the run's own files only, checked again under the lock
+        if foreign_entries(out):
+            fail(f"{out} changed while train.py was starting: nothing was deleted")
+        for entry in os.listdir(out):
+            path = os.path.join(out, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return start, lock
+
+
+def lock_run_dir(out_dir):
+    """An exclusive lock on the folder itself, held as long as this process lives: a second train.py
+    on the same --out_dir is refused. The kernel releases it when the process ends, however it ends,
+    so a killed run never blocks its --resume; no file is written for it."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"{out_dir} is in use by another train.py (it holds the folder's lock)")
+    return fd
+
+
+def foreign_entries(out_dir):
+    """The entries of out_dir that train.py or plot.py did not write: not named in RUN_FILES or as a
+    record, not a plain file, a config.json that is not train.py's, or in figures/ anything but
+    plot.py's figures and report."""
+    ours = set(RUN_FILES) | {name + '.npy' for name, *_ in RECORDS}
+    foreign = []
+    for entry in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, entry)
+        if entry == 'figures' and os.path.isdir(path) and not os.path.islink(path):
+            foreign += [f"figures/{name}" for name in sorted(os.listdir(path))
+                        if not re.fullmatch(PLOT_FILES, name) or not os.path.isfile(os.path.join(path, name))]
+        elif entry not in ours or os.path.islink(path) or not os.path.isfile(path) or \
+                (entry == 'config.json' and not written_by_train(path)):
+            foreign.append(entry)
+    return foreign
+
+
+def written_by_train(config_path):
+    """Is this config.json one that train.py wrote (JSON with the settings and the record shapes)?"""
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        return isinstance(config, dict) and {'records', 'n_params', 'max_iters'} <= set(config)
+    except (OSError, ValueError):
+        return False
 
 
 def write_run_files(args, corpus, model, rec, probe_offsets, device, dtype, world):
@@ -263,6 +439,9 @@ def save_checkpoint(path, model, optimizer, step, args):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    handlers = stop_on_signals(args.out_dir)  # SIGTERM and Ctrl-C: one line saying how to resume
     ddp, rank, world, device = setup_processes(args)
     master = rank == 0  # only process 0 records, checkpoints and prints
     if args.batch_size % world:
@@ -270,23 +449,26 @@ def main(argv=None):
     device_type = 'cuda' if device.startswith('cuda') else device
     dtype, autocast = precision(args.dtype, device_type)
     torch.manual_seed(args.seed)
-    corpus, probe_offsets, px, py = load_data(args, device)
+    corpus, probe_offsets, px, py = load_data(args, device, master)
     S, B, T = args.max_iters, args.batch_size, args.block_size
 
-    # the model, its optimizer, the run directory and the recorder
+    # the model, its optimizer, the recorder, then the run directory, once it is sure the run can start
     config = GPTConfig(block_size=T, vocab_size=corpus['vocab_size'], n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, bias=args.bias, tie_weights=args.tie_weights)
     raw_model = GPT(config).to(device)  # parameters stay fp32; autocast does the bf16 matmuls
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
                                                (args.beta1, args.beta2), device_type)
-    start = open_run_dir(args, corpus, raw_model, optimizer, device, master)
     rec = Recorder(args, raw_model, corpus, px, py, dtype, rank, world)  # records with the plain fp32 module
+    check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
+    start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
     try:
         rec.open(args.out_dir, create=start == 0)
     except (ValueError, OSError) as e:
         fail(e)
     if master and start == 0:  # a new run (or one resumed before its first checkpoint)
         write_run_files(args, corpus, raw_model, rec, probe_offsets, device, dtype, world)
+    elif master:
+        note_resume(args, start, device)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     model = raw_model
     if ddp:  # the backward averages the gradients over the processes
@@ -296,16 +478,13 @@ def main(argv=None):
         model = torch.compile(model)
     if master:
         print(f"{model_desc(raw_model, corpus)}; {S} steps of {B} x {T} tokens on {device} ({dtype}, "
-              f"{world} process{'es' if world > 1 else ''}), recording: {args.record}")
+              f"{world} process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
 
-    t0, t_last = time.time(), time.time()
+    t0, t_last, recent_ms = time.time(), time.time(), collections.deque(maxlen=50)
     for step in range(start, S):
         t_step = time.perf_counter()
         # the batch of step t, a function of (seed, step); under DDP this process takes its rows
-        offsets = data.batch_offsets(args.seed, step, B, T, len(corpus['train']))  # (B,) the global batch
-        mine = offsets[rank * (B // world):(rank + 1) * (B // world)]
-        x, y = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], mine, T))
-
+        offsets, x, y = get_batch(args, corpus, step, rank, world, device)
         # probe measures at theta_t, before the step changes anything
         rec.probe(step)
 
@@ -339,7 +518,10 @@ def main(argv=None):
 
         # after-update measures: the same batch at theta_{t+1}, the update, the step's scalars
         rec.after_update(step, x, y, offsets, lr, grad_norm)
-        rec.write('step_ms', step, 1000 * (time.perf_counter() - t_step))  # the writes waited for the device
+        step_ms = 1000 * (time.perf_counter() - t_step)  # the writes waited for the device
+        rec.write('step_ms', step, step_ms)
+        if step != start and step not in rec.grad_row:  # an ordinary step, for the ETA
+            recent_ms.append(step_ms)
 
         # after the last step: probe measures of the final model theta_S (probe row S)
         if step + 1 == S:
@@ -350,15 +532,16 @@ def main(argv=None):
             rec.flush()
             save_checkpoint(ckpt_path, raw_model, optimizer, step + 1, args)
             write_json(os.path.join(args.out_dir, 'progress.json'), {'steps_done': step + 1, 'max_iters': S})
-        if master and (step % args.log_interval == 0 or step + 1 == S):
-            now = time.time()
-            ms = 1000 * (now - t_last) / (1 if step == start else args.log_interval)
-            eta = (now - t0) / (step + 1 - start) * (S - step - 1)
-            print(f"step {step:5d}/{S} | loss {rec.train_loss:.4f} | probe {rec.probe_loss:.4f} | "
-                  f"lr {lr:.2e} | {ms:6.1f} ms/step | ETA {eta / 60:4.1f} min", flush=True)
-            t_last = now
+        due = step % args.log_interval == 0 or step + 1 == S or time.time() - t_last >= args.log_seconds
+        if master and due:
+            print(progress_line(step, S, rec, lr, recent_ms), flush=True)
+            t_last = time.time()
     if master:
         print(f"done: {S - start} steps in {(time.time() - t0) / 60:.1f} min; records in {args.out_dir}")
+    for sig, handler in handlers.items():  # as they were (bench.py calls main in its own process)
+        signal.signal(sig, handler)
+    if lock is not None:
+        os.close(lock)  # releases the folder
     if ddp:
         # release DDP (its reducer holds gloo work objects) while the interpreter is fully alive, wait
         # for rank 0's last records and checkpoint, then leave together: gloo can abort at exit otherwise
@@ -366,6 +549,16 @@ def main(argv=None):
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def progress_line(step, S, rec, lr, recent_ms):
+    """One line of progress. ms/step and the ETA come from the median of the recent ordinary steps
+    (neither the first of the process, which warms up, nor the scheduled ones, which cost more):
+    '?' until there is one."""
+    ms = statistics.median(recent_ms) if recent_ms else float('nan')
+    eta = f"{ms * (S - step - 1) / 60000:.1f} min" if recent_ms else '?'
+    return (f"step {step:5d}/{S} | loss {rec.train_loss:.4f} | probe {rec.probe_loss:.4f} | lr {lr:.2e} | "
+            f"{ms:6.1f} ms/step | ETA {eta}")
 
 
 def model_desc(model, corpus):

@@ -271,3 +271,54 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
         lines = p.stderr.splitlines()
         assert len(lines) == 1 and path in lines[0] and 'Traceback' not in p.stderr, (name, p.stderr)
         assert p.stdout == '', name
+
+
+def test_cli_csv_with_a_byte_order_mark(tmp_path):
+    """A UTF-8 BOM (as some editors save CSVs) never changes which line is a header: without a
+    header every one of the 100 rows is fitted, with one the header is still skipped."""
+    steps = np.arange(1, 101) * 50.0
+    loss = curve(steps, 800, 0.6, -0.45, 0.3)
+    plain = write_csv(str(tmp_path / 'plain.csv'), steps, loss, header=False)
+    paths = [plain]
+    for name, header in [('bom.csv', False), ('bom_header.csv', True)]:
+        path = str(tmp_path / name)
+        with open(plain, 'rb') as f:
+            text = (b'step,loss\n' if header else b'') + f.read()
+        with open(path, 'wb') as f:
+            f.write(b'\xef\xbb\xbf' + text)
+        paths.append(path)
+    p = run_cli(*paths, '--raw', '--n_boot', '0')
+    assert p.returncode == 0, p.stderr
+    fits = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r['n_points'] for r in fits] == [100, 100, 100]
+    without_path = [{k: v for k, v in r.items() if k != 'path'} for r in fits]
+    assert without_path[1] == without_path[0] and without_path[2] == without_path[0]
+    for path in paths:  # and from Python
+        np.testing.assert_array_equal(bnsl.load_curve(path)[0], steps)
+
+
+def test_cli_exact_duplicate_rows_are_merged_with_a_note(tmp_path):
+    """Published curves repeat rows: exact duplicates (same step, same loss) are merged, with one note."""
+    loss = curve(T_LOG, 150, 0.6, -0.45, 0.3)
+    lines = [f"{s:g},{float(v)!r}" for s, v in zip(T_LOG, loss)]
+    clean = write_csv(str(tmp_path / 'clean.csv'), T_LOG, loss)
+    dup = tmp_path / 'dup.csv'
+    dup.write_text('step,loss\n' + '\n'.join(lines[:10] + lines[9:50] + lines[49:51] + lines[50:]) + '\n')
+    p = run_cli(str(dup), clean, '--raw', '--n_boot', '0')
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == [f"bnsl.py: note: {dup}: 3 exact duplicate rows merged"]
+    r_dup, r_clean = [json.loads(line) for line in p.stdout.splitlines()]
+    assert r_dup['n_points'] == len(T_LOG) and r_dup.pop('path') == str(dup)
+    assert r_clean.pop('path') == clean and r_dup == r_clean
+
+
+def test_cli_conflicting_duplicate_steps_are_one_line_exit_2(tmp_path):
+    lines = [f"{s:g},{float(v)!r}" for s, v in zip(T_LOG, curve(T_LOG, 150, 0.6, -0.45, 0.3))]
+    path = str(tmp_path / 'conflict.csv')
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines[:30] + [lines[29].split(',')[0] + ',0.123'] + lines[30:]) + '\n')
+    p = run_cli(path)
+    assert p.returncode == 2 and p.stdout == ''
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and path in lines[0] and 'Traceback' not in p.stderr, p.stderr
+    assert f"step {T_LOG[29]:g}" in lines[0] and 'different losses' in lines[0], lines[0]
