@@ -122,33 +122,37 @@ def get_args(argv=None):
                    help='steps between checkpoints (and at the end)')
     g.add_argument('--resume', action='store_true', help='continue the run in --out_dir from its checkpoint')
     g.add_argument('--overwrite', action='store_true', help='replace a run already in --out_dir')
-    args = p.parse_args(argv)
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args):
+    """Every setting against what the code can do, before any work: one line and exit status 2."""
     for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'max_iters', 'probe_seqs',
                  'opposition_seqs', 'log_interval', 'ckpt_interval']:
         if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ['learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'hidden_every',
                  'grad_every', 'threads']:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
-            p.error(f"--{name} must be a finite number >= 0, got {value}")
+            fail(f"--{name} must be a finite number >= 0, got {value}")
     for name in ['beta1', 'beta2']:  # AdamW's moving averages need 0 <= beta < 1
         if not 0 <= getattr(args, name) < 1:
-            p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+            fail(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if not args.log_seconds > 0:
-        p.error(f"--log_seconds must be positive, got {args.log_seconds}")
+        fail(f"--log_seconds must be positive, got {args.log_seconds}")
     if not 0 <= args.seed < 2 ** 32:
-        p.error(f"--seed must be in 0 .. 2^32 - 1, got {args.seed}")
+        fail(f"--seed must be in 0 .. 2^32 - 1, got {args.seed}")
     if args.n_embd % args.n_head:
-        p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+        fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.opposition_seqs > args.probe_seqs:
-        p.error(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
+        fail(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
     device_problem = check_device(args.device, args.dtype)
     if device_problem:
-        p.error(device_problem)
+        fail(device_problem)
     for name in ['out_dir', 'cache_dir']:
         if os.path.exists(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
-            p.error(f"--{name} {getattr(args, name)} is a file, not a folder")
+            fail(f"--{name} {getattr(args, name)} is a file, not a folder")
     return args
 
 

@@ -53,7 +53,8 @@ def test_overwrite_of_the_working_folder_touches_nothing(tmp_path, cache_dir):
     (tmp_path / 'data').mkdir()
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *SHORT, '--cache_dir', cache_dir,
-                           '--out_dir', '.', '--overwrite'], capture_output=True, text=True, cwd=str(tmp_path))
+                           '--out_dir', '.', '--overwrite'],
+                          capture_output=True, text=True, cwd=str(tmp_path))
     assert_one_line(proc, 'holds files train.py did not write')
     assert snapshot(tmp_path) == before
 
@@ -96,8 +97,8 @@ def test_a_new_run_goes_into_an_empty_folder(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_two_runs_started_together_on_one_folder_one_is_refused(tmp_path, cache_dir):
     out = str(tmp_path / 'shared')
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *TINY, '--max_iters', '30', '--cache_dir', cache_dir,
-           '--out_dir', out]
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *TINY, '--max_iters', '30',
+           '--cache_dir', cache_dir, '--out_dir', out]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(2)]
     results = [(p.wait(), p.stderr.read()) for p in procs]
@@ -164,7 +165,8 @@ def test_paths_that_are_not_what_they_must_be(tmp_path, cache_dir):
                            (['--cache_dir', str(tmp_path / 'a_file'), '--out_dir', str(tmp_path / 'x')],
                             'is a file, not a folder'),
                            (['--data', '/dev/null', '--out_dir', str(tmp_path / 'x')], 'a character device'),
-                           (['--data', str(tmp_path / 'fifo'), '--out_dir', str(tmp_path / 'x')], 'a named pipe')]:
+                           (['--data', str(tmp_path / 'fifo'), '--out_dir', str(tmp_path / 'x')],
+                            'a named pipe')]:
         args = [*SHORT, '--cache_dir', cache_dir, *flags]
         assert_one_line(run_train(*args, check=False), message)
     assert not (tmp_path / 'x').exists() and (tmp_path / 'a_file').read_text() == 'x'
@@ -181,8 +183,8 @@ def test_a_batch_too_large_for_memory_is_one_line_before_anything_is_written(tmp
 
 
 def test_records_larger_than_the_disk_are_one_line_before_anything_is_written(tmp_path, cache_dir):
-    proc = run_train(*TINY, '--max_iters', '1000000000', '--cache_dir', cache_dir, '--out_dir', str(tmp_path / 'x'),
-                     check=False)
+    proc = run_train(*TINY, '--max_iters', '1000000000', '--cache_dir', cache_dir,
+                     '--out_dir', str(tmp_path / 'x'), check=False)
     assert_one_line(proc, 'the records of this run need')
     assert not (tmp_path / 'x').exists()
 
@@ -201,8 +203,9 @@ def test_resume_refuses_another_learning_rate_and_records_what_may_change(tmp_pa
     run_train(*args, '--resume', '--log_interval', '3', '--threads', '1')
     config = json.load(open(os.path.join(out, 'config.json')))
     assert config['learning_rate'] == 1e-3 and config['log_interval'] == 5  # the run as it was made
-    assert config['resumed'] == [dict(step=4, device_used='cpu', **{k: config[k] for k in train.RESUME_MAY_CHANGE
-                                                                     if k not in ('log_interval', 'threads')},
+    assert config['resumed'] == [dict(step=4, device_used='cpu',
+                                      **{k: config[k] for k in train.RESUME_MAY_CHANGE
+                                         if k not in ('log_interval', 'threads')},
                                       log_interval=3, threads=1)]
 
 
@@ -223,7 +226,8 @@ def test_a_one_step_run_has_its_scheduled_rows_among_its_steps(tmp_path, cache_d
 def test_a_signal_stops_the_run_with_one_line_and_resume_is_bitwise(sig, long_reference, tmp_path, cache_dir):
     out = str(tmp_path / 'run')
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *LONG, '--cache_dir', cache_dir,
-                             '--out_dir', out], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             '--out_dir', out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     while not os.path.exists(os.path.join(out, 'progress.json')) and proc.poll() is None:
         time.sleep(0.01)  # until the first checkpoint
     proc.send_signal(sig)

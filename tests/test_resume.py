@@ -16,7 +16,8 @@ from conftest import ROOT, TINY, run_train
 
 pytestmark = pytest.mark.slow  # every test here runs train.py several times in subprocesses
 
-ARGS = [*TINY, '--max_iters', '12', '--ckpt_interval', '4', '--grad_every', '3']  # checkpoints after steps 3, 7, 11
+# checkpoints after steps 3, 7, 11
+ARGS = [*TINY, '--max_iters', '12', '--ckpt_interval', '4', '--grad_every', '3']
 TIMING = {'step_ms'}  # wall-clock records: never identical
 
 
@@ -42,7 +43,8 @@ def assert_identical_runs(a, b):
     for (i, sa), sb in zip(ca['optimizer']['state'].items(), cb['optimizer']['state'].values()):
         for k in sa:
             assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), (i, k)
-    assert json.load(open(os.path.join(a, 'progress.json'))) == json.load(open(os.path.join(b, 'progress.json')))
+    assert (json.load(open(os.path.join(a, 'progress.json')))
+            == json.load(open(os.path.join(b, 'progress.json'))))
 
 
 @pytest.mark.parametrize('point,n', [
@@ -55,8 +57,9 @@ def assert_identical_runs(a, b):
 ])
 def test_killed_run_resumes_bitwise_identical(point, n, reference, tmp_path, cache_dir):
     out = str(tmp_path / 'run')
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'crash_train.py'), point, str(n), *ARGS,
-                           '--cache_dir', cache_dir, '--out_dir', out], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'crash_train.py'), point, str(n),
+                           *ARGS, '--cache_dir', cache_dir, '--out_dir', out],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if point == 'ckpt':
         assert os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))  # the torn file, never trusted
@@ -73,8 +76,8 @@ def test_resume_of_a_finished_run_changes_nothing(reference, tmp_path, cache_dir
 
 def test_non_finite_loss_stops_with_consistent_records(tmp_path, cache_dir):
     out = str(tmp_path / 'diverge')
-    proc = run_train(*TINY, '--max_iters', '20', '--ckpt_interval', '1', '--learning_rate', '1e30', '--grad_clip', '0',
-                     '--cache_dir', cache_dir, '--out_dir', out, check=False)
+    proc = run_train(*TINY, '--max_iters', '20', '--ckpt_interval', '1', '--learning_rate', '1e30',
+                     '--grad_clip', '0', '--cache_dir', cache_dir, '--out_dir', out, check=False)
     assert proc.returncode == 2 and 'non-finite training loss at step' in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and 'Traceback' not in proc.stderr
     bad = int(proc.stderr.split('at step ')[1].split(':')[0])
@@ -117,7 +120,8 @@ def bad_inputs(tmp, reference):
         (['--data', str(tmp / 'latin1.txt'), *out], 'not UTF-8'),
         (['--out_dir', str(tmp / 'a_file' / 'run')], 'Not a directory'),
         (['--resume', *out], 'no run in'),
-        ([*ARGS, '--resume', '--out_dir', str(runs['other_config']), '--n_embd', '32'], 'other settings: n_embd'),
+        ([*ARGS, '--resume', '--out_dir', str(runs['other_config']), '--n_embd', '32'],
+         'other settings: n_embd'),
         ([*ARGS, '--resume', '--out_dir', str(runs['torn_ckpt'])], 'cannot resume from checkpoint'),
         ([*ARGS, '--resume', '--out_dir', str(runs['bad_record'])], 'probe_loss.npy: corrupt'),
         ([*ARGS, '--resume', '--out_dir', str(runs['bad_config'])], 'cannot read'),
@@ -140,9 +144,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(reference, tmp_path, c
 
 def test_two_gloo_processes_record_what_one_process_records(reference, tmp_path, cache_dir):
     out = str(tmp_path / 'ddp')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           os.path.join(ROOT, 'train.py'), *ARGS, '--cache_dir', cache_dir, '--out_dir', out],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                           '--nproc_per_node', '2', os.path.join(ROOT, 'train.py'), *ARGS,
+                           '--cache_dir', cache_dir, '--out_dir', out],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.load(open(os.path.join(out, 'config.json')))
     assert config['world_size'] == 2
@@ -150,6 +156,8 @@ def test_two_gloo_processes_record_what_one_process_records(reference, tmp_path,
         a, b = np.load(os.path.join(out, name + '.npy')), np.load(os.path.join(reference, name + '.npy'))
         assert a.shape == b.shape == tuple(shape) and a.dtype == b.dtype, name
     # the same global batch: the per-step mean loss and the gathered per-token losses agree
-    for name in ['train_loss', 'train_loss_pre', 'train_loss_post', 'probe_loss', 'train_D', 'theta_cos', 'local_opposition_mean']:
-        np.testing.assert_allclose(np.load(os.path.join(out, name + '.npy')), np.load(os.path.join(reference, name + '.npy')),
+    for name in ['train_loss', 'train_loss_pre', 'train_loss_post', 'probe_loss', 'train_D', 'theta_cos',
+                 'local_opposition_mean']:
+        np.testing.assert_allclose(np.load(os.path.join(out, name + '.npy')),
+                                   np.load(os.path.join(reference, name + '.npy')),
                                    rtol=1e-4, atol=1e-5, err_msg=name)

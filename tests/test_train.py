@@ -27,9 +27,9 @@ def test_run_writes_every_record_with_the_right_shape(tiny_run):
     S, B, T, P, d = 12, 4, 16, 3, 16
     V = cfg['vocab_size_actual']
     hidden_steps, grad_steps = load(tiny_run, 'hidden_steps'), load(tiny_run, 'grad_steps')
-    sizes = dict(S=S, B=B, T=T, P=P, d=d, R=min(d, V), K=len(hidden_steps), G=len(grad_steps), H=recorder.HIST_BINS,
-                 n_theta=len(cfg['theta_names']), n_local=len(cfg['local_opposition_keys']),
-                 n_all=len(cfg['opposition_keys']))
+    sizes = dict(S=S, B=B, T=T, P=P, d=d, R=min(d, V), K=len(hidden_steps), G=len(grad_steps),
+                 H=recorder.HIST_BINS, n_theta=len(cfg['theta_names']),
+                 n_local=len(cfg['local_opposition_keys']), n_all=len(cfg['opposition_keys']))
     assert sorted(cfg['records']) == sorted(name for name, *_ in RECORDS)
     for name, shape, dtype, when, meaning in RECORDS:
         a = load(tiny_run, name)
@@ -136,17 +136,20 @@ def test_bad_data_fails_with_one_line(tmp_path, cache_dir):
     (tmp_path / 'small.txt').write_text('only a few words\n')
     for path, message in [(tmp_path / 'missing.txt', 'no such file'), (tmp_path / 'bin.txt', 'binary'),
                           (tmp_path / 'small.txt', 'fewer than')]:
-        proc = run_train(*TINY, '--data', str(path), '--cache_dir', cache_dir, '--out_dir', str(tmp_path / 'o'), check=False)
+        proc = run_train(*TINY, '--data', str(path), '--cache_dir', cache_dir,
+                         '--out_dir', str(tmp_path / 'o'), check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / 'o')
 
 
 @pytest.mark.slow
 def test_user_text_file_trains(tmp_path, cache_dir):
-    text = ''.join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 13}.\n" for i in range(400))
+    text = ''.join(f"line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 13}.\n"
+                   for i in range(400))
     (tmp_path / 'corpus.txt').write_text(text)
     out = str(tmp_path / 'run')
-    run_train(*TINY, '--data', str(tmp_path / 'corpus.txt'), '--max_iters', '4', '--cache_dir', cache_dir, '--out_dir', out)
+    run_train(*TINY, '--data', str(tmp_path / 'corpus.txt'), '--max_iters', '4', '--cache_dir', cache_dir,
+              '--out_dir', out)
     cfg = json.load(open(os.path.join(out, 'config.json')))
     assert 'corpus.txt' in cfg['corpus'] and np.all(np.isfinite(load(out, 'probe_loss')))
 
@@ -175,7 +178,8 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_schedule_and_learning_rate():
     assert log_schedule(100)[0] == 0 and log_schedule(100)[-1] == 100
     assert log_schedule(10, every=4) == [0, 4, 8, 10]
-    args = get_args(['--max_iters', '100', '--warmup_iters', '10', '--learning_rate', '1e-3', '--min_lr', '1e-4'])
+    args = get_args(['--max_iters', '100', '--warmup_iters', '10', '--learning_rate', '1e-3',
+                     '--min_lr', '1e-4'])
     lrs = [get_lr(t, args) for t in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
     assert max(lrs) == pytest.approx(1e-3, rel=1e-2) and min(lrs[10:]) > 1e-4  # never below min_lr
@@ -203,10 +207,12 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
     # zero-sum learning on the train batch and on the probe set
     pre, post = (per_token_loss(m(x)[0], y).detach() for m in (model0, model1))
     np.testing.assert_allclose(load(out, 'train_loss_post')[0], post.numpy(), **rel)
-    np.testing.assert_allclose(load(out, 'train_D')[0], metrics.destructive_interference((post - pre).flatten()).item(), rtol=1e-3)
+    np.testing.assert_allclose(load(out, 'train_D')[0],
+                               metrics.destructive_interference((post - pre).flatten()).item(), rtol=1e-3)
     np.testing.assert_allclose(load(out, 'train_M')[0], (post - pre).abs().mean().item(), rtol=1e-3)
     probe_change = (per_token_loss(model1(px)[0], py) - per_token_loss(model0(px)[0], py)).detach()
-    np.testing.assert_allclose(load(out, 'probe_D')[0], metrics.destructive_interference(probe_change.flatten()).item(), rtol=1e-3)
+    np.testing.assert_allclose(load(out, 'probe_D')[0],
+                               metrics.destructive_interference(probe_change.flatten()).item(), rtol=1e-3)
     assert 0 <= load(out, 'probe_D_null')[0] <= 1
 
     # output-layer decomposition of the probe tokens, at theta_0 and theta_1
@@ -214,27 +220,34 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
         h = m.hidden(px).detach().reshape(-1, 16)
         ref = metrics.output_decomposition(h, m.lm_head.weight.detach(), py.reshape(-1))
         for k, v in ref.items():
-            np.testing.assert_allclose(load(out, 'probe_' + k)[row].reshape(-1), v.numpy(), rtol=1e-3, atol=1e-5)
-        np.testing.assert_allclose(load(out, 'probe_anisotropy')[row], float(metrics.anisotropy(h)), rtol=1e-4)
+            np.testing.assert_allclose(load(out, 'probe_' + k)[row].reshape(-1), v.numpy(),
+                                       rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(load(out, 'probe_anisotropy')[row], float(metrics.anisotropy(h)),
+                                   rtol=1e-4)
 
     # dissent in theta and position-local opposition on the train batch at theta_0
     logits = model0(x)[0]
     theta = metrics.theta_decomposition(logits, y, dict(model0.named_parameters()))
     for j, name in enumerate(cfg['theta_names']):
-        np.testing.assert_allclose(load(out, 'theta_cos')[0, j], float(theta[name]['cos']), rtol=1e-3, atol=1e-5)
-        np.testing.assert_allclose(load(out, 'theta_norm_minus')[0, j], float(theta[name]['norm_minus']), rtol=1e-3)
+        np.testing.assert_allclose(load(out, 'theta_cos')[0, j], float(theta[name]['cos']),
+                                   rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(load(out, 'theta_norm_minus')[0, j], float(theta[name]['norm_minus']),
+                                   rtol=1e-3)
     brute = metrics.per_token_gradient_sums(model0, x, y)  # every parameter, exact
     local = metrics.opposition_summary({n: brute[n] for n in brute if n in set(cfg['local_opposition_keys'])})
     for j, key in enumerate(cfg['local_opposition_keys']):
-        np.testing.assert_allclose(load(out, 'local_opposition_mean')[0, j], float(local[key]['mean']), rtol=1e-3)
-        np.testing.assert_allclose(load(out, 'local_opposition_weighted')[0, j], float(local[key]['weighted']), rtol=1e-3)
+        np.testing.assert_allclose(load(out, 'local_opposition_mean')[0, j], float(local[key]['mean']),
+                                   rtol=1e-3)
+        np.testing.assert_allclose(load(out, 'local_opposition_weighted')[0, j],
+                                   float(local[key]['weighted']), rtol=1e-3)
         assert load(out, 'local_opposition_hist')[0, j].sum() == int(local[key]['hist'].sum())
 
     # exact all-parameter opposition on the probe subset, and the JVP prediction along the real update
     full = metrics.opposition_summary(metrics.per_token_gradient_sums(model0, px[:2], py[:2]))
     for j, key in enumerate(cfg['opposition_keys']):
         np.testing.assert_allclose(load(out, 'opposition_mean')[0, j], float(full[key]['mean']), rtol=1e-3)
-    delta = {n: p1.detach() - p0.detach() for (n, p0), p1 in zip(model0.named_parameters(), model1.parameters())}
+    delta = {n: p1.detach() - p0.detach()
+             for (n, p0), p1 in zip(model0.named_parameters(), model1.parameters())}
     pred = metrics.predicted_loss_change(model0, x, y, delta)
     np.testing.assert_allclose(load(out, 'train_loss_pred')[0], pred.detach().numpy(), rtol=1e-3, atol=1e-6)
     assert np.corrcoef(pred.detach().numpy().ravel(), (post - pre).numpy().ravel())[0, 1] > 0.9
@@ -248,7 +261,8 @@ def test_compile_records_what_eager_records(tmp_path, cache_dir):
     run_train(*common, '--out_dir', str(tmp_path / 'eager'))
     run_train(*common, '--compile', '--out_dir', str(tmp_path / 'compiled'))
     for name in ['train_loss', 'probe_loss', 'train_D', 'local_opposition_mean', 'theta_cos']:
-        np.testing.assert_allclose(load(str(tmp_path / 'compiled'), name), load(str(tmp_path / 'eager'), name),
+        np.testing.assert_allclose(load(str(tmp_path / 'compiled'), name),
+                                   load(str(tmp_path / 'eager'), name),
                                    rtol=1e-4, atol=1e-5, err_msg=name)
 
 
@@ -259,9 +273,11 @@ ENTROPY = '''def prediction_entropy(logits):
     """H_i = -sum_v p_iv log p_iv with p_i = softmax(z_i), in nats: (..., V) -> (...)."""
     return -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
 '''
+OPPOSITION_HIST_ROW = ('''    ('opposition_hist', 'G, n_all, H', 'int64', 'grad', '''
+                       '''"histogram, as local_opposition_hist"),\n''')
 ADDING_A_MEASUREMENT = [
     ('metrics.py', None, ENTROPY),
-    ('recorder.py', '''    ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),\n''',
+    ('recorder.py', OPPOSITION_HIST_ROW,
      '''    ('probe_entropy', 'S+1, P, T', 'float32', 'step', "entropy of p_i at theta_t, per probe token"),
     ('train_entropy', 'S, B, T', 'float32', 'step', "entropy of p_i at theta_t, per token of the batch"),
 '''),
@@ -291,8 +307,9 @@ def test_adding_a_measurement_as_the_readme_shows(tmp_path, cache_dir):
             source = source.replace(after, after + lines)
         (code / file).write_text(source)
     out = str(tmp_path / 'run')
-    proc = subprocess.run([sys.executable, str(code / 'train.py'), *TINY, '--max_iters', '2', '--cache_dir', cache_dir,
-                           '--out_dir', out], capture_output=True, text=True, cwd=str(code))
+    proc = subprocess.run([sys.executable, str(code / 'train.py'), *TINY, '--max_iters', '2',
+                           '--cache_dir', cache_dir, '--out_dir', out],
+                          capture_output=True, text=True, cwd=str(code))
     assert proc.returncode == 0, proc.stderr
     cfg = json.load(open(os.path.join(out, 'config.json')))
     assert cfg['records']['probe_entropy'] == [[3, 3, 16], 'float32']
