@@ -11,8 +11,12 @@ final validation loss, saturation onset, interference before and after t_d), per
 frequency bucket (validation loss, the 2D basis), and per run and phase (dissent). A run still training
 is plotted as far as it is recorded (rows not yet written are NaN and skipped); a run recorded
 with less than everything (e.g. --record none) is left out of the figures that need what it lacks,
-and the report says so. Every quantity is computed by the function of metrics.py or bnsl.py named
-after it; this file only reads records and draws.
+and the report says so. A panel with nothing to draw yet (step axes are log: step 0 alone gives no
+point) says so, a figure with nothing at all is left out and noted; with nothing for any figure,
+one line and exit status 2, nothing written. In its folder plot.py replaces only its own files
+(figN_*.png/pdf, report.md; never through a link) and leaves everything else alone. Every quantity
+is computed by the function of metrics.py or bnsl.py named after it; this file only reads records
+and draws.
 """
 
 import argparse
@@ -21,12 +25,16 @@ import json
 import math
 import os
 import sys
+import textwrap
+import warnings
 
 import numpy as np
 import torch
 import matplotlib
 matplotlib.use('Agg')  # files only, no screen
 import matplotlib.pyplot as plt
+from matplotlib import ticker
+from matplotlib.collections import PathCollection
 from matplotlib.colors import LogNorm
 from matplotlib.lines import Line2D
 
@@ -38,6 +46,7 @@ DT_LONG = 10  # the longer interval of the probe-set interference, in steps (bes
 MAX_TRAJ = 150  # points per trajectory in the 2D-basis figure (log-spaced steps)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps']  # saved once, not per step
+GUIDE = 'guide'  # gid of the reference lines drawn in data coordinates (y = x, the collapse star, contours)
 
 # -----------------------------------------------------------------------------
 # reading runs
@@ -153,16 +162,39 @@ def bucket_names(edges):
     return [f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
 
 
+def bucket_labels(run):
+    """The labels of a run's own frequency buckets (its vocabulary and counts set the edges)."""
+    return bucket_names(buckets(run)[1])
+
+
+def shared_bucket_labels(runs, sep=' | '):
+    """(labels, what they list or None) of the buckets of several runs, for a panel or table with
+    a point or column per bucket: the runs' own ranks, each distinct set once, `sep` between sets
+    (another vocabulary or corpus gives other edges), the sets named by vocabulary size where that
+    tells them apart, else by run."""
+    sets = {}
+    for r in runs:
+        sets.setdefault(tuple(bucket_labels(r)), []).append(r)
+    if len(sets) == 1:
+        return list(next(iter(sets))), None
+    vocab = [{len(r['rec']['train_counts']) for r in have} for have in sets.values()]
+    names = [f"V = {min(V)}" if len(V) == 1 and vocab.count(V) == 1 else ', '.join(r['name'] for r in have)
+             for V, have in zip(vocab, sets.values())]
+    ticks = [sep.join(labels[k].split(' ')[1] if k < len(labels) else '-' for labels in sets)
+             for k in range(max(map(len, sets)))]
+    return ticks, 'ranks of ' + sep.join(names)
+
+
 # -----------------------------------------------------------------------------
 # the deceleration fit of every run
 
 
 def fit_run(run, min_step):
     """The BNSL fit (bnsl.fit_bnsl, published preprocessing) of a run's training loss, or a dict
-    with identifiable False and the reason when there are too few points."""
+    with identifiable and fitted False and the reason when there are too few points."""
     t, l = bnsl.preprocess(*recorded(run['rec']['train_loss']), min_step=min_step)
     if len(t) < bnsl.MIN_POINTS:
-        return dict(identifiable=False,
+        return dict(identifiable=False, fitted=False,
                     reason=f"{len(t)} steps > {min_step:g} recorded, the fit needs {bnsl.MIN_POINTS}",
                     t_d=None, L_d=None, r_d=None)
     return bnsl.fit_bnsl(t, l)
@@ -188,9 +220,94 @@ def ci_text(fit, key, fmt):
 
 
 def run_legend(fig, runs):
-    """One legend for the figure: a line of each run's colour, smallest model first."""
+    """One legend for the figure, at its top: a line of each run's colour, smallest model first, in
+    as many columns (at most 4) as the figure's width holds (the figure widens for a name longer
+    than it). Its height in inches."""
     handles = [Line2D([], [], color=r['color'], lw=2, label=r['label']) for r in runs]
-    fig.legend(handles=handles, loc='upper center', ncol=min(len(runs), 4), fontsize=8, frameon=False)
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(min(len(runs), 4), 0, -1):
+        legend = fig.legend(handles=handles, loc='upper center', ncol=ncol, fontsize=8, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if box.width <= fig.bbox.width or ncol == 1:
+            break
+        legend.remove()
+    fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.1))
+    return box.height / fig.dpi
+
+
+def panel_points(ax):
+    """(n, 2): the data points a panel shows, finite and positive along a log axis; guides (gid
+    GUIDE) and lines in axes coordinates (axvline, axhline: t_d, bucket edges) aside."""
+    xy = [a.get_xydata() for a in ax.lines if a.get_gid() != GUIDE and a.get_transform() == ax.transData]
+    xy += [a.get_offsets() for a in ax.collections if isinstance(a, PathCollection) and a.get_gid() != GUIDE]
+    xy = np.concatenate([np.asarray(a, dtype=float).reshape(-1, 2) for a in xy] + [np.zeros((0, 2))])
+    ok = np.isfinite(xy).all(1)
+    for k, axis in enumerate([ax.xaxis, ax.yaxis]):
+        if axis.get_scale() == 'log':
+            ok &= xy[:, k] > 0
+    return xy[ok]
+
+
+class PlainLogFormatter(ticker.Formatter):
+    """The ticks that a log axis' own formatter labels, as plain numbers: 8.3, not 8.3x10^0."""
+
+    def __init__(self, default):
+        self.default = default
+
+    def set_axis(self, axis):
+        super().set_axis(axis)
+        self.default.set_axis(axis)
+
+    def set_locs(self, locs):
+        super().set_locs(locs)
+        self.default.set_locs(locs)  # it picks which ticks to label from the view
+
+    def __call__(self, x, pos=None):
+        if not self.default(x, pos):
+            return ''
+        return np.format_float_positional(x, precision=6, fractional=False, trim='-')
+
+
+def finish(fig, runs):
+    """Makes a drawn figure fit to save; False when no panel shows a data point or a result in words
+    (e.g. 'no identifiable break'; not 'too few steps to fit', gid GUIDE). A panel without a point
+    (nothing recorded yet, or only step 0, which a log step axis cannot show) says so on linear axes
+    (a log axis without a positive value cannot be drawn); a lone point gets a marker (a line of one
+    point is invisible); a log axis that labels ticks between its decades (it spans less than about
+    two) gets plain tick labels, not 8.3x10^0; the run legend goes above the panels, inside the figure."""
+    shown = False
+    for ax in fig.axes:
+        if len(panel_points(ax)):
+            shown = True
+            for line in ax.lines:
+                lone = np.isfinite(line.get_xydata()).all(1).sum() == 1
+                if lone and line.get_marker() in ('None', '', ' ', None):
+                    line.set_marker('o')
+                    line.set_markersize(3)
+            continue
+        shown |= any(t.get_gid() != GUIDE for t in ax.texts)  # a result, e.g. 'no identifiable break'
+        for a in ax.lines + ax.collections:
+            if a.get_gid() != GUIDE:  # e.g. step 0, which a linear axis would show
+                a.set_visible(False)
+        for axis, set_scale in [(ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)]:
+            if axis.get_scale() == 'log':  # no positive value: a log axis cannot be drawn
+                set_scale('linear')
+                axis.set_ticks([])
+        if not ax.texts:  # a panel that does not say why it is empty
+            ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
+                    ha='center', va='center', fontsize=8, color='0.4')
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax in fig.axes + [c for ax in fig.axes for c in ax.child_axes]:  # child: fig7's colour bar
+        for axis in [a for a in (ax.xaxis, ax.yaxis) if a.get_scale() == 'log']:
+            # labels between decades read 8.3x10^0: plain numbers instead
+            if any(axis.get_minor_formatter().format_ticks(axis.get_minorticklocs())):
+                axis.set_major_formatter(PlainLogFormatter(axis.get_major_formatter()))
+                axis.set_minor_formatter(PlainLogFormatter(axis.get_minor_formatter()))
+    top = max(0.35, run_legend(fig, runs) + 0.05)  # grid() leaves 0.4 inches above the panels
+    fig.set_figheight(fig.get_figheight() + top - 0.35)
+    fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()))
+    return shown
 
 
 def mark_break(ax, run):
@@ -248,7 +365,8 @@ def fig_deceleration(runs):
     n = np.array([r['config']['n_params'] for r in runs])
     labels = ['t_d (steps)', 'L_d (nats/token)', 'r_d (slope after t_d)']
     for ax, key, label in zip(axes, ['t_d', 'L_d', 'r_d'], labels):
-        unfit = [r['name'] for r in runs if r['fit'].get(key) is None]
+        unfit = [r['name'] for r in runs if r['fit'].get(key) is None and r['fit'].get('fitted', True)]
+        short = [r['name'] for r in runs if not r['fit'].get('fitted', True)]
         for r, size in zip(runs, n):
             fit = r['fit']
             if fit.get(key) is None:
@@ -259,9 +377,13 @@ def fig_deceleration(runs):
             # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
             yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
             ax.errorbar([size], [fit[key]], yerr=yerr, fmt='o', color=r['color'], capsize=3)
-        if unfit:
-            ax.text(0.02, 0.02, 'no identifiable break:\n' + ', '.join(unfit), transform=ax.transAxes,
-                    fontsize=7, va='bottom')
+        # wrapped and outside the layout: long run names must not squeeze the panels
+        if unfit:  # a result of the fit
+            ax.text(0.02, 0.02, textwrap.fill('no identifiable break: ' + ', '.join(unfit), 40),
+                    transform=ax.transAxes, fontsize=7, va='bottom', in_layout=False, clip_on=True)
+        if short:  # no fit, no result: why the panel lacks them
+            ax.text(0.02, 0.98, textwrap.fill('too few steps to fit: ' + ', '.join(short), 40),
+                    transform=ax.transAxes, fontsize=7, va='top', in_layout=False, clip_on=True, gid=GUIDE)
         ax.set_xscale('log')
         ax.set_xlabel('parameters (log)')
         ax.set_ylabel(label)
@@ -298,7 +420,7 @@ def fig_zero_sum(runs):
         for prefix, ls in [('train', '-'), ('probe', '--')]:
             axes[2].plot(*series(r['rec'][prefix + '_M'], smoothed=True), color=r['color'], lw=1.2, ls=ls)
         D, M = (np.asarray(r['rec']['probe_' + k], dtype=float) for k in ('D', 'M'))  # (S,) each
-        ok = np.isfinite(D) & np.isfinite(M)  # D is NaN (0/0) when no probe loss changed
+        ok = np.isfinite(D) & np.isfinite(M) & (M > 0)  # D is NaN (0/0) when no probe loss changed
         axes[3].scatter(D[ok], M[ok], s=3, color=r['color'], alpha=0.5)
     for ax, title in zip(axes[:2], ['training batch, before vs after its own update',
                                     f'probe set, step t to t+1 (solid) and t to t+{DT_LONG} (dash-dot)']):
@@ -310,15 +432,17 @@ def fig_zero_sum(runs):
     axes[2].set_ylabel('M = mean |Delta l_i| (nats)')
     axes[2].set_title('magnitude of per-token changes: training batch (solid), probe (dashed)', fontsize=8)
     ax = axes[3]
-    ax.set_yscale('log')
     ax.set_xlim(0, 1)
-    lo, hi = ax.get_ylim()
-    D = np.linspace(0, 0.999, 300)
-    for level in 10.0 ** np.arange(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
-        ax.plot(D, level / (1 - D), color='0.6', lw=0.6)  # |Delta L| = (1 - D) M = level
-        if lo <= level <= hi:
-            ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True)
-    ax.set_ylim(lo, hi)
+    if ax.collections and np.isfinite(ax.dataLim.intervaly).all():  # contours around the points, if any
+        ax.set_yscale('log')
+        lo, hi = ax.get_ylim()
+        D = np.linspace(0, 0.999, 300)
+        for level in 10.0 ** np.arange(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+            ax.plot(D, level / (1 - D), color='0.6', lw=0.6, gid=GUIDE)  # |Delta L| = (1 - D) M = level
+            if lo <= level <= hi:
+                ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True,
+                        gid=GUIDE)
+        ax.set_ylim(lo, hi)
     ax.set_xlabel('D (probe set, step t to t+1)')
     ax.set_ylabel('M (nats, log)')
     ax.set_title('D-M plane; grey: contours of |mean Delta l| = (1 - D) M', fontsize=8)
@@ -368,7 +492,10 @@ def fig_opposition(runs):
 def first_order_pairs(run):
     """[(step, predicted (B T,), true (B T,))] of the grad steps whose records are complete."""
     pairs = []
-    for k, s in enumerate(run['rec']['grad_steps']):
+    S = len(run['rec']['train_loss_pre'])
+    for k, s in enumerate(run['rec']['grad_steps'][:len(run['rec']['train_loss_pred'])]):
+        if not 0 <= s < S:  # no batch of that step (older train.py: grad_steps up to S)
+            continue
         pred = np.asarray(run['rec']['train_loss_pred'][k], dtype=float).ravel()
         post = np.asarray(run['rec']['train_loss_post'][s], dtype=float).ravel()
         pre = np.asarray(run['rec']['train_loss_pre'][s], dtype=float).ravel()
@@ -396,7 +523,8 @@ def fig_first_order(runs):
     ax = axes[0]
     ax.set_xscale('symlog', linthresh=1e-3)
     ax.set_yscale('symlog', linthresh=1e-3)
-    ax.plot([-lim, lim], [-lim, lim], color='k', lw=0.8)
+    if lim > 0:
+        ax.plot([-lim, lim], [-lim, lim], color='k', lw=0.8, gid=GUIDE)
     ax.set_xlabel('predicted <grad l_i, delta> (nats, symlog)')
     ax.set_ylabel('true Delta l_i (nats, symlog)')
     ax.set_title('per token, training batch, all scheduled steps', fontsize=8)
@@ -441,16 +569,18 @@ def fig_saturation(runs):
         best, last = zip(*[best_and_last(v) for v in bucket_series(r, 'probe_loss').T])  # per bucket
         axes[1].plot(best, color=r['color'], marker='o')
         axes[1].plot(last, color=r['color'], marker='x', ls='--')
-    _, edges, _ = buckets(runs[0])
-    axes[1].set_xticks(range(len(edges) - 1))
-    axes[1].set_xticklabels(bucket_names(edges), rotation=30, fontsize=6)
+    ticks, label = shared_bucket_labels(runs)  # each run's own ranks: vocabularies may differ
+    axes[1].set_xticks(range(len(ticks)))
+    axes[1].set_xticklabels(ticks, rotation=30, fontsize=6)
+    if label:
+        axes[1].set_xlabel(label, fontsize=7)
     axes[1].set_ylabel('validation loss (nats/token)')
     axes[1].set_title('per frequency bucket: best (o, solid), last (x, dashed)', fontsize=8)
     for ax, r in zip(axes[2:], runs):
         loss = bucket_series(r, 'probe_loss')
-        _, edges, _ = buckets(r)
-        colors = plt.cm.plasma(np.linspace(0, 0.9, len(edges) - 1))
-        for k, (c, name) in enumerate(zip(colors, bucket_names(edges))):
+        names = bucket_labels(r)
+        colors = plt.cm.plasma(np.linspace(0, 0.9, len(names)))
+        for k, (c, name) in enumerate(zip(colors, names)):
             steps, v = series(loss[:, k])
             if len(v):
                 ax.plot(steps, v, color=c, lw=1, label=name)
@@ -468,7 +598,8 @@ def fig_basis(runs):
     norm = LogNorm(1, max(len(r['rec']['probe_cos_h_plus']) for r in runs))
     for i, r in enumerate(runs):
         plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
-        _, edges, _ = buckets(r)
+        bucket, edges, targets = buckets(r)
+        present = set(bucket[targets].unique().tolist())  # the buckets of the probe tokens' targets
         for k, name in enumerate(bucket_names(edges)):
             ax = axes[i * n_b + k]
             steps = np.flatnonzero(np.isfinite(plus[:, k]) & np.isfinite(minus[:, k]))  # recorded rows
@@ -477,9 +608,9 @@ def fig_basis(runs):
                 ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
                 ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm,
                            s=6)
-            else:
+            elif k not in present:  # else not recorded yet: finish() says so
                 ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
-            ax.plot([-1], [1], marker='*', color='r', ms=8)
+            ax.plot([-1], [1], marker='*', color='r', ms=8, gid=GUIDE)
             ax.set_xlim(-1.05, 1.05)
             ax.set_ylim(-1.05, 1.05)
             ax.set_title(f"{r['name']}, {name}", fontsize=7, color=r['color'])
@@ -666,15 +797,15 @@ def dissent_table(runs):
 def basis_table(runs):
     """Per run and bucket: the 2D basis (cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best
     validation loss and at the last recorded step."""
-    rows, header = [], None
+    rows, have = [], []
     for r in runs:
         needs = ['probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens']
         if not all(k in r['rec'] for k in needs):
             continue
+        have.append(r)
         loss = bucket_series(r, 'probe_loss')
         plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
         _, edges, _ = buckets(r)
-        header = header or ['run'] + bucket_names(edges)
         cells = []
         for k in range(len(edges) - 1):
             steps, _ = recorded(loss[:, k])
@@ -686,7 +817,7 @@ def basis_table(runs):
             cells.append(f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> "
                          f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})")
         rows.append([r['name']] + cells)
-    return md_table(header, rows) if rows else ''
+    return bucket_md_table(have, rows)
 
 
 def run_summary(run):
@@ -711,13 +842,13 @@ def run_summary(run):
 
 def bucket_table(runs):
     """Per run and bucket: best and last validation loss, and the bucket's saturation onset."""
-    rows, header = [], None
+    rows, have = [], []
     for r in runs:
         if not all(k in r['rec'] for k in ['probe_loss', 'train_counts', 'probe_tokens']):
             continue
+        have.append(r)
         loss = bucket_series(r, 'probe_loss')
         _, edges, _ = buckets(r)
-        header = header or ['run'] + bucket_names(edges)
         cells = []
         for k in range(len(edges) - 1):
             best, last = best_and_last(loss[:, k])
@@ -728,10 +859,20 @@ def bucket_table(runs):
             onset = metrics.saturation_onset(torch.from_numpy(v))
             cells.append(f"{best:.3f} / {last:.3f}" + ('' if onset is None else f", sat. {steps[onset]}"))
         rows.append([r['name']] + cells)
-    return md_table(header, rows) if rows else ''
+    return bucket_md_table(have, rows)
 
 
-def write_report(path, runs, drawn, notes, fmt):
+def bucket_md_table(runs, rows):
+    """The table of one row per run and a column per frequency bucket, the columns headed by the
+    runs' own ranks (shared_bucket_labels; what they list above the table when vocabularies differ)."""
+    if not rows:
+        return ''
+    labels, what = shared_bucket_labels(runs, sep=r' \| ')
+    rows = [row + [''] * (1 + len(labels) - len(row)) for row in rows]
+    return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
+
+
+def report_text(runs, drawn, notes, fmt):
     parts = ['# Training dynamics report', '',
              f"Runs (ordered and coloured by parameter count): {', '.join(r['label'] for r in runs)}.", '']
     parts += ['## Deceleration and validation loss', '',
@@ -779,8 +920,28 @@ def write_report(path, runs, drawn, notes, fmt):
             parts += [f"### {name}", '', f"![{name}]({name}.{fmt})", '', caption, '']
     if notes:
         parts += ['## Not plotted', ''] + [f"- {n}" for n in notes] + ['']
-    with open(path, 'w') as f:
-        f.write('\n'.join(parts))
+    return '\n'.join(parts)
+
+
+def save(path, write):
+    """Write one of plot.py's own files through a new temporary file renamed over `path`: what is
+    there is replaced, never written through (a link there is replaced, its target kept), and no
+    half-written file is left. Its folder is made on the first write (none is left empty)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(tmp, 'xb')  # 'x': a new file, never one already there
+    except OSError as e:
+        fail(f"{path}: cannot write it ({e.strerror or e})")
+    try:
+        with f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        os.remove(tmp)
+        if isinstance(e, OSError):
+            fail(f"{path}: cannot write it ({e.strerror or e})")
+        raise
 
 
 def main(argv=None):
@@ -806,10 +967,13 @@ def main(argv=None):
         r['color'] = c
         r['fit'] = fit_run(r, args.min_step)
     out = args.out or os.path.join(args.paths[0], 'figures')
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        fail(f"--out {out}: cannot create it ({e.strerror})")
+    # plot.py replaces its own files there and nothing else: refuse before drawing, not halfway
+    if os.path.lexists(out) and not os.path.isdir(out):
+        fail(f"--out {out}: exists and is not a folder")
+    for file in [f"{name}.{fmt}" for name, _, _, _ in FIGURES for fmt in args.format] + ['report.md']:
+        if os.path.isdir(os.path.join(out, file)):
+            fail(f"{os.path.join(out, file)}: a folder where plot.py writes a file; "
+                 "move it or choose another --out")
     drawn, notes = [], []
     for r in runs:
         if r['config'].get('record') != 'all':
@@ -827,15 +991,25 @@ def main(argv=None):
             continue
         if lacking:
             notes.append(f"{name}: leaves out runs ({lacking})")
-        with np.errstate(all='ignore'):
+        with np.errstate(all='ignore'), warnings.catch_warnings():
+            # a log axis of a panel with nothing to draw yet: finish() makes it linear and says so
+            warnings.filterwarnings('ignore', 'Data has no positive values')
             fig = draw(have)
-        run_legend(fig, have)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+            shown = finish(fig, have)
+        if not shown:
+            notes.append(f"{name}: not drawn (nothing recorded that it can draw: too few steps, or none "
+                         "after step 0, which a log step axis cannot show)")
+            plt.close(fig)
+            continue
         for fmt in args.format:
-            fig.savefig(os.path.join(out, f"{name}.{fmt}"), dpi=args.dpi)
+            save(os.path.join(out, f"{name}.{fmt}"), lambda f: fig.savefig(f, format=fmt, dpi=args.dpi))
         plt.close(fig)
         drawn.append(name)
-    write_report(os.path.join(out, 'report.md'), runs, drawn, notes, args.format[0])
+    if not drawn:
+        fail(f"nothing to plot: {', '.join(r['name'] for r in runs)} recorded nothing that a figure can draw "
+             "(too few steps, or none after step 0, which a log step axis cannot show)")
+    text = report_text(runs, drawn, notes, args.format[0])
+    save(os.path.join(out, 'report.md'), lambda f: f.write(text.encode()))
     print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} in {out}")
     for n in notes:
         print(f"  note: {n}")

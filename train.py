@@ -50,7 +50,8 @@ RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval'
 RUN_FILES = ['config.json', 'progress.json', 'ckpt.pt', 'tokenizer.json', 'train_counts.npy',
              'probe_tokens.npy', 'hidden_steps.npy', 'grad_steps.npy', 'ckpt.pt.tmp', 'config.json.tmp',
              'progress.json.tmp']
-PLOT_FILES = r'fig\d+_\w+\.(png|pdf)|report\.md'  # what plot.py writes into its figures/ folder
+# what plot.py writes into its figures/ folder (and a temporary file of it, left by a crash)
+PLOT_FILES = r'(fig\d+_\w+\.(png|pdf)|report\.md)|\.(fig\d+_\w+\.(png|pdf)|report\.md)\.\d+\.tmp'
 
 
 def get_args(argv=None):

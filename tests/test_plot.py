@@ -1,5 +1,6 @@
 """plot.py on real (tiny) runs: every figure drawn and non-blank, the report complete and true to
 the records, partial and unfinished runs plotted as far as they go, bad input refused in one line."""
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, run_train
-from plot import FIGURES, N_BUCKETS
+from plot import FIGURES, N_BUCKETS, plt  # pyplot on plot.py's backend (Agg)
 
 pytestmark = pytest.mark.slow  # every test trains tiny runs and runs plot.py in subprocesses
 NAMES = [name for name, _, _, _ in FIGURES]
@@ -259,3 +260,200 @@ def test_dissent_and_basis_tables_are_the_records_by_phase(sweep, tmp_path):
         assert int(re.search(r' at (\d+) ', cell).group(1)) == best
         for got, t in zip([numbers[:2], numbers[2:]], [best, S]):
             assert got == pytest.approx([np.nanmean(plus[t][mask]), np.nanmean(minus[t][mask])], abs=0.0051)
+
+
+GRAD_RECORDS = ['train_loss_pred', 'opposition_mean', 'opposition_weighted', 'opposition_hist']  # (G, ...)
+
+
+def first_grad_step_only(run):
+    """A run rewritten as train.py writes it when grad_steps lie within 0..S-1: a 1-step run
+    then has grad_steps [0] and one row in each grad record."""
+    config = json.loads((run / 'config.json').read_text())
+    np.save(run / 'grad_steps.npy', np.zeros(1, dtype=np.int64))
+    for name in GRAD_RECORDS:
+        np.save(run / f'{name}.npy', np.load(run / f'{name}.npy')[:1])
+        config['records'][name][0][0] = 1
+    (run / 'config.json').write_text(json.dumps(config))
+
+
+def drawn_and_noted(folder):
+    """(figure names in report.md, the report), after checking that the folder holds exactly
+    those figures and the report, each figure non-blank, and every other figure noted as not drawn."""
+    report = (folder / 'report.md').read_text()
+    drawn = [n for n in NAMES if f"]({n}.png)" in report]
+    assert sorted(os.listdir(folder)) == sorted([n + '.png' for n in drawn] + ['report.md'])
+    assert_figures(folder, drawn)
+    for name in NAMES:
+        assert (name in drawn) != (f"{name}: not drawn" in report), name
+    return drawn, report
+
+
+def test_one_and_two_step_runs_plot_what_they_can_and_say_what_they_cannot(tmp_path, cache_dir):
+    runs = []
+    for steps in ['1', '2']:
+        runs.append(tmp_path / f'steps{steps}')
+        run_train(*TINY, '--max_iters', steps, '--cache_dir', cache_dir, '--out_dir', str(runs[-1]))
+    runs.append(tmp_path / 'grad0')  # the 1-step run with grad_steps [0], however train.py writes it
+    shutil.copytree(runs[0], runs[-1])
+    first_grad_step_only(runs[-1])
+    for run in runs:
+        proc = run_plot(str(run))
+        assert proc.returncode == 0 and 'Traceback' not in proc.stderr, (run.name, proc.stderr)
+        drawn, report = drawn_and_noted(run / 'figures')
+        assert 'fig6_saturation' in drawn and 'fig7_basis' in drawn, run.name  # not against steps
+        assert ('fig1_loss' in drawn) == (run.name == 'steps2'), run.name  # step 1 is the first on a log axis
+    proc = run_plot(*map(str, runs), '--out', str(tmp_path / 'together'))
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    assert 'fig1_loss' in drawn_and_noted(tmp_path / 'together')[0]
+
+
+def unwritten(run, rows):
+    """The run as train.py leaves it before writing row `rows` of any record: rows from there on
+    NaN (integers -1), progress.json saying so."""
+    config = json.loads((run / 'config.json').read_text())
+    for name in config['records']:
+        a = np.load(run / f'{name}.npy', mmap_mode='r+')
+        a[rows:] = np.nan if a.dtype.kind == 'f' else -1
+        a.flush()
+    (run / 'progress.json').write_text(json.dumps(dict(steps_done=rows, max_iters=config['max_iters'])))
+
+
+def test_a_run_at_its_first_step_plots_what_it_has_and_nothing_is_one_line(sweep, tmp_path, cache_dir):
+    for rows in [1, 0]:
+        run = tmp_path / f'rows{rows}'
+        shutil.copytree(sweep / 'runs' / 'large', run, ignore=IGNORE)
+        unwritten(run, rows)
+        proc = run_plot(str(run))
+        assert proc.returncode == 0 and 'Traceback' not in proc.stderr, (rows, proc.stderr)
+        drawn, report = drawn_and_noted(run / 'figures')
+        assert 'fig6_saturation' in drawn and 'fig1_loss' not in drawn  # the Zipf plot needs no step
+        assert re.search(rf'\| rows{rows} \| [0-9,]+ \| {rows} \|', report)
+    # a bare run (--record none) with no row written has nothing any figure can draw
+    bare = tmp_path / 'bare'
+    run_train(*TINY, '--max_iters', '2', '--record', 'none', '--cache_dir', cache_dir, '--out_dir', str(bare))
+    unwritten(bare, 0)
+    proc = run_plot(str(bare))
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and 'nothing to plot' in proc.stderr, proc.stderr
+    assert not (bare / 'figures').exists()
+
+
+def test_plot_writes_only_its_own_files_and_never_through_a_link(sweep, tmp_path):
+    run = str(sweep / 'runs' / 'small')
+    # --out naming a file: one line, the file untouched
+    user = tmp_path / 'user.txt'
+    user.write_text('mine')
+    proc = run_plot(run, '--out', str(user))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert 'not a folder' in proc.stderr and user.read_text() == 'mine'
+    # an existing folder: plot.py's files replaced, the user's kept, a link replaced, its target kept
+    out = tmp_path / 'figs'
+    out.mkdir()
+    (out / 'notes.md').write_text('my notes')
+    (out / 'fig1_loss.svg').write_text('my drawing')
+    (out / 'report.md').write_text('old report')
+    os.symlink(user, out / 'fig2_deceleration.png')
+    proc = run_plot(run, '--out', str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert (out / 'notes.md').read_text() == 'my notes'
+    assert (out / 'fig1_loss.svg').read_text() == 'my drawing'
+    assert user.read_text() == 'mine' and not (out / 'fig2_deceleration.png').is_symlink()
+    assert 'old report' not in (out / 'report.md').read_text()
+    assert_figures(out, NAMES)
+    mine = ['report.md', 'notes.md', 'fig1_loss.svg']
+    assert sorted(os.listdir(out)) == sorted([n + '.png' for n in NAMES] + mine)
+    # a folder where a figure goes is not plot.py's: one line, nothing written
+    out = tmp_path / 'blocked'
+    (out / 'fig9_geometry.png').mkdir(parents=True)
+    proc = run_plot(run, '--out', str(out))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert 'fig9_geometry.png' in proc.stderr and 'Traceback' not in proc.stderr
+    assert os.listdir(out) == ['fig9_geometry.png']
+
+
+def test_bucket_labels_are_each_runs_own(tmp_path, cache_dir):
+    """Two vocabularies give two sets of bucket edges: fig6 labels every run by its own."""
+    import metrics
+    import torch
+    import plot
+    paths = []
+    for vocab in ['300', '400']:
+        paths.append(str(tmp_path / f'V{vocab}'))
+        args = [*TINY, '--max_iters', '4', '--cache_dir', cache_dir, '--out_dir', paths[-1]]
+        args[args.index('--vocab_size') + 1] = vocab
+        run_train(*args)
+    runs = [plot.load_run(p) for p in paths]
+    labels = []
+    for r in runs:
+        r.update(color='k', fit=plot.fit_run(r, plot.bnsl.MIN_STEP))
+        counts = torch.from_numpy(np.load(os.path.join(r['path'], 'train_counts.npy')))
+        _, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+        labels.append([f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])])
+        assert plot.bucket_labels(r) == labels[-1]
+    assert labels[0] != labels[1]
+    # bucket k is ranks a-b of one vocabulary, c-d of the other: 'a-b | c-d'
+    both = [' | '.join(lab[k].split(' ')[1] if k < len(lab) else '-' for lab in labels)
+            for k in range(max(map(len, labels)))]
+    fig = plot.fig_saturation(runs)
+    fig.canvas.draw()
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == both
+    assert fig.axes[1].get_xlabel() == 'ranks of V = 300 | V = 400'
+    for ax, lab in zip(fig.axes[2:], labels):  # the panel of each run: its own buckets (those with tokens)
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend and legend == [name for name in lab if name in legend]
+    # one vocabulary: the labels as they were
+    fig = plot.fig_saturation(runs[:1])
+    fig.canvas.draw()
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == labels[0]
+    plt.close('all')
+    # the report's bucket tables: the same columns
+    assert run_plot(*paths, '--out', str(tmp_path / 'f')).returncode == 0
+    report = (tmp_path / 'f' / 'report.md').read_text()
+    header = '| run | ' + ' | '.join(b.replace(' | ', r' \| ') for b in both) + ' |'
+    assert report.count(header) == 2, header  # validation loss and the 2D basis per bucket
+    assert report.count(r'Columns: ranks of V = 300 \| V = 400.') == 2
+
+
+def figures_of(monkeypatch, *args):
+    """plot.main(args) in this process, its figures kept open instead of closed after saving."""
+    import plot
+    figs = []
+    with monkeypatch.context() as m:
+        m.setattr(plot.plt, 'close', figs.append)
+        plot.main(list(args))
+    return figs
+
+
+def test_log_axes_under_a_decade_have_plain_tick_labels(sweep, tmp_path, monkeypatch):
+    figs = figures_of(monkeypatch, str(sweep / 'runs'), '--out', str(tmp_path / 'f'))
+    short = 0
+    for fig in figs:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            for axis, (lo, hi) in [(ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())]:
+                if axis.get_scale() != 'log' or max(lo, hi) >= 10 * min(lo, hi):
+                    continue
+                short += 1
+                texts = [t.get_text() for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True)]
+                assert any(texts), texts
+                assert not any('times' in t or '10^' in t for t in texts), texts
+    assert short >= 2  # the loss of fig1 and the parameter axes of fig2 at least
+    plt.close('all')
+
+
+def test_the_run_legend_lies_inside_the_figure(sweep, tmp_path, monkeypatch):
+    """Four runs with long names: the legend of every figure lies inside it, above the panels."""
+    for k in range(4):
+        shutil.copytree(sweep / 'runs' / ['small', 'large'][k % 2],
+                        tmp_path / 'runs' / f'a_rather_long_run_name_{k}', ignore=IGNORE)
+    figs = figures_of(monkeypatch, str(tmp_path / 'runs'), '--out', str(tmp_path / 'f'))
+    assert len(figs) == len(NAMES)
+    for fig in figs:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = fig.legends[0].get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, (box, fig.bbox)
+        assert len(fig.legends[0].get_texts()) == 4
+        for ax in fig.axes:  # the panels and their titles stay below it
+            assert ax.get_tightbbox(renderer).y1 <= box.y0 + 1, ax.get_title()
+    plt.close('all')
