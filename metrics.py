@@ -368,34 +368,50 @@ def opposition_group(name):
     return parts[-2]  # 'transformer.ln_f.weight' -> 'ln_f', 'lm_head.weight' -> 'lm_head'
 
 
-def opposition_keys(names):
+def is_block_matrix(name):
+    """Is the parameter one of a Transformer block's weight matrices: the attention input and output
+    projections (attn.c_attn, attn.c_proj) or the MLP's (mlp.c_fc, mlp.c_proj)? The published
+    headline of gradient opposition averages D_j over these coordinates only (no embeddings, LM
+    head, LayerNorms or biases): in small models the embeddings and the LM head hold most of the
+    coordinates, and the head's D_j are far lower than the blocks'."""
+    parts = name.split('.')
+    return (parts[:2] == ['transformer', 'h'] and parts[-1] == 'weight'
+            and '.'.join(parts[3:-1]) in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'))
+
+
+def opposition_keys(names, total='model'):
     """The keys of opposition_summary for parameters `names`, in its order: the tensor names, then
-    their layers (opposition_group, in order of first appearance), then 'model'."""
+    their layers (opposition_group, in order of first appearance), then 'blocks' (the Transformer
+    blocks' weight matrices among them, see is_block_matrix; only if there are any), then `total`
+    (every tensor of `names`: 'model' when they are all the parameters, 'local' for the
+    position-local ones)."""
     groups = list(dict.fromkeys(opposition_group(name) for name in names))
-    return list(names) + groups + ['model']
+    blocks = ['blocks'] if any(is_block_matrix(name) for name in names) else []
+    return list(names) + groups + blocks + [total]
 
 
-def opposition_summary(sums, bins=20):
+def opposition_summary(sums, bins=20, total='model'):
     """Gradient opposition D_j (see coordinate_opposition) summarised per parameter tensor (its
-    name), per layer (see opposition_group) and for 'model' (every tensor in `sums`); keys in the
-    order of opposition_keys. Each entry, as CPU tensors:
+    name), per layer (see opposition_group), over the Transformer blocks' weight matrices
+    ('blocks', see is_block_matrix) and over every tensor in `sums` (`total`); keys in the order
+    of opposition_keys. Each entry, as CPU tensors:
     'mean': the exact mean of D_j over coordinates (never histogram midpoints);
     'weighted': the mean weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|;
     'hist': (bins,) counts of D_j in equal bins of [0, 1]; 'n': the number of coordinates counted."""
     per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
-    for name, (total, total_abs) in sums.items():
-        total, total_abs = total.flatten().double(), total_abs.flatten().double()  # (n_coords,)
-        D = coordinate_opposition(total, total_abs)  # (n,)
+    for name, (total_g, total_abs) in sums.items():
+        total_g, total_abs = total_g.flatten().double(), total_abs.flatten().double()  # (n_coords,)
+        D = coordinate_opposition(total_g, total_abs)  # (n,)
         # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
         per[name] = dict(D_sum=D.sum(), n=D.numel(),
                          hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
-                         abs_total=total.abs().sum(), total_abs=total_abs.sum())
-    members = {key: [] for key in opposition_keys(list(sums))}
+                         abs_total=total_g.abs().sum(), total_abs=total_abs.sum())
+    members = {key: [] for key in opposition_keys(list(sums), total)}
     for name in sums:
-        for key in (name, opposition_group(name), 'model'):
+        for key in (name, opposition_group(name), total) + (('blocks',) if is_block_matrix(name) else ()):
             members[key].append(per[name])
     out = {}
-    for key, parts in members.items():  # a layer or the model: the union of its tensors' coordinates
+    for key, parts in members.items():  # a layer, the blocks, the total: the union of their coordinates
         n = sum(p['n'] for p in parts)
         mean = sum(p['D_sum'] for p in parts) / n if n else torch.tensor(float('nan'), dtype=torch.float64)
         weighted = interference_from_sums(sum(p['abs_total'] for p in parts),

@@ -455,25 +455,34 @@ def layer_names(keys):
     return list(dict.fromkeys(metrics.opposition_group(k) for k in tensors))
 
 
+def headline_column(keys, total):
+    """The column of an opposition record a figure leads with: 'blocks' (the Transformer blocks'
+    weight matrices, the published headline), or the total where the run has no such column."""
+    return keys.index('blocks') if 'blocks' in keys else keys.index(total)
+
+
 def fig_opposition(runs):
     fig, axes = grid(2 + len(runs), 4, 3.8, 3.2)
     top = axes[:2]
     for r in runs:
         cfg = r['config']
-        j = cfg['local_opposition_keys'].index('model')
-        for name, ls in [('mean', '-'), ('weighted', '--')]:
-            top[0].plot(*series(r['rec']['local_opposition_' + name][:, j], smoothed=True),
-                        color=r['color'], ls=ls, lw=1.3)
-        j = cfg['opposition_keys'].index('model')
-        for name, ls in [('mean', '-'), ('weighted', '--')]:
-            top[1].plot(*series(r['rec']['opposition_' + name][:, j], r['rec']['grad_steps']),
-                        color=r['color'], ls=ls, marker='o', ms=3, lw=1)
+        panels = [(top[0], 'local_opposition_', cfg['local_opposition_keys'], None),  # every step
+                  (top[1], 'opposition_', cfg['opposition_keys'], r['rec']['grad_steps'])]
+        for ax, prefix, keys, steps in panels:
+            total = keys[-1]  # 'model' for every parameter, 'local' (older runs: 'model') for the local ones
+            style = dict(marker='o', ms=3, lw=1) if steps is not None else dict(lw=1.3)
+            j = headline_column(keys, total)
+            for name, ls in [('mean', '-'), ('weighted', '--')]:
+                ax.plot(*series(r['rec'][prefix + name][:, j], steps, smoothed=steps is None),
+                        color=r['color'], ls=ls, **style)
+            every = r['rec'][prefix + 'mean'][:, keys.index(total)]
+            ax.plot(*series(every, steps, smoothed=steps is None), color=r['color'], ls=':', **style)
         for ax in top:
             mark_break(ax, r)
-    top[0].set_title('position-local layers, every step (smoothed)\nmean D_j (solid), |g|-weighted (dashed)',
-                     fontsize=8)
-    top[1].set_title('all parameters, exact, on the probe subset\nmean D_j (solid), |g|-weighted (dashed)',
-                     fontsize=8)
+    top[0].set_title('position-local layers, every step (smoothed): mean D_j over the last block\'s\n'
+                     'matrices (solid), |g|-weighted (dashed), every local coordinate (dotted)', fontsize=8)
+    top[1].set_title('all parameters, exact, on the probe subset: mean D_j over the blocks\'\n'
+                     'matrices (solid), |g|-weighted (dashed), every coordinate (dotted)', fontsize=8)
     for ax, r in zip(axes[2:], runs):
         keys = r['config']['opposition_keys']
         layers = layer_names(keys)
@@ -703,9 +712,12 @@ FIGURES = [
     ('fig4_opposition', ['local_opposition_mean', 'local_opposition_weighted', 'opposition_mean',
                          'opposition_weighted', 'grad_steps'], fig_opposition,
      "Gradient opposition between tokens: D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per parameter "
-     "coordinate, g_i the gradient of token i's own loss; its exact mean over coordinates (solid) and "
-     "its |g|-weighted mean (dashed). First panel: the position-local layers (LM head, final norm, last "
-     "block's MLP and attention projection), exact from each step's training backward (smoothed). "
+     "coordinate, g_i the gradient of token i's own loss. Headline, as published: its exact mean over "
+     "the coordinates of the Transformer blocks' weight matrices (solid; no embeddings, LM head, "
+     "LayerNorms or biases), and the |g|-weighted mean over them (dashed); dotted: the mean over every "
+     "coordinate, which in small models the embeddings and the LM head dominate. First panel: the "
+     "position-local layers (LM head, final norm, last block's MLP and attention projection), exact "
+     "from each step's training backward (smoothed). "
      "Second panel: every parameter, exact per-token backward passes on the probe subset at the scheduled "
      "steps. Then one panel per run: that mean per layer. Near-total opposition (D_j near 1) after "
      "deceleration is what makes learning zero-sum; expect it weaker for larger models."),

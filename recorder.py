@@ -116,13 +116,16 @@ RECORDS = [
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
      "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
      "between the B*T tokens of step t's batch at theta_t, for the position-local layers, from the "
-     "training backward (sum_i |g_ij| = |G|^T |X|)"),
+     "training backward (sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, blocks (the "
+     "last block's local weight matrices), local (every local tensor)"),
     ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
      "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
     ('opposition_mean', 'G, n_all', 'float64', 'grad',
      "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the tokens of "
-     "the first --opposition_seqs probe sequences (one backward per token, batched)"),
+     "the first --opposition_seqs probe sequences (one backward per token, batched); columns: each "
+     "tensor, each layer, blocks (the Transformer blocks' weight matrices: the published headline), "
+     "model (every coordinate)"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
     ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
 ]
@@ -187,7 +190,7 @@ class Recorder:
         local_names = [f"{m}.{n}" for m, module in self.local_modules.items()
                        for n, _ in module.named_parameters()]
         self.theta_names = list(self.params) + ['model']
-        self.local_keys = metrics.opposition_keys(local_names)
+        self.local_keys = metrics.opposition_keys(local_names, total='local')
         self.all_keys = metrics.opposition_keys(list(self.params))
         self.records = {}  # name -> memmap (process 0, after open)
         self.probe_loss = self.train_loss = float('nan')  # the last values, for the progress line
@@ -306,7 +309,7 @@ class Recorder:
             for total, total_abs in sums.values() if self.world > 1 else []:
                 dist.all_reduce(total)  # sums over tokens add up across processes
                 dist.all_reduce(total_abs)
-            opposition, keys = metrics.opposition_summary(sums, HIST_BINS), self.local_keys
+            opposition, keys = metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys
             self.write('local_opposition_mean', step, [opposition[k]['mean'] for k in keys])
             self.write('local_opposition_weighted', step, [opposition[k]['weighted'] for k in keys])
             self.write('local_opposition_hist', step, torch.stack([opposition[k]['hist'] for k in keys]))

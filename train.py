@@ -40,9 +40,9 @@ from recorder import RECORDS, Recorder, fp32_forward
 # records or changes what the run computes must be the same. The others (RESUME_MAY_CHANGE) only say
 # where and how fast it runs; their values at each resume are listed in config.json's `resumed`.
 RESUME_SAME = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size',
-               'batch_size', 'max_iters', 'learning_rate', 'min_lr', 'warmup_iters', 'weight_decay', 'beta1',
-               'beta2', 'grad_clip', 'dtype', 'seed', 'record', 'probe_seqs', 'hidden_every', 'grad_every',
-               'opposition_seqs']
+               'batch_size', 'max_iters', 'learning_rate', 'decay_lr', 'min_lr', 'warmup_iters',
+               'weight_decay', 'beta1', 'beta2', 'grad_clip', 'dtype', 'seed', 'record', 'probe_seqs',
+               'hidden_every', 'grad_every', 'opposition_seqs']
 RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
                      'ckpt_interval']
 # what train.py writes into a run directory besides the records (name.npy for each name of RECORDS);
@@ -80,6 +80,9 @@ def get_args(argv=None):
     g = p.add_argument_group('optimizer and schedule')
     g.add_argument('--max_iters', type=int, default=500, help='number of optimizer steps')
     g.add_argument('--learning_rate', type=float, default=1e-3, help='peak learning rate')
+    g.add_argument('--decay_lr', action=argparse.BooleanOptionalAction, default=False,
+                   help='after warmup, cosine decay to --min_lr at --max_iters (nanoGPT); the default, '
+                        '--no-decay_lr, keeps the learning rate constant after warmup, as the published runs')
     g.add_argument('--min_lr', type=float, default=1e-4,
                    help='learning rate at the end of the cosine decay (0 is allowed)')
     g.add_argument('--warmup_iters', type=int, default=50, help='steps of linear warmup')
@@ -181,9 +184,12 @@ def fail(msg):
 
 
 def get_lr(it, args):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
+    """Linear warmup to learning_rate, then constant (--no-decay_lr, as the published runs: their
+    cooldown is never reached) or cosine decay to min_lr at max_iters (nanoGPT's)."""
     if it < args.warmup_iters:
         return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if not args.decay_lr:
+        return args.learning_rate
     ratio = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0)))  # 1 -> 0
     return args.min_lr + cosine * (args.learning_rate - args.min_lr)

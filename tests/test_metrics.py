@@ -290,7 +290,22 @@ def test_coordinate_opposition_and_summary_are_exact():
     D0 = torch.cat([1 - sums[k][0].flatten().abs() / sums[k][1].flatten() for k in block0])
     close(summary['h.0']['mean'], D0.mean())
     assert list(summary) == M.opposition_keys(list(sums))  # the column order train.py records
-    assert set(summary) == set(sums) | {'h.0', 'h.1', 'embeddings', 'ln_f', 'lm_head', 'model'}
+    assert set(summary) == set(sums) | {'h.0', 'h.1', 'embeddings', 'ln_f', 'lm_head', 'blocks', 'model'}
+    # blocks, the published headline: every coordinate of the blocks' weight matrices, brute force
+    matrices = [k for k in sums if k.startswith('transformer.h.') and k.endswith(
+        ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight'))]
+    assert len(matrices) == 4 * 2 and all(M.is_block_matrix(k) for k in matrices)
+    assert sum(M.is_block_matrix(k) for k in sums) == len(matrices)  # no bias, norm, embedding or head
+    g = torch.cat([torch.stack([gi[k].flatten() for gi in grads]) for k in matrices], 1)  # (N, n_coords)
+    moved = g.abs().sum(0) > 0
+    D_blocks = 1 - g.sum(0).abs()[moved] / g.abs().sum(0)[moved]
+    close(summary['blocks']['mean'], D_blocks.mean())
+    close(summary['blocks']['weighted'], 1 - g.sum(0).abs().sum() / g.abs().sum())
+    assert summary['blocks']['n'] == moved.sum()
+    # another name for the total; no blocks column without a block matrix
+    head_and_norm = {k: sums[k] for k in ['lm_head.weight', 'transformer.ln_f.weight']}
+    local = M.opposition_summary(head_and_norm, total='local')
+    assert list(local) == ['lm_head.weight', 'transformer.ln_f.weight', 'lm_head', 'ln_f', 'local']
     wpe = M.coordinate_opposition(*sums['transformer.wpe.weight'])
     assert wpe.numel() == T * D_MODEL - 1 and not torch.isnan(wpe).any()
     unused_rows = V - x.unique().numel()  # embedding rows of tokens absent from the batch: no gradient

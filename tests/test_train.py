@@ -179,10 +179,14 @@ def test_schedule_and_learning_rate():
     assert log_schedule(100)[0] == 0 and log_schedule(100)[-1] == 100
     assert log_schedule(10, every=4) == [0, 4, 8, 10]
     args = get_args(['--max_iters', '100', '--warmup_iters', '10', '--learning_rate', '1e-3',
-                     '--min_lr', '1e-4'])
+                     '--min_lr', '1e-4', '--decay_lr'])
     lrs = [get_lr(t, args) for t in range(100)]
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
     assert max(lrs) == pytest.approx(1e-3, rel=1e-2) and min(lrs[10:]) > 1e-4  # never below min_lr
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay
+    constant = get_args(['--max_iters', '100', '--warmup_iters', '10', '--learning_rate', '1e-3'])  # default
+    assert [get_lr(t, constant) for t in range(10)] == lrs[:10]  # the same warmup
+    assert [get_lr(t, constant) for t in range(10, 100)] == [1e-3] * 90  # then the published constant rate
 
 
 def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
@@ -234,7 +238,8 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
         np.testing.assert_allclose(load(out, 'theta_norm_minus')[0, j], float(theta[name]['norm_minus']),
                                    rtol=1e-3)
     brute = metrics.per_token_gradient_sums(model0, x, y)  # every parameter, exact
-    local = metrics.opposition_summary({n: brute[n] for n in brute if n in set(cfg['local_opposition_keys'])})
+    local = metrics.opposition_summary({n: brute[n] for n in brute if n in set(cfg['local_opposition_keys'])},
+                                       total='local')
     for j, key in enumerate(cfg['local_opposition_keys']):
         np.testing.assert_allclose(load(out, 'local_opposition_mean')[0, j], float(local[key]['mean']),
                                    rtol=1e-3)
