@@ -402,10 +402,26 @@ def fig_deceleration(runs):
 
 
 def probe_interference(run, dt):
-    """D of per-token probe-loss changes over dt steps: row t is probe row t to t + dt. (S + 1 - dt,)"""
+    """D of per-token probe-loss changes over dt steps, and its null (the analytic one,
+    metrics.expected_null_interference): row t is probe row t to t + dt. Two (S + 1 - dt,) arrays."""
     loss = torch.from_numpy(np.asarray(run['rec']['probe_loss'], dtype=np.float64))
     loss = loss.reshape(len(loss), -1)  # (S + 1, P T)
-    return metrics.destructive_interference(loss[dt:] - loss[:-dt]).numpy()
+    change = loss[dt:] - loss[:-dt]
+    null = metrics.expected_null_interference(change.abs().sum(-1), change.pow(2).sum(-1))
+    return metrics.destructive_interference(change).numpy(), null.numpy()
+
+
+def n_tokens(run, what):
+    """N, the number of tokens behind a run's D: 'batch' (a training batch, B T), 'probe' (the
+    probe set, P T) or 'opposition' (the all-parameter opposition's probe sequences)."""
+    c = run['config']
+    seqs = dict(batch=c['batch_size'], probe=c['probe_seqs'], opposition=c.get('opposition_seqs') or 1)[what]
+    return seqs * c['block_size']
+
+
+def n_label(runs, what):
+    """'N = 2,048' when every run has the same N, else the runs' N in their order: 'N = 2,048 / 4,096'."""
+    return 'N = ' + ' / '.join(f"{n:,}" for n in dict.fromkeys(n_tokens(r, what) for r in runs))
 
 
 def fig_zero_sum(runs):
@@ -416,17 +432,21 @@ def fig_zero_sum(runs):
             ax.plot(*series(r['rec'][prefix + '_D'], smoothed=True), color=r['color'], lw=1.5)
             ax.plot(*series(r['rec'][prefix + '_D_null'], smoothed=True), color=r['color'], lw=0.8, ls='--')
             mark_break(ax, r)
-        axes[1].plot(*series(probe_interference(r, DT_LONG), smoothed=True), color=r['color'], lw=1, ls='-.')
+        D_long, null_long = probe_interference(r, DT_LONG)
+        axes[1].plot(*series(D_long, smoothed=True), color=r['color'], lw=1, ls='-.')
+        axes[1].plot(*series(null_long, smoothed=True), color=r['color'], lw=0.6, ls=(0, (1, 3)))
         for prefix, ls in [('train', '-'), ('probe', '--')]:
             axes[2].plot(*series(r['rec'][prefix + '_M'], smoothed=True), color=r['color'], lw=1.2, ls=ls)
         D, M = (np.asarray(r['rec']['probe_' + k], dtype=float) for k in ('D', 'M'))  # (S,) each
         ok = np.isfinite(D) & np.isfinite(M) & (M > 0)  # D is NaN (0/0) when no probe loss changed
         axes[3].scatter(D[ok], M[ok], s=3, color=r['color'], alpha=0.5)
-    for ax, title in zip(axes[:2], ['training batch, before vs after its own update',
-                                    f'probe set, step t to t+1 (solid) and t to t+{DT_LONG} (dash-dot)']):
+    for ax, title in zip(axes[:2], [f"training batch ({n_label(runs, 'batch')}), before vs after its own "
+                                    "update;\ndashed: sign-flip null (64 draws)",
+                                    f"probe set ({n_label(runs, 'probe')}), step t to t+1 (solid; dashed: "
+                                    f"null) and\nt to t+{DT_LONG} (dash-dot; dotted: its analytic null)"]):
         log_steps(ax)
         ax.set_ylabel('D of per-token loss changes')
-        ax.set_title(title + '; dashed: sign-flip null', fontsize=8)
+        ax.set_title(title, fontsize=8)
     log_steps(axes[2])
     axes[2].set_yscale('log')
     axes[2].set_ylabel('M = mean |Delta l_i| (nats)')
@@ -462,8 +482,19 @@ def headline_column(keys, total):
 
 
 def fig_opposition(runs):
-    fig, axes = grid(2 + len(runs), 4, 3.8, 3.2)
+    with_terms = [r for r in runs if 'update_Cg' in r['rec']]  # runs recorded before these existed have none
+    fig, axes = grid(2 + bool(with_terms) + len(runs), 4, 3.8, 3.2)
     top = axes[:2]
+    for r in with_terms:  # the update-weighted terms of the blocks' matrices, p_ij = g_ij delta_j
+        keys = r['config']['opposition_keys']
+        j = headline_column(keys, 'model')
+        for term, ls in [('Cg', '-'), ('Cug', '--'), ('C_i_dli', ':')]:
+            axes[2].plot(*series(r['rec']['update_' + term][:, j], r['rec']['grad_steps']), color=r['color'],
+                         ls=ls, marker='o', ms=3, lw=1)
+        mark_break(axes[2], r)
+    if with_terms:
+        axes[2].set_title(f"update-weighted terms, blocks' matrices ({n_label(with_terms, 'opposition')}):\n"
+                          "Cg (solid), Cug (dashed), C_i_dli (dotted); 1 = agreement", fontsize=8)
     for r in runs:
         cfg = r['config']
         panels = [(top[0], 'local_opposition_', cfg['local_opposition_keys'], None),  # every step
@@ -472,18 +503,22 @@ def fig_opposition(runs):
             total = keys[-1]  # 'model' for every parameter, 'local' (older runs: 'model') for the local ones
             style = dict(marker='o', ms=3, lw=1) if steps is not None else dict(lw=1.3)
             j = headline_column(keys, total)
-            for name, ls in [('mean', '-'), ('weighted', '--')]:
-                ax.plot(*series(r['rec'][prefix + name][:, j], steps, smoothed=steps is None),
-                        color=r['color'], ls=ls, **style)
+            for name, ls in [('mean', '-'), ('weighted', '--'), ('null', '-.')]:
+                if prefix + name in r['rec']:  # runs recorded before the null existed have none
+                    thin = dict(lw=0.7) if name == 'null' else {}
+                    ax.plot(*series(r['rec'][prefix + name][:, j], steps, smoothed=steps is None),
+                            color=r['color'], ls=ls, **{**style, **thin})
             every = r['rec'][prefix + 'mean'][:, keys.index(total)]
             ax.plot(*series(every, steps, smoothed=steps is None), color=r['color'], ls=':', **style)
         for ax in top:
             mark_break(ax, r)
-    top[0].set_title('position-local layers, every step (smoothed): mean D_j over the last block\'s\n'
-                     'matrices (solid), |g|-weighted (dashed), every local coordinate (dotted)', fontsize=8)
-    top[1].set_title('all parameters, exact, on the probe subset: mean D_j over the blocks\'\n'
-                     'matrices (solid), |g|-weighted (dashed), every coordinate (dotted)', fontsize=8)
-    for ax, r in zip(axes[2:], runs):
+    top[0].set_title(f"position-local layers, training batch ({n_label(runs, 'batch')}), every step,\n"
+                     "smoothed: mean D_j over the last block's matrices (solid), |g|-weighted\n"
+                     "(dashed), its null (dash-dot), every local coordinate (dotted)", fontsize=8)
+    top[1].set_title(f"all parameters, exact, probe tokens ({n_label(runs, 'opposition')}): mean\n"
+                     "D_j over the blocks' matrices (solid), |g|-weighted (dashed), its null\n"
+                     "(dash-dot), every coordinate (dotted)", fontsize=8)
+    for ax, r in zip(axes[2 + bool(with_terms):], runs):
         keys = r['config']['opposition_keys']
         layers = layer_names(keys)
         colors = plt.cm.plasma(np.linspace(0, 0.9, len(layers)))
@@ -704,7 +739,9 @@ FIGURES = [
      "Zero-sum learning. Top: destructive interference D of the per-token loss changes (faint: per "
      "step; solid: trailing log moving average), for the training batch of each step before and after "
      "its own update, and for the fixed probe set between consecutive steps (and 10 steps apart, "
-     "dash-dot); dashed: the sign-flip null, D of the same magnitudes with random signs. Dotted "
+     "dash-dot); dashed: the sign-flip null, the mean D of the same magnitudes with random signs (64 "
+     "draws; for the 10-step change the analytic null, dotted); N, the number of tokens behind each D, "
+     "is in the panel titles: D near 1 means something only above its null at the same N. Dotted "
      "verticals: t_d. Bottom left: the magnitude M = mean |Delta l_i| (smoothed). Bottom right: every "
      "probe step in the D-M plane; along a grey contour the mean change |Delta L| = (1 - D) M is "
      "constant. Look for D rising towards 1 around t_d, far above the null: the improvement is then "
@@ -715,11 +752,17 @@ FIGURES = [
      "coordinate, g_i the gradient of token i's own loss. Headline, as published: its exact mean over "
      "the coordinates of the Transformer blocks' weight matrices (solid; no embeddings, LM head, "
      "LayerNorms or biases), and the |g|-weighted mean over them (dashed); dotted: the mean over every "
-     "coordinate, which in small models the embeddings and the LM head dominate. First panel: the "
+     "coordinate, which in small models the embeddings and the LM head dominate; dash-dot: the null of "
+     "the headline, the mean over the same coordinates of D_j's value under random signs at the same N "
+     "(1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij|), N in the titles. First panel: the "
      "position-local layers (LM head, final norm, last block's MLP and attention projection), exact "
      "from each step's training backward (smoothed). "
      "Second panel: every parameter, exact per-token backward passes on the probe subset at the scheduled "
-     "steps. Then one panel per run: that mean per layer. Near-total opposition (D_j near 1) after "
+     "steps. Third (runs that record them): the update-weighted terms of the blocks' matrices at the "
+     "same steps, p_ij = g_ij delta_j with delta the real update: Cg = sum_j |sum_i p_ij| / "
+     "sum_ij |p_ij| (tokens agree per coordinate), Cug = sum_i |sum_j p_ij| / sum_ij |p_ij| and "
+     "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij| (the tokens' predicted changes agree). "
+     "Then one panel per run: that mean per layer. Near-total opposition (D_j near 1) after "
      "deceleration is what makes learning zero-sum; expect it weaker for larger models."),
     ('fig5_first_order', ['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'],
      fig_first_order,
@@ -847,9 +890,39 @@ def run_summary(run):
     t_d = run['fit'].get('t_d')
     if t_d is not None and 'probe_D' in run['rec']:
         steps, D = recorded(run['rec']['probe_D'])
+        null = np.asarray(run['rec']['probe_D_null'], dtype=float)[steps]
         for key, sel in [('D_before', steps < t_d), ('D_after', steps >= t_d)]:
-            out[key] = f"{D[sel].mean():.4f}" if sel.any() else 'n/a'
+            out[key] = f"{D[sel].mean():.4f} (null {np.nanmean(null[sel]):.4f})" if sel.any() else 'n/a'
     return out
+
+
+def opposition_table(runs):
+    """Per run: the all-parameter opposition and update-weighted terms at the recorded grad steps
+    nearest t_d on either side and at the last one: blocks' and all coordinates' mean D_j, each with
+    its null, and Cg, Cug, C_i_dli of the blocks' matrices."""
+    rows = []
+    for r in runs:
+        rec, keys = r['rec'], r['config']['opposition_keys']
+        if 'opposition_null' not in rec or 'grad_steps' not in rec:  # recorded before the null existed
+            continue
+        jb, jm = headline_column(keys, 'model'), keys.index('model')
+        mean, null = (np.asarray(rec['opposition_' + k], dtype=float) for k in ('mean', 'null'))
+        done = [k for k in range(len(mean)) if np.isfinite(mean[k, jm])]
+        if not done:
+            continue
+        steps = np.asarray(rec['grad_steps'])[done]
+        t_d = r['fit'].get('t_d')
+        picks = [(steps < t_d).nonzero()[0][-1:], (steps >= t_d).nonzero()[0][:1]] if t_d is not None else []
+        for i in sorted({int(k) for pick in picks for k in pick} | {len(done) - 1}):
+            k = done[i]
+            cells = [f"{mean[k, j]:.4f} (null {null[k, j]:.4f})" for j in (jb, jm)]
+            cells += [f"{rec['update_' + term][k, jb]:.3g}" if 'update_' + term in rec else 'n/a'
+                      for term in ('Cg', 'Cug', 'C_i_dli')]
+            where = '' if t_d is None else (' (before t_d)' if steps[i] < t_d else ' (after t_d)')
+            rows.append([r['name'], f"{n_tokens(r, 'opposition'):,}", f"{steps[i]}{where}"] + cells)
+    header = ['run', 'N', 'step', "blocks' mean D_j", 'every coordinate', 'Cg (blocks)', 'Cug (blocks)',
+              'C_i_dli (blocks)']
+    return md_table(header, rows) if rows else ''
 
 
 def bucket_table(runs):
@@ -891,7 +964,8 @@ def report_text(runs, drawn, notes, fmt):
               "t_d, L_d, r_d from bnsl.py (1-break BNSL, published preprocessing) with 95% block-bootstrap "
               "intervals; validation loss = mean probe-set loss; saturation onset = the step of the "
               "best smoothed validation loss when the run ends more than 1% above it; D = mean "
-              "interference of per-token probe-loss changes (step t to t+1) before and after t_d.", '']
+              "interference of per-token probe-loss changes (step t to t+1) before and after t_d, over "
+              "the N probe tokens, beside the mean of its sign-flip null at the same N.", '']
     rows = []
     for r in runs:
         fit, s = r['fit'], run_summary(r)
@@ -900,10 +974,21 @@ def report_text(runs, drawn, notes, fmt):
                      ci_text(fit, 'r_d', '{:.3g}'),
                      'n/a' if fit.get('rsle') is None else f"{fit['rsle']:.3g}",
                      'yes' if fit['identifiable'] else f"no: {fit['reason']}",
-                     s['best'], s['last'], s['onset'], s['D_before'], s['D_after']])
+                     s['best'], s['last'], s['onset'], f"{n_tokens(r, 'probe'):,}", s['D_before'],
+                     s['D_after']])
     header = ['run', 'params', 'steps', 't_d', 'L_d', 'r_d', 'RSLE', 'identifiable', 'best val. loss',
-              'last val. loss', 'saturation onset', 'D before t_d', 'D after t_d']
+              'last val. loss', 'saturation onset', 'probe N', 'D before t_d', 'D after t_d']
     parts += [md_table(header, rows), '']
+    table = opposition_table(runs)
+    if table:
+        parts += ['## Gradient opposition', '',
+                  "Exact, between the N probe tokens of the all-parameter opposition, at the recorded steps "
+                  "nearest t_d on either side and at the last one: the mean over coordinates of D_j = 1 - "
+                  "|sum_i g_ij| / sum_i |g_ij| for the Transformer blocks' weight matrices (the published "
+                  "headline) and for every coordinate, each beside its null (the mean of D_j's value under "
+                  "random signs at the same N); the update-weighted terms of the blocks' matrices, "
+                  "p_ij = g_ij delta_j with delta the real update of that step (1 = agreement).", '',
+                  table, '']
     table = bucket_table(runs)
     if table:
         parts += ['## Validation loss per token-frequency bucket', '',
