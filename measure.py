@@ -69,7 +69,8 @@ PAPER_RECORDS = [
     ('opposition_weighted', 'C, n_keys', 'float64', "sum_i |g_ij|-weighted mean of D_j, same columns"),
     ('opposition_null', 'C, n_keys', 'float64', "mean over the same coordinates of the analytic null D_j"),
     ('opposition_n', 'C, n_keys', 'int64', "number of coordinates j with a D_j (sum_i |g_ij| > 0)"),
-    ('update_Cg', 'C, n_keys', 'float64', "Cg of metrics.update_weighted_terms, delta = the update of batch 0"),
+    ('update_Cg', 'C, n_keys', 'float64',
+     "Cg of metrics.update_weighted_terms, delta = the simulated update on fresh batch 0"),
     ('update_CuG', 'C, n_keys', 'float64', "CuG, same"),
     ('update_Cug', 'C, n_keys', 'float64', "Cug, same"),
     ('update_C_i_dli', 'C, n_keys', 'float64', "C_i_dli, same"),
@@ -103,7 +104,7 @@ def get_args(argv=None):
     p.add_argument('--cache_dir', default=None, help="token cache (default: the run's)")
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
     p.add_argument('--threads', type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument('--overwrite', action='store_true', help="measure again: delete RUN/paper/'s records first")
+    p.add_argument('--overwrite', action='store_true', help="measure again: delete RUN/paper/'s records")
     args = p.parse_args(argv)
     for name in ['batches', 'chunk_seqs']:
         if getattr(args, name) <= 0:
@@ -131,7 +132,8 @@ def load_run(args):
         if re.fullmatch(r'step_\d{6,}\.pt', os.path.basename(path)):
             kept[int(os.path.basename(path)[5:-3])] = path
     if not kept:
-        fail(f"{args.run}: no kept checkpoints in {train.KEPT_DIR}/ (train.py --keep_ckpts log2 keeps them)")
+        fail(f"{args.run}: no kept checkpoints in {train.KEPT_DIR}/ "
+             "(train.py --keep_ckpts log2 keeps them)")
     try:
         corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
     except (ValueError, OSError) as e:
@@ -230,7 +232,8 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys
                        ('heldout', heldout_losses(model, hx, hy, args.chunk_seqs, device) - before)]
             for which, (where, change) in enumerate(changes):
                 D, M, null = interference(change, null_generator(seed, t, k, which))
-                row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k], row[f'loss_D_{where}_null'][k] = D, M, null
+                row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
+                row[f'loss_D_{where}_null'][k] = null
         with torch.no_grad():  # back to theta_t
             for n, p in model.named_parameters():
                 p.copy_(theta[n])
@@ -362,7 +365,8 @@ def main(argv=None):
                 raise ValueError(f"it holds step {ckpt['step']}")
         except Exception as e:  # a torn or foreign file: say so, never trust it
             fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        rows.append(measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show))
+        row = measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show)
+        rows.append(row)
         write_rows(out, rows, settings, config['seed'])
     if todo:
         print(file=sys.stderr)

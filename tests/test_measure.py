@@ -1,0 +1,213 @@
+"""measure.py, the published checkpoint protocol on kept checkpoints: every record against a float64
+recomputation from the checkpoints, resume after an interruption, bad input."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import measure
+import metrics
+import train
+from conftest import ROOT, TINY, run_train
+from model import GPT, GPTConfig, per_token_loss
+
+pytestmark = pytest.mark.slow  # runs train.py and measure.py in subprocesses
+
+S, T, TOKENS, K = 8, 16, 40, 2  # kept checkpoints 1, 2, 4, 8; 40 tokens -> 2 windows of 16
+
+
+def run_measure(*args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'measure.py'), *args, '--threads', '1'],
+                          capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"measure.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def measure_args(run):
+    return [run, '--tokens', str(TOKENS), '--batches', str(K), '--no-opposition']
+
+
+@pytest.fixture(scope='module')
+def measured(tmp_path_factory, cache_dir):
+    """A tiny run keeping its log2 checkpoints, measured by measure.py."""
+    run = str(tmp_path_factory.mktemp('measure') / 'run')
+    run_train(*TINY, '--max_iters', str(S), '--keep_ckpts', 'log2', '--threads', '1',
+              '--cache_dir', cache_dir, '--out_dir', run)
+    run_measure(*measure_args(run))
+    return run
+
+
+def load(run, name):
+    return np.load(os.path.join(run, 'paper', name + '.npy'), allow_pickle=False)
+
+
+def config_of(run):
+    with open(os.path.join(run, 'config.json')) as f:
+        return json.load(f)
+
+
+def model64(run, step):
+    """The float64 model of kept checkpoint `step` and the checkpoint."""
+    cfg = config_of(run)
+    ckpt = torch.load(os.path.join(run, 'ckpts', f"step_{step:06d}.pt"), weights_only=True)
+    model = GPT(GPTConfig(block_size=T, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16))
+    model.load_state_dict(ckpt['model'])
+    return model.double(), ckpt
+
+
+def heldout(run, cache_dir):
+    """The held-out windows (2, T): the first two consecutive windows of the validation split."""
+    val = data.prepare(None, 300, cache_dir)['val']
+    w = torch.from_numpy(np.asarray(val[:2 * T + 1], dtype=np.int64))
+    return w[:-1].reshape(2, T), w[1:].reshape(2, T)
+
+
+def brute_D(x):
+    """D = 1 - |sum x| / sum |x|, M = mean |x|, in float64 numpy."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    return 1 - abs(x.sum()) / np.abs(x).sum(), np.abs(x).mean()
+
+
+def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
+    """ckpts/step_t.pt holds theta_t (the probe loss of row t is its loss), the optimizer state
+    after t steps, and step t; the last one is the run's final checkpoint."""
+    assert sorted(os.listdir(os.path.join(measured, 'ckpts'))) == [f"step_{t:06d}.pt" for t in (1, 2, 4, 8)]
+    probe = torch.from_numpy(np.load(os.path.join(measured, 'probe_tokens.npy')))
+    probe_loss = np.load(os.path.join(measured, 'probe_loss.npy'))
+    for t in (1, 2, 4, 8):
+        model, ckpt = model64(measured, t)
+        assert ckpt['step'] == t
+        assert all(int(s['step']) == t for s in ckpt['optimizer']['state'].values())
+        with torch.no_grad():
+            loss = per_token_loss(model(probe[:, :-1])[0], probe[:, 1:]).numpy()
+        np.testing.assert_allclose(probe_loss[t], loss, rtol=1e-5)
+    final = torch.load(os.path.join(measured, 'ckpt.pt'), weights_only=True)
+    kept = torch.load(os.path.join(measured, 'ckpts', 'step_000008.pt'), weights_only=True)
+    assert all(torch.equal(final['model'][k], kept['model'][k]) for k in final['model'])
+
+
+def test_records_have_one_row_per_checkpoint(measured):
+    progress = json.load(open(os.path.join(measured, 'paper', 'progress.json')))
+    assert progress['steps'] == [1, 2, 4, 8] and progress['tokens'] == 2 * T and progress['batches'] == K
+    n_keys = len(progress['opposition_keys'])
+    C = 4
+    for name, shape, dtype, meaning in measure.PAPER_RECORDS:
+        a = load(measured, name)
+        sizes = dict(C=C, K=K, N=2 * T, n_keys=n_keys)
+        assert a.shape == tuple(sizes[s.strip()] for s in shape.split(',')) and a.dtype == dtype, name
+    assert np.isnan(load(measured, 'loss_D_dtt')[-1]) and np.isfinite(load(measured, 'loss_D_dtt')[:-1]).all()
+    assert np.isfinite(load(measured, 'loss_D_batch')).all()
+
+
+def test_dt1_loss_D_against_a_float64_adamw_step(measured, cache_dir):
+    """D and M of the per-token loss changes over one step: a float64 copy of theta_t, stepped by a
+    float64 torch.optim.AdamW loaded with the checkpoint's state, at the run's lr of step t, no clipping,
+    on the same fresh batches, gives the recorded values (which measure.py computes in fp32)."""
+    cfg = config_of(measured)
+    corpus = data.prepare(None, 300, cache_dir)
+    hx, hy = heldout(measured, cache_dir)
+    recorded = {n: load(measured, n) for n in ['loss_D_batch', 'loss_M_batch', 'loss_D_heldout',
+                                                'loss_M_heldout']}
+    for row, t in enumerate(load(measured, 'steps')):
+        for k in range(K):
+            model, ckpt = model64(measured, int(t))
+            params = list(model.parameters())
+            optimizer = torch.optim.AdamW(
+                [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
+                 {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                betas=(cfg['beta1'], cfg['beta2']))
+            optimizer.load_state_dict(ckpt['optimizer'])  # moments cast to float64
+            for group in optimizer.param_groups:
+                group['lr'] = train.get_lr(int(t), argparse.Namespace(**cfg))
+            x, y = measure.fresh_batch(cfg['seed'], int(t), k, cfg, corpus, 'cpu')
+            with torch.no_grad():
+                before_b, before_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
+            per_token_loss(model(x)[0], y).mean().backward()
+            optimizer.step()
+            with torch.no_grad():
+                after_b, after_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
+            for where, change in [('batch', after_b - before_b), ('heldout', after_h - before_h)]:
+                D, M = brute_D(change.numpy())
+                assert abs(recorded[f'loss_D_{where}'][row, k] - D) < 2e-3, (where, t, k)
+                np.testing.assert_allclose(recorded[f'loss_M_{where}'][row, k], M, rtol=2e-3)
+
+
+def test_dtt_loss_D_from_the_checkpoints(measured, cache_dir):
+    """dt = t: D and M of the held-out losses from theta_t to theta_2t, in float64 from the checkpoints."""
+    hx, hy = heldout(measured, cache_dir)
+    losses = {}
+    for t in (1, 2, 4, 8):
+        with torch.no_grad():
+            losses[t] = per_token_loss(model64(measured, t)[0](hx)[0], hy).numpy()
+    np.testing.assert_allclose(load(measured, 'heldout_loss'), np.stack([losses[t].ravel() for t in losses]),
+                               rtol=1e-5)
+    for row, t in enumerate((1, 2, 4)):
+        D, M = brute_D(losses[2 * t] - losses[t])
+        assert abs(load(measured, 'loss_D_dtt')[row] - D) < 1e-4, t
+        np.testing.assert_allclose(load(measured, 'loss_M_dtt')[row], M, rtol=1e-4)
+
+
+def test_an_interrupted_measure_resumes_to_the_same_records(measured, tmp_path):
+    """Killed after writing the records of a row but before progress.json listed it (and with a
+    temporary file left): the rerun measures the unlisted rows again, to the same bytes; a rerun of a
+    finished folder measures nothing and changes nothing."""
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    paper = os.path.join(run, 'paper')
+    reference = {f: open(os.path.join(paper, f), 'rb').read()
+                 for f in os.listdir(paper) if f.endswith('.npy')}
+    progress = json.load(open(os.path.join(paper, 'progress.json')))
+    json.dump(dict(progress, steps=progress['steps'][:2]), open(os.path.join(paper, 'progress.json'), 'w'))
+    shutil.copy(os.path.join(paper, 'steps.npy'), os.path.join(paper, 'steps.npy.tmp'))
+    out = run_measure(*measure_args(run)).stdout
+    assert '2 measured before' in out
+    for f, content in reference.items():
+        assert open(os.path.join(paper, f), 'rb').read() == content, f
+    assert json.load(open(os.path.join(paper, 'progress.json'))) == progress
+    mtimes = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+    assert '0 now' in run_measure(*measure_args(run)).stdout
+    assert mtimes == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+    assert train.foreign_entries(run) == []  # ckpts/ and paper/ are the run's own files
+
+
+def test_overwrite_of_train_removes_kept_checkpoints_and_measurements(measured, tmp_path, cache_dir):
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    open(os.path.join(run, 'paper', 'notes.txt'), 'w').close()  # a user's file: the folder is not train's
+    assert train.foreign_entries(run) == ['paper/notes.txt']
+    os.remove(os.path.join(run, 'paper', 'notes.txt'))
+    run_train(*TINY, '--max_iters', '2', '--threads', '1', '--cache_dir', cache_dir, '--out_dir', run,
+              '--overwrite')
+    assert not os.path.exists(os.path.join(run, 'paper')) and not os.path.exists(os.path.join(run, 'ckpts'))
+
+
+def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
+    """No run, no kept checkpoints, a bad flag, or other settings than the folder was measured with:
+    one line, exit status 2, and the records untouched."""
+    paper = os.path.join(measured, 'paper')
+    before = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+    cases = [([str(tmp_path / 'nothing')], 'no such folder'),
+             ([str(tmp_path)], 'not a run'),
+             ([tiny_run], 'no kept checkpoints'),
+             ([measured, '--tokens', '5'], 'fewer than one window'),
+             ([measured, '--tokens', '-1'], '--tokens'),
+             ([measured, '--batches', '0'], '--batches'),
+             ([measured, '--device', 'tpu'], '--device'),
+             ([measured, '--tokens', str(TOKENS), '--batches', '3', '--no-opposition'],
+              'other settings (batches)'),
+             ([measured, '--tokens', str(3 * T), '--batches', str(K), '--no-opposition'], 'other settings')]
+    for args, what in cases:
+        proc = run_measure(*args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and what in lines[0], (args, proc.stderr)
+        assert 'Traceback' not in proc.stderr
+    assert not os.path.exists(os.path.join(tiny_run, 'paper'))
+    assert before == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
