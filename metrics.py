@@ -52,12 +52,29 @@ def interference_magnitude(x, dim=-1):
     return x.abs().mean(dim)
 
 
-def sign_flip_null(x, dim=-1, generator=None):
-    """D of the same magnitudes |x_i| with independent random signs: the value D takes when the
-    signs carry no structure (1 - D ~ 1/sqrt(N)), so compare a measured D with it at the same N.
-    `generator`: a CPU torch.Generator, for a reproducible null."""
-    signs = torch.randint(0, 2, x.shape, generator=generator).to(device=x.device, dtype=x.dtype) * 2 - 1
-    return destructive_interference(x.abs() * signs, dim)
+def sign_flip_null(x, dim=-1, generator=None, draws=64):
+    """The sign-flip null of D(x): the mean, over `draws` independent draws, of D of the same
+    magnitudes |x_i| with random signs, the value D takes at this N when the signs carry no
+    structure (1 - D ~ 1/sqrt(N)). Compare a measured D with it, never with 1. A mean of draws,
+    not one draw, because one draw wanders: its standard error is the spread of the draws divided by
+    sqrt(draws) (tests/test_metrics.py measures it). `generator`: a CPU torch.Generator, for a
+    reproducible null."""
+    dim = dim % x.dim()  # the draws come first
+    signs = torch.randint(0, 2, (draws,) + x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+    return destructive_interference(x.abs() * (2 * signs - 1), dim + 1).mean(0)
+
+
+def expected_null_interference(sum_abs, sum_sq):
+    """E[D] under random signs from two sums of the magnitudes, sum_i |x_i| and sum_i x_i^2:
+
+        D_null = 1 - sqrt(2 / pi) sqrt(sum_i x_i^2) / sum_i |x_i|
+
+    (by the central limit theorem sum_i s_i |x_i| with random signs s_i = +-1 is about normal with
+    variance sum_i x_i^2, and E|normal| = sqrt(2 / pi) sd). Exact as N grows; off for a few numbers
+    (one: 0.20 instead of 0; two equal ones: 0.44 instead of 0.5) or when a few |x_i| dominate.
+    Clamped to [0, 1]. Used for the per-coordinate null of D_j, where only the sums over tokens
+    exist, never the per-token values; sign_flip_null draws it where they do."""
+    return (1 - (2 / torch.pi) ** 0.5 * sum_sq.sqrt() / sum_abs).clamp(0, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -149,12 +166,13 @@ def theta_decomposition(logits, targets, params, grads=None, average=None):
 #
 # Tokens are the examples: g_i = d l_i / d theta is the gradient of token i's OWN loss (not of
 # the batch mean, which would scale every g_i by 1/N; D_j is scale-free, sums are not).
-# The sums below are (sum_i g_ij, sum_i |g_ij|) per coordinate j, with the parameter's shape.
+# The sums below are (sum_i g_ij, sum_i |g_ij|, sum_i g_ij^2) per coordinate j, each with the
+# parameter's shape: D_j needs the first two, its null (expected_null_interference) the last two.
 
 
 def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=None):
-    """param name -> (sum_i g_i, sum_i |g_i|), g_i = d l_i / d theta, for the N tokens of idx (B, T)
-    against targets (B, T): the definition, as the published method computes it, one ordinary
+    """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2), g_i = d l_i / d theta, for the N tokens of
+    idx (B, T) against targets (B, T): the definition, as the published method computes it, one ordinary
     backward per token (autograd.grad of l_i alone, l = per_token_loss of model(idx)). Slow: N
     backward passes, each through the graph of the whole forward of idx.
     names: the parameter names to sum (e.g. the position-local ones), in their order; by default
@@ -170,12 +188,13 @@ def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=Non
     params = dict(model.named_parameters())
     params = {name: params[name] for name in (params if names is None else names)}
     losses = per_token_loss(model(idx)[0], targets).flatten()[:n_tokens]  # (N,): l_i
-    sums = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
+    sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in params.items()}
     for loss in losses:  # one backward per token
         grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True)
-        for (total, total_abs), g in zip(sums.values(), grads):
+        for (total, total_abs, total_sq), g in zip(sums.values(), grads):
             total.add_(g)
             total_abs.add_(g.abs())
+            total_sq.add_(g.pow(2))
     return sums
 
 
@@ -229,12 +248,13 @@ def capture_activations(modules):
 
 
 def position_local_gradient_sums(modules, acts, n_tokens):
-    """param name -> (sum_s g_s, sum_s |g_s|), g_s = d l_s / d theta, exact, from the X and G of one
-    ordinary backward of the MEAN loss over n_tokens: G = (1/n_tokens) dl_s/dout, so the sums are
-    multiplied by n_tokens here, after the matmuls: the smaller tensors (if the caller's loss has
-    another scale, pass N / that scale; n_tokens > 0).
+    """param name -> (sum_s g_s, sum_s |g_s|, sum_s g_s^2), g_s = d l_s / d theta, exact, from the X and
+    G of one ordinary backward of the MEAN loss over n_tokens: G = (1/n_tokens) dl_s/dout, so the sums are
+    multiplied by n_tokens (the squares by n_tokens^2) here, after the matmuls: the smaller tensors
+    (if the caller's loss has another scale, pass N / that scale; n_tokens > 0).
     Linear with inputs X (N, in), output gradients G (N, out): g_s = outer(G_s, X_s), so
-        sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|   (one matmul each); bias: sum G, sum |G|.
+        sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|,   sum_s g_s^2 = (G^2)^T (X^2)
+    (one matmul each); bias: sum G, sum |G|, sum G^2.
     LayerNorm with normalised input xhat_s: weight g_s = G_s * xhat_s, bias g_s = G_s.
     For these layers the sums equal those of the definition, per_token_gradient_sums_looped (one
     backward per token), up to rounding, at the cost of one matmul per tensor."""
@@ -246,16 +266,17 @@ def position_local_gradient_sums(modules, acts, n_tokens):
         X = X.reshape(-1, X.shape[-1]).to(dtype)  # (N, in)
         G = G.reshape(-1, G.shape[-1]).to(dtype)  # (N, out), n_tokens G = the gradients of l_s
         if isinstance(module, nn.Linear):
-            sums[name + '.weight'] = (G.T @ X, G.abs().T @ X.abs())  # (out, in) each
+            sums[name + '.weight'] = (G.T @ X, G.abs().T @ X.abs(), G.pow(2).T @ X.pow(2))  # (out, in) each
         else:
             assert isinstance(module, nn.LayerNorm), f"{name}: only Linear and LayerNorm are local"
             G_xhat = G * F.layer_norm(X, module.normalized_shape, eps=module.eps)  # (N, d)
-            sums[name + '.weight'] = (G_xhat.sum(0), G_xhat.abs().sum(0))
+            sums[name + '.weight'] = (G_xhat.sum(0), G_xhat.abs().sum(0), G_xhat.pow(2).sum(0))
         if module.bias is not None:
-            sums[name + '.bias'] = (G.sum(0), G.abs().sum(0))
-    for total, total_abs in sums.values():
+            sums[name + '.bias'] = (G.sum(0), G.abs().sum(0), G.pow(2).sum(0))
+    for total, total_abs, total_sq in sums.values():
         total.mul_(n_tokens)
         total_abs.mul_(n_tokens)
+        total_sq.mul_(n_tokens ** 2)
     return sums
 
 
@@ -271,10 +292,10 @@ def hidden_and_embedding(model, idx):
     return h, captured[0]
 
 
-def per_token_gradient_sums(model, idx, targets, chunk_size=16):
-    """param name -> (sum_i g_i, sum_i |g_i|) for EVERY parameter, g_i = d l_i / d theta, exact, for
-    the N tokens of idx (B, T). Names as model.named_parameters() gives them (a tied head / embedding
-    matrix once, its g_i including both of its uses). Three parts, so that no per-token tensor of
+def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
+    """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2) for EVERY parameter, g_i = d l_i / d theta,
+    exact, for the N tokens of idx (B, T). Names as model.named_parameters() gives them (a tied head /
+    embedding matrix once, its g_i including both of its uses). Three parts, so that no per-token tensor of
     the vocabulary's size V x d is ever formed:
 
     - the LM head U: g_i = outer(dl_i/dz_i, h_i), position-local: |G|^T |H| in one matmul
@@ -298,7 +319,13 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16):
     of a c_attn.bias by up to 3% from the float64 value).
 
     Apart from those key biases, the sums equal those of the definition,
-    per_token_gradient_sums_looped (one plain backward per token), up to rounding."""
+    per_token_gradient_sums_looped (one plain backward per token), up to rounding.
+
+    delta (optional): dict name -> tensor shaped like each parameter, e.g. the update theta_{t+1} -
+    theta_t. Then the return value is (sums, dots), dots: name -> (N,) tensor, the per-token dot
+    product <g_i, delta> restricted to that parameter, tokens in row-major order of idx (their sum
+    over the parameters is the first-order change predicted_loss_change computes). The update-
+    weighted terms need them (update_weighted_terms); the per-token g_i exist here only."""
     params = dict(model.named_parameters())
     wte, head = model.transformer.wte, model.lm_head
     tied = wte.weight is head.weight
@@ -309,11 +336,17 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16):
     B, T, d = h.shape
     head_sums = position_local_gradient_sums({'head': head}, {'head': [h.detach(), g_z]}, 1)['head.weight']
     inner = {n: p for n, p in params.items() if p is not wte.weight and p is not head.weight}
-    sums = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in params.items()}
+    sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in params.items()}
     sums['lm_head.weight' if not tied else 'transformer.wte.weight'] = head_sums
     ids, where = torch.unique(idx, return_inverse=True)  # (R,) ids present; (B, T) row of each position
-    emb_total = torch.zeros(len(ids), d, dtype=h.dtype, device=h.device)  # (R, d): sum_i g_i, rows ids
-    emb_abs = torch.zeros_like(emb_total)  # (R, d): sum_i |g_i|, rows ids
+    emb = [torch.zeros(len(ids), d, dtype=h.dtype, device=h.device) for _ in range(3)]  # (R, d) rows ids
+    if delta is not None:
+        delta = key_bias_zeroed(model, delta)  # the key biases: no per-token gradient (see above)
+        dots = {name: torch.zeros(B * T, dtype=h.dtype, device=h.device) for name in params}
+        # the head part, position-local: <outer(dl_i/dz_i, h_i), delta_U> = dl_i/dz_i . (delta_U h_i)
+        head_dots = (g_z * (h.detach() @ delta['lm_head.weight' if not tied else 'transformer.wte.weight'].T)
+                     ).sum(-1).flatten()  # (N,)
+        dots['lm_head.weight' if not tied else 'transformer.wte.weight'] += head_dots
     # causal attention: the loss at position s depends on positions 0..s of its own sequence only,
     # so the tokens at positions a..b-1 of sequence n need the backward of the prefix idx[n, :b] only
     for n in range(B):
@@ -326,32 +359,57 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16):
             cotangent[torch.arange(C), 0, torch.arange(a, b)] = g_h[n, a:b]
             grads = torch.autograd.grad(hp, list(inner.values()) + [ep], cotangent,
                                         is_grads_batched=True)  # each (C, *shape)
+            tokens = slice(n * T + a, n * T + b)  # the chunk's tokens, row-major
             for name, g in zip(inner, grads[:-1]):
-                sums[name][0].add_(g.sum(0))
-                sums[name][1].add_(g.abs().sum(0))
+                add_sums(sums[name], g)
+                if delta is not None:
+                    dots[name][tokens] = (g * delta[name]).flatten(1).sum(1)
             g_e = grads[-1].reshape(C, b, d)  # dl_i/de_s for every position s of the prefix
             g_rows = torch.zeros(C, len(ids), d, dtype=h.dtype, device=h.device).index_add_(
                 1, where[n, :b], g_e)  # (C, R, d)
+            if delta is not None:  # the embedding part; a tied matrix has its head part from above
+                wte_delta = delta['transformer.wte.weight'][ids]  # (R, d)
+                dots['transformer.wte.weight'][tokens] += (g_rows * wte_delta).sum((1, 2))
             if tied:  # the head part of the same rows, per token: dl_i/dz_i[r] h_i
                 g_rows += g_z[n, a:b][:, ids, None] * h.detach()[n, a:b][:, None, :]
-            emb_total += g_rows.sum(0)
-            emb_abs += g_rows.abs().sum(0)
-    total, total_abs = sums['transformer.wte.weight']
+            add_sums(emb, g_rows)
+    total, total_abs, total_sq = sums['transformer.wte.weight']
     if tied:  # rows ids: replace the head-only sums by the exact ones of both uses
-        total[ids], total_abs[ids] = emb_total, emb_abs
+        total[ids], total_abs[ids], total_sq[ids] = emb
     else:
-        total[ids], total_abs[ids] = total[ids] + emb_total, total_abs[ids] + emb_abs
+        for s, e in zip((total, total_abs, total_sq), emb):
+            s[ids] += e
     for i, block in enumerate(model.transformer.h):
         if block.attn.c_attn.bias is not None:
             for s in sums[f"transformer.h.{i}.attn.c_attn.bias"]:
                 s[d:2 * d] = 0  # the key bias: no coordinate of D (see above)
-    return sums
+    return sums if delta is None else (sums, dots)
 
 
-def coordinate_opposition(sum_g, sum_abs_g):
+def add_sums(sums, g):
+    """Add a batch of per-token gradients g (C, *shape) to sums = (sum g, sum |g|, sum g^2), in place."""
+    sums[0].add_(g.sum(0))
+    sums[1].add_(g.abs().sum(0))
+    sums[2].add_(g.pow(2).sum(0))
+
+
+def key_bias_zeroed(model, delta):
+    """delta with the attention key biases (c_attn.bias[d:2d]) set to 0: their per-token gradient is
+    exactly 0 (see per_token_gradient_sums), so no update-weighted term counts them."""
+    delta, d = dict(delta), model.config.n_embd
+    for i, block in enumerate(model.transformer.h):
+        name = f"transformer.h.{i}.attn.c_attn.bias"
+        if block.attn.c_attn.bias is not None:
+            delta[name] = delta[name].clone()
+            delta[name][d:2 * d] = 0
+    return delta
+
+
+def coordinate_opposition(sum_g, sum_abs_g, *_):
     """D_j = 1 - |sum_i g_ij| / sum_i |g_ij| for every coordinate j of one or more tensors, as a
     flat (n,) tensor over the coordinates with sum_i |g_ij| > 0 only (D is undefined where no token
-    moves the coordinate, e.g. the embedding rows of tokens absent from the batch), so NaN-free."""
+    moves the coordinate, e.g. the embedding rows of tokens absent from the batch), so NaN-free.
+    (A third argument, the sum of squares of a sums triple, is ignored: coordinate_opposition(*sums).)"""
     sum_g, sum_abs_g = sum_g.flatten(), sum_abs_g.flatten()
     used = sum_abs_g > 0
     return interference_from_sums(sum_g[used], sum_abs_g[used])  # (n,)
@@ -390,6 +448,16 @@ def opposition_keys(names, total='model'):
     return list(names) + groups + blocks + [total]
 
 
+def opposition_members(names, total='model'):
+    """key of opposition_keys(names, total) -> the parameter names it covers: a tensor itself, a
+    layer its tensors, 'blocks' the blocks' weight matrices, `total` all of them."""
+    members = {key: [] for key in opposition_keys(names, total)}
+    for name in names:
+        for key in (name, opposition_group(name), total) + (('blocks',) if is_block_matrix(name) else ()):
+            members[key].append(name)
+    return members
+
+
 def opposition_summary(sums, bins=20, total='model'):
     """Gradient opposition D_j (see coordinate_opposition) summarised per parameter tensor (its
     name), per layer (see opposition_group), over the Transformer blocks' weight matrices
@@ -397,27 +465,57 @@ def opposition_summary(sums, bins=20, total='model'):
     of opposition_keys. Each entry, as CPU tensors:
     'mean': the exact mean of D_j over coordinates (never histogram midpoints);
     'weighted': the mean weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|;
-    'hist': (bins,) counts of D_j in equal bins of [0, 1]; 'n': the number of coordinates counted."""
+    'hist': (bins,) counts of D_j in equal bins of [0, 1]; 'n': the number of coordinates counted;
+    'null': the mean over the same coordinates of D_j's null, expected_null_interference of
+    sum_i |g_ij| and sum_i g_ij^2: what the mean would be if the tokens' signs carried no structure."""
     per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
-    for name, (total_g, total_abs) in sums.items():
-        total_g, total_abs = total_g.flatten().double(), total_abs.flatten().double()  # (n_coords,)
+    for name, (total_g, total_abs, total_sq) in sums.items():
+        total_g, total_abs, total_sq = (t.flatten().double() for t in (total_g, total_abs, total_sq))
         D = coordinate_opposition(total_g, total_abs)  # (n,)
+        used = total_abs > 0
+        null = expected_null_interference(total_abs[used], total_sq[used])  # (n,)
         # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
-        per[name] = dict(D_sum=D.sum(), n=D.numel(),
+        per[name] = dict(D_sum=D.sum(), null_sum=null.sum(), n=D.numel(),
                          hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
                          abs_total=total_g.abs().sum(), total_abs=total_abs.sum())
-    members = {key: [] for key in opposition_keys(list(sums), total)}
-    for name in sums:
-        for key in (name, opposition_group(name), total) + (('blocks',) if is_block_matrix(name) else ()):
-            members[key].append(per[name])
     out = {}
-    for key, parts in members.items():  # a layer, the blocks, the total: the union of their coordinates
+    for key, names in opposition_members(list(sums), total).items():  # the union of their coordinates
+        parts = [per[name] for name in names]
         n = sum(p['n'] for p in parts)
-        mean = sum(p['D_sum'] for p in parts) / n if n else torch.tensor(float('nan'), dtype=torch.float64)
+        nan = torch.tensor(float('nan'), dtype=torch.float64)
+        mean = sum(p['D_sum'] for p in parts) / n if n else nan
+        null = sum(p['null_sum'] for p in parts) / n if n else nan
         weighted = interference_from_sums(sum(p['abs_total'] for p in parts),
                                           sum(p['total_abs'] for p in parts))
-        out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(),
+        out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(), null=null.cpu(),
                         hist=sum(p['hist'] for p in parts).long().cpu(), n=torch.tensor(n))
+    return out
+
+
+def update_weighted_terms(sums, delta, dots, total='model'):
+    """The update-weighted interference terms of the published analysis, with p_ij = g_ij delta_j
+    (token i's gradient times the update, coordinate j; its sum over j is token i's first-order
+    loss change), for the N tokens of `sums` and `dots` (per_token_gradient_sums(..., delta=delta)):
+
+        Cg      = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|    tokens agree, per coordinate
+        CuG     = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|    coordinates agree, after summing tokens
+        Cug     = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|    coordinates agree, per token
+        C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|    tokens' predicted changes agree (1 - D)
+        M_i_dli = sum_i |sum_j p_ij| / N                     mean size of a predicted change
+
+    Each is cheap from sums the opposition computes anyway: sum_i p_ij = delta_j sum_i g_ij,
+    sum_i |p_ij| = |delta_j| sum_i |g_ij|, and sum_j p_ij = dots (the per-token dot product with
+    delta). A C near 1: agreement; near 0: cancellation. Keys as opposition_summary's (each tensor,
+    layer, 'blocks', `total`), the sums over j running over that key's coordinates; CPU scalars."""
+    out = {}
+    for key, parts in opposition_members(list(sums), total).items():
+        p_sum = torch.cat([(delta[n].double() * sums[n][0].double()).flatten() for n in parts])  # sum_i p_ij
+        p_abs = sum((delta[n].double().abs() * sums[n][1].double()).sum() for n in parts)  # sum_ij |p_ij|
+        q = sum(dots[n].double() for n in parts)  # (N,): sum_j p_ij over the key's coordinates
+        out[key] = dict(Cg=(p_sum.abs().sum() / p_abs).cpu(),
+                        CuG=(p_sum.sum().abs() / p_sum.abs().sum()).cpu(),
+                        Cug=(q.abs().sum() / p_abs).cpu(), C_i_dli=(q.sum().abs() / q.abs().sum()).cpu(),
+                        M_i_dli=q.abs().mean().cpu())
     return out
 
 

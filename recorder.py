@@ -5,8 +5,7 @@ which measures and writes them at each moment of a training step. train.py's loo
     batch of step t
     rec.probe(t)           theta_t on the fixed held-out probe set: per-token losses, their change
                            since step t - 1 (D, M and the null), the output-layer decomposition, the
-                           geometry of h and U; on schedule h itself and the exact all-parameter
-                           opposition between tokens
+                           geometry of h and U; on schedule h itself
     forward, backward      inside rec.capture(t): on full steps, the inputs X and output gradients G
                            of the position-local layers are kept
     rec.batch(t, ...)      theta_t on the training batch: per-token losses, dissent in parameter space
@@ -16,7 +15,9 @@ which measures and writes them at each moment of a training step. train.py's loo
     optimizer.step()
     rec.after_update(t)    theta_{t+1} on the same batch: per-token losses after its own update and
                            their D, M and null; |delta|; on schedule the first-order prediction
-                           <grad l_i, delta> of every token's change
+                           <grad l_i, delta> of every token's change, and (theta_t put back for it)
+                           the exact all-parameter opposition between probe tokens with its
+                           update-weighted terms
 
 Notation (the README's): token i, target y_i, h_i the output-layer hidden state, U the LM head,
 l_i = -log p_i[y_i]; theta_t the parameters before step t, delta = theta_{t+1} - theta_t.
@@ -30,7 +31,7 @@ the loss changes of one step are small, and bf16 rounding would bury them.
 
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -76,8 +77,8 @@ RECORDS = [
      "train_loss_pre[t], all N = B*T tokens as one vector"),
     ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x; |mean_i x_i| = (1 - D) M"),
     ('train_D_null', 'S', 'float64', 'full',
-     "sign-flip null: D of the same |x_i| with random signs (drawn from seed and step), "
-     "the D of N changes whose signs carry no structure"),
+     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed "
+     "and step), the D of N changes whose signs carry no structure: compare train_D with it"),
     ('train_loss_pred', 'G, B, T', 'float32', 'grad',
      "first-order predicted change <grad l_i, delta_t> of every token of the batch of step "
      "grad_steps[k], at theta_t along the real update (one JVP); compare with post - pre"),
@@ -86,7 +87,7 @@ RECORDS = [
     ('probe_D', 'S', 'float64', 'step',
      "D of x = probe_loss[t+1] - probe_loss[t] (theta_t -> theta_{t+1}), all N = P*T tokens"),
     ('probe_M', 'S', 'float64', 'step', "M of the same probe change"),
-    ('probe_D_null', 'S', 'float64', 'step', "sign-flip null of the same probe change"),
+    ('probe_D_null', 'S', 'float64', 'step', "sign-flip null (64 draws) of the same probe change"),
     ('probe_p_y', 'S+1, P, T', 'float32', 'step', "p_y, the probability of the target, at theta_t"),
     ('probe_cos_h_plus', 'S+1, P, T', 'float32', 'step',
      "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y (so = -cos(h, U_y)): the 2D basis, first axis"),
@@ -120,14 +121,28 @@ RECORDS = [
      "last block's local weight matrices), local (every local tensor)"),
     ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
      "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
+    ('local_opposition_null', 'S, n_local', 'float64', 'full',
+     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value "
+     "under random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
     ('opposition_mean', 'G, n_all', 'float64', 'grad',
-     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the tokens of "
-     "the first --opposition_seqs probe sequences (one backward per token, batched); columns: each "
-     "tensor, each layer, blocks (the Transformer blocks' weight matrices: the published headline), "
-     "model (every coordinate)"),
+     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of "
+     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; one backward "
+     "per token, batched); columns: each tensor, each layer, blocks (the Transformer blocks' weight "
+     "matrices: the published headline), model (every coordinate)"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
+    ('opposition_null', 'G, n_all', 'float64', 'grad',
+     "the null of opposition_mean, as local_opposition_null"),
     ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
+    # update-weighted interference, p_ij = g_ij delta_j: the same tokens at theta_t and the real update
+    ('update_Cg', 'G, n_all', 'float64', 'grad',
+     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, "
+     "t = grad_steps[k]), over the opposition's tokens and each column's coordinates"),
+    ('update_CuG', 'G, n_all', 'float64', 'grad', "CuG = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|"),
+    ('update_Cug', 'G, n_all', 'float64', 'grad', "Cug = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|"),
+    ('update_C_i_dli', 'G, n_all', 'float64', 'grad',
+     "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij| (1 - D of the predicted changes)"),
+    ('update_M_i_dli', 'G, n_all', 'float64', 'grad', "M_i_dli = sum_i |sum_j p_ij| / N"),
 ]
 RECORD_NAMES = {name for name, *_ in RECORDS}
 
@@ -164,6 +179,22 @@ def fp32_forward(model, x, y):
     logits and log-softmax: the recording pass, kept outside any autocast region."""
     logits, _, h = model(x, return_hidden=True)
     return per_token_loss(logits, y), h, logits
+
+
+@contextmanager
+def parameters_at(params, values):
+    """Inside the block, every parameter holds values[name] (e.g. theta_t after optimizer.step());
+    on exit each gets back exactly what it held."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
 
 
 class Recorder:
@@ -248,7 +279,7 @@ class Recorder:
     def probe(self, step):
         """Probe measures at theta_step (probe row `step`; step S is the final model): per-token
         losses and their change since step - 1, the output-layer decomposition of every token, the
-        anisotropy of h; on schedule h itself, U's spectrum and the exact all-parameter opposition.
+        anisotropy of h; on schedule h itself and U's spectrum.
         Process 0 alone: nothing here is collective."""
         if not (self.master and self.recording):
             return
@@ -277,14 +308,6 @@ class Recorder:
             if step in self.hidden_row:
                 self.write('probe_hidden', self.hidden_row[step], h)
                 self.write('head_singular_values', self.hidden_row[step], metrics.singular_values(U))
-        if step in self.grad_row:  # gradient opposition between the tokens of the first probe sequences
-            n = self.args.opposition_seqs
-            sums = metrics.per_token_gradient_sums(self.model, self.px[:n], self.py[:n])
-            opposition = metrics.opposition_summary(sums, HIST_BINS)
-            keys, row = self.all_keys, self.grad_row[step]
-            self.write('opposition_mean', row, [opposition[k]['mean'] for k in keys])
-            self.write('opposition_weighted', row, [opposition[k]['weighted'] for k in keys])
-            self.write('opposition_hist', row, torch.stack([opposition[k]['hist'] for k in keys]))
 
     def capture(self, step):
         """Wrap the training forward and backward: on full steps it keeps the inputs X and output
@@ -306,13 +329,11 @@ class Recorder:
             self.write('theta_norm_grad', step, [dissent[n]['norm_grad'] for n in self.theta_names])
             # exact opposition of the position-local layers from this backward: |G|^T |X|
             sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel())
-            for total, total_abs in sums.values() if self.world > 1 else []:
-                dist.all_reduce(total)  # sums over tokens add up across processes
-                dist.all_reduce(total_abs)
-            opposition, keys = metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys
-            self.write('local_opposition_mean', step, [opposition[k]['mean'] for k in keys])
-            self.write('local_opposition_weighted', step, [opposition[k]['weighted'] for k in keys])
-            self.write('local_opposition_hist', step, torch.stack([opposition[k]['hist'] for k in keys]))
+            for triple in sums.values() if self.world > 1 else []:
+                for total in triple:
+                    dist.all_reduce(total)  # sums over tokens add up across processes
+            self.write_opposition('local_opposition', step,
+                                  metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys)
         if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
             losses, _, logits = fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
         # per-token rows of the batch at theta_t: gathered from every process into (B, T)
@@ -329,7 +350,8 @@ class Recorder:
         """After optimizer.step(): the real update delta = theta_{t+1} - theta_t (AdamW, weight
         decay and clipping included), the step's scalars and, on full steps, the same batch at
         theta_{t+1}: the zero-sum-learning measurement on the training batch. On the grad steps,
-        the first-order prediction of every token's change along delta (process 0, global batch)."""
+        the first-order prediction of every token's change along delta (process 0, global batch),
+        and the exact opposition of the probe tokens at theta_t with its update-weighted terms."""
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
@@ -347,13 +369,31 @@ class Recorder:
             null = metrics.sign_flip_null(change, generator=self.null_signs(step))
             self.write('train_D_null', step, null)
         if self.master and self.recording and step in self.grad_row:
+            row = self.grad_row[step]
             # at theta_t along the real delta, on the global batch (rebuilt from all the offsets)
             windows = data.get_windows(self.corpus['train'], offsets, self.args.block_size)
             xg, yg = (torch.from_numpy(a).to(x.device) for a in windows)
             pred = metrics.predicted_loss_change(self.model, xg, yg, delta, params=self.theta_t)
-            self.write('train_loss_pred', self.grad_row[step], pred)
+            self.write('train_loss_pred', row, pred)
+            # exact all-parameter opposition between the tokens of the first probe sequences at theta_t,
+            # and the update-weighted terms of the same tokens along delta (their per-token g_i exist
+            # only inside per_token_gradient_sums, and delta only now)
+            px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
+            with parameters_at(self.params, self.theta_t):
+                sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
+            opposition = metrics.opposition_summary(sums, HIST_BINS)
+            self.write_opposition('opposition', row, opposition, self.all_keys)
+            terms = metrics.update_weighted_terms(sums, delta, dots)
+            for term in ('Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli'):
+                self.write('update_' + term, row, [terms[k][term] for k in self.all_keys])
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def write_opposition(self, prefix, row, opposition, keys):
+        """Row `row` of the records prefix_mean, _weighted, _null and _hist, columns `keys`."""
+        for stat in ('mean', 'weighted', 'null'):
+            self.write(f"{prefix}_{stat}", row, [opposition[k][stat] for k in keys])
+        self.write(f"{prefix}_hist", row, torch.stack([opposition[k]['hist'] for k in keys]))
 
     def null_signs(self, step):
         """The sign-flip null's random signs, a function of (seed, step): a resumed run redraws them."""

@@ -121,8 +121,10 @@ def get_args(argv=None):
     g.add_argument('--grad_every', type=int, default=0,
                    help='exact all-parameter opposition and JVP prediction every N steps '
                         '(0: log-spaced steps)')
-    g.add_argument('--opposition_seqs', type=int, default=1,
-                   help='probe sequences used by the exact all-parameter opposition (one backward per token)')
+    g.add_argument('--opposition_seqs', type=int, default=None,
+                   help='the first N probe sequences give the tokens of the exact all-parameter opposition and '
+                        'its update-weighted terms (one backward per token; default: every probe sequence, '
+                        '2048 tokens at the default sizes; D_j means little at small N)')
     g.add_argument('--log_interval', type=int, default=10, help='steps between progress lines')
     g.add_argument('--log_seconds', type=float, default=30.0,
                    help='a progress line at least this often, whatever --log_interval says')
@@ -138,6 +140,8 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every setting against what the code can do, before any work: one line and exit status 2."""
+    if args.opposition_seqs is None:
+        args.opposition_seqs = args.probe_seqs
     for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'max_iters', 'probe_seqs',
                  'opposition_seqs', 'log_interval', 'ckpt_interval']:
         if getattr(args, name) <= 0:
@@ -432,6 +436,8 @@ def write_run_files(args, corpus, model, rec, probe_offsets, device, dtype, worl
         train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'],
         probe_offsets=probe_offsets.tolist(), device_used=device, dtype_used=dtype, world_size=world,
         theta_names=rec.theta_names, local_opposition_keys=rec.local_keys, opposition_keys=rec.all_keys,
+        opposition_tokens=args.opposition_seqs * args.block_size,
+        probe_tokens=args.probe_seqs * args.block_size, batch_tokens=args.batch_size * args.block_size,
         torch_version=torch.__version__,
         records={k: [list(shape), dtype.name] for k, (shape, dtype) in rec.specs().items()}))
 

@@ -74,6 +74,34 @@ def test_sign_flip_null_is_seeded_and_keeps_magnitudes():
     assert a.shape == (3,) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.all(M.destructive_interference(x) == 0) and torch.all((a > 0.9) & (a <= 1))
     assert M.sign_flip_null(torch.tensor([2.0]), generator=torch.Generator().manual_seed(0)) == 0  # N = 1
+    # the mean of the draws, brute force: D of each draw of signs, then their mean
+    x = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    signs = torch.randint(0, 2, (64, 50), generator=torch.Generator().manual_seed(4)).double() * 2 - 1
+    draws = torch.stack([1 - (x.abs() * s).sum().abs() / x.abs().sum() for s in signs])
+    close(M.sign_flip_null(x, generator=torch.Generator().manual_seed(4)), draws.mean())
+    columns = torch.stack([x, -x], 1)  # (50, 2), D over dim 0: the signs (64, 50, 2)
+    signs = torch.randint(0, 2, (64, 50, 2), generator=torch.Generator().manual_seed(4)).double() * 2 - 1
+    brute = (1 - (columns.abs() * signs).sum(1).abs() / columns.abs().sum(0)).mean(0)  # (2,)
+    close(M.sign_flip_null(columns, dim=0, generator=torch.Generator().manual_seed(4)), brute)
+
+
+@pytest.mark.parametrize('n', [128, 2048])
+def test_the_analytic_null_matches_many_sign_draws(n):
+    """expected_null_interference (a normal approximation) against a Monte Carlo mean of 20000 sign
+    draws, on heavy-tailed magnitudes like real per-token loss changes; and the standard error of the
+    default 64-draw null that sign_flip_null's docstring points to."""
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).exp()  # log-normal
+    signs = torch.randint(0, 2, (20000, n), generator=torch.Generator().manual_seed(1)).double() * 2 - 1
+    draws = 1 - (x * signs).sum(1).abs() / x.sum()  # (20000,) D of each draw
+    analytic = M.expected_null_interference(x.sum(), x.pow(2).sum())
+    assert abs(analytic - draws.mean()) < 4 * draws.std() / 20000 ** 0.5 + 0.1 / n  # CLT: error O(1/N)
+    stderr = draws.std() / 64 ** 0.5  # of a 64-draw mean
+    print(f"N = {n}: null {draws.mean():.4f}, analytic {analytic:.4f}, 64-draw standard error {stderr:.4f}")
+    assert stderr < (1 - draws.mean()) / 4
+    # few numbers: the approximation's documented error
+    close(M.expected_null_interference(torch.tensor(2.0), torch.tensor(4.0)), 1 - (2 / np.pi) ** 0.5)
+    one = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    close(M.expected_null_interference(one.sum(), one.pow(2).sum()), 1 - (2 / np.pi) ** 0.5 * 2 ** 0.5 / 2)
 
 
 # 2. output-layer decomposition -------------------------------------------------------------
@@ -202,6 +230,7 @@ def test_the_looped_definition_is_the_per_token_jacobian(tie):
     for n, g in jacobian.items():
         close(looped[n][0], g.sum(0))
         close(looped[n][1], g.abs().sum(0))
+        close(looped[n][2], g.pow(2).sum(0))
     # sum_i g_i is the gradient of the summed loss, N times that of the mean
     total = torch.autograd.grad(per_token_loss(model(x)[0], y).sum(), list(model.parameters()))
     for n, g in zip(params, total):
@@ -228,9 +257,10 @@ def test_position_local_sums_equal_the_looped_definition(tie):
     # no attn.c_attn, no ln_1, nothing of block 0, no embeddings; no head when tied
     assert set(local) == LOCAL - ({'lm_head.weight'} if tie else set())
     looped = M.per_token_gradient_sums_looped(model, x, y, names=list(local))
-    for n, (s, a) in local.items():
+    for n, (s, a, q) in local.items():
         close(s, looped[n][0])
         close(a, looped[n][1])
+        close(q, looped[n][2])  # (G^2)^T (X^2)
 
 
 def test_the_local_recipe_would_be_wrong_for_the_last_blocks_c_attn():
@@ -252,8 +282,8 @@ def test_batched_exact_opposition_equals_the_looped_definition(tie):
     looped = M.per_token_gradient_sums_looped(model, x, y)
     assert set(fast) == set(looped) == set(dict(model.named_parameters()))
     for n in looped:
-        close(fast[n][0], looped[n][0])
-        close(fast[n][1], looped[n][1])
+        for k in range(3):
+            close(fast[n][k], looped[n][k])
     # the key bias: exact zeros here, rounding noise in the loop (its true gradient is 0)
     for i in range(2):
         key_bias = looped[f'transformer.h.{i}.attn.c_attn.bias'][1]
@@ -270,11 +300,33 @@ def test_batched_exact_opposition_equals_the_looped_definition(tie):
         close(looped['transformer.wte.weight'][0], fast['transformer.wte.weight'][0])  # ... and is counted
 
 
+@pytest.mark.parametrize('tie', [False, True])
+def test_per_token_dots_with_an_update_are_exact(tie):
+    """With delta, per_token_gradient_sums also gives <g_i, delta> per parameter tensor and token:
+    brute force from the per-token gradients (key biases excluded: their per-token gradient is 0)."""
+    model, x, y = tiny(tie)
+    delta = {n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    sums, dots = M.per_token_gradient_sums(model, x, y, chunk_size=5, delta=delta)
+    plain = M.per_token_gradient_sums(model, x, y, chunk_size=5)
+    for n in plain:
+        for k in range(3):
+            assert torch.equal(sums[n][k], plain[n][k])  # the sums do not change
+    grads = per_token_grads(model, x, y)
+    for n in delta:
+        brute = torch.stack([(g[n] * delta[n]).sum() for g in grads])  # (N,) sum_j p_ij within tensor n
+        if n.endswith('attn.c_attn.bias'):
+            brute = torch.stack([(g[n][D_MODEL:2 * D_MODEL] * delta[n][D_MODEL:2 * D_MODEL]).sum()
+                                 for g in grads])
+            brute = torch.stack([(g[n] * delta[n]).sum() for g in grads]) - brute  # without the key part
+        close(dots[n], brute)
+    close(sum(dots.values()), M.predicted_loss_change(model, x, y, delta).reshape(-1))  # the JVP
+
+
 def test_coordinate_opposition_and_summary_are_exact():
     model, x, y = tiny()
     sums = M.per_token_gradient_sums_looped(model, x, y)
-    sums['transformer.wpe.weight'][0][-1, -1] = 0  # a coordinate no token moves: left out, not NaN
-    sums['transformer.wpe.weight'][1][-1, -1] = 0
+    for k in range(3):  # a coordinate no token moves: left out, not NaN
+        sums['transformer.wpe.weight'][k][-1, -1] = 0
     summary = M.opposition_summary(sums, bins=10)
     grads = per_token_grads(model, x, y)
     n = 'transformer.h.0.mlp.c_fc.weight'
@@ -282,6 +334,8 @@ def test_coordinate_opposition_and_summary_are_exact():
     D = 1 - g.sum(0).abs() / g.abs().sum(0)  # brute-force D_j
     close(M.coordinate_opposition(*sums[n]), D.flatten())
     close(summary[n]['mean'], D.mean())
+    null = 1 - (2 / np.pi) ** 0.5 * g.pow(2).sum(0).sqrt() / g.abs().sum(0)  # per coordinate
+    close(summary[n]['null'], null.clamp(0, 1).mean())
     close(summary[n]['weighted'], (D * g.abs().sum(0)).sum() / g.abs().sum())  # weights sum_i |g_ij|
     close(summary[n]['hist'], np.histogram(D.numpy(), bins=10, range=(0, 1))[0])
     assert summary[n]['hist'].sum() == summary[n]['n'] == D.numel()
@@ -300,6 +354,8 @@ def test_coordinate_opposition_and_summary_are_exact():
     moved = g.abs().sum(0) > 0
     D_blocks = 1 - g.sum(0).abs()[moved] / g.abs().sum(0)[moved]
     close(summary['blocks']['mean'], D_blocks.mean())
+    null = 1 - (2 / np.pi) ** 0.5 * g.pow(2).sum(0).sqrt()[moved] / g.abs().sum(0)[moved]
+    close(summary['blocks']['null'], null.clamp(0, 1).mean())
     close(summary['blocks']['weighted'], 1 - g.sum(0).abs().sum() / g.abs().sum())
     assert summary['blocks']['n'] == moved.sum()
     # another name for the total; no blocks column without a block matrix
@@ -312,6 +368,29 @@ def test_coordinate_opposition_and_summary_are_exact():
     n_coords = sum(p.numel() for p in model.parameters()) - unused_rows * D_MODEL - 1
     assert summary['model']['hist'].sum() == summary['model']['n'] == n_coords
     assert 0 <= summary['model']['mean'] <= 1
+
+
+def test_update_weighted_terms_are_exact():
+    """Cg, CuG, Cug, C_i_dli, M_i_dli from p_ij = g_ij delta_j built token by token (brute force),
+    for a tensor, a layer, the blocks and the model."""
+    model, x, y = tiny()
+    delta = {n: 1e-3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    sums, dots = M.per_token_gradient_sums_looped(model, x, y), None
+    _, dots = M.per_token_gradient_sums(model, x, y, delta=delta)
+    terms = M.update_weighted_terms(sums, M.key_bias_zeroed(model, delta), dots)
+    assert list(terms) == M.opposition_keys(list(sums))
+    grads = per_token_grads(model, x, y)
+    zeroed = M.key_bias_zeroed(model, delta)
+    for key, names in [('transformer.h.0.mlp.c_fc.weight', ['transformer.h.0.mlp.c_fc.weight']),
+                       ('h.1', [n for n in sums if n.startswith('transformer.h.1.')]),
+                       ('blocks', [n for n in sums if M.is_block_matrix(n)]), ('model', list(sums))]:
+        p = torch.stack([torch.cat([(g[n] * zeroed[n]).flatten() for n in names]) for g in grads])  # (N, n_j)
+        close(terms[key]['Cg'], p.sum(0).abs().sum() / p.abs().sum())
+        close(terms[key]['CuG'], p.sum().abs() / p.sum(0).abs().sum())
+        close(terms[key]['Cug'], p.sum(1).abs().sum() / p.abs().sum())
+        close(terms[key]['C_i_dli'], p.sum().abs() / p.sum(1).abs().sum())
+        close(terms[key]['M_i_dli'], p.sum(1).abs().mean())
+        assert 0 <= terms[key]['Cg'] <= 1 and 0 <= terms[key]['Cug'] <= 1
 
 
 # 5. first-order prediction along the update ----------------------------------------------

@@ -245,14 +245,32 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
                                    rtol=1e-3)
         np.testing.assert_allclose(load(out, 'local_opposition_weighted')[0, j],
                                    float(local[key]['weighted']), rtol=1e-3)
+        np.testing.assert_allclose(load(out, 'local_opposition_null')[0, j], float(local[key]['null']),
+                                   rtol=1e-3)
         assert load(out, 'local_opposition_hist')[0, j].sum() == int(local[key]['hist'].sum())
 
     # exact all-parameter opposition on the probe subset, and the JVP prediction along the real update
-    full = metrics.opposition_summary(metrics.per_token_gradient_sums(model0, px[:2], py[:2]))
-    for j, key in enumerate(cfg['opposition_keys']):
-        np.testing.assert_allclose(load(out, 'opposition_mean')[0, j], float(full[key]['mean']), rtol=1e-3)
     delta = {n: p1.detach() - p0.detach()
              for (n, p0), p1 in zip(model0.named_parameters(), model1.parameters())}
+    sums = metrics.per_token_gradient_sums(model0, px[:2], py[:2])  # float64; tested against the definition
+    full = metrics.opposition_summary(sums)
+    assert cfg['opposition_tokens'] == 2 * 16
+    grads = [torch.autograd.grad(l, list(model0.parameters()), retain_graph=True)  # g_i, token by token
+             for l in per_token_loss(model0(px[:2])[0], py[:2]).flatten()]
+    for j, key in enumerate(cfg['opposition_keys']):
+        for stat in ('mean', 'null'):
+            np.testing.assert_allclose(load(out, 'opposition_' + stat)[0, j], float(full[key][stat]),
+                                       rtol=1e-3, err_msg=f"{stat} {key}")
+        if key in ('blocks', 'model'):  # update-weighted terms, p_ij = g_ij delta_j, built token by token
+            names = [n for n in delta if key == 'model' or metrics.is_block_matrix(n)]
+            p = torch.stack([torch.cat([(g * delta[n]).flatten() for n, g in zip(delta, gi) if n in names])
+                             for gi in grads])  # (N, coordinates)
+            for term, value in [('Cg', p.sum(0).abs().sum() / p.abs().sum()),
+                                ('Cug', p.sum(1).abs().sum() / p.abs().sum()),
+                                ('C_i_dli', p.sum().abs() / p.sum(1).abs().sum()),
+                                ('M_i_dli', p.sum(1).abs().mean())]:
+                np.testing.assert_allclose(load(out, 'update_' + term)[0, j], float(value), rtol=1e-3,
+                                           err_msg=f"{term} {key}")
     pred = metrics.predicted_loss_change(model0, x, y, delta)
     np.testing.assert_allclose(load(out, 'train_loss_pred')[0], pred.detach().numpy(), rtol=1e-3, atol=1e-6)
     assert np.corrcoef(pred.detach().numpy().ravel(), (post - pre).numpy().ravel())[0, 1] > 0.9
