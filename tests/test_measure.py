@@ -32,7 +32,7 @@ def run_measure(*args, check=True):
 
 
 def measure_args(run):
-    return [run, '--tokens', str(TOKENS), '--batches', str(K), '--no-opposition']
+    return [run, '--tokens', str(TOKENS), '--batches', str(K)]
 
 
 @pytest.fixture(scope='module')
@@ -74,6 +74,24 @@ def brute_D(x):
     """D = 1 - |sum x| / sum |x|, M = mean |x|, in float64 numpy."""
     x = np.asarray(x, dtype=np.float64).ravel()
     return 1 - abs(x.sum()) / np.abs(x).sum(), np.abs(x).mean()
+
+
+def adamw_step64(model, ckpt, cfg, x, y):
+    """Step t of a float64 model at theta_t on batch (x, y) by a float64 torch.optim.AdamW loaded with
+    the checkpoint's state, at the run's learning rate of step t, no clipping. Returns delta."""
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
+         {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+        betas=(cfg['beta1'], cfg['beta2']))
+    optimizer.load_state_dict(ckpt['optimizer'])  # moments cast to float64
+    for group in optimizer.param_groups:
+        group['lr'] = train.get_lr(ckpt['step'], argparse.Namespace(**cfg))
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    per_token_loss(model(x)[0], y).mean().backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return {n: p.detach() - theta[n] for n, p in model.named_parameters()}
 
 
 def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
@@ -119,19 +137,10 @@ def test_dt1_loss_D_against_a_float64_adamw_step(measured, cache_dir):
     for row, t in enumerate(load(measured, 'steps')):
         for k in range(K):
             model, ckpt = model64(measured, int(t))
-            params = list(model.parameters())
-            optimizer = torch.optim.AdamW(
-                [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
-                 {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
-                betas=(cfg['beta1'], cfg['beta2']))
-            optimizer.load_state_dict(ckpt['optimizer'])  # moments cast to float64
-            for group in optimizer.param_groups:
-                group['lr'] = train.get_lr(int(t), argparse.Namespace(**cfg))
             x, y = measure.fresh_batch(cfg['seed'], int(t), k, cfg, corpus, 'cpu')
             with torch.no_grad():
                 before_b, before_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
-            per_token_loss(model(x)[0], y).mean().backward()
-            optimizer.step()
+            adamw_step64(model, ckpt, cfg, x, y)
             with torch.no_grad():
                 after_b, after_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
             for where, change in [('batch', after_b - before_b), ('heldout', after_h - before_h)]:
@@ -201,9 +210,10 @@ def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
              ([measured, '--tokens', '-1'], '--tokens'),
              ([measured, '--batches', '0'], '--batches'),
              ([measured, '--device', 'tpu'], '--device'),
-             ([measured, '--tokens', str(TOKENS), '--batches', '3', '--no-opposition'],
+             ([measured, '--tokens', str(TOKENS), '--batches', '3'],
               'other settings (batches)'),
-             ([measured, '--tokens', str(3 * T), '--batches', str(K), '--no-opposition'], 'other settings')]
+             ([measured, '--tokens', str(3 * T), '--batches', str(K)], 'other settings'),
+             ([*measure_args(measured), '--no-opposition'], 'other settings (opposition)')]
     for args, what in cases:
         proc = run_measure(*args, check=False)
         lines = proc.stderr.strip().splitlines()
@@ -211,3 +221,60 @@ def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
         assert 'Traceback' not in proc.stderr
     assert not os.path.exists(os.path.join(tiny_run, 'paper'))
     assert before == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+
+
+def per_token_gradients64(model, x, y):
+    """name -> (N, *shape): g_i = d l_i / d theta of every token, one float64 backward each (the
+    attention key biases set to their exact gradient, 0: softmax ignores a shift of every score)."""
+    losses = per_token_loss(model(x)[0], y).flatten()
+    names, params = zip(*model.named_parameters())
+    grads = [torch.autograd.grad(l, params, retain_graph=True) for l in losses]
+    g = {n: torch.stack([gi[k] for gi in grads]) for k, n in enumerate(names)}
+    d = model.config.n_embd
+    for n in g:
+        if n.endswith('attn.c_attn.bias'):
+            g[n][:, d:2 * d] = 0
+    return g
+
+
+def test_opposition_and_update_terms_against_float64_per_token_gradients(measured, cache_dir):
+    """At every checkpoint, on the same held-out tokens: the mean of D_j and its analytic null over
+    the blocks' weight matrices and over every coordinate, from per-token float64 gradients (and the
+    blocks' mean also from metrics.per_token_gradient_sums_looped); the update-weighted terms with
+    p_ij = g_ij delta_j, delta the float64 AdamW step on fresh batch 0."""
+    cfg = config_of(measured)
+    corpus = data.prepare(None, 300, cache_dir)
+    hx, hy = heldout(measured, cache_dir)
+    keys = json.load(open(os.path.join(measured, 'paper', 'progress.json')))['opposition_keys']
+    rec = {n: load(measured, n) for n, *_ in measure.PAPER_RECORDS if n.startswith(('opposition', 'update'))}
+    for row, t in enumerate(load(measured, 'steps')):
+        model, ckpt = model64(measured, int(t))
+        g = per_token_gradients64(model, hx, hy)
+        looped = metrics.per_token_gradient_sums_looped(model, hx, hy)
+        for key, names in [('blocks', [n for n in g if metrics.is_block_matrix(n)]), ('model', list(g))]:
+            total = torch.cat([g[n].sum(0).flatten() for n in names])
+            total_abs = torch.cat([g[n].abs().sum(0).flatten() for n in names])
+            total_sq = torch.cat([g[n].pow(2).sum(0).flatten() for n in names])
+            used = total_abs > 0
+            D = 1 - total[used].abs() / total_abs[used]
+            null = (1 - np.sqrt(2 / np.pi) * total_sq[used].sqrt() / total_abs[used]).clamp(0, 1)
+            j = keys.index(key)
+            assert abs(rec['opposition_mean'][row, j] - D.mean().item()) < 1e-4, (t, key)
+            assert abs(rec['opposition_null'][row, j] - null.mean().item()) < 1e-4, (t, key)
+            assert rec['opposition_n'][row, j] == used.sum().item(), (t, key)
+            if key == 'blocks':
+                s, a = (torch.cat([looped[n][k].flatten() for n in names]) for k in (0, 1))
+                D_looped = 1 - s[a > 0].abs() / a[a > 0]
+                assert abs(rec['opposition_mean'][row, j] - D_looped.mean().item()) < 1e-4, t
+        x, y = measure.fresh_batch(cfg['seed'], int(t), 0, cfg, corpus, 'cpu')
+        delta = adamw_step64(model, ckpt, cfg, x, y)
+        for key, names in [('blocks', [n for n in g if metrics.is_block_matrix(n)]), ('model', list(g))]:
+            p = torch.cat([(g[n] * delta[n]).reshape(len(hx) * T, -1) for n in names], 1)  # (N, coordinates)
+            brute = dict(Cg=p.sum(0).abs().sum() / p.abs().sum(),
+                         CuG=p.sum().abs() / p.sum(0).abs().sum(),
+                         Cug=p.sum(1).abs().sum() / p.abs().sum(),
+                         C_i_dli=p.sum().abs() / p.sum(1).abs().sum(),
+                         M_i_dli=p.sum(1).abs().mean())
+            for term, value in brute.items():
+                np.testing.assert_allclose(rec['update_' + term][row, keys.index(key)], value.item(),
+                                           rtol=1e-3, err_msg=f"{term} {key} step {t}")
