@@ -278,3 +278,18 @@ def test_opposition_and_update_terms_against_float64_per_token_gradients(measure
             for term, value in brute.items():
                 np.testing.assert_allclose(rec['update_' + term][row, keys.index(key)], value.item(),
                                            rtol=1e-3, err_msg=f"{term} {key} step {t}")
+
+
+def test_plot_draws_the_protocol_and_reports_its_numbers(measured, tmp_path):
+    """plot.py draws fig10_paper_protocol from RUN/paper/ and its report table shows the records."""
+    out = str(tmp_path / 'figs')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), measured, '--out', out],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(os.path.join(out, 'fig10_paper_protocol.png'))
+    report = open(os.path.join(out, 'report.md')).read()
+    keys = json.load(open(os.path.join(measured, 'paper', 'progress.json')))['opposition_keys']
+    blocks, D = load(measured, 'opposition_mean')[:, keys.index('blocks')], load(measured, 'loss_D_heldout')
+    assert f"N = {2 * T} held-out tokens" in report
+    for i, t in enumerate(load(measured, 'steps')):
+        assert f"| {t} | {blocks[i]:.4f} (" in report and f"{D[i].mean():.4f} +- {D[i].std():.4f}" in report
