@@ -811,6 +811,9 @@ FIGURES = [
      "the largest, at the first and last recorded step. Middle: their spectral entropy over training "
      "(a falling entropy means U concentrates in few directions). Right: anisotropy of h, the mean "
      "pairwise cosine of the probe tokens' hidden states (0: isotropic, 1: all parallel)."),
+]
+# drawn only when a run holds measure.py's records (RUN/paper/), and otherwise not listed as missing
+PAPER_FIGURES = [
     ('fig10_paper_protocol', ['paper'], fig_paper_protocol,
      "The published checkpoint protocol (measure.py) at the checkpoints t = 1, 2, 4, ... that "
      "train.py --keep_ckpts log2 kept, on N held-out tokens. Left: gradient opposition, the mean of "
@@ -952,6 +955,11 @@ def bucket_md_table(runs, rows):
     return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
 
 
+def figures_for(runs):
+    """FIGURES, and PAPER_FIGURES when a run holds measure.py's records."""
+    return FIGURES + (PAPER_FIGURES if any('paper' in r['rec'] for r in runs) else [])
+
+
 def paper_table(runs):
     """Per run with measure.py's records and per checkpoint: the numbers of fig10_paper_protocol."""
     parts = []
@@ -1027,7 +1035,7 @@ def report_text(runs, drawn, notes, fmt):
                   "held-out changes from t to 2t (dt = t; nan for the last). In brackets: the null "
                   "(analytic for D_j, sign-flip for the loss D). nan: not measured.", '', table]
     parts += ['## Figures', '']
-    for name, _, _, caption in FIGURES:
+    for name, _, _, caption in figures_for(runs):
         if name in drawn:
             parts += [f"### {name}", '', f"![{name}]({name}.{fmt})", '', caption, '']
     if notes:
@@ -1082,7 +1090,8 @@ def main(argv=None):
     # plot.py replaces its own files there and nothing else: refuse before drawing, not halfway
     if os.path.lexists(out) and not os.path.isdir(out):
         fail(f"--out {out}: exists and is not a folder")
-    for file in [f"{name}.{fmt}" for name, _, _, _ in FIGURES for fmt in args.format] + ['report.md']:
+    names = [name for name, *_ in FIGURES + PAPER_FIGURES]
+    for file in [f"{name}.{fmt}" for name in names for fmt in args.format] + ['report.md']:
         if os.path.isdir(os.path.join(out, file)):
             fail(f"{os.path.join(out, file)}: a folder where plot.py writes a file; "
                  "move it or choose another --out")
@@ -1094,7 +1103,7 @@ def main(argv=None):
         if r['missing']:
             notes.append(f"{r['name']} lacks {', '.join(r['missing'])} "
                          "(listed in its config.json, not in the directory)")
-    for name, needs, draw, _ in FIGURES:
+    for name, needs, draw, _ in figures_for(runs):
         have = [r for r in runs if all(k in r['rec'] for k in needs)]
         lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in needs if k not in r['rec'])}"
                             for r in runs if r not in have)
