@@ -293,3 +293,24 @@ def test_plot_draws_the_protocol_and_reports_its_numbers(measured, tmp_path):
     assert f"N = {2 * T} held-out tokens" in report
     for i, t in enumerate(load(measured, 'steps')):
         assert f"| {t} | {blocks[i]:.4f} (" in report and f"{D[i].mean():.4f} +- {D[i].std():.4f}" in report
+
+
+def test_a_resumed_run_keeps_the_same_checkpoints(measured, tmp_path, cache_dir):
+    """Killed after the optimizer step of step 6 (checkpoint at step 6) and resumed: the kept
+    checkpoints are those of the uninterrupted run, bitwise (model and optimizer)."""
+    run = str(tmp_path / 'run')
+    args = [*TINY, '--max_iters', str(S), '--keep_ckpts', 'log2', '--threads', '1', '--ckpt_interval', '3',
+            '--cache_dir', cache_dir, '--out_dir', run]
+    crash = os.path.join(ROOT, 'tests', 'crash_train.py')
+    proc = subprocess.run([sys.executable, crash, 'update', '7', *args], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr
+    assert sorted(os.listdir(os.path.join(run, 'ckpts'))) == [f"step_{t:06d}.pt" for t in (1, 2, 4)]
+    run_train(*args, '--resume')
+    for t in (1, 2, 4, 8):
+        a, b = (torch.load(os.path.join(r, 'ckpts', f"step_{t:06d}.pt"), weights_only=True)
+                for r in (measured, run))
+        assert a['step'] == b['step'] == t
+        assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model']), t
+        for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+            assert all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa), t
