@@ -106,9 +106,30 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         raise ValueError(f"{path}: train_loss.npy is missing (the one record every figure needs)")
+    if os.path.isfile(os.path.join(path, 'paper', 'progress.json')):
+        rec['paper'] = load_paper(os.path.join(path, 'paper'))
     name = os.path.basename(os.path.abspath(path))
     return dict(path=path, name=name, config=config, rec=rec, missing=missing,
                 label=f"{name} ({config['n_layer']}L/{config['n_embd']}d, {config['n_params'] / 1e6:.2g}M)")
+
+
+def load_paper(folder):
+    """measure.py's records (RUN/paper/): the rows its progress.json lists as finished, ordered by
+    step, and its settings ('settings'); a corrupt or short record raises ValueError naming it."""
+    try:
+        with open(os.path.join(folder, 'progress.json')) as f:
+            settings = json.load(f)
+        n = len(settings['steps'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/progress.json: not measure.py's ({e})")
+    paper = {}
+    for name in ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
+                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null']:
+        paper[name] = np.asarray(load_record(os.path.join(folder, name + '.npy'))[:n], dtype=float)
+        if len(paper[name]) < n:
+            raise ValueError(f"{folder}/{name}.npy: fewer rows than progress.json lists")
+    order = np.argsort(paper['steps'])
+    return dict({k: v[order] for k, v in paper.items()}, settings=settings)
 
 
 def recorded(values, steps=None):
@@ -722,6 +743,44 @@ def fig_geometry(runs):
     return fig
 
 
+def paper_column(run, key):
+    """(mean, null) of measure.py's opposition column `key` ('blocks' or 'model'), NaN without it."""
+    p, keys = run['rec']['paper'], run['rec']['paper']['settings']['opposition_keys']
+    if key not in keys:
+        return np.full(len(p['steps']), np.nan), np.full(len(p['steps']), np.nan)
+    return p['opposition_mean'][:, keys.index(key)], p['opposition_null'][:, keys.index(key)]
+
+
+def fig_paper_protocol(runs):
+    fig, axes = grid(3, 3, 4.2, 3.4)
+    for r in runs:
+        p, c = r['rec']['paper'], r['color']
+        steps = p['steps']
+        for key, ls in [('blocks', '-'), ('model', '--')]:
+            mean, null = paper_column(r, key)
+            axes[0].plot(steps, mean, color=c, ls=ls, marker='o', ms=3)
+            axes[0].plot(steps, null, color=c, ls=':', lw=1)
+        for where, ls, shift in [('batch', '-', 0.97), ('heldout', '--', 1.03)]:  # shifted apart a little
+            D = p[f'loss_D_{where}']
+            axes[1].errorbar(steps * shift, D.mean(1), yerr=D.std(1), color=c, ls=ls, marker='o', ms=3,
+                             capsize=2)
+            axes[1].plot(steps * shift, p[f'loss_D_{where}_null'].mean(1), color=c, ls=':', lw=1)
+        axes[2].plot(steps, p['loss_D_dtt'], color=c, marker='o', ms=3)
+        axes[2].plot(steps, p['loss_D_dtt_null'], color=c, ls=':', lw=1)
+    Ns = ', '.join(sorted({f"{r['rec']['paper']['settings']['tokens']:,}" for r in runs}))
+    ks = ', '.join(sorted({str(r['rec']['paper']['settings']['batches']) for r in runs}))
+    titles = [f"paper protocol, N = {Ns} held-out tokens: mean D_j\nover the blocks' matrices (solid), "
+              "every\ncoordinate (dashed)",
+              f"paper protocol, dt = 1, k = {ks} fresh batches: loss D\non the batch (solid) and on "
+              f"N = {Ns} held-out\ntokens (dashed), mean +- sd",
+              f"paper protocol, dt = t, N = {Ns} held-out tokens:\nloss D from theta_t to theta_2t"]
+    for ax, title in zip(axes, titles):
+        log_steps(ax, 'checkpoint step t')
+        ax.set_ylabel('gradient opposition D_j' if ax is axes[0] else 'D of per-token loss changes')
+        ax.set_title(title + '; dotted: null', fontsize=8)
+    return fig
+
+
 # name, what it needs, the function, its caption
 FIGURES = [
     ('fig1_loss', ['train_loss'], fig_loss,
@@ -795,6 +854,18 @@ FIGURES = [
      "the largest, at the first and last recorded step. Middle: their spectral entropy over training "
      "(a falling entropy means U concentrates in few directions). Right: anisotropy of h, the mean "
      "pairwise cosine of the probe tokens' hidden states (0: isotropic, 1: all parallel)."),
+]
+# drawn only when a run holds measure.py's records (RUN/paper/), and otherwise not listed as missing
+PAPER_FIGURES = [
+    ('fig10_paper_protocol', ['paper'], fig_paper_protocol,
+     "The published checkpoint protocol (measure.py) at the checkpoints t = 1, 2, 4, ... that "
+     "train.py --keep_ckpts log2 kept, on N held-out tokens. Left: gradient opposition, the mean of "
+     "D_j over the Transformer blocks' weight matrices (solid, the published headline) and over every "
+     "coordinate (dashed), each with its analytic null (dotted). Middle: D of the per-token loss "
+     "changes over one simulated AdamW step from theta_t (no clipping) on each of k fresh training "
+     "batches, on that batch (solid) and on the held-out tokens (dashed), mean +- sd over the k "
+     "batches, with the mean sign-flip null (dotted). Right: D of the held-out loss changes from "
+     "theta_t to theta_2t, with its null. D well below its null is structure; D at its null is noise."),
 ]
 
 # -----------------------------------------------------------------------------
@@ -957,6 +1028,34 @@ def bucket_md_table(runs, rows):
     return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
 
 
+def figures_for(runs):
+    """FIGURES, and PAPER_FIGURES when a run holds measure.py's records."""
+    return FIGURES + (PAPER_FIGURES if any('paper' in r['rec'] for r in runs) else [])
+
+
+def paper_table(runs):
+    """Per run with measure.py's records and per checkpoint: the numbers of fig10_paper_protocol."""
+    parts = []
+    for r in runs:
+        if 'paper' not in r['rec']:
+            continue
+        p, s = r['rec']['paper'], r['rec']['paper']['settings']
+        blocks, model = paper_column(r, 'blocks'), paper_column(r, 'model')
+        rows = []
+        for i, t in enumerate(p['steps']):
+            cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
+            for where in ['batch', 'heldout']:
+                D = p[f'loss_D_{where}'][i]
+                cells.append(f"{D.mean():.4f} +- {D.std():.4f} ({p[f'loss_D_{where}_null'][i].mean():.4f})")
+            cells.append(f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})")
+            rows.append([int(t)] + cells)
+        header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'dt=1 D batch (null)',
+                  'dt=1 D held-out (null)', 'dt=t D held-out (null)']
+        parts += [f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
+                  f"k = {s['batches']} fresh batches.", '', md_table(header, rows), '']
+    return '\n'.join(parts)
+
+
 def report_text(runs, drawn, notes, fmt):
     parts = ['# Training dynamics report', '',
              f"Runs (ordered and coloured by parameter count): {', '.join(r['label'] for r in runs)}.", '']
@@ -1011,8 +1110,17 @@ def report_text(runs, drawn, notes, fmt):
                   "step of the bucket's best validation loss -> at the last recorded step (the final model). "
                   "The collapse point is (-1, +1).", '',
                   table, '']
+    table = paper_table(runs)
+    if table:
+        parts += ['## The published checkpoint protocol (measure.py)', '',
+                  "At each kept checkpoint t (train.py --keep_ckpts log2): gradient opposition, the mean of "
+                  "D_j over the Transformer blocks' weight matrices and over every coordinate, between the "
+                  "N held-out tokens; D of per-token loss changes over one simulated AdamW step (dt = 1), "
+                  "mean +- sd over the k fresh batches, on the batch and on the held-out tokens; D of the "
+                  "held-out changes from t to 2t (dt = t; nan for the last). In brackets: the null "
+                  "(analytic for D_j, sign-flip for the loss D). nan: not measured.", '', table]
     parts += ['## Figures', '']
-    for name, _, _, caption in FIGURES:
+    for name, _, _, caption in figures_for(runs):
         if name in drawn:
             parts += [f"### {name}", '', f"![{name}]({name}.{fmt})", '', caption, '']
     if notes:
@@ -1067,7 +1175,8 @@ def main(argv=None):
     # plot.py replaces its own files there and nothing else: refuse before drawing, not halfway
     if os.path.lexists(out) and not os.path.isdir(out):
         fail(f"--out {out}: exists and is not a folder")
-    for file in [f"{name}.{fmt}" for name, _, _, _ in FIGURES for fmt in args.format] + ['report.md']:
+    names = [name for name, *_ in FIGURES + PAPER_FIGURES]
+    for file in [f"{name}.{fmt}" for name in names for fmt in args.format] + ['report.md']:
         if os.path.isdir(os.path.join(out, file)):
             fail(f"{os.path.join(out, file)}: a folder where plot.py writes a file; "
                  "move it or choose another --out")
@@ -1079,7 +1188,7 @@ def main(argv=None):
         if r['missing']:
             notes.append(f"{r['name']} lacks {', '.join(r['missing'])} "
                          "(listed in its config.json, not in the directory)")
-    for name, needs, draw, _ in FIGURES:
+    for name, needs, draw, _ in figures_for(runs):
         have = [r for r in runs if all(k in r['rec'] for k in needs)]
         lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in needs if k not in r['rec'])}"
                             for r in runs if r not in have)

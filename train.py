@@ -42,7 +42,7 @@ from recorder import RECORDS, Recorder, fp32_forward
 RESUME_SAME = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size',
                'batch_size', 'max_iters', 'learning_rate', 'decay_lr', 'min_lr', 'warmup_iters',
                'weight_decay', 'beta1', 'beta2', 'grad_clip', 'dtype', 'seed', 'record', 'probe_seqs',
-               'hidden_every', 'grad_every', 'opposition_seqs']
+               'hidden_every', 'grad_every', 'opposition_seqs', 'keep_ckpts']
 RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
                      'ckpt_interval']
 # what train.py writes into a run directory besides the records (name.npy for each name of RECORDS);
@@ -52,6 +52,10 @@ RUN_FILES = ['config.json', 'progress.json', 'ckpt.pt', 'tokenizer.json', 'train
              'progress.json.tmp']
 # what plot.py writes into its figures/ folder (and a temporary file of it, left by a crash)
 PLOT_FILES = r'(fig\d+_\w+\.(png|pdf)|report\.md)|\.(fig\d+_\w+\.(png|pdf)|report\.md)\.\d+\.tmp'
+# the checkpoints kept by --keep_ckpts log2, in ckpts/, and what measure.py writes in paper/
+KEPT_DIR, KEPT_FILES = 'ckpts', r'step_\d{6,}\.pt(\.tmp)?'
+MEASURE_DIR = 'paper'
+MEASURE_FILES = r'(progress\.json|(steps|heldout_loss|loss_\w+|opposition_\w+|update_\w+)\.npy)(\.tmp)?'
 
 
 def get_args(argv=None):
@@ -126,6 +130,9 @@ def get_args(argv=None):
                    help='a progress line at least this often, whatever --log_interval says')
     g.add_argument('--ckpt_interval', type=int, default=250,
                    help='steps between checkpoints (and at the end)')
+    g.add_argument('--keep_ckpts', default='none', choices=['none', 'log2'],
+                   help='log2: also keep theta_t and the optimizer state at steps t = 1, 2, 4, ... in '
+                        'ckpts/step_NNNNNN.pt (theta_t: after t updates), for measure.py')
     g.add_argument('--resume', action='store_true', help='continue the run in --out_dir from its checkpoint')
     g.add_argument('--overwrite', action='store_true', help='replace a run already in --out_dir')
     return check_args(p.parse_args(argv))
@@ -262,6 +269,8 @@ def check_resources(args, rec, model, autocast, batch):
     if not args.resume:
         need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs().values())
         need += 3 * 4 * model.num_params()  # the checkpoint: weights and AdamW's two moments, fp32
+        if args.keep_ckpts == 'log2':  # and one at each of the steps 1, 2, 4, ... <= max_iters
+            need += args.max_iters.bit_length() * 3 * 4 * model.num_params()
         folder = os.path.abspath(args.out_dir)
         while not os.path.isdir(folder):  # the nearest existing folder: where the run will be created
             folder = os.path.dirname(folder)
@@ -383,16 +392,18 @@ def lock_run_dir(out_dir):
 
 
 def foreign_entries(out_dir):
-    """The entries of out_dir that train.py or plot.py did not write: not named in RUN_FILES or as a
-    record, not a plain file, a config.json that is not train.py's, or in figures/ anything but
-    plot.py's figures and report."""
+    """The entries of out_dir that train.py, plot.py or measure.py did not write: not named in
+    RUN_FILES or as a record, not a plain file, a config.json that is not train.py's, or in
+    figures/, ckpts/ or paper/ anything but plot.py's figures and report, the kept checkpoints or
+    measure.py's records."""
     ours = set(RUN_FILES) | {name + '.npy' for name, *_ in RECORDS}
+    folders = {'figures': PLOT_FILES, KEPT_DIR: KEPT_FILES, MEASURE_DIR: MEASURE_FILES}
     foreign = []
     for entry in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, entry)
-        if entry == 'figures' and os.path.isdir(path) and not os.path.islink(path):
-            foreign += [f"figures/{name}" for name in sorted(os.listdir(path))
-                        if not re.fullmatch(PLOT_FILES, name) or not os.path.isfile(os.path.join(path, name))]
+        if entry in folders and os.path.isdir(path) and not os.path.islink(path):
+            foreign += [f"{entry}/{name}" for name in sorted(os.listdir(path)) if not re.fullmatch(
+                folders[entry], name) or not os.path.isfile(os.path.join(path, name))]
         elif entry not in ours or os.path.islink(path) or not os.path.isfile(path) or \
                 (entry == 'config.json' and not written_by_train(path)):
             foreign.append(entry)
@@ -439,6 +450,11 @@ def write_json(path, obj):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def kept_path(out_dir, step):
+    """Where --keep_ckpts log2 keeps theta_step (the parameters after `step` updates)."""
+    return os.path.join(out_dir, KEPT_DIR, f"step_{step:06d}.pt")
 
 
 def save_checkpoint(path, model, optimizer, step, args):
@@ -544,7 +560,10 @@ def main(argv=None):
         if step + 1 == S:
             rec.probe(S)
 
-        # checkpoint and log (process 0)
+        # checkpoint and log (process 0); under --keep_ckpts log2 also theta_{t+1} when t+1 = 1, 2, 4, ...
+        if master and args.keep_ckpts == 'log2' and (step + 1) & step == 0:
+            os.makedirs(os.path.join(args.out_dir, KEPT_DIR), exist_ok=True)
+            save_checkpoint(kept_path(args.out_dir, step + 1), raw_model, optimizer, step + 1, args)
         if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S):
             rec.flush()
             save_checkpoint(ckpt_path, raw_model, optimizer, step + 1, args)

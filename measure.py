@@ -1,0 +1,379 @@
+"""
+The published checkpoint protocol, offline and on many held-out tokens: measure the checkpoints
+that train.py --keep_ckpts log2 kept (theta_t, the parameters after t updates, t = 1, 2, 4, ...).
+
+    python train.py --keep_ckpts log2 --out_dir out
+    python measure.py out                          # every kept checkpoint, the whole validation split
+    python measure.py out --tokens 16384 --batches 5
+
+At each kept checkpoint theta_t, on N held-out tokens (whole block_size windows of the validation
+split, the first ones; every token a target once):
+  a. gradient opposition between the N tokens: per coordinate j, D_j = 1 - |sum_i g_ij| / sum_i |g_ij|
+     with g_i = d l_i / d theta exact (metrics.per_token_gradient_sums), summarised by
+     metrics.opposition_summary (per tensor, layer, 'blocks' = the Transformer blocks' weight matrices,
+     the published headline, and 'model' = every coordinate), each with its analytic null;
+  b. dt = 1: one simulated AdamW step from theta_t (the run's learning rate of step t, its betas and
+     weight decay, the checkpoint's optimizer state, no clipping) on each of K fresh training batches
+     (drawn from a seed stream apart from training's); D and M of the per-token loss changes on that
+     batch and on the N held-out tokens, all tokens as one vector, with the sign-flip null;
+  c. dt = t: D and M of the held-out per-token loss changes from theta_t to theta_2t;
+  d. the update-weighted terms of metrics.update_weighted_terms, with delta = the simulated update
+     of the first fresh batch.
+Every pass is fp32 (recorder.fp32_forward). Records go to RUN/paper/, one row per checkpoint
+(docs/records.md); each finished row is written whole, then listed in progress.json, so an
+interrupted measure.py continues where it stopped. A run still training can be measured.
+"""
+
+import argparse
+import copy
+import fcntl
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+import data
+import metrics
+import train
+from model import GPT, GPTConfig, per_token_loss
+from recorder import HIST_BINS, fp32_forward
+
+MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
+
+# Every record of RUN/paper/: (name, shape, dtype, meaning); the file is name.npy. C = measured
+# checkpoints (rows, in the order measured), K = --batches, N = held-out tokens, n_keys =
+# len(progress.json's opposition_keys). A quantity not measured (--no-dt1, --no-opposition) is NaN.
+PAPER_RECORDS = [
+    ('steps', 'C', 'int64', "the step t of each row: theta_t, the parameters after t updates"),
+    ('heldout_loss', 'C, N', 'float32', "per-token loss l_i(theta_t) of the N held-out tokens"),
+    ('loss_D_batch', 'C, K', 'float64',
+     "dt = 1: D of l_i(after) - l_i(before) over the tokens of fresh batch k, after one simulated "
+     "AdamW step on it from theta_t"),
+    ('loss_M_batch', 'C, K', 'float64', "M = mean_i |x_i| of the same change"),
+    ('loss_D_batch_null', 'C, K', 'float64', "sign-flip null of the same change (metrics.sign_flip_null)"),
+    ('loss_D_heldout', 'C, K', 'float64', "dt = 1: D of the N held-out tokens' changes over the same step"),
+    ('loss_M_heldout', 'C, K', 'float64', "M of the same held-out change"),
+    ('loss_D_heldout_null', 'C, K', 'float64', "sign-flip null of the same held-out change"),
+    ('loss_D_dtt', 'C', 'float64',
+     "dt = t: D of heldout_loss(theta_2t) - heldout_loss(theta_t); NaN until 2t is measured"),
+    ('loss_M_dtt', 'C', 'float64', "M of the same change"),
+    ('loss_D_dtt_null', 'C', 'float64', "sign-flip null of the same change"),
+    ('opposition_mean', 'C, n_keys', 'float64',
+     "mean of D_j over the coordinates of each key (metrics.opposition_summary) between the N "
+     "held-out tokens at theta_t; 'blocks': the blocks' weight matrices, 'model': every coordinate"),
+    ('opposition_weighted', 'C, n_keys', 'float64', "sum_i |g_ij|-weighted mean of D_j, same columns"),
+    ('opposition_null', 'C, n_keys', 'float64', "mean over the same coordinates of the analytic null D_j"),
+    ('opposition_n', 'C, n_keys', 'int64', "number of coordinates j with a D_j (sum_i |g_ij| > 0)"),
+    ('update_Cg', 'C, n_keys', 'float64',
+     "Cg of metrics.update_weighted_terms, delta = the simulated update on fresh batch 0"),
+    ('update_CuG', 'C, n_keys', 'float64', "CuG, same"),
+    ('update_Cug', 'C, n_keys', 'float64', "Cug, same"),
+    ('update_C_i_dli', 'C, n_keys', 'float64', "C_i_dli, same"),
+    ('update_M_i_dli', 'C, n_keys', 'float64', "M_i_dli, same"),
+]
+DTT = ['loss_D_dtt', 'loss_M_dtt', 'loss_D_dtt_null']  # derived from heldout_loss at every write
+UPDATE_TERMS = ['Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli']
+
+
+def fail(msg):
+    """Bad input: one line naming the problem and exit status 2, never a traceback."""
+    print(f"\nmeasure.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = fail
+    p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
+    p.add_argument('--tokens', type=int, default=0,
+                   help='held-out tokens N, rounded down to whole block_size windows (0: the whole '
+                        'validation split)')
+    p.add_argument('--batches', type=int, default=5, help='fresh training batches k of the dt = 1 step')
+    p.add_argument('--dt1', action=argparse.BooleanOptionalAction, default=True,
+                   help='the dt = 1 loss D and M (b)')
+    p.add_argument('--opposition', action=argparse.BooleanOptionalAction, default=True,
+                   help='gradient opposition and the update-weighted terms (a, d): one backward per token')
+    p.add_argument('--chunk_seqs', type=int, default=16,
+                   help='held-out sequences per forward or per-token-gradient pass (memory)')
+    p.add_argument('--cache_dir', default=None, help="token cache (default: the run's)")
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
+    p.add_argument('--threads', type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument('--overwrite', action='store_true', help="measure again: delete RUN/paper/'s records")
+    args = p.parse_args(argv)
+    for name in ['batches', 'chunk_seqs']:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ['tokens', 'threads']:
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+    problem = train.check_device(args.device, 'float32')
+    if problem:
+        fail(problem)
+    return args
+
+
+def load_run(args):
+    """(config, run settings for train.get_lr, corpus, kept checkpoint paths by step) of args.run."""
+    config_path = os.path.join(args.run, 'config.json')
+    if not os.path.isdir(args.run):
+        fail(f"{args.run}: no such folder")
+    if not train.written_by_train(config_path):
+        fail(f"{args.run}: not a run of train.py (no config.json written by it)")
+    with open(config_path) as f:
+        config = json.load(f)
+    kept = {}
+    for path in glob.glob(os.path.join(args.run, train.KEPT_DIR, 'step_*.pt')):
+        if re.fullmatch(r'step_\d{6,}\.pt', os.path.basename(path)):
+            kept[int(os.path.basename(path)[5:-3])] = path
+    if not kept:
+        fail(f"{args.run}: no kept checkpoints in {train.KEPT_DIR}/ "
+             "(train.py --keep_ckpts log2 keeps them)")
+    try:
+        corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
+    except (ValueError, OSError) as e:
+        fail(e)
+    if corpus['key'] != config['data_key']:
+        fail(f"{args.run}: the corpus at {config['data']} is not the one the run was trained on")
+    return config, argparse.Namespace(**config), corpus, dict(sorted(kept.items()))
+
+
+def heldout_windows(val, T, tokens):
+    """Inputs and targets (W, T) of the first W = tokens // T consecutive windows of the validation
+    split (all that fit when tokens is 0 or more than the split holds): window w is val[wT : wT + T]
+    against val[wT + 1 : wT + T + 1], so every token after the first is a target once."""
+    W = (len(val) - 1) // T
+    if tokens and tokens < T:
+        fail(f"--tokens {tokens}: fewer than one window of block_size {T} tokens")
+    if W == 0:
+        fail(f"the validation split holds {len(val)} tokens, fewer than one window of {T} + 1")
+    W = min(W, tokens // T) if tokens else W
+    return (torch.from_numpy(a) for a in data.get_windows(val, np.arange(W) * T, T))
+
+
+def fresh_batch(seed, step, k, config, corpus, device):
+    """Fresh training batch k at step t: B random windows from a generator seeded by
+    (seed, MEASURE_STREAM, t, k), never the batches of training (seeded by (seed, t))."""
+    B, T = config['batch_size'], config['block_size']
+    offsets = np.random.default_rng([seed, MEASURE_STREAM, step, k]).integers(0, len(corpus['train']) - T, B)
+    return (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], offsets, T))
+
+
+def null_generator(seed, step, k, which):
+    """The sign-flip null's random signs: a function of (seed, t, k, which record)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, MEASURE_STREAM, step, k, which])
+                                             .generate_state(1)[0]))
+
+
+def heldout_losses(model, x, y, chunk, device):
+    """Per-token losses (W, T) of the held-out windows at the model's theta, fp32, chunk sequences
+    at a time."""
+    return torch.cat([fp32_forward(model, x[a:a + chunk].to(device), y[a:a + chunk].to(device))[0].cpu()
+                      for a in range(0, len(x), chunk)])
+
+
+def interference(change, generator):
+    """(D, M, sign-flip null) of per-token loss changes, all tokens as one float64 vector."""
+    x = change.flatten().double()
+    return (metrics.destructive_interference(x).item(), metrics.interference_magnitude(x).item(),
+            metrics.sign_flip_null(x, generator=generator).item())
+
+
+def simulated_step(model, ckpt, x, y, lr, config, device):
+    """One AdamW step from the model's theta_t on the batch (x, y), as training's step t without
+    gradient clipping: the checkpoint's optimizer state (moments and step count), the run's betas and
+    weight decay, learning rate lr. Changes the parameters in place; returns (theta_t, delta)."""
+    optimizer = model.configure_optimizers(config['weight_decay'], lr, (config['beta1'], config['beta2']),
+                                           'cuda' if device.startswith('cuda') else device)
+    optimizer.load_state_dict(copy.deepcopy(ckpt['optimizer']))  # a copy: every batch starts from it
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    per_token_loss(model(x)[0], y).mean().backward()  # fp32, the batch's mean loss, as in training
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return theta, {n: p.detach() - theta[n] for n, p in model.named_parameters()}
+
+
+def gradient_sums(model, x, y, delta, chunk, device, show):
+    """metrics.per_token_gradient_sums over the held-out windows, chunk sequences at a time: the
+    sums added, the per-token dots <g_i, delta> concatenated (row-major tokens)."""
+    sums, dots = None, []
+    for a in range(0, len(x), chunk):
+        s, q = metrics.per_token_gradient_sums(model, x[a:a + chunk].to(device), y[a:a + chunk].to(device),
+                                               delta=delta)
+        sums = s if sums is None else {n: tuple(u + v for u, v in zip(sums[n], s[n])) for n in sums}
+        dots.append(q)
+        show(f"opposition {min(a + chunk, len(x))}/{len(x)} sequences")
+    return sums, {n: torch.cat([q[n] for q in dots]) for n in dots[0]}
+
+
+def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show):
+    """The row of one kept checkpoint (record name -> value; see PAPER_RECORDS)."""
+    t, K, seed = int(ckpt['step']), args.batches, config['seed']
+    model.load_state_dict(ckpt['model'])
+    before = heldout_losses(model, hx, hy, args.chunk_seqs, device)  # (W, T) at theta_t
+    row = {'steps': t, 'heldout_loss': before.flatten().numpy()}
+    row.update({name: np.full(K, np.nan) for name, *_ in PAPER_RECORDS[2:8]})
+    lr, delta = train.get_lr(t, run_args), None
+    for k in range(K if args.dt1 else 1 if args.opposition else 0):
+        show(f"dt = 1, batch {k + 1}/{K}")
+        x, y = fresh_batch(seed, t, k, config, corpus, device)
+        batch_before = fp32_forward(model, x, y)[0]
+        theta, update = simulated_step(model, ckpt, x, y, lr, config, device)
+        delta = update if k == 0 else delta
+        if args.dt1:
+            changes = [('batch', fp32_forward(model, x, y)[0] - batch_before),
+                       ('heldout', heldout_losses(model, hx, hy, args.chunk_seqs, device) - before)]
+            for which, (where, change) in enumerate(changes):
+                D, M, null = interference(change, null_generator(seed, t, k, which))
+                row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
+                row[f'loss_D_{where}_null'][k] = null
+        with torch.no_grad():  # back to theta_t
+            for n, p in model.named_parameters():
+                p.copy_(theta[n])
+    nan = np.full(len(keys), np.nan)
+    row.update(opposition_mean=nan, opposition_weighted=nan, opposition_null=nan,
+               opposition_n=np.full(len(keys), -1), **{'update_' + term: nan for term in UPDATE_TERMS})
+    if args.opposition:
+        sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device, show)
+        summary = metrics.opposition_summary(sums, bins=HIST_BINS, total='model')
+        terms = metrics.update_weighted_terms(sums, delta, dots, total='model')
+        for name in ['mean', 'weighted', 'null', 'n']:
+            row['opposition_' + name] = np.array([float(summary[key][name]) for key in keys])
+        row['opposition_n'] = row['opposition_n'].astype(np.int64)
+        for term in UPDATE_TERMS:
+            row['update_' + term] = np.array([float(terms[key][term]) for key in keys])
+    return row
+
+
+def dtt_rows(rows, seed):
+    """loss_D_dtt, loss_M_dtt, loss_D_dtt_null of every row: the change of the held-out losses from
+    its step t to the row of step 2t (NaN where 2t is not measured)."""
+    by_step = {r['steps']: r['heldout_loss'] for r in rows}
+    out = np.full((3, len(rows)), np.nan)
+    for i, r in enumerate(rows):
+        if 2 * r['steps'] in by_step:
+            change = torch.from_numpy(by_step[2 * r['steps']].astype(np.float64) - r['heldout_loss'])
+            out[:, i] = interference(change, null_generator(seed, r['steps'], 0, 2))
+    return dict(zip(DTT, out))
+
+
+def write_rows(out, rows, settings, seed):
+    """Every record of the finished rows, each .npy by a temporary file renamed into place, then
+    progress.json, which makes them count: a row not listed there is measured again."""
+    arrays = {name: np.array([r[name] for r in rows], dtype=dtype)
+              for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
+    arrays.update(dtt_rows(rows, seed))
+    for name, array in arrays.items():
+        path = os.path.join(out, name + '.npy')
+        with open(path + '.tmp', 'wb') as f:
+            np.save(f, array)
+        os.replace(path + '.tmp', path)
+    train.write_json(os.path.join(out, 'progress.json'), dict(settings, steps=[r['steps'] for r in rows]))
+
+
+def read_rows(out, settings):
+    """The rows that progress.json lists as finished (none for a new folder). A folder measured with
+    other settings, or a record shorter than progress.json says, is one line and exit 2."""
+    try:
+        with open(os.path.join(out, 'progress.json')) as f:
+            progress = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        fail(f"{out}/progress.json: cannot read it ({e}); --overwrite measures again")
+    steps = progress.pop('steps', None)
+    if progress != settings:
+        changed = sorted(k for k in set(progress) | set(settings) if progress.get(k) != settings.get(k))
+        fail(f"{out} was measured with other settings ({', '.join(changed)}): the same flags continue it, "
+             "--overwrite measures again")
+    rows = [{} for _ in steps]
+    for name, _, dtype, _ in PAPER_RECORDS:
+        if name in DTT:
+            continue
+        try:
+            a = np.load(os.path.join(out, name + '.npy'), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            fail(f"{out}/{name}.npy: missing or corrupt ({e}); --overwrite measures again")
+        if len(a) < len(steps) or a.dtype != np.dtype(dtype):
+            fail(f"{out}/{name}.npy: {len(a)} rows of {a.dtype}, progress.json lists {len(steps)}; "
+                 "--overwrite measures again")
+        for r, value in zip(rows, a[:len(steps)]):  # rows past progress.json's: an interrupted write
+            r[name] = value
+    return [dict(r, steps=int(r['steps'])) for r in rows]
+
+
+def open_out(run, overwrite):
+    """RUN/paper/, created if needed, locked for this process (a second measure.py is refused); with
+    --overwrite emptied of measure.py's files first. Anything else in it is refused."""
+    out = os.path.join(run, train.MEASURE_DIR)
+    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
+        fail(f"{out}: not a folder")
+    foreign = [n for n in sorted(os.listdir(out)) if not re.fullmatch(train.MEASURE_FILES, n)
+               or not os.path.isfile(os.path.join(out, n))] if os.path.isdir(out) else []
+    if foreign:
+        fail(f"{out} holds files measure.py did not write ({', '.join(foreign[:4])})")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        fail(f"{out}: {e.strerror or e}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fail(f"{out} is in use by another measure.py")
+    if overwrite:
+        for name in os.listdir(out):
+            os.remove(os.path.join(out, name))
+    return out, fd
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    config, run_args, corpus, kept = load_run(args)
+    hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
+    model = GPT(GPTConfig(block_size=config['block_size'], vocab_size=config['vocab_size_actual'],
+                          n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
+                          bias=config['bias'], tie_weights=config['tie_weights'])).to(device)
+    keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
+    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
+                    batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
+                    data_key=config['data_key'], seed_stream=MEASURE_STREAM)
+    out, lock = open_out(args.run, args.overwrite)
+    rows = read_rows(out, settings)
+    todo = [t for t in kept if t not in {r['steps'] for r in rows}]
+    print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
+          f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
+          f"k = {args.batches} batches", flush=True)
+    t0 = time.time()
+    for i, t in enumerate(todo):
+        def show(what):  # a one-line progress counter on stderr
+            print(f"\r  checkpoint {i + 1}/{len(todo)} (step {t}): {what} [{time.time() - t0:.0f} s]\033[K",
+                  end='', file=sys.stderr, flush=True)
+        try:
+            ckpt = torch.load(kept[t], map_location=device, weights_only=True)
+            if int(ckpt['step']) != t:
+                raise ValueError(f"it holds step {ckpt['step']}")
+        except Exception as e:  # a torn or foreign file: say so, never trust it
+            fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
+        row = measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show)
+        rows.append(row)
+        write_rows(out, rows, settings, config['seed'])
+    if todo:
+        print(file=sys.stderr)
+    os.close(lock)
+    print(f"measure.py: {len(rows)} checkpoints measured in {out} "
+          f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == '__main__':
+    main()

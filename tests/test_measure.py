@@ -1,0 +1,316 @@
+"""measure.py, the published checkpoint protocol on kept checkpoints: every record against a float64
+recomputation from the checkpoints, resume after an interruption, bad input."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import measure
+import metrics
+import train
+from conftest import ROOT, TINY, run_train
+from model import GPT, GPTConfig, per_token_loss
+
+pytestmark = pytest.mark.slow  # runs train.py and measure.py in subprocesses
+
+S, T, TOKENS, K = 8, 16, 40, 2  # kept checkpoints 1, 2, 4, 8; 40 tokens -> 2 windows of 16
+
+
+def run_measure(*args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'measure.py'), *args, '--threads', '1'],
+                          capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"measure.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def measure_args(run):
+    return [run, '--tokens', str(TOKENS), '--batches', str(K)]
+
+
+@pytest.fixture(scope='module')
+def measured(tmp_path_factory, cache_dir):
+    """A tiny run keeping its log2 checkpoints, measured by measure.py."""
+    run = str(tmp_path_factory.mktemp('measure') / 'run')
+    run_train(*TINY, '--max_iters', str(S), '--keep_ckpts', 'log2', '--threads', '1',
+              '--cache_dir', cache_dir, '--out_dir', run)
+    run_measure(*measure_args(run))
+    return run
+
+
+def load(run, name):
+    return np.load(os.path.join(run, 'paper', name + '.npy'), allow_pickle=False)
+
+
+def config_of(run):
+    with open(os.path.join(run, 'config.json')) as f:
+        return json.load(f)
+
+
+def model64(run, step):
+    """The float64 model of kept checkpoint `step` and the checkpoint."""
+    cfg = config_of(run)
+    ckpt = torch.load(os.path.join(run, 'ckpts', f"step_{step:06d}.pt"), weights_only=True)
+    model = GPT(GPTConfig(block_size=T, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16))
+    model.load_state_dict(ckpt['model'])
+    return model.double(), ckpt
+
+
+def heldout(run, cache_dir):
+    """The held-out windows (2, T): the first two consecutive windows of the validation split."""
+    val = data.prepare(None, 300, cache_dir)['val']
+    w = torch.from_numpy(np.asarray(val[:2 * T + 1], dtype=np.int64))
+    return w[:-1].reshape(2, T), w[1:].reshape(2, T)
+
+
+def brute_D(x):
+    """D = 1 - |sum x| / sum |x|, M = mean |x|, in float64 numpy."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    return 1 - abs(x.sum()) / np.abs(x).sum(), np.abs(x).mean()
+
+
+def adamw_step64(model, ckpt, cfg, x, y):
+    """Step t of a float64 model at theta_t on batch (x, y) by a float64 torch.optim.AdamW loaded with
+    the checkpoint's state, at the run's learning rate of step t, no clipping. Returns delta."""
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
+         {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+        betas=(cfg['beta1'], cfg['beta2']))
+    optimizer.load_state_dict(ckpt['optimizer'])  # moments cast to float64
+    for group in optimizer.param_groups:
+        group['lr'] = train.get_lr(ckpt['step'], argparse.Namespace(**cfg))
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    per_token_loss(model(x)[0], y).mean().backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return {n: p.detach() - theta[n] for n, p in model.named_parameters()}
+
+
+def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
+    """ckpts/step_t.pt holds theta_t (the probe loss of row t is its loss), the optimizer state
+    after t steps, and step t; the last one is the run's final checkpoint."""
+    assert sorted(os.listdir(os.path.join(measured, 'ckpts'))) == [f"step_{t:06d}.pt" for t in (1, 2, 4, 8)]
+    probe = torch.from_numpy(np.load(os.path.join(measured, 'probe_tokens.npy')))
+    probe_loss = np.load(os.path.join(measured, 'probe_loss.npy'))
+    for t in (1, 2, 4, 8):
+        model, ckpt = model64(measured, t)
+        assert ckpt['step'] == t
+        assert all(int(s['step']) == t for s in ckpt['optimizer']['state'].values())
+        with torch.no_grad():
+            loss = per_token_loss(model(probe[:, :-1])[0], probe[:, 1:]).numpy()
+        np.testing.assert_allclose(probe_loss[t], loss, rtol=1e-5)
+    final = torch.load(os.path.join(measured, 'ckpt.pt'), weights_only=True)
+    kept = torch.load(os.path.join(measured, 'ckpts', 'step_000008.pt'), weights_only=True)
+    assert all(torch.equal(final['model'][k], kept['model'][k]) for k in final['model'])
+
+
+def test_records_have_one_row_per_checkpoint(measured):
+    progress = json.load(open(os.path.join(measured, 'paper', 'progress.json')))
+    assert progress['steps'] == [1, 2, 4, 8] and progress['tokens'] == 2 * T and progress['batches'] == K
+    n_keys = len(progress['opposition_keys'])
+    C = 4
+    for name, shape, dtype, meaning in measure.PAPER_RECORDS:
+        a = load(measured, name)
+        sizes = dict(C=C, K=K, N=2 * T, n_keys=n_keys)
+        assert a.shape == tuple(sizes[s.strip()] for s in shape.split(',')) and a.dtype == dtype, name
+    assert np.isnan(load(measured, 'loss_D_dtt')[-1]) and np.isfinite(load(measured, 'loss_D_dtt')[:-1]).all()
+    assert np.isfinite(load(measured, 'loss_D_batch')).all()
+
+
+def test_dt1_loss_D_against_a_float64_adamw_step(measured, cache_dir):
+    """D and M of the per-token loss changes over one step: a float64 copy of theta_t, stepped by a
+    float64 torch.optim.AdamW loaded with the checkpoint's state, at the run's lr of step t, no clipping,
+    on the same fresh batches, gives the recorded values (which measure.py computes in fp32)."""
+    cfg = config_of(measured)
+    corpus = data.prepare(None, 300, cache_dir)
+    hx, hy = heldout(measured, cache_dir)
+    recorded = {n: load(measured, n) for n in ['loss_D_batch', 'loss_M_batch', 'loss_D_heldout',
+                                                'loss_M_heldout']}
+    for row, t in enumerate(load(measured, 'steps')):
+        for k in range(K):
+            model, ckpt = model64(measured, int(t))
+            x, y = measure.fresh_batch(cfg['seed'], int(t), k, cfg, corpus, 'cpu')
+            with torch.no_grad():
+                before_b, before_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
+            adamw_step64(model, ckpt, cfg, x, y)
+            with torch.no_grad():
+                after_b, after_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
+            for where, change in [('batch', after_b - before_b), ('heldout', after_h - before_h)]:
+                D, M = brute_D(change.numpy())
+                assert abs(recorded[f'loss_D_{where}'][row, k] - D) < 2e-3, (where, t, k)
+                np.testing.assert_allclose(recorded[f'loss_M_{where}'][row, k], M, rtol=2e-3)
+
+
+def test_dtt_loss_D_from_the_checkpoints(measured, cache_dir):
+    """dt = t: D and M of the held-out losses from theta_t to theta_2t, in float64 from the checkpoints."""
+    hx, hy = heldout(measured, cache_dir)
+    losses = {}
+    for t in (1, 2, 4, 8):
+        with torch.no_grad():
+            losses[t] = per_token_loss(model64(measured, t)[0](hx)[0], hy).numpy()
+    np.testing.assert_allclose(load(measured, 'heldout_loss'), np.stack([losses[t].ravel() for t in losses]),
+                               rtol=1e-5)
+    for row, t in enumerate((1, 2, 4)):
+        D, M = brute_D(losses[2 * t] - losses[t])
+        assert abs(load(measured, 'loss_D_dtt')[row] - D) < 1e-4, t
+        np.testing.assert_allclose(load(measured, 'loss_M_dtt')[row], M, rtol=1e-4)
+
+
+def test_an_interrupted_measure_resumes_to_the_same_records(measured, tmp_path):
+    """Killed after writing the records of a row but before progress.json listed it (and with a
+    temporary file left): the rerun measures the unlisted rows again, to the same bytes; a rerun of a
+    finished folder measures nothing and changes nothing."""
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    paper = os.path.join(run, 'paper')
+    reference = {f: open(os.path.join(paper, f), 'rb').read()
+                 for f in os.listdir(paper) if f.endswith('.npy')}
+    progress = json.load(open(os.path.join(paper, 'progress.json')))
+    json.dump(dict(progress, steps=progress['steps'][:2]), open(os.path.join(paper, 'progress.json'), 'w'))
+    shutil.copy(os.path.join(paper, 'steps.npy'), os.path.join(paper, 'steps.npy.tmp'))
+    out = run_measure(*measure_args(run)).stdout
+    assert '2 measured before' in out
+    for f, content in reference.items():
+        assert open(os.path.join(paper, f), 'rb').read() == content, f
+    assert json.load(open(os.path.join(paper, 'progress.json'))) == progress
+    mtimes = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+    assert '0 now' in run_measure(*measure_args(run)).stdout
+    assert mtimes == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+    assert train.foreign_entries(run) == []  # ckpts/ and paper/ are the run's own files
+
+
+def test_overwrite_of_train_removes_kept_checkpoints_and_measurements(measured, tmp_path, cache_dir):
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    open(os.path.join(run, 'paper', 'notes.txt'), 'w').close()  # a user's file: the folder is not train's
+    assert train.foreign_entries(run) == ['paper/notes.txt']
+    os.remove(os.path.join(run, 'paper', 'notes.txt'))
+    run_train(*TINY, '--max_iters', '2', '--threads', '1', '--cache_dir', cache_dir, '--out_dir', run,
+              '--overwrite')
+    assert not os.path.exists(os.path.join(run, 'paper')) and not os.path.exists(os.path.join(run, 'ckpts'))
+
+
+def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
+    """No run, no kept checkpoints, a bad flag, or other settings than the folder was measured with:
+    one line, exit status 2, and the records untouched."""
+    paper = os.path.join(measured, 'paper')
+    before = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+    cases = [([str(tmp_path / 'nothing')], 'no such folder'),
+             ([str(tmp_path)], 'not a run'),
+             ([tiny_run], 'no kept checkpoints'),
+             ([measured, '--tokens', '5'], 'fewer than one window'),
+             ([measured, '--tokens', '-1'], '--tokens'),
+             ([measured, '--batches', '0'], '--batches'),
+             ([measured, '--device', 'tpu'], '--device'),
+             ([measured, '--tokens', str(TOKENS), '--batches', '3'],
+              'other settings (batches)'),
+             ([measured, '--tokens', str(3 * T), '--batches', str(K)], 'other settings'),
+             ([*measure_args(measured), '--no-opposition'], 'other settings (opposition)')]
+    for args, what in cases:
+        proc = run_measure(*args, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and what in lines[0], (args, proc.stderr)
+        assert 'Traceback' not in proc.stderr
+    assert not os.path.exists(os.path.join(tiny_run, 'paper'))
+    assert before == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+
+
+def per_token_gradients64(model, x, y):
+    """name -> (N, *shape): g_i = d l_i / d theta of every token, one float64 backward each (the
+    attention key biases set to their exact gradient, 0: softmax ignores a shift of every score)."""
+    losses = per_token_loss(model(x)[0], y).flatten()
+    names, params = zip(*model.named_parameters())
+    grads = [torch.autograd.grad(l, params, retain_graph=True) for l in losses]
+    g = {n: torch.stack([gi[k] for gi in grads]) for k, n in enumerate(names)}
+    d = model.config.n_embd
+    for n in g:
+        if n.endswith('attn.c_attn.bias'):
+            g[n][:, d:2 * d] = 0
+    return g
+
+
+def test_opposition_and_update_terms_against_float64_per_token_gradients(measured, cache_dir):
+    """At every checkpoint, on the same held-out tokens: the mean of D_j and its analytic null over
+    the blocks' weight matrices and over every coordinate, from per-token float64 gradients (and the
+    blocks' mean also from metrics.per_token_gradient_sums_looped); the update-weighted terms with
+    p_ij = g_ij delta_j, delta the float64 AdamW step on fresh batch 0."""
+    cfg = config_of(measured)
+    corpus = data.prepare(None, 300, cache_dir)
+    hx, hy = heldout(measured, cache_dir)
+    keys = json.load(open(os.path.join(measured, 'paper', 'progress.json')))['opposition_keys']
+    rec = {n: load(measured, n) for n, *_ in measure.PAPER_RECORDS if n.startswith(('opposition', 'update'))}
+    for row, t in enumerate(load(measured, 'steps')):
+        model, ckpt = model64(measured, int(t))
+        g = per_token_gradients64(model, hx, hy)
+        looped = metrics.per_token_gradient_sums_looped(model, hx, hy)
+        for key, names in [('blocks', [n for n in g if metrics.is_block_matrix(n)]), ('model', list(g))]:
+            total = torch.cat([g[n].sum(0).flatten() for n in names])
+            total_abs = torch.cat([g[n].abs().sum(0).flatten() for n in names])
+            total_sq = torch.cat([g[n].pow(2).sum(0).flatten() for n in names])
+            used = total_abs > 0
+            D = 1 - total[used].abs() / total_abs[used]
+            null = (1 - np.sqrt(2 / np.pi) * total_sq[used].sqrt() / total_abs[used]).clamp(0, 1)
+            j = keys.index(key)
+            assert abs(rec['opposition_mean'][row, j] - D.mean().item()) < 1e-4, (t, key)
+            assert abs(rec['opposition_null'][row, j] - null.mean().item()) < 1e-4, (t, key)
+            assert rec['opposition_n'][row, j] == used.sum().item(), (t, key)
+            if key == 'blocks':
+                s, a = (torch.cat([looped[n][k].flatten() for n in names]) for k in (0, 1))
+                D_looped = 1 - s[a > 0].abs() / a[a > 0]
+                assert abs(rec['opposition_mean'][row, j] - D_looped.mean().item()) < 1e-4, t
+        x, y = measure.fresh_batch(cfg['seed'], int(t), 0, cfg, corpus, 'cpu')
+        delta = adamw_step64(model, ckpt, cfg, x, y)
+        for key, names in [('blocks', [n for n in g if metrics.is_block_matrix(n)]), ('model', list(g))]:
+            p = torch.cat([(g[n] * delta[n]).reshape(len(hx) * T, -1) for n in names], 1)  # (N, coordinates)
+            brute = dict(Cg=p.sum(0).abs().sum() / p.abs().sum(),
+                         CuG=p.sum().abs() / p.sum(0).abs().sum(),
+                         Cug=p.sum(1).abs().sum() / p.abs().sum(),
+                         C_i_dli=p.sum().abs() / p.sum(1).abs().sum(),
+                         M_i_dli=p.sum(1).abs().mean())
+            for term, value in brute.items():
+                np.testing.assert_allclose(rec['update_' + term][row, keys.index(key)], value.item(),
+                                           rtol=1e-3, err_msg=f"{term} {key} step {t}")
+
+
+def test_plot_draws_the_protocol_and_reports_its_numbers(measured, tmp_path):
+    """plot.py draws fig10_paper_protocol from RUN/paper/ and its report table shows the records."""
+    out = str(tmp_path / 'figs')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), measured, '--out', out],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(os.path.join(out, 'fig10_paper_protocol.png'))
+    report = open(os.path.join(out, 'report.md')).read()
+    keys = json.load(open(os.path.join(measured, 'paper', 'progress.json')))['opposition_keys']
+    blocks, D = load(measured, 'opposition_mean')[:, keys.index('blocks')], load(measured, 'loss_D_heldout')
+    assert f"N = {2 * T} held-out tokens" in report
+    for i, t in enumerate(load(measured, 'steps')):
+        assert f"| {t} | {blocks[i]:.4f} (" in report and f"{D[i].mean():.4f} +- {D[i].std():.4f}" in report
+
+
+def test_a_resumed_run_keeps_the_same_checkpoints(measured, tmp_path, cache_dir):
+    """Killed after the optimizer step of step 6 (checkpoint at step 6) and resumed: the kept
+    checkpoints are those of the uninterrupted run, bitwise (model and optimizer)."""
+    run = str(tmp_path / 'run')
+    args = [*TINY, '--max_iters', str(S), '--keep_ckpts', 'log2', '--threads', '1', '--ckpt_interval', '3',
+            '--cache_dir', cache_dir, '--out_dir', run]
+    crash = os.path.join(ROOT, 'tests', 'crash_train.py')
+    proc = subprocess.run([sys.executable, crash, 'update', '7', *args], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr
+    assert sorted(os.listdir(os.path.join(run, 'ckpts'))) == [f"step_{t:06d}.pt" for t in (1, 2, 4)]
+    run_train(*args, '--resume')
+    for t in (1, 2, 4, 8):
+        a, b = (torch.load(os.path.join(r, 'ckpts', f"step_{t:06d}.pt"), weights_only=True)
+                for r in (measured, run))
+        assert a['step'] == b['step'] == t
+        assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model']), t
+        for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+            assert all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa), t
