@@ -764,10 +764,10 @@ def md_table(header, rows):
 
 
 def run_onset(run):
-    """The step at which the run's validation loss saturates (metrics.saturation_onset of the
+    """The step at which the run's validation loss saturates (metrics.rise_onset of the
     smoothed probe-set loss), or None."""
     steps, loss = series(token_mean(run, 'probe_loss'), smoothed=True)
-    onset = metrics.saturation_onset(torch.from_numpy(loss)) if len(loss) else None
+    onset = metrics.rise_onset(torch.from_numpy(loss)) if len(loss) else None
     return None if onset is None else int(steps[onset])
 
 
@@ -868,7 +868,7 @@ def bucket_table(runs):
             if not len(v):
                 cells.append('n/a')
                 continue
-            onset = metrics.saturation_onset(torch.from_numpy(v))
+            onset = metrics.rise_onset(torch.from_numpy(v))
             cells.append(f"{best:.3f} / {last:.3f}" + ('' if onset is None else f", sat. {steps[onset]}"))
         rows.append([r['name']] + cells)
     return bucket_md_table(have, rows)
