@@ -6,7 +6,8 @@ which measures and writes them at each moment of a training step. train.py's loo
     rec.probe(t)           theta_t on the fixed held-out probe set: per-token losses, their change
                            since step t - 1 (D, M and the null), the output-layer decomposition, the
                            geometry of h and U; on schedule h itself and the exact all-parameter
-                           opposition between tokens
+                           opposition between tokens; with --train_probe_seqs, the per-token losses
+                           of fixed training windows too
     forward, backward      inside rec.capture(t): on full steps, the inputs X and output gradients G
                            of the position-local layers are kept
     rec.batch(t, ...)      theta_t on the training batch: per-token losses, dissent in parameter space
