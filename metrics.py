@@ -12,7 +12,8 @@ The measurements of both results, one function per quantity, in this notation:
    per token), and two fast paths that give the same sums (cheap for position-local layers,
    exact for all parameters by batched per-token backward passes)
 5. the first-order predicted per-token loss change along the real update (one JVP)
-6. saturation companions: frequency buckets, Zipf fit, LM-head spectrum, anisotropy of h
+6. saturation companions: frequency buckets, Zipf fit, onsets of a loss curve, dissent ratio,
+   LM-head spectrum, anisotropy of h
 
 Everything takes and returns torch tensors (scalars as 0-dim tensors: float(x) for JSON; the
 small per-batch summaries of theta_decomposition and opposition_summary come back on the CPU,
@@ -620,14 +621,61 @@ def bucket_mean(values, targets, bucket_of_token, n_buckets):
     return total / count
 
 
-def saturation_onset(loss, rise=0.01):
-    """Index at which a (smoothed) loss curve (S,) saturates: its argmin, when the curve ends more
-    than `rise` (relative) above that minimum, i.e. it stopped improving and got worse. None when the
-    last value is within `rise` of the best (still improving, or flat at its best). loss must be
-    finite: drop rows not yet recorded first (argmin would pick a NaN)."""
-    assert torch.isfinite(loss).all(), "saturation_onset: drop the NaN rows first"
+def improvement_per_doubling(loss, steps):
+    """g(t) = 1 - L(t2) / L(t): the relative fall of a loss curve over one doubling of the step, at
+    every recorded step t >= 1, t2 the first recorded step >= 2t (2t itself when every step is
+    recorded). loss, steps (n,), steps increasing; NaN where t = 0 or the curve ends before 2t.
+    Negative where the curve rises."""
+    j = torch.searchsorted(steps, 2 * steps)  # (n,) index of the first recorded step >= 2t
+    ok = (steps >= 1) & (j < len(steps))
+    g = torch.full(loss.shape, float('nan'), dtype=loss.dtype)
+    g[ok] = 1 - loss[j[ok]] / loss[ok]
+    return g
+
+
+def plateau_onset(loss, steps, tol=0.01):
+    """Index of the first recorded step t after which a (smoothed) loss curve improves by less than
+    `tol` per doubling of the step, for good: the smallest t with g(s) < tol at every recorded s >= t
+    where g = improvement_per_doubling is defined (s up to half the last step). None when it still
+    improves by tol or more at the last such s (or the curve spans less than one doubling). A curve
+    that never improved plateaus at once: check never_improved first. loss must be finite."""
+    assert torch.isfinite(loss).all(), "plateau_onset: drop the NaN rows first"
+    g = improvement_per_doubling(loss, steps)
+    defined = torch.nonzero(torch.isfinite(g)).flatten()  # indices s with 2s recorded
+    if not len(defined) or g[defined[-1]] >= tol:
+        return None
+    fast = defined[g[defined] >= tol]  # the last doubling that still improved by tol or more
+    return int(defined[0] if not len(fast) else defined[defined > fast[-1]][0])
+
+
+def rise_onset(loss, rise=0.01):
+    """Index of the best value of a (smoothed) loss curve (n,), when the curve ends more than `rise`
+    (relative) above it: argmin_t L(t), if L(last) > (1 + rise) min_t L(t); the curve stopped improving
+    and got worse. None when the last value is within `rise` of the best (still improving, or flat
+    at its best), and when the best is the first value: a curve that never improved on its start
+    has no onset (never_improved). loss must be finite: drop rows not yet recorded first."""
+    assert torch.isfinite(loss).all(), "rise_onset: drop the NaN rows first"
     best = int(torch.argmin(loss))
-    return best if loss[-1] > (1 + rise) * loss[best] else None
+    return best if best > 0 and loss[-1] > (1 + rise) * loss[best] else None
+
+
+def never_improved(loss):
+    """True when a loss curve (n,) never beats its first (initial) value: min_{t > 0} L(t) >= L(0).
+    Such a curve (e.g. a frequency bucket that training only made worse) has no plateau or rise
+    onset. False for a curve of one value. loss must be finite."""
+    assert torch.isfinite(loss).all(), "never_improved: drop the NaN rows first"
+    return bool(len(loss) > 1 and loss[1:].min() >= loss[0])
+
+
+def dissent_ratio(norm_grad, norm_plus, norm_minus):
+    """|grad| / (|grad+| + |grad-|), elementwise on norms (any shape; grad = grad+ + grad-): in [0, 1]
+    by the triangle inequality, 1 = no dissent (the two parts point the same way), -> 0 total dissent
+    (they cancel, each large, their sum small). NaN where both parts are 0. For one vector pair
+    (one token in h, one batch in theta) cos(grad+, grad-) = (|grad|^2 - |grad+|^2 - |grad-|^2) /
+    (2 |grad+| |grad-|) is fixed by the same three norms, so cos adds nothing to them; the ratio
+    says how much of the two parts' size survives in the gradient, which the cosine hides when
+    one part is much larger than the other (cos -1, ratio near 1)."""
+    return norm_grad / (norm_plus + norm_minus)
 
 
 def singular_values(U):

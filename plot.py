@@ -45,7 +45,7 @@ N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
 MAX_TRAJ = 150  # points per trajectory in the 2D-basis figure (log-spaced steps)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
-ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps']  # saved once, not per step
+ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
 GUIDE = 'guide'  # gid of the reference lines drawn in data coordinates (y = x, the collapse star, contours)
 
 # -----------------------------------------------------------------------------
@@ -161,21 +161,96 @@ def buckets(run):
     return run['buckets']
 
 
-def bucket_series(run, name):
-    """(rows, n_buckets): the per-token record `name` (rows, P, T) averaged per frequency bucket,
-    computed once per run and record (figures and report tables share it)."""
+def bucket_targets(run, name):
+    """The targets whose buckets a per-token record averages over: the training windows'
+    (train_probe_tokens) for train_probe_loss, the probe set's for every other record. (rows, T)"""
+    if name.startswith('train_probe'):
+        return torch.from_numpy(np.asarray(run['rec']['train_probe_tokens'])[:, 1:].astype(np.int64))
+    return buckets(run)[2]
+
+
+def bucket_series(run, name, values=None):
+    """(rows, n_buckets): the per-token record `name` (rows, P, T), or `values` of that shape computed
+    from records and named `name`, averaged per frequency bucket of its tokens' targets
+    (bucket_targets), computed once per run and name (figures and report tables share it)."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
-        bucket, edges, targets = buckets(run)
-        values = torch.from_numpy(np.asarray(run['rec'][name], dtype=np.float64))
-        cache[name] = metrics.bucket_mean(values, targets, bucket, len(edges) - 1).numpy()
+        bucket, edges, _ = buckets(run)
+        values = np.asarray(run['rec'][name] if values is None else values, dtype=np.float64)
+        cache[name] = metrics.bucket_mean(torch.from_numpy(values), bucket_targets(run, name), bucket,
+                                          len(edges) - 1).numpy()
     return cache[name]
 
 
-def token_mean(run, name):
-    """(rows,): the per-token record `name` (rows, P, T) averaged over the probe tokens."""
-    a = np.asarray(run['rec'][name], dtype=np.float64)
+def bucket_tokens(run, name='probe_loss'):
+    """(n_buckets,): how many tokens of the probe set (or, for train_probe_loss, of the training
+    windows) have their target in each frequency bucket."""
+    bucket, edges, _ = buckets(run)
+    return np.bincount(bucket[bucket_targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)
+
+
+def token_mean(run, name, values=None):
+    """(rows,): the per-token record `name` (rows, P, T), or `values` of that shape, averaged over
+    the probe tokens."""
+    a = np.asarray(run['rec'][name] if values is None else values, dtype=np.float64)
     return np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in a.reshape(len(a), -1)])
+
+
+def probe_dissent_ratio(run):
+    """(S + 1, P, T): |grad_h| / (|grad_h+| + |grad_h-|) of every probe token (metrics.dissent_ratio)."""
+    norms = [torch.from_numpy(np.array(run['rec']['probe_' + n], dtype=np.float64))
+             for n in ('norm_grad', 'norm_plus', 'norm_minus')]
+    return metrics.dissent_ratio(*norms).numpy()
+
+
+def theta_dissent_ratio(run):
+    """(S,): |grad| / (|grad+| + |grad-|) in theta, all parameters as one vector, on each step's
+    training batch (metrics.dissent_ratio of the theta_norm_* records' column model)."""
+    j = run['config']['theta_names'].index('model')
+    norms = [torch.from_numpy(np.array(run['rec']['theta_' + n][:, j], dtype=np.float64))
+             for n in ('norm_grad', 'norm_plus', 'norm_minus')]
+    return metrics.dissent_ratio(*norms).numpy()
+
+
+def onsets(values):
+    """The saturation onsets of a loss series (rows = steps, NaN rows not recorded), on its trailing
+    log moving average (as `series`, but with step 0 kept: never_improved compares with it): a dict
+    of steps and smoothed (the recorded rows), plateau and rise (steps, metrics.plateau_onset and
+    rise_onset, None without one or for a curve that never improved), never (metrics.never_improved);
+    None when no row is recorded."""
+    steps, v = recorded(values)
+    if not len(v):
+        return None
+    if np.all(np.diff(steps) == 1):
+        v = bnsl.log_moving_average(v)
+    loss = torch.from_numpy(v)
+    never = metrics.never_improved(loss)
+    plateau = None if never else metrics.plateau_onset(loss, torch.from_numpy(steps))
+    rise = None if never else metrics.rise_onset(loss)
+    step = lambda i: None if i is None else int(steps[i])
+    return dict(steps=steps, smoothed=v, never=never, plateau=step(plateau), rise=step(rise))
+
+
+def onset_state(o):
+    """One word for a curve's onsets: never improved, rises, plateaus or improving."""
+    return 'never improved' if o['never'] else 'rises' if o['rise'] is not None else \
+        'plateaus' if o['plateau'] is not None else 'improving'
+
+
+def saturation_reading(held, train):
+    """What a bucket's held-out (probe set) and training-window curves say together (their onsets):
+    the held-out loss rises while the training windows' does not: overfitting; both plateau or rise:
+    capacity saturation; the held-out loss plateaus while the training windows' still improves: a
+    growing gap. The two states, and the reading where one applies."""
+    h, t = onset_state(held), onset_state(train)
+    text = f"held-out {h}, training {t}"
+    if h == 'rises' and t in ('plateaus', 'improving'):
+        return text + ': overfitting'
+    if h in ('plateaus', 'rises') and t in ('plateaus', 'rises'):
+        return text + ': capacity saturation'
+    if h == 'plateaus' and t == 'improving':
+        return text + ': a growing gap'
+    return text
 
 
 def bucket_names(edges):
@@ -606,8 +681,36 @@ def best_and_last(values):
     return (v.min(), v[-1]) if len(v) else (np.nan, np.nan)
 
 
+def has_train_probe(run):
+    """Does the run hold the training-window probe (--train_probe_seqs)?"""
+    return 'train_probe_loss' in run['rec'] and 'train_probe_tokens' in run['rec']
+
+
+def bucket_curves(ax, run, name):
+    """The per-bucket loss curves of one record (probe_loss or train_probe_loss) of a run, as
+    recorded (no smoothing), a colour per bucket, labelled by its ranks; a dot at each bucket's best
+    step, and its onsets (the smoothed curve's, `onsets`): v at the plateau onset, ^ at the rise
+    onset, drawn on the recorded curve."""
+    loss = bucket_series(run, name)
+    names = bucket_labels(run)
+    colors = plt.cm.plasma(np.linspace(0, 0.9, len(names)))
+    for k, (c, label) in enumerate(zip(colors, names)):
+        steps, v = series(loss[:, k])
+        if not len(v):
+            continue
+        ax.plot(steps, v, color=c, lw=1, label=label)
+        ax.plot(steps[np.argmin(v)], v.min(), 'o', color=c, ms=4)
+        o = onsets(loss[:, k])
+        for step, marker in [(o['plateau'], 'v'), (o['rise'], '^')]:
+            if step is not None and step in steps:
+                ax.plot(step, v[steps == step][0], marker, color=c, mec='k', mew=0.6, ms=6)
+    log_steps(ax)
+    ax.legend(fontsize=6)
+
+
 def fig_saturation(runs):
-    fig, axes = grid(2 + len(runs), 4, 3.8, 3.2)
+    trained = [r for r in runs if has_train_probe(r)]  # runs with the training-window probe
+    fig, axes = grid(2 + len(runs) + len(trained), 4, 3.8, 3.2)
     seen = set()
     for r in runs:  # one Zipf plot per distinct corpus and vocabulary
         key = (r['config'].get('data_key'), len(r['rec']['train_counts']))
@@ -634,26 +737,28 @@ def fig_saturation(runs):
         best, last = zip(*[best_and_last(v) for v in bucket_series(r, 'probe_loss').T])  # per bucket
         axes[1].plot(best, color=r['color'], marker='o')
         axes[1].plot(last, color=r['color'], marker='x', ls='--')
+        if has_train_probe(r):  # the training windows' beside them
+            best, last = zip(*[best_and_last(v) for v in bucket_series(r, 'train_probe_loss').T])
+            axes[1].plot(best, color=r['color'], marker='o', mfc='none', ls=':')
+            axes[1].plot(last, color=r['color'], marker='x', ls=':', alpha=0.6)
     ticks, label = shared_bucket_labels(runs)  # each run's own ranks: vocabularies may differ
     axes[1].set_xticks(range(len(ticks)))
     axes[1].set_xticklabels(ticks, rotation=30, fontsize=6)
     if label:
         axes[1].set_xlabel(label, fontsize=7)
     axes[1].set_ylabel('validation loss (nats/token)')
-    axes[1].set_title('per frequency bucket: best (o, solid), last (x, dashed)', fontsize=8)
+    axes[1].set_title('per frequency bucket: best (o, solid), last (x, dashed);\n'
+                      'dotted: training windows, where recorded', fontsize=8)
     for ax, r in zip(axes[2:], runs):
-        loss = bucket_series(r, 'probe_loss')
-        names = bucket_labels(r)
-        colors = plt.cm.plasma(np.linspace(0, 0.9, len(names)))
-        for k, (c, name) in enumerate(zip(colors, names)):
-            steps, v = series(loss[:, k])
-            if len(v):
-                ax.plot(steps, v, color=c, lw=1, label=name)
-                ax.plot(steps[np.argmin(v)], v.min(), 'o', color=c, ms=4)
-        log_steps(ax)
+        bucket_curves(ax, r, 'probe_loss')
         ax.set_ylabel('validation loss (nats/token)')
-        ax.set_title(f"{r['label']}: per bucket (dot: best)", fontsize=8)
-        ax.legend(fontsize=6)
+        ax.set_title(f"{r['label']}: held-out, per bucket\n(dot: best; v: plateau onset, ^: rise onset)",
+                     fontsize=8)
+    for ax, r in zip(axes[2 + len(runs):], trained):
+        bucket_curves(ax, r, 'train_probe_loss')
+        ax.set_ylabel('training-window loss (nats/token)')
+        ax.set_title(f"{r['label']}: training windows, per bucket\n"
+                     "(dot: best; v: plateau onset, ^: rise onset)", fontsize=8)
     return fig
 
 
@@ -691,28 +796,52 @@ def fig_basis(runs):
 
 
 def fig_dissent(runs):
-    fig, axes = grid(4, 2, 5.5, 3.5)
+    # left: h, per probe token; right: theta, the training batch; then per run and bucket, in h
+    fig, axes = grid(6 + 2 * len(runs), 2, 5.5, 3.2)
     for r in runs:
+        ratio_h = token_mean(r, 'probe_dissent_ratio', probe_dissent_ratio(r))
         axes[0].plot(*series(token_mean(r, 'probe_cos_plus_minus')), color=r['color'], lw=1.3)
+        axes[2].plot(*series(ratio_h), color=r['color'], lw=1.3)
         for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
-            axes[1].plot(*series(token_mean(r, 'probe_' + name)), color=r['color'], ls=ls, lw=1.3)
+            axes[4].plot(*series(token_mean(r, 'probe_' + name)), color=r['color'], ls=ls, lw=1.3)
         j = r['config']['theta_names'].index('model')
-        axes[2].plot(*series(r['rec']['theta_cos'][:, j]), color=r['color'], lw=0.4, alpha=0.25)
-        axes[2].plot(*series(r['rec']['theta_cos'][:, j], smoothed=True), color=r['color'], lw=1.3)
+        for ax, values in [(axes[1], r['rec']['theta_cos'][:, j]), (axes[3], theta_dissent_ratio(r))]:
+            ax.plot(*series(values), color=r['color'], lw=0.4, alpha=0.25)
+            ax.plot(*series(values, smoothed=True), color=r['color'], lw=1.3)
         for name, ls in [('norm_grad', '-'), ('norm_plus', '--'), ('norm_minus', ':')]:
-            axes[3].plot(*series(r['rec']['theta_' + name][:, j], smoothed=True),
+            axes[5].plot(*series(r['rec']['theta_' + name][:, j], smoothed=True),
                          color=r['color'], ls=ls, lw=1.3)
-        for ax in axes:
+        for ax in axes[:6]:
             mark_break(ax, r)
     axes[0].set_title('h: mean over probe tokens of cos(grad_h+, grad_h-)', fontsize=8)
-    axes[1].set_title('h: mean |grad_h| (solid), |grad_h+| (dashed), |grad_h-| (dotted)', fontsize=8)
-    axes[2].set_title('theta, all parameters, training batch: cos(grad+, grad-)', fontsize=8)
-    axes[3].set_title('theta: |grad| (solid), |grad+| (dashed), |grad-| (dotted), smoothed', fontsize=8)
-    for ax, label in zip(axes, ['cosine', 'norm (log)', 'cosine', 'norm (log)']):
+    axes[1].set_title('theta, all parameters, training batch: batch-level cos(grad+, grad-)', fontsize=8)
+    axes[2].set_title('h: mean over probe tokens of |grad_h| / (|grad_h+| + |grad_h-|)', fontsize=8)
+    axes[3].set_title('theta: |grad| / (|grad+| + |grad-|) (1: no dissent, 0: total)', fontsize=8)
+    axes[4].set_title('h: mean |grad_h| (solid), |grad_h+| (dashed), |grad_h-| (dotted)', fontsize=8)
+    axes[5].set_title('theta: |grad| (solid), |grad+| (dashed), |grad-| (dotted), smoothed', fontsize=8)
+    for ax, label in zip(axes[:6], ['cosine', 'cosine', 'dissent ratio', 'dissent ratio', 'norm (log)',
+                                    'norm (log)']):
         log_steps(ax)
         ax.set_ylabel(label)
-    for ax in axes[1::2]:
+    for ax in axes[4:6]:
         ax.set_yscale('log')
+    for i, r in enumerate(runs):  # per frequency bucket, in h: the probe tokens of the bucket
+        names = bucket_labels(r)
+        colors = plt.cm.plasma(np.linspace(0, 0.9, len(names)))
+        panels = [(axes[6 + 2 * i], bucket_series(r, 'probe_cos_plus_minus'), 'cos(grad_h+, grad_h-)'),
+                  (axes[7 + 2 * i], bucket_series(r, 'probe_dissent_ratio', probe_dissent_ratio(r)),
+                   '|grad_h| / (|grad_h+| + |grad_h-|)')]
+        for ax, values, label in panels:
+            for k, (c, name) in enumerate(zip(colors, names)):
+                steps, v = series(values[:, k])
+                if len(v):
+                    ax.plot(steps, v, color=c, lw=1, label=name)
+            mark_break(ax, r)
+            log_steps(ax)
+            ax.set_ylabel(label, fontsize=7)
+            ax.set_title(f"{r['label']}: h, mean per frequency bucket", fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
     return fig
 
 
@@ -834,9 +963,14 @@ FIGURES = [
      "Saturation per token-frequency bucket (buckets log-spaced in rank of the training counts; "
      "the probe tokens are bucketed by their target). First panel: Zipf plot of the training counts with "
      "the least-squares fit (dashed), its outliers (x) and the bucket edges. Second: best and last "
-     "validation loss per bucket. Then: probe loss per bucket over training, one panel per run (no "
-     "smoothing; dot: best step). Saturation is a bucket whose loss stops falling or rises again: "
-     "expect it first for the frequent tokens, and mostly in the long tail for small models."),
+     "validation loss per bucket (dotted: the training windows', for runs recorded with "
+     "--train_probe_seqs). Then: probe loss per bucket over training, one panel per run (no "
+     "smoothing; dot: best step; v: plateau onset, the first step after which the smoothed loss falls "
+     "by less than 1% per doubling of t for good; ^: rise onset, the best step of the smoothed loss "
+     "when the curve ends more than 1% above it), and the same for the training windows where "
+     "recorded. Saturation is a bucket whose loss stops falling or rises again: expect it first for "
+     "the frequent tokens, and mostly in the long tail for small models; a held-out rise that the "
+     "training windows do not share is overfitting, a plateau or rise in both is capacity."),
     ('fig7_basis', ['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'], fig_basis,
      "The shared 2D basis: cos(h, grad_h+) against cos(h, grad_h-), averaged over the probe tokens of "
      "each frequency bucket (columns) for each run (rows), coloured by step (at most 150 log-spaced "
@@ -845,10 +979,16 @@ FIGURES = [
     ('fig8_dissent', ['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad',
                       'theta_cos', 'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], fig_dissent,
      "Gradient dissent: the opposition of the attractive (grad+) and repulsive (grad-) parts of the "
-     "output-layer gradient. Top: in h, per probe token, averaged over the probe set (no smoothing). "
-     "Bottom: in theta, all parameters as one vector, for the mean loss of each step's training batch "
-     "(faint: per step; solid: trailing log moving average). Dotted verticals: t_d. Dissent is "
-     "cos(grad+, grad-) moving towards -1 while |grad+| and |grad-| grow and |grad| does not."),
+     "output-layer gradient. Left of the first three rows: in h, per probe token, averaged over the "
+     "probe set (no smoothing). Right: in theta, all parameters as one vector, for the mean loss of "
+     "each step's training batch (faint: per step; solid: trailing log moving average); its cosine is "
+     "batch-level (per token grad_U+ and grad_U- lie in different rows of U). Rows: cos(grad+, grad-); "
+     "the dissent ratio |grad| / (|grad+| + |grad-|) (1: none, 0: the parts cancel); the norms. For one "
+     "vector pair the cosine follows from the three norms, and the ratio says how much of the two "
+     "parts survives in the gradient. Then, per run, the mean of cos(grad_h+, grad_h-) and of the "
+     "ratio in h over the probe tokens of each frequency bucket. Dotted verticals: t_d. Dissent is "
+     "cos(grad+, grad-) moving towards -1 and the ratio towards 0 while |grad+| and |grad-| grow and "
+     "|grad| does not."),
     ('fig9_geometry', ['head_singular_values', 'hidden_steps', 'probe_anisotropy'], fig_geometry,
      "Geometry of the output layer. Left: singular values of the LM-head matrix U, normalised by "
      "the largest, at the first and last recorded step. Middle: their spectral entropy over training "
@@ -878,11 +1018,10 @@ def md_table(header, rows):
 
 
 def run_onset(run):
-    """The step at which the run's validation loss saturates (metrics.saturation_onset of the
-    smoothed probe-set loss), or None."""
-    steps, loss = series(token_mean(run, 'probe_loss'), smoothed=True)
-    onset = metrics.saturation_onset(torch.from_numpy(loss)) if len(loss) else None
-    return None if onset is None else int(steps[onset])
+    """The step at which the run's validation loss saturates: the rise onset of the smoothed
+    probe-set loss (`onsets`), or None (none, never improved, or nothing recorded)."""
+    o = onsets(token_mean(run, 'probe_loss'))
+    return None if o is None else o['rise']
 
 
 def windows(run):
@@ -907,6 +1046,10 @@ def dissent_table(runs):
                 for n in ['cos', 'norm_plus', 'norm_minus', 'norm_grad']]
         cols += [token_mean(r, 'probe_' + n) if 'probe_' + n in rec else None
                  for n in ['cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad']]
+        theta = all(j is not None and 'theta_' + n in rec for n in ['norm_plus', 'norm_minus', 'norm_grad'])
+        h = all('probe_' + n in rec for n in ['norm_plus', 'norm_minus', 'norm_grad'])
+        cols += [theta_dissent_ratio(r) if theta else None,
+                 token_mean(r, 'probe_dissent_ratio', probe_dissent_ratio(r)) if h else None]
         if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
             continue
         for label, a, b in windows(r):
@@ -916,7 +1059,8 @@ def dissent_table(runs):
                 cells.append('n/a' if v is None or not np.isfinite(v).any() else f"{np.nanmean(v):.3g}")
             rows.append([r['name'], f"{label} (steps {a}-{b - 1})"] + cells)
     header = ['run', 'phase', 'cos(g+, g-) theta', r'\|g+\| theta', r'\|g-\| theta', r'\|g\| theta',
-              'cos(g+, g-) h', r'\|g+\| h', r'\|g-\| h', r'\|g\| h']
+              'cos(g+, g-) h', r'\|g+\| h', r'\|g-\| h', r'\|g\| h',
+              r'\|g\| / (\|g+\| + \|g-\|) theta', r'\|g\| / (\|g+\| + \|g-\|) h']
     return md_table(header, rows) if rows else ''
 
 
@@ -956,8 +1100,8 @@ def run_summary(run):
         return out
     out.update(best=f"{loss.min():.4f} (step {steps[np.argmin(loss)]})",
                last=f"{loss[-1]:.4f} (step {steps[-1]})")
-    onset = run_onset(run)
-    out['onset'] = 'none' if onset is None else f"step {onset}"
+    o = onsets(token_mean(run, 'probe_loss'))
+    out['onset'] = 'never improved' if o['never'] else 'none' if o['rise'] is None else f"step {o['rise']}"
     t_d = run['fit'].get('t_d')
     if t_d is not None and 'probe_D' in run['rec']:
         steps, D = recorded(run['rec']['probe_D'])
@@ -996,24 +1140,72 @@ def opposition_table(runs):
     return md_table(header, rows) if rows else ''
 
 
+def onset_cells(values):
+    """Best (step), final loss, plateau onset and rise onset of one bucket's loss series, as table
+    cells: best and final as recorded, the onsets of the smoothed curve (`onsets`); a curve that never
+    improved on its start says so instead of an onset."""
+    o = onsets(values)
+    if o is None:
+        return ['n/a'] * 4
+    steps, v = recorded(values)
+    best = f"{v.min():.3f} ({steps[np.argmin(v)]})"
+    if o['never']:
+        return [best, f"{v[-1]:.3f}", '-', 'never improved']
+    step = lambda s: 'none' if s is None else str(s)
+    return [best, f"{v[-1]:.3f}", step(o['plateau']), step(o['rise'])]
+
+
 def bucket_table(runs):
-    """Per run and bucket: best and last validation loss, and the bucket's saturation onset."""
-    rows, have = [], []
+    """Per run and frequency bucket, one row: the number of probe tokens whose target is in the
+    bucket, the bucket's best (step) and final validation loss, its plateau and rise onsets (or never
+    improved); for runs with the training-window probe the same for the training windows, and which
+    of the two curves plateaus or rises (saturation_reading)."""
+    rows, trained = [], any(has_train_probe(r) for r in runs)
     for r in runs:
         if not all(k in r['rec'] for k in ['probe_loss', 'train_counts', 'probe_tokens']):
             continue
+        held, n_held = bucket_series(r, 'probe_loss'), bucket_tokens(r)
+        train = bucket_series(r, 'train_probe_loss') if has_train_probe(r) else None
+        n_train = bucket_tokens(r, 'train_probe_loss') if has_train_probe(r) else None
+        for k, label in enumerate(bucket_labels(r)):
+            row = [r['name'], label, n_held[k]] + onset_cells(held[:, k])
+            if train is not None:
+                o_held, o_train = onsets(held[:, k]), onsets(train[:, k])
+                reading = saturation_reading(o_held, o_train) if o_held and o_train else 'n/a'
+                row += [n_train[k]] + onset_cells(train[:, k]) + [reading]
+            elif trained:
+                row += ['n/a'] * 6
+            rows.append(row)
+    if not rows:
+        return ''
+    header = ['run', 'bucket', 'probe tokens', 'best (step)', 'final', 'plateau onset', 'rise onset']
+    if trained:
+        header += ['training-window tokens', 'train. best (step)', 'train. final', 'train. plateau onset',
+                   'train. rise onset', 'which plateaus or rises']
+    return md_table(header, rows)
+
+
+def bucket_dissent_table(runs):
+    """Per run and bucket: the mean over the bucket's probe tokens of cos(grad_h+, grad_h-) and of
+    |grad_h| / (|grad_h+| + |grad_h-|), at the first and at the last recorded step."""
+    rows, have = [], []
+    for r in runs:
+        needs = ['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad',
+                 'train_counts', 'probe_tokens']
+        if not all(k in r['rec'] for k in needs):
+            continue
         have.append(r)
-        loss = bucket_series(r, 'probe_loss')
-        _, edges, _ = buckets(r)
+        cos = bucket_series(r, 'probe_cos_plus_minus')
+        ratio = bucket_series(r, 'probe_dissent_ratio', probe_dissent_ratio(r))
         cells = []
-        for k in range(len(edges) - 1):
-            best, last = best_and_last(loss[:, k])
-            steps, v = series(loss[:, k], smoothed=True)
-            if not len(v):
+        for k in range(cos.shape[1]):
+            steps = np.flatnonzero(np.isfinite(cos[:, k]) & np.isfinite(ratio[:, k]))
+            if not len(steps):
                 cells.append('n/a')
                 continue
-            onset = metrics.saturation_onset(torch.from_numpy(v))
-            cells.append(f"{best:.3f} / {last:.3f}" + ('' if onset is None else f", sat. {steps[onset]}"))
+            a, b = steps[0], steps[-1]
+            cells.append(f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, "
+                         f"ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} (at {a} -> {b})")
         rows.append([r['name']] + cells)
     return bucket_md_table(have, rows)
 
@@ -1061,8 +1253,8 @@ def report_text(runs, drawn, notes, fmt):
              f"Runs (ordered and coloured by parameter count): {', '.join(r['label'] for r in runs)}.", '']
     parts += ['## Deceleration and validation loss', '',
               "t_d, L_d, r_d from bnsl.py (1-break BNSL, published preprocessing) with 95% block-bootstrap "
-              "intervals; validation loss = mean probe-set loss; saturation onset = the step of the "
-              "best smoothed validation loss when the run ends more than 1% above it; D = mean "
+              "intervals; validation loss = mean probe-set loss; saturation onset = the rise onset "
+              "(as per bucket below; never improved: never below its value at step 0); D = mean "
               "interference of per-token probe-loss changes (step t to t+1) before and after t_d, over "
               "the N probe tokens, beside the mean of its sign-flip null at the same N.", '']
     rows = []
@@ -1090,9 +1282,17 @@ def report_text(runs, drawn, notes, fmt):
                   table, '']
     table = bucket_table(runs)
     if table:
-        parts += ['## Validation loss per token-frequency bucket', '',
-                  'best / last loss of the probe tokens whose target is in the bucket; '
-                  '"sat. t": saturation onset.', '',
+        parts += ['## Saturation per token-frequency bucket', '',
+                  "The loss of the probe tokens whose target is in the bucket (probe tokens: how many): "
+                  "its best (at that step) and final value as recorded; plateau onset: the first step after "
+                  "which the smoothed loss falls by less than 1% per doubling of t and never again by "
+                  "more (metrics.plateau_onset; none: still falling); rise onset: the step of the best "
+                  "smoothed loss when the curve ends more than 1% above it (metrics.rise_onset); never "
+                  "improved: the smoothed loss never went below its value at step 0. Runs recorded with "
+                  "--train_probe_seqs show the same for their fixed training windows, and which curve "
+                  "plateaus or rises: a held-out rise that the training windows do not share is "
+                  "overfitting, a plateau or rise in both is capacity saturation, a held-out plateau "
+                  "while the training windows still improve a growing gap.", '',
                   table, '']
     table = dissent_table(runs)
     if table:
@@ -1102,7 +1302,14 @@ def report_text(runs, drawn, notes, fmt):
                   "--record light the theta columns hold only the log-scheduled steps). "
                   "theta: all parameters as one vector, gradient of the training batch's mean loss, "
                   "g+ the attractive part (through grad_z+), g- = g - g+. h: per probe token, averaged "
-                  "over the probe set.", '', table, '']
+                  "over the probe set. The dissent ratio |g| / (|g+| + |g-|): 1 no dissent, 0 "
+                  "total (in h the mean of each token's ratio).", '', table, '']
+    table = bucket_dissent_table(runs)
+    if table:
+        parts += ['## Dissent in h per frequency bucket', '',
+                  "cos(grad_h+, grad_h-) and the dissent ratio |grad_h| / (|grad_h+| + |grad_h-|), each "
+                  "averaged over the probe tokens of the bucket, at the first recorded step -> at the last.",
+                  '', table, '']
     table = basis_table(runs)
     if table:
         parts += ['## The 2D basis per frequency bucket', '',

@@ -5,7 +5,8 @@ which measures and writes them at each moment of a training step. train.py's loo
     batch of step t
     rec.probe(t)           theta_t on the fixed held-out probe set: per-token losses, their change
                            since step t - 1 (D, M and the null), the output-layer decomposition, the
-                           geometry of h and U; on schedule h itself
+                           geometry of h and U; on schedule h itself; with --train_probe_seqs, the
+                           per-token losses of fixed training windows too
     forward, backward      inside rec.capture(t): on full steps, the inputs X and output gradients G
                            of the position-local layers are kept
     rec.batch(t, ...)      theta_t on the training batch: per-token losses, dissent in parameter space
@@ -46,6 +47,7 @@ LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and l
 
 # Every per-step record train.py writes: (name, shape, dtype, when, meaning); the file is name.npy.
 # shape, in the sizes of the run: S steps, B batch, T block size, P probe sequences, d width,
+#   Q training windows of the training-window probe (--train_probe_seqs; 0: those records absent),
 #   R = min(d, V), K = len(hidden_steps), G = len(grad_steps), H = HIST_BINS histogram bins, and the
 #   column counts n_theta, n_local, n_all (their names: config.json's theta_names,
 #   local_opposition_keys, opposition_keys). Row t belongs to step t; probe row t is theta_t.
@@ -84,6 +86,10 @@ RECORDS = [
      "grad_steps[k], at theta_t along the real update (one JVP); compare with post - pre"),
     # the fixed held-out probe set
     ('probe_loss', 'S+1, P, T', 'float32', 'step', "per-token probe loss at theta_t; row S: the final model"),
+    ('train_probe_loss', 'S+1, Q, T', 'float32', 'step',
+     "per-token loss at theta_t of Q = --train_probe_seqs fixed windows of the training split "
+     "(train_probe_tokens.npy), as probe_loss; only when Q > 0: beside probe_loss it tells capacity "
+     "saturation (both plateau) from overfitting (the held-out loss rises, this one does not)"),
     ('probe_D', 'S', 'float64', 'step',
      "D of x = probe_loss[t+1] - probe_loss[t] (theta_t -> theta_{t+1}), all N = P*T tokens"),
     ('probe_M', 'S', 'float64', 'step', "M of the same probe change"),
@@ -201,9 +207,11 @@ class Recorder:
     """The records of one run and everything needed to fill them: the memmaps (process 0 only),
     the schedules, the probe set, the null's random signs. One method per moment of a step."""
 
-    def __init__(self, args, model, corpus, probe_x, probe_y, dtype, rank=0, world=1):
+    def __init__(self, args, model, corpus, probe_x, probe_y, dtype, rank=0, world=1,
+                 train_probe=(None, None)):
         self.args, self.model, self.corpus = args, model, corpus  # model: the plain fp32 module
         self.px, self.py = probe_x, probe_y  # (P, T) inputs and targets of the held-out probe set
+        self.tx, self.ty = train_probe  # (Q, T) fixed training windows; None: --train_probe_seqs 0
         self.dtype = dtype  # training precision; recording passes are fp32 whatever it is
         self.master, self.world = rank == 0, world  # only process 0 writes
         self.recording = args.record != 'none'
@@ -230,13 +238,15 @@ class Recorder:
 
     def specs(self):
         """name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every'
-        records under --record none."""
+        records under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)."""
         a, V = self.args, self.corpus['vocab_size']
         sizes = dict(S=a.max_iters, B=a.batch_size, T=a.block_size, P=a.probe_seqs, d=a.n_embd,
                      R=min(a.n_embd, V), K=len(self.hidden_steps), G=len(self.grad_steps), H=HIST_BINS,
+                     Q=a.train_probe_seqs,
                      n_theta=len(self.theta_names), n_local=len(self.local_keys), n_all=len(self.all_keys))
-        return {name: (record_shape(shape, sizes), np.dtype(dtype)) for name, shape, dtype, when, _ in RECORDS
-                if self.recording or when == 'every'}
+        specs = {name: (record_shape(shape, sizes), np.dtype(dtype))
+                 for name, shape, dtype, when, _ in RECORDS if self.recording or when == 'every'}
+        return {name: spec for name, spec in specs.items() if 0 not in spec[0]}  # Q = 0: no file
 
     def open(self, out_dir, create):
         """The records as .npy memmaps in out_dir (process 0): created for the whole run (float rows
@@ -287,6 +297,8 @@ class Recorder:
         loss, h, logits = fp32_forward(self.model, self.px, self.py)  # (P, T), (P, T, d), (P, T, V)
         self.write('probe_loss', step, loss)
         self.probe_loss = loss.mean().item()
+        if self.tx is not None:  # the fixed training windows, measured as the probe set
+            self.write('train_probe_loss', step, fp32_forward(self.model, self.tx, self.ty)[0])
         if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows (as a resumed run)
             change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
             change = change.flatten().double()  # all P*T tokens as one vector

@@ -42,14 +42,14 @@ from recorder import RECORDS, Recorder, fp32_forward
 RESUME_SAME = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'tie_weights', 'data', 'vocab_size',
                'batch_size', 'max_iters', 'learning_rate', 'decay_lr', 'min_lr', 'warmup_iters',
                'weight_decay', 'beta1', 'beta2', 'grad_clip', 'dtype', 'seed', 'record', 'probe_seqs',
-               'hidden_every', 'grad_every', 'opposition_seqs', 'keep_ckpts']
+               'hidden_every', 'grad_every', 'opposition_seqs', 'keep_ckpts', 'train_probe_seqs']
 RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
                      'ckpt_interval']
 # what train.py writes into a run directory besides the records (name.npy for each name of RECORDS);
 # --overwrite deletes a folder's entries only if every one is among these or is plot.py's figures/
 RUN_FILES = ['config.json', 'progress.json', 'ckpt.pt', 'tokenizer.json', 'train_counts.npy',
              'probe_tokens.npy', 'hidden_steps.npy', 'grad_steps.npy', 'ckpt.pt.tmp', 'config.json.tmp',
-             'progress.json.tmp']
+             'progress.json.tmp', 'train_probe_tokens.npy']
 # what plot.py writes into its figures/ folder (and a temporary file of it, left by a crash)
 PLOT_FILES = r'(fig\d+_\w+\.(png|pdf)|report\.md)|\.(fig\d+_\w+\.(png|pdf)|report\.md)\.\d+\.tmp'
 # the checkpoints kept by --keep_ckpts log2, in ckpts/, and what measure.py writes in paper/
@@ -122,9 +122,13 @@ def get_args(argv=None):
                    help='exact all-parameter opposition and JVP prediction every N steps '
                         '(0: log-spaced steps)')
     g.add_argument('--opposition_seqs', type=int, default=None,
-                   help='the first N probe sequences give the tokens of the exact all-parameter opposition and '
-                        'its update-weighted terms (one backward per token; default: every probe sequence, '
+                   help='the first N probe sequences give the tokens of the exact all-parameter opposition '
+                        'and its update-weighted terms (one backward per token; default: every probe sequence, '
                         '2048 tokens at the default sizes; D_j means little at small N)')
+    g.add_argument('--train_probe_seqs', type=int, default=0,
+                   help='training windows of block_size tokens, chosen once, whose per-token loss is '
+                        'recorded like the probe set\'s (train_probe_loss; 0: off): capacity saturation '
+                        'or overfitting')
     g.add_argument('--log_interval', type=int, default=10, help='steps between progress lines')
     g.add_argument('--log_seconds', type=float, default=30.0,
                    help='a progress line at least this often, whatever --log_interval says')
@@ -147,7 +151,7 @@ def check_args(args):
         if getattr(args, name) <= 0:
             fail(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ['learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'warmup_iters', 'hidden_every',
-                 'grad_every', 'threads']:
+                 'grad_every', 'threads', 'train_probe_seqs']:
         value = getattr(args, name)
         if not math.isfinite(value) or value < 0:
             fail(f"--{name} must be a finite number >= 0, got {value}")
@@ -250,6 +254,24 @@ def load_data(args, device, master=True):
     offsets = np.sort(windows) * (T + 1)
     px, py = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['val'], offsets, T))
     return corpus, offsets, px, py
+
+
+def train_probe_windows(args, corpus, device):
+    """The training-window probe: --train_probe_seqs disjoint windows of the training split, chosen
+    once by the seed (a generator apart from the batches') and kept for the whole run; the model
+    trains on these tokens, so their loss beside the held-out probe's tells capacity saturation from
+    overfitting. Returns offsets, inputs, targets (Q, T); (None, None, None) when it is off."""
+    Q, T = args.train_probe_seqs, args.block_size
+    if Q == 0:
+        return None, None, None
+    n_windows = len(corpus['train']) // (T + 1)  # disjoint training windows
+    if n_windows < Q:
+        fail(f"training split holds {n_windows} windows of {T + 1} tokens, "
+             f"fewer than --train_probe_seqs {Q}")
+    windows = np.random.default_rng([args.seed, 2 ** 32]).choice(n_windows, Q, replace=False)
+    offsets = np.sort(windows) * (T + 1)
+    tx, ty = (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], offsets, T))
+    return offsets, tx, ty
 
 
 def get_batch(args, corpus, step, rank=0, world=1, device='cpu'):
@@ -420,7 +442,8 @@ def written_by_train(config_path):
         return False
 
 
-def write_run_files(args, corpus, model, rec, probe_offsets, device, dtype, world):
+def write_run_files(args, corpus, model, rec, probe_offsets, device, dtype, world,
+                    train_probe_offsets=None):
     """The one-off files of a new run: tokenizer, training counts, probe set, schedules and
     config.json (every setting, the run's facts, the column names and the shape of every record)."""
     out = args.out_dir
@@ -428,13 +451,18 @@ def write_run_files(args, corpus, model, rec, probe_offsets, device, dtype, worl
     np.save(os.path.join(out, 'train_counts.npy'), corpus['counts'])
     probe_tokens = np.concatenate([rec.px.cpu().numpy(), rec.py.cpu().numpy()[:, -1:]], 1)  # (P, T + 1)
     np.save(os.path.join(out, 'probe_tokens.npy'), probe_tokens)
+    if rec.tx is not None:  # the training-window probe, as the probe set: (Q, T + 1)
+        tokens = np.concatenate([rec.tx.cpu().numpy(), rec.ty.cpu().numpy()[:, -1:]], 1)
+        np.save(os.path.join(out, 'train_probe_tokens.npy'), tokens)
     np.save(os.path.join(out, 'hidden_steps.npy'), np.array(rec.hidden_steps, dtype=np.int64))
     np.save(os.path.join(out, 'grad_steps.npy'), np.array(rec.grad_steps, dtype=np.int64))
     write_json(os.path.join(out, 'config.json'), dict(
         vars(args), n_params=model.num_params(), n_params_nonembedding=model.num_params(non_embedding=True),
         vocab_size_actual=corpus['vocab_size'], corpus=corpus['corpus'], data_key=corpus['key'],
         train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'],
-        probe_offsets=probe_offsets.tolist(), device_used=device, dtype_used=dtype, world_size=world,
+        probe_offsets=probe_offsets.tolist(),
+        train_probe_offsets=None if train_probe_offsets is None else train_probe_offsets.tolist(),
+        device_used=device, dtype_used=dtype, world_size=world,
         theta_names=rec.theta_names, local_opposition_keys=rec.local_keys, opposition_keys=rec.all_keys,
         opposition_tokens=args.opposition_seqs * args.block_size,
         probe_tokens=args.probe_seqs * args.block_size, batch_tokens=args.batch_size * args.block_size,
@@ -483,6 +511,7 @@ def main(argv=None):
     dtype, autocast = precision(args.dtype, device_type)
     torch.manual_seed(args.seed)
     corpus, probe_offsets, px, py = load_data(args, device, master)
+    train_probe_offsets, tx, ty = train_probe_windows(args, corpus, device)
     S, B, T = args.max_iters, args.batch_size, args.block_size
 
     # the model, its optimizer, the recorder, then the run directory, once it is sure the run can start
@@ -491,7 +520,7 @@ def main(argv=None):
     raw_model = GPT(config).to(device)  # parameters stay fp32; autocast does the bf16 matmuls
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
                                                (args.beta1, args.beta2), device_type)
-    rec = Recorder(args, raw_model, corpus, px, py, dtype, rank, world)  # records with the plain fp32 module
+    rec = Recorder(args, raw_model, corpus, px, py, dtype, rank, world, (tx, ty))  # the plain fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
     start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
     try:
@@ -499,7 +528,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         fail(e)
     if master and start == 0:  # a new run (or one resumed before its first checkpoint)
-        write_run_files(args, corpus, raw_model, rec, probe_offsets, device, dtype, world)
+        write_run_files(args, corpus, raw_model, rec, probe_offsets, device, dtype, world,
+                        train_probe_offsets)
     elif master:
         note_resume(args, start, device)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')

@@ -481,13 +481,87 @@ def test_bucket_mean_over_steps_skips_nan():
                 assert torch.isnan(out[s, k])
 
 
-def test_saturation_onset():
+def test_improvement_per_doubling_against_a_loop():
+    steps = torch.tensor([0, 1, 2, 3, 5, 8, 9, 16, 20])  # a schedule with gaps
+    loss = torch.rand(len(steps), dtype=torch.float64) + 1
+    g = M.improvement_per_doubling(loss, steps)
+    for i, t in enumerate(steps.tolist()):  # brute force: the first recorded step at or after 2t
+        later = [j for j, s in enumerate(steps.tolist()) if s >= 2 * t]
+        if t == 0 or not later:
+            assert torch.isnan(g[i])
+        else:
+            close(g[i], 1 - loss[later[0]] / loss[i])
+    assert torch.isnan(g[-2:]).all() and not torch.isnan(g[1:7]).any()  # 16, 20: 2t beyond 20; 9: 20
+
+
+def test_plateau_onset_on_hand_built_curves():
+    t = torch.arange(0, 401, dtype=torch.float64)
+    power = 5 * (t + 1) ** -0.3  # falls by 1 - 2^-0.3 = 19 % per doubling: never a plateau
+    assert M.plateau_onset(power, t.long()) is None
+    # 5 t^-0.3 until t = 40, then flat: from t = 40 on L(2t) = L(t); t = 20..39 still fall (L(2t) is
+    # the flat value); t = 39: 1 - (40/39)^-0.3 ... below 1 %: the onset is the first t whose fall
+    # over its doubling, and over every later doubling, is under 1 %
+    flat = torch.where(t < 40, 5 * t.clamp(min=1) ** -0.3, 5 * 40.0 ** -0.3)
+    onset = M.plateau_onset(flat, t.long())
+    fall = [1 - float(flat[2 * s] / flat[s]) for s in range(1, 201)]  # brute force, every doubling
+    expected = next(s for s in range(1, 201) if all(f < 0.01 for f in fall[s - 1:]))
+    assert onset == expected and 20 < onset <= 40
+    assert M.plateau_onset(flat, t.long(), tol=0.5) == 1  # a loose tolerance: at once
+    # a curve that falls again after a plateau: the onset is after the last fall
+    again = flat - 0.5 * (t >= 100)  # the doublings of t = 50..99 fall
+    assert M.plateau_onset(again, t.long()) == 100
+    late = flat - 0.5 * (t >= 390)  # falls over the last doubling (t = 195..200): still improving
+    assert M.plateau_onset(late, t.long()) is None
+    assert M.plateau_onset(torch.ones(1, dtype=torch.float64), torch.tensor([5])) is None  # no doubling
+
+
+def test_rise_onset_and_never_improved():
     t = torch.arange(1, 101, dtype=torch.float64)
-    assert M.saturation_onset(5 / t ** 0.3) is None  # still improving
+    assert M.rise_onset(5 / t ** 0.3) is None  # still improving
     # +8 % after step 60
     rising = torch.cat([5 / t[:60] ** 0.3, 5 / 60 ** 0.3 * (1 + 0.002 * torch.arange(1, 41))])
-    assert M.saturation_onset(rising) == 59
-    assert M.saturation_onset(rising, rise=0.1) is None  # a rise smaller than asked for
+    assert M.rise_onset(rising) == 59
+    assert M.rise_onset(rising, rise=0.1) is None  # a rise smaller than asked for
+    assert not M.never_improved(rising)
+    # a bucket that training only made worse: never improved, and no onset at its first step
+    worse = 3 + 0.01 * t
+    assert M.never_improved(worse) and M.rise_onset(worse) is None
+    assert M.never_improved(torch.full((5,), 2.0))  # flat at its start: never beat it
+    assert not M.never_improved(torch.tensor([2.0, 2.5, 1.9, 3.0]))  # beat it once
+    assert not M.never_improved(torch.tensor([2.0]))
+
+
+def test_dissent_ratio_against_explicit_vectors():
+    """The ratio of the norms against the vectors themselves in float64, and the docstring's
+    identity: for one pair, cos(g+, g-) follows from the three norms."""
+    plus, minus = torch.randn(7, 50, dtype=torch.float64), torch.randn(7, 50, dtype=torch.float64)
+    minus[0] = plus[0] * 2  # no dissent: ratio 1
+    minus[1] = -plus[1]  # total dissent: ratio 0
+    minus[2] = -0.01 * plus[2]  # opposed but one part tiny: cos -1, ratio near 1
+    g = plus + minus
+    ratio = M.dissent_ratio(g.norm(dim=-1), plus.norm(dim=-1), minus.norm(dim=-1))
+    for k in range(7):  # brute force, one pair at a time
+        close(ratio[k], torch.sqrt((g[k] ** 2).sum()) / (torch.sqrt((plus[k] ** 2).sum())
+                                                         + torch.sqrt((minus[k] ** 2).sum())))
+        a, b = plus[k].norm(), minus[k].norm()
+        close(cos(plus[k], minus[k]), (g[k].norm() ** 2 - a ** 2 - b ** 2) / (2 * a * b))
+    close(ratio[0], 1.0)
+    close(ratio[1], 0.0)
+    assert ratio[2] > 0.97 and cos(plus[2], minus[2]) < -0.999
+    assert torch.all((ratio >= 0) & (ratio <= 1))
+    assert torch.isnan(M.dissent_ratio(*torch.zeros(3, dtype=torch.float64)))
+    # in theta: the ratio of theta_decomposition's norms is that of the brute-force gradients
+    model, x, y = tiny()
+    params = dict(model.named_parameters())
+    out = M.theta_decomposition(model(x)[0], y, params)['model']
+    logits = model(x)[0]
+    p = torch.softmax(logits, -1).detach().reshape(N, V)
+    seed = (M.grad_z_plus(p, y.reshape(-1)) / N).view(B, T, V)
+    g_plus = torch.cat([v.flatten() for v in torch.autograd.grad(logits, list(params.values()), seed)])
+    mean_loss = per_token_loss(model(x)[0], y).mean()
+    g_full = torch.cat([v.flatten() for v in torch.autograd.grad(mean_loss, list(params.values()))])
+    close(M.dissent_ratio(out['norm_grad'], out['norm_plus'], out['norm_minus']),
+          g_full.norm() / (g_plus.norm() + (g_full - g_plus).norm()))
 
 
 def test_zipf_fit_recovers_an_exact_law_and_flags_an_outlier():

@@ -410,8 +410,10 @@ def test_bucket_labels_are_each_runs_own(tmp_path, cache_dir):
     assert run_plot(*paths, '--out', str(tmp_path / 'f')).returncode == 0
     report = (tmp_path / 'f' / 'report.md').read_text()
     header = '| run | ' + ' | '.join(b.replace(' | ', r' \| ') for b in both) + ' |'
-    assert report.count(header) == 2, header  # validation loss and the 2D basis per bucket
+    assert report.count(header) == 2, header  # dissent in h and the 2D basis per bucket
     assert report.count(r'Columns: ranks of V = 300 \| V = 400.') == 2
+    for r, lab in zip(runs, labels):  # the saturation table: a row per run and bucket, its own ranks
+        assert [row[1] for row in report_rows(report, r['name'])] == lab
 
 
 def figures_of(monkeypatch, *args):
@@ -457,3 +459,145 @@ def test_the_run_legend_lies_inside_the_figure(sweep, tmp_path, monkeypatch):
         for ax in fig.axes:  # the panels and their titles stay below it
             assert ax.get_tightbbox(renderer).y1 <= box.y0 + 1, ax.get_title()
     plt.close('all')
+
+
+def bucket_mean_brute(per_token, bucket_of_target, k):
+    """(rows,): the mean of a (rows, N, T) record over the tokens whose target is in bucket k, by an
+    explicit mask, NaN values left out."""
+    mask = bucket_of_target == k
+    return np.array([np.nanmean(row[mask]) for row in per_token])
+
+
+def report_rows(report, name):
+    """The cells of the bucket table's rows of run `name` (one per bucket)."""
+    return [[c.strip() for c in line.split('|')[1:-1]] for line in report.splitlines()
+            if line.startswith(f'| {name} | ranks ')]
+
+
+def test_bucket_onsets_and_the_training_window_probe(tmp_path, cache_dir):
+    """A run with --train_probe_seqs whose records are rewritten with known curves: bucket 0's
+    held-out loss falls and then rises while its training-window loss keeps falling (overfitting), bucket
+    1 falls and then stays flat in both (capacity saturation), bucket 2's held-out loss only grows
+    (never improved). The report's bucket table holds the probe-token counts, best and final loss and
+    the onsets of metrics.py on the smoothed bucket curves, and fig6 marks those onsets in a
+    held-out and a training-window panel."""
+    import bnsl
+    import metrics
+    import plot
+    import torch
+    run = tmp_path / 'known'
+    run_train(*TINY, *SHORT, '--train_probe_seqs', '4', '--cache_dir', cache_dir, '--out_dir', str(run))
+    counts = torch.from_numpy(np.load(run / 'train_counts.npy'))
+    bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+    t = np.arange(31, dtype=float)
+    falls = 5 - 2 * np.log1p(t) / np.log(31)  # falls to 3 at step 30
+    shapes = [np.where(t <= 15, falls, falls[15] + 0.1 * (t - 15)), np.where(t <= 10, falls, falls[10]),
+              5 + 0.05 * t]  # buckets 0, 1, 2 held-out
+    train_shapes = [falls, np.where(t <= 10, falls, falls[10]), 5 + 0.05 * t]
+    targets = {}
+    for name, curves in [('probe_loss', shapes), ('train_probe_loss', train_shapes)]:
+        tokens = np.load(run / ('probe_tokens.npy' if name == 'probe_loss' else 'train_probe_tokens.npy'))
+        targets[name] = bucket.numpy()[tokens[:, 1:]]  # (rows, T) bucket of each target
+        a = np.load(run / f'{name}.npy', mmap_mode='r+')  # (S + 1, rows, T)
+        for k, curve in enumerate(curves):
+            a[:, targets[name] == k] = curve[:, None]
+        a.flush()
+    assert run_plot(str(run)).returncode == 0
+    report = (run / 'figures' / 'report.md').read_text()
+    rows = report_rows(report, 'known')
+    assert len(rows) == len(edges) - 1 and len(rows[0]) == 13
+    expected = {}
+    for name in ['probe_loss', 'train_probe_loss']:
+        loss = np.load(run / f'{name}.npy').astype(np.float64)
+        for k in range(len(edges) - 1):
+            if not (targets[name] == k).any():
+                continue
+            curve = bucket_mean_brute(loss, targets[name], k)
+            smooth = torch.from_numpy(bnsl.log_moving_average(curve))
+            never = bool(smooth[1:].min() >= smooth[0])
+            plateau = metrics.plateau_onset(smooth, torch.arange(31))
+            expected[name, k] = (int((targets[name] == k).sum()), curve, never, plateau,
+                                 metrics.rise_onset(smooth))
+    for k, row in enumerate(rows):
+        for name, cells in [('probe_loss', row[2:7]), ('train_probe_loss', row[7:12])]:
+            if (name, k) not in expected:
+                assert cells[0] == '0' and cells[1:] == ['n/a'] * 4, cells
+                continue
+            n, curve, never, plateau, rise = expected[name, k]
+            assert cells[0] == str(n)
+            assert cells[1] == f"{curve.min():.3f} ({np.argmin(curve)})" and cells[2] == f"{curve[-1]:.3f}"
+            if never:
+                assert cells[3:] == ['-', 'never improved'], cells
+            else:
+                assert cells[3:] == [str(plateau) if plateau is not None else 'none',
+                                     str(rise) if rise is not None else 'none'], cells
+    # the planted shapes, as the table reads them
+    assert expected['probe_loss', 0][4] is not None and expected['train_probe_loss', 0][4] is None
+    assert rows[0][12].endswith('overfitting') and rows[1][12].endswith('capacity saturation')
+    assert rows[2][6] == 'never improved' and rows[2][11] == 'never improved'
+    assert 10 < int(rows[1][5]) <= 15  # the plateau onset near the planted flattening at step 10
+    # fig6: a held-out and a training-window panel, each bucket's onsets marked on its curve
+    r = plot.load_run(str(run))
+    r.update(color='k', fit=plot.fit_run(r, plot.bnsl.MIN_STEP))
+    fig = plot.fig_saturation([r])
+    assert len(fig.axes) == 4 and 'training windows' in fig.axes[3].get_title()
+    for ax, name in [(fig.axes[2], 'probe_loss'), (fig.axes[3], 'train_probe_loss')]:
+        marks = {m: [tuple(line.get_xydata()[0]) for line in ax.lines if line.get_marker() == m]
+                 for m in ['v', '^']}
+        onset_steps = {'v': [], '^': []}
+        for k in range(len(edges) - 1):
+            if (name, k) in expected and not expected[name, k][2]:
+                _, curve, _, plateau, rise = expected[name, k]
+                onset_steps['v'] += [(plateau, curve[plateau])] if plateau is not None else []
+                onset_steps['^'] += [(rise, curve[rise])] if rise is not None else []
+        for m in ['v', '^']:
+            assert sorted(marks[m]) == pytest.approx(sorted(onset_steps[m]), rel=1e-6), (name, m)
+    assert fig.axes[2].lines and any(line.get_marker() == '^' for line in fig.axes[2].lines)
+    plt.close('all')
+
+
+def test_dissent_figure_and_tables_are_the_records(sweep):
+    """fig8: the batch-level cosine in theta labelled so, the dissent ratio |g| / (|g+| + |g-|) in
+    theta from the theta_norm_* records, and per run and bucket the mean over the bucket's probe tokens
+    of cos(grad_h+, grad_h-) and of the per-token ratio, each against a brute-force recomputation;
+    the report's per-bucket h table holds the same at the first and last step."""
+    import metrics
+    import plot
+    import torch
+    path = sweep / 'runs' / 'large'
+    run = plot.load_run(str(path))
+    run.update(color='k', fit=plot.fit_run(run, plot.bnsl.MIN_STEP))
+    fig = plot.fig_dissent([run])
+    assert len(fig.axes) == 8 and 'batch-level' in fig.axes[1].get_title()
+    j = json.loads((path / 'config.json').read_text())['theta_names'].index('model')
+    norms = {n: np.load(path / f'theta_{n}.npy')[:, j] for n in ['norm_grad', 'norm_plus', 'norm_minus']}
+    ratio = norms['norm_grad'] / (norms['norm_plus'] + norms['norm_minus'])
+    raw = fig.axes[3].lines[0]  # per step, then smoothed
+    np.testing.assert_allclose(raw.get_ydata(), ratio[raw.get_xdata().astype(int)], rtol=1e-12)
+    assert np.all((ratio > 0) & (ratio <= 1))
+    counts = torch.from_numpy(np.load(path / 'train_counts.npy'))
+    bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+    of_target = bucket.numpy()[np.load(path / 'probe_tokens.npy')[:, 1:]]
+    h = {n: np.load(path / f'probe_{n}.npy').astype(np.float64)
+         for n in ['cos_plus_minus', 'norm_grad', 'norm_plus', 'norm_minus']}
+    h_ratio = h['norm_grad'] / (h['norm_plus'] + h['norm_minus'])  # per token
+    present = [k for k in range(len(edges) - 1) if (of_target == k).any()]
+    for ax, values in [(fig.axes[6], h['cos_plus_minus']), (fig.axes[7], h_ratio)]:
+        lines = [line for line in ax.lines if line.get_label() in plot.bucket_labels(run)]
+        assert [line.get_label() for line in lines] == [plot.bucket_labels(run)[k] for k in present]
+        for line, k in zip(lines, present):
+            brute = bucket_mean_brute(values, of_target, k)
+            np.testing.assert_allclose(line.get_ydata(), brute[line.get_xdata().astype(int)], rtol=1e-9)
+    plt.close('all')
+    assert run_plot(str(path)).returncode == 0
+    report = (path / 'figures' / 'report.md').read_text()
+    section = report[report.index('## Dissent in h per frequency bucket'):]
+    row = next(line for line in section.splitlines() if line.startswith('| large |')).split('|')[2:-1]
+    S = len(h_ratio) - 1
+    for k, cell in enumerate(row):
+        if k not in present:
+            assert cell.strip() == 'n/a'
+            continue
+        numbers = [float(x) for x in re.findall(r'[+-]?\d\.\d\d', cell)]
+        want = [bucket_mean_brute(v, of_target, k)[s] for v in (h['cos_plus_minus'], h_ratio) for s in (0, S)]
+        assert numbers == pytest.approx(want, abs=0.0051) and f"(at 0 -> {S})" in cell

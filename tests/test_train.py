@@ -29,9 +29,13 @@ def test_run_writes_every_record_with_the_right_shape(tiny_run):
     hidden_steps, grad_steps = load(tiny_run, 'hidden_steps'), load(tiny_run, 'grad_steps')
     sizes = dict(S=S, B=B, T=T, P=P, d=d, R=min(d, V), K=len(hidden_steps), G=len(grad_steps),
                  H=recorder.HIST_BINS, n_theta=len(cfg['theta_names']),
-                 n_local=len(cfg['local_opposition_keys']), n_all=len(cfg['opposition_keys']))
-    assert sorted(cfg['records']) == sorted(name for name, *_ in RECORDS)
+                 n_local=len(cfg['local_opposition_keys']), n_all=len(cfg['opposition_keys']), Q=0)
+    written = [name for name, shape, *_ in RECORDS if 0 not in record_shape(shape, sizes)]  # Q = 0: none
+    assert sorted(cfg['records']) == sorted(written)
     for name, shape, dtype, when, meaning in RECORDS:
+        if 0 in record_shape(shape, sizes):  # train_probe_loss without --train_probe_seqs: no file
+            assert not os.path.exists(os.path.join(tiny_run, name + '.npy')), name
+            continue
         a = load(tiny_run, name)
         assert a.shape == record_shape(shape, sizes) and a.dtype == np.dtype(dtype), name
         assert cfg['records'][name] == [list(a.shape), dtype], name
@@ -274,6 +278,47 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
     pred = metrics.predicted_loss_change(model0, x, y, delta)
     np.testing.assert_allclose(load(out, 'train_loss_pred')[0], pred.detach().numpy(), rtol=1e-3, atol=1e-6)
     assert np.corrcoef(pred.detach().numpy().ravel(), (post - pre).numpy().ravel())[0, 1] > 0.9
+
+
+def test_training_window_probe_matches_a_recomputation(tmp_path, cache_dir):
+    """--train_probe_seqs Q: Q disjoint training windows, fixed by the seed, saved once with their
+    offsets, and their per-token loss recorded in fp32 at every theta_t like probe_loss: checked
+    against a float64 recomputation at theta_0 (the seeded initialisation) and theta_2 (the checkpoint)."""
+    import train
+    out = str(tmp_path / 'tp')
+    run_train(*TINY, '--max_iters', '2', '--train_probe_seqs', '3', '--cache_dir', cache_dir,
+              '--out_dir', out)
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    assert cfg['records']['train_probe_loss'] == [[3, 3, 16], 'float32'] and cfg['train_probe_seqs'] == 3
+    corpus = data.prepare(None, 300, cache_dir)
+    offsets = np.array(cfg['train_probe_offsets'])
+    assert len(offsets) == 3 and np.all(offsets % 17 == 0) and np.all(np.diff(offsets) >= 17)  # disjoint
+    again, _, _ = train.train_probe_windows(get_args([*TINY, '--train_probe_seqs', '3']), corpus, 'cpu')
+    other, _, _ = train.train_probe_windows(get_args([*TINY, '--train_probe_seqs', '3', '--seed', '7']),
+                                            corpus, 'cpu')
+    assert np.array_equal(again, offsets) and not np.array_equal(other, offsets)  # a function of the seed
+    tokens = load(out, 'train_probe_tokens')  # (Q, T + 1), from the training split
+    assert np.array_equal(tokens, np.stack([corpus['train'][o:o + 17] for o in offsets]).astype(np.int64))
+    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(cfg['seed'])
+    model0 = GPT(conf).double()
+    model2 = GPT(conf)
+    model2.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
+    model2.double()
+    x, y = (torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:]))
+    record = load(out, 'train_probe_loss')
+    assert np.all(np.isfinite(record))
+    for row, model in [(0, model0), (2, model2)]:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(x)[0], -1)  # brute force, float64
+        np.testing.assert_allclose(record[row], -logp.gather(-1, y[..., None])[..., 0].numpy(), rtol=1e-5)
+    assert not np.array_equal(record[0], record[2])
+    # bad values: one line, exit status 2, nothing written
+    for value, message in [('-1', 'finite number >= 0'), ('10000000', 'fewer than --train_probe_seqs')]:
+        proc = run_train(*TINY, '--train_probe_seqs', value, '--cache_dir', cache_dir,
+                         '--out_dir', str(tmp_path / 'bad'), check=False)
+        assert proc.returncode == 2 and message in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / 'bad')
 
 
 @pytest.mark.slow
