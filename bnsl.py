@@ -117,7 +117,9 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
+import time
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -185,8 +187,35 @@ def break_quantities(p):
     log_b, c0, c1, log_d1, f1 = (float(v) for v in p)
     return math.exp(log_d1), loss_at_break(math.exp(log_b), c0, math.exp(log_d1)), c0 + c1
 
+
+def log_averaged_bnsl(xg, first, last, p):
+    """The 1-break form passed through the data's trailing average (the unbiased convention):
+    log A_i, A_i = mean(L(t_k), k = first_i .. last_i), L the form at p on the grid xg = log t of
+    every row (not only the rows fitted). Windows are summed by cumulative sums of L / max L."""
+    y = log_bnsl(xg, p[0], p[1], [p[2]], [p[3]], [p[4]])
+    top = y.max()  # L / max L <= 1: no overflow however far p wanders
+    csum = np.concatenate([[0.0], np.cumsum(np.exp(y - top))])
+    return top + np.log((csum[last + 1] - csum[first]) / (last + 1 - first))
+
+
+def log_averaged_bnsl_jacobian(xg, first, last, p):
+    """d log A_i / d(log b, c0, c1, log d1, f1) = sum_k L_k J_k / sum_k L_k over the window of point i:
+    the L-weighted mean of the form's own Jacobian J (log_bnsl_jacobian) over the rows averaged."""
+    y = log_bnsl(xg, p[0], p[1], [p[2]], [p[3]], [p[4]])
+    w = np.exp(y - y.max())
+    wJ = np.concatenate([w[None], w * log_bnsl_jacobian(xg, p).T])  # (6, rows): L, then L J
+    csum = np.concatenate([np.zeros((6, 1)), np.cumsum(wJ, axis=1)], axis=1)  # row-wise: contiguous
+    sums = csum[:, last + 1] - csum[:, first]  # (6, n): sum L, then sum L J over each window
+    return (sums[1:] / sums[0]).T
+
 # -----------------------------------------------------------------------------
 # preprocessing (the published convention, each step switchable)
+
+
+def window_starts(n, factor=1.2):
+    """First row floor(j / factor) of the trailing window of each row j = 0..n-1 (the window is
+    rows floor(j / factor) .. j)."""
+    return np.floor(np.arange(n) / factor).astype(int)
 
 
 def log_moving_average(y, factor=1.2):
@@ -194,7 +223,7 @@ def log_moving_average(y, factor=1.2):
     is a fixed fraction of the row index j (rows = evenly spaced steps, as in a run directory)."""
     y = np.asarray(y, dtype=float)
     j = np.arange(len(y))
-    lo = np.floor(j / factor).astype(int)
+    lo = window_starts(len(y), factor)
     csum = np.concatenate([[0.0], np.cumsum(y)])
     return (csum[j + 1] - csum[lo]) / (j + 1 - lo)
 
@@ -210,32 +239,80 @@ def log_subsample(steps, n_points=200):
     return np.unique(np.where(targets - x[i - 1] < x[i] - targets, i - 1, i))
 
 
+def kept_rows(steps, min_step=MIN_STEP, subsample=True, n_points=200, starts=None):
+    """Indices of the rows fitted: steps t > min_step (and t > 0, which has a log), then the
+    log-spaced subsample of those. With `starts` (the first row of each row's trailing window: the
+    unbiased convention) also only rows whose window holds no step t <= 0 (the form has no value
+    there): row 1 of a run at min_step 0."""
+    steps = np.asarray(steps, dtype=float)
+    keep = steps > max(min_step, 0)
+    if starts is not None:
+        keep &= steps[starts] > 0
+    i = np.flatnonzero(keep)
+    return i[log_subsample(steps[i], n_points)] if subsample and len(i) else i
+
+
 def preprocess(steps, loss, smooth=True, subsample=True, min_step=MIN_STEP, n_points=200, factor=1.2):
     """Published preprocessing: (1) trailing log moving average over all rows, (2) drop the
     transient steps t <= min_step (and always t = 0, which has no log), (3) log-spaced subsampling.
-    The published cut is 100 for runs of 1e4-1e5 steps: 0.1-1 % of the run and 40-50 % of its
-    log-step axis. For our 500-5000-step runs those two scalings give 0.5-50 and 12-70 steps, and a
-    cut of 100 would remove 54-74 % of the log axis (often the break itself). The default 20 lies in
-    both ranges and is past the initialization plateau; raise it to skip a long warmup."""
+    Returns the (steps, loss) to fit as they are (the published convention; `fit_curve` does the
+    unbiased one). The cut and the grid differ from the published ones: see the module docstring."""
     steps, loss = np.asarray(steps, dtype=float), np.asarray(loss, dtype=float)
     if smooth:
         loss = log_moving_average(loss, factor)
-    keep = steps > max(min_step, 0)
-    steps, loss = steps[keep], loss[keep]
-    if subsample and len(steps):
-        i = log_subsample(steps, n_points)
-        steps, loss = steps[i], loss[i]
-    return steps, loss
+    i = kept_rows(steps, min_step, subsample, n_points)
+    return steps[i], loss[i]
+
+
+def fit_inputs(steps, loss, convention='unbiased', smooth=True, subsample=True, min_step=MIN_STEP,
+               n_points=200, factor=1.2):
+    """The fits `fit_curve` makes, {name: (t, l, window)}, the first the main one: 'unbiased' (the
+    smoothed rows kept, window = (grid steps, first, last) of each kept row's trailing window) then
+    'published' (the same smoothing, the form compared as it is: window None); only 'published'
+    for convention='published'; only 'unsmoothed' (no window) when smooth is False (the two
+    conventions are then the same fit). ValueError when a fit would have too few points."""
+    if convention not in ('unbiased', 'published'):
+        raise ValueError(f"convention must be 'unbiased' or 'published', not {convention!r}")
+    steps, loss = np.asarray(steps, dtype=float), np.asarray(loss, dtype=float)
+    out = {}
+    if not smooth:
+        out['unsmoothed'] = preprocess(steps, loss, False, subsample, min_step, n_points) + (None,)
+    else:
+        smoothed = log_moving_average(loss, factor)
+        if convention == 'unbiased':  # smooth every row, keep some, then average the form over their windows
+            starts = window_starts(len(steps), factor)
+            i = kept_rows(steps, min_step, subsample, n_points, starts)
+            g = starts[i[0]] if len(i) else 0  # the grid: every row from the first window on
+            window = (steps[g:i[-1] + 1] if len(i) else steps[:0], starts[i] - g, i - g)
+            out['unbiased'] = (steps[i], smoothed[i], window)
+        i = kept_rows(steps, min_step, subsample, n_points)
+        out['published'] = (steps[i], smoothed[i], None)
+    for name, (t, l, window) in out.items():
+        if len(t) < MIN_POINTS:
+            raise ValueError(f"{len(t)} points to fit (steps > {min_step:g}"
+                             f"{', windows without t = 0' if window is not None else ''}), "
+                             f"need at least {MIN_POINTS}")
+    return out
 
 # -----------------------------------------------------------------------------
 # the fit
 
 
-def fit_from(x, y, p0, lo, hi):
-    """One bounded least-squares fit of log_bnsl (1 break) to y = log L, from p0."""
-    def resid(p):
-        return log_bnsl(x, p[0], p[1], [p[2]], [p[3]], [p[4]]) - y
-    return least_squares(resid, p0, jac=lambda p: log_bnsl_jacobian(x, p), bounds=(lo, hi),
+def model(x, window=None):
+    """(f, jac): log Lhat at the fitted points and its Jacobian, as functions of p = (log b, c0,
+    c1, log d1, f1). window None: the 1-break form at x = log t itself; window = (grid steps, first,
+    last): the form averaged over rows first_i .. last_i of the grid, as the data were smoothed."""
+    if window is None:
+        return (lambda p: log_bnsl(x, p[0], p[1], [p[2]], [p[3]], [p[4]]),
+                lambda p: log_bnsl_jacobian(x, p))
+    xg, first, last = np.log(window[0]), window[1], window[2]
+    return (lambda p: log_averaged_bnsl(xg, first, last, p),
+            lambda p: log_averaged_bnsl_jacobian(xg, first, last, p))
+
+
+def fit_from(f, jac, y, p0, lo, hi):
+    """One bounded least-squares fit of the model (f, jac) (see `model`) to y = log L, from p0."""
+    return least_squares(lambda p: f(p) - y, p0, jac=jac, bounds=(lo, hi),
                          method='trf', x_scale='jac', ftol=1e-12, xtol=1e-12, gtol=1e-12)
 
 
@@ -246,10 +323,10 @@ def linear_start(x, y, log_d1, f1):
     return np.array([log_b, c0, c1, log_d1, f1])
 
 
-def fit_multistart(x, y, n_d1=8, f1_fracs=(0.02, 0.1, 0.3)):
-    """Best of the bounded fits started from a log-spaced grid of n_d1 breaks inside the data
-    times f1 = (fractions of the log range). Bounds: log d1 in [x_0, x_-1], f1 in [F1_MIN, x_-1 - x_0].
-    Returns (p, lo, hi)."""
+def fit_multistart(x, y, f, jac, n_d1=8, f1_fracs=(0.02, 0.1, 0.3)):
+    """Best of the bounded fits of the model (f, jac) started from a log-spaced grid of n_d1 breaks
+    inside the data times f1 = (fractions of the log range). Bounds: log d1 in [x_0, x_-1], f1 in
+    [F1_MIN, x_-1 - x_0]. Returns (p, lo, hi)."""
     span = x[-1] - x[0]
     lo = np.array([-np.inf, -np.inf, -np.inf, x[0], F1_MIN])
     hi = np.array([np.inf, np.inf, np.inf, x[-1], max(span, 2 * F1_MIN)])
@@ -257,18 +334,29 @@ def fit_multistart(x, y, n_d1=8, f1_fracs=(0.02, 0.1, 0.3)):
     for log_d1 in np.linspace(x[0], x[-1], n_d1 + 2)[1:-1]:
         for frac in f1_fracs:
             f1 = float(np.clip(frac * span, 1.01 * lo[4], 0.99 * hi[4]))
-            fit = fit_from(x, y, linear_start(x, y, log_d1, f1), lo, hi)
+            fit = fit_from(f, jac, y, linear_start(x, y, log_d1, f1), lo, hi)
             if best is None or fit.cost < best.cost:
                 best = fit
     return best.x, lo, hi
 
 
-def unidentifiable_reason(x, y, p, f1_max):
-    """Why the break of the fit p cannot be located from these points, or '' when it can."""
-    log_b, c0, c1, log_d1, f1 = p
-    sse = np.sum((log_bnsl(x, log_b, c0, [c1], [log_d1], [f1]) - y) ** 2)
+def power_law_fit(x, y, f, jac, averaged):
+    """log Lhat of the best pure power law b t^-c0 (the form with c1 = 0), compared with y as the
+    1-break fit is: a straight line in log-log, or (averaged) that line averaged as the data were."""
     A = np.column_stack([np.ones_like(x), -x])
-    sse_pl = np.sum((A @ np.linalg.lstsq(A, y, rcond=None)[0] - y) ** 2)
+    q = np.linalg.lstsq(A, y, rcond=None)[0]
+    if not averaged:
+        return A @ q
+    full = lambda q: np.array([q[0], q[1], 0.0, x[0], 1.0])  # c1 = 0: d1 and f1 do not matter
+    q = least_squares(lambda q: f(full(q)) - y, q, jac=lambda q: jac(full(q))[:, :2],
+                      ftol=1e-12, xtol=1e-12, gtol=1e-12).x
+    return f(full(q))
+
+
+def unidentifiable_reason(x, p, f1_max, sse, sse_pl):
+    """Why the break of the fit p (squared log error sse; sse_pl for the best pure power law)
+    cannot be located from the points at x, or '' when it can."""
+    log_b, c0, c1, log_d1, f1 = p
     if sse_pl <= 1e-20 * len(x):
         return "the curve is a pure power law (no break to locate)"
     if sse > (1 - MIN_GAIN) * sse_pl:
@@ -285,12 +373,11 @@ def unidentifiable_reason(x, y, p, f1_max):
     return ''
 
 
-def covariance_intervals(x, p, resid):
+def covariance_intervals(J, p, resid):
     """95 % intervals of t_d, L_d, r_d from cov = s^2 (J^T J)^-1, s^2 = sum(resid^2) / (n - 5), J the
-    Jacobian at the optimum, propagated linearly: log t_d = log d1, log L_d = log b - c0 log d1,
+    model's Jacobian at the optimum, propagated linearly: log t_d = log d1, log L_d = log b - c0 log d1,
     r_d = c0 + c1 (the first two are symmetric in log). Assumes independent residuals."""
-    J = log_bnsl_jacobian(x, p)
-    cov = np.sum(resid ** 2) / max(len(x) - 5, 1) * np.linalg.pinv(J.T @ J)
+    cov = np.sum(resid ** 2) / max(len(resid) - 5, 1) * np.linalg.pinv(J.T @ J)
     grads = {'t_d': [0, 0, 0, 1, 0], 'L_d': [1, -p[3], 0, -p[1], 0], 'r_d': [0, 1, 1, 0, 0]}
     centres = {'t_d': p[3], 'L_d': p[0] - p[1] * p[3], 'r_d': p[1] + p[2]}
     out = {}
@@ -301,26 +388,28 @@ def covariance_intervals(x, p, resid):
     return out
 
 
-def block_bootstrap(x, y_fit, resid, p, lo, hi, n_boot=100, block=0, seed=0):
+def block_bootstrap(f, jac, y_fit, resid, p, lo, hi, n_boot=100, block=0, seed=0):
     """95 % percentile intervals of (t_d, L_d, r_d) from a moving-block bootstrap: n_boot times,
     y* = y_fit + resid* with resid* = ceil(n / block) random contiguous blocks of the log residuals
-    (block = 0: ceil(sqrt(n))), refit from p. Blocks keep the residuals' autocorrelation (smoothed
-    curves have plenty), which the covariance ignores. Seeded: deterministic."""
-    n = len(x)
+    (block = 0: ceil(sqrt(n))), refit (model (f, jac)) from p. Blocks keep the residuals'
+    autocorrelation (smoothed curves have plenty), which the covariance ignores. Seeded."""
+    n = len(y_fit)
     block = min(block or math.ceil(math.sqrt(n)), n)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(n_boot):
         starts = rng.integers(0, n - block + 1, size=math.ceil(n / block))
         e = resid[(starts[:, None] + np.arange(block)).ravel()[:n]]
-        draws.append(break_quantities(fit_from(x, y_fit + e, p, lo, hi).x))
+        draws.append(break_quantities(fit_from(f, jac, y_fit + e, p, lo, hi).x))
     lo_q, hi_q = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
     return {k: [float(lo_q[i]), float(hi_q[i])] for i, k in enumerate(['t_d', 'L_d', 'r_d'])}
 
 
-def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0):
+def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
     """Fit the 1-break BNSL to the points (steps > 0, loss > 0) exactly as given (call `preprocess`
-    first for the published convention). Returns a dict: t_d, L_d, c0, c1, r_d, f1, b, rsle,
+    first for the published convention, or use `fit_curve`). window = (grid steps, first, last):
+    compare point i with the form averaged over grid rows first[i] .. last[i] instead (the unbiased
+    convention; `fit_inputs` builds it). Returns a dict: t_d, L_d, c0, c1, r_d, f1, b, rsle,
     n_points, identifiable, reason, final_loss_pred (the post-break line at the last step), 95 %
     intervals {t_d,L_d,r_d}_ci_cov and _ci_boot ([lo, hi]; n_boot = 0: no bootstrap), t_range,
     rsle_power_law. Not identifiable: t_d, L_d, r_d, final_loss_pred and intervals are None."""
@@ -329,20 +418,24 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0):
         raise ValueError(f"need at least {MIN_POINTS} finite points, got {len(t)}")
     if np.any(t <= 0) or np.any(loss <= 0) or np.any(np.diff(t) <= 0):
         raise ValueError("steps must be positive and increasing, losses positive")
+    if window is not None and (len(window[1]) != len(t) or np.any(np.asarray(window[0]) <= 0)):
+        raise ValueError("window: one (first, last) per point, over grid steps > 0")
     x, y = np.log(t), np.log(loss)
-    p, lo, hi = fit_multistart(x, y)
+    f, jac = model(x, window)
+    p, lo, hi = fit_multistart(x, y, *model(x))  # the starts, with the form itself (cheap)
+    if window is not None:  # then the averaged form from the best of them (its own 24 starts cost
+        p = fit_from(f, jac, y, p, lo, hi).x  # ~3x more and found the same optimum in our trials)
     log_b, c0, c1, log_d1, f1 = (float(v) for v in p)
-    y_fit = log_bnsl(x, log_b, c0, [c1], [log_d1], [f1])
-    A = np.column_stack([np.ones_like(x), -x])
-    reason = unidentifiable_reason(x, y, p, hi[4])
+    y_fit = f(p)
+    y_pl = power_law_fit(x, y, f, jac, window is not None)
+    reason = unidentifiable_reason(x, p, hi[4], np.sum((y_fit - y) ** 2), np.sum((y_pl - y) ** 2))
     t_d, L_d, r_d = break_quantities(p)
     res = dict(t_d=t_d, L_d=L_d, c0=c0, c1=c1, r_d=r_d, f1=f1, b=math.exp(log_b), rsle=rsle(y_fit, y),
                n_points=len(t), identifiable=not reason, reason=reason or None,
                final_loss_pred=post_break_loss(float(t[-1]), L_d, t_d, r_d),
-               t_range=[float(t[0]), float(t[-1])],
-               rsle_power_law=rsle(A @ np.linalg.lstsq(A, y, rcond=None)[0], y))
-    cov = covariance_intervals(x, p, y - y_fit) if not reason else {}
-    boot = (block_bootstrap(x, y_fit, y - y_fit, p, lo, hi, n_boot, block, seed)
+               t_range=[float(t[0]), float(t[-1])], rsle_power_law=rsle(y_pl, y))
+    cov = covariance_intervals(jac(p), p, y - y_fit) if not reason else {}
+    boot = (block_bootstrap(f, jac, y_fit, y - y_fit, p, lo, hi, n_boot, block, seed)
             if not reason and n_boot > 0 else {})
     for k in ['t_d', 'L_d', 'r_d']:
         res[f'{k}_ci_cov'], res[f'{k}_ci_boot'] = cov.get(k), boot.get(k)
@@ -350,6 +443,80 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0):
         res.update(t_d=None, L_d=None, r_d=None, final_loss_pred=None)
     finite = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # JSON has no NaN
     return {k: [finite(u) for u in v] if isinstance(v, list) else finite(v) for k, v in res.items()}
+
+
+def fit_curve(steps, loss, convention='unbiased', smooth=True, subsample=True, min_step=MIN_STEP,
+              n_points=200, factor=1.2, n_boot=100, block=0, seed=0):
+    """Preprocess a whole curve (every row, as recorded: steps >= 0 increasing, loss > 0) and fit it:
+    the fit_bnsl dict of the main fit (see `fit_inputs`) plus convention ('unbiased', 'published'
+    or 'unsmoothed') and published (the published-convention fit's dict beside an unbiased one,
+    else None). ValueError (naming the problem) on too few points."""
+    fits = {name: fit_bnsl(t, l, n_boot, block, seed, window)
+            for name, (t, l, window) in fit_inputs(steps, loss, convention, smooth, subsample, min_step,
+                                                   n_points, factor).items()}
+    name = next(iter(fits))
+    published = fits['published'] if name == 'unbiased' else None
+    return dict(fits[name], convention=name, published=published and dict(published, convention='published'))
+
+# -----------------------------------------------------------------------------
+# the synthetic study: both conventions on curves with a known break
+
+STUDY_BREAKS = [(100, 2000), (1000, 10000), (20000, 100000)]  # (true t_d, steps in the run)
+STUDY_FORM = dict(b=10.0, c0=0.4, c1=-0.3, f1=0.3)  # slope 0.4 before the break, r_d = 0.1 after
+STUDY_NOISE = [('clean', 0.0, 0.0), ('iid 3%', 0.03, 0.0),  # (name, sd, phi) of the per-step log noise
+               ('AR(1) 3%, phi 0.9', 0.03, 0.9)]
+
+
+def synthetic_curve(t_d, n_steps, sd=0.0, phi=0.0, seed=0):
+    """(steps 0..n_steps-1, loss) of the 1-break form (STUDY_FORM, break at t_d; step 0 takes step 1's
+    value) times exp(e_t): per-step log-normal noise, e_t = phi e_(t-1) + sqrt(1 - phi^2) sd z_t
+    (AR(1): stationary sd `sd`, correlation phi between neighbouring steps; phi = 0: independent)."""
+    steps = np.arange(n_steps, dtype=float)
+    z = sd * np.random.default_rng(seed).standard_normal(n_steps)
+    e = z.copy()
+    for k in range(1, n_steps):  # the recursion, step by step
+        e[k] = phi * e[k - 1] + math.sqrt(1 - phi ** 2) * z[k]
+    f = STUDY_FORM
+    return steps, bnsl_1break(np.maximum(steps, 1), f['b'], f['c0'], f['c1'], t_d, f['f1']) * np.exp(e)
+
+
+def synthetic_study(n_seeds=20, n_boot=50, min_step=MIN_STEP):
+    """For each break of STUDY_BREAKS and noise of STUDY_NOISE (one curve when clean, else n_seeds),
+    fit_curve's two conventions; prints a Markdown table: how many fits located a break, the median
+    relative error of t_d (t_d / true - 1) with its quartiles, and how often each 95 % interval
+    covers the true t_d. Returns the rows."""
+    t0 = time.time()
+    print(f"# bnsl.py --synthetic: both conventions on curves with a known break\n\n"
+          f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()}-core CPU ({platform.machine()}, "
+          f"Python {platform.python_version()}, numpy {np.__version__}); n_seeds {n_seeds}, n_boot "
+          f"{n_boot}, min_step {min_step:g}. The form: {STUDY_FORM} (r_d = "
+          f"{STUDY_FORM['c0'] + STUDY_FORM['c1']:g}); noise: per-step log-normal, AR(1) with sd and phi.\n")
+    print("| true t_d | steps | noise | convention | fits | break found | median rel. error of t_d "
+          "| quartiles | boot covers | cov covers |\n|---:|---:|---|---|---:|---:|---:|---|---:|---:|",
+          flush=True)
+    rows = []
+    for t_d, n_steps in STUDY_BREAKS:
+        for noise, sd, phi in STUDY_NOISE:
+            fits = [fit_curve(*synthetic_curve(t_d, n_steps, sd, phi, seed), min_step=min_step, n_boot=n_boot)
+                    for seed in range(1 if sd == 0 else n_seeds)]
+            for conv in ['unbiased', 'published']:
+                rs = [r if conv == 'unbiased' else r['published'] for r in fits]
+                found = [r for r in rs if r['identifiable']]
+                err = np.array([r['t_d'] / t_d - 1 for r in found])
+                cover = {k: np.mean([r[f't_d_ci_{k}'][0] <= t_d <= r[f't_d_ci_{k}'][1] for r in found])
+                         for k in ['boot', 'cov']} if found and n_boot else {}
+                q = np.percentile(err, [25, 50, 75]) if len(err) else [math.nan] * 3
+                rows.append(dict(t_d=t_d, steps=n_steps, noise=noise, convention=conv, fits=len(rs),
+                                 found=len(found), median_rel_err=q[1], quartiles=[q[0], q[2]], **cover))
+                r = rows[-1]
+                print(f"| {t_d} | {n_steps} | {noise} | {conv} | {len(rs)} | {len(found)} | {q[1]:+.2%} | "
+                      f"[{q[0]:+.2%}, {q[2]:+.2%}] | {r.get('boot', math.nan):.0%} | "
+                      f"{r.get('cov', math.nan):.0%} |",
+                      flush=True)
+    print(f"\nFits: bnsl.fit_curve with its defaults but n_boot; covers = the share of the fits that found a "
+          f"break whose 95 % interval (block bootstrap; covariance) contains the true t_d. "
+          f"Wall time {time.time() - t0:.0f} s.")
+    return rows
 
 # -----------------------------------------------------------------------------
 # input and command line
@@ -430,16 +597,22 @@ def merge_exact_duplicates(path, steps, loss):
 
 
 def format_table(res):
-    """A human-readable table of one fit."""
-    lines = [f"{res['path']}: {res['n_points']} points, steps {res['t_range'][0]:g}..{res['t_range'][1]:g}"]
+    """A human-readable table of one fit (and of its published-convention fit, when there is one)."""
+    lines = [f"{res['path']}: {res['n_points']} points, steps {res['t_range'][0]:g}..{res['t_range'][1]:g}, "
+             f"{res['convention']} convention"]
     if not res['identifiable']:
         lines.append(f"  break not identifiable: {res['reason']}")
     lines.append(f"  {'':16s}{'value':>12s}  {'95% cov':>23s}  {'95% bootstrap':>23s}")
     fmt = lambda v: 'null' if v is None else f"{v:.4g}"
-    for k in ['t_d', 'L_d', 'r_d', 'c0', 'c1', 'f1', 'b', 'final_loss_pred', 'rsle', 'rsle_power_law']:
-        ci = [res.get(f'{k}_ci_{s}') for s in ('cov', 'boot')]
+    pub = res.get('published')
+    keys = ['t_d', 'L_d', 'r_d', 'c0', 'c1', 'f1', 'b', 'final_loss_pred', 'rsle', 'rsle_power_law']
+    rows = [(k, k, res) for k in keys] + [(k + ' published', k, pub) for k in ['t_d', 'L_d', 'r_d'] if pub]
+    for name, k, r in rows:
+        ci = [r.get(f'{k}_ci_{s}') for s in ('cov', 'boot')]
         ci = ['' if c is None else f"[{c[0]:.4g}, {c[1]:.4g}]" for c in ci]
-        lines.append(f"  {k:16s}{fmt(res[k]):>12s}  {ci[0]:>23s}  {ci[1]:>23s}")
+        lines.append(f"  {name:16s}{fmt(r[k]):>12s}  {ci[0]:>23s}  {ci[1]:>23s}")
+    if pub and not pub['identifiable']:
+        lines.append(f"  published convention: break not identifiable: {pub['reason']}")
     return '\n'.join(lines)
 
 
@@ -456,7 +629,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=HelpFormatter)
     p.error = fail
-    p.add_argument('paths', nargs='+', help='run directories (train_loss.npy) or CSV files (step,loss)')
+    p.add_argument('paths', nargs='*', help='run directories (train_loss.npy) or CSV files (step,loss)')
+    p.add_argument('--published', action='store_true',
+                   help="only the published convention (the form compared with the smoothed points as they "
+                        "are: t_d lags), as bnsl.py fitted before")
     p.add_argument('--raw', action='store_true',
                    help='fit the points as given: no smoothing, subsampling or transient cut')
     p.add_argument('--no_smooth', action='store_true', help='skip the trailing log moving average')
@@ -467,27 +643,34 @@ def main(argv=None):
     p.add_argument('--block', type=int, default=0, help='bootstrap block length in points (0: ceil(sqrt(n)))')
     p.add_argument('--seed', type=int, default=0, help='seed of the bootstrap')
     p.add_argument('--table', action='store_true', help='print a human-readable table instead of JSON')
+    p.add_argument('--synthetic', action='store_true',
+                   help='run the synthetic study instead (no paths; --n_seeds, --n_boot, --min_step apply)')
+    p.add_argument('--n_seeds', type=int, default=20, help='noisy curves per case of the synthetic study')
     args = p.parse_args(argv)
-    for name in ['n_points', 'n_boot', 'block']:
-        if getattr(args, name) < (2 if name == 'n_points' else 0):
+    for name in ['n_points', 'n_boot', 'block', 'n_seeds']:
+        if getattr(args, name) < (2 if name == 'n_points' else 1 if name == 'n_seeds' else 0):
             fail(f"--{name} is too small: {getattr(args, name)}")
+    if args.synthetic:
+        if args.paths:
+            fail("--synthetic takes no paths")
+        synthetic_study(args.n_seeds, args.n_boot, args.min_step)
+        return
+    if not args.paths:
+        fail("no path given (a run directory or a CSV file; or --synthetic)")
+    prep = dict(convention='published' if args.published else 'unbiased',
+                smooth=not (args.raw or args.no_smooth), subsample=not (args.raw or args.no_subsample),
+                min_step=0 if args.raw else args.min_step, n_points=args.n_points)
     curves = []  # load and check every path first: bad input stops before any output
     for path in args.paths:
         try:
             steps, loss = load_curve(path)
+            fit_inputs(steps, loss, **prep)  # too few points to fit: ValueError
         except ValueError as e:
-            fail(e)
-        if args.raw:
-            steps, loss = steps[steps > 0], loss[steps > 0]
-        else:
-            steps, loss = preprocess(steps, loss, not args.no_smooth, not args.no_subsample, args.min_step,
-                                     args.n_points)
-        if len(steps) < MIN_POINTS:
-            fail(f"{path}: {len(steps)} points to fit (steps > {0 if args.raw else args.min_step:g}), "
-                 f"need at least {MIN_POINTS}")
+            fail(e if str(e).startswith(path) else f"{path}: {e}")
         curves.append((path, steps, loss))
     for path, steps, loss in curves:
-        res = dict(fit_bnsl(steps, loss, args.n_boot, args.block, args.seed), path=path)
+        res = fit_curve(steps, loss, **prep, n_boot=args.n_boot, block=args.block, seed=args.seed)
+        res['path'] = path
         print(format_table(res) if args.table else json.dumps(res), flush=True)
 
 
