@@ -188,14 +188,19 @@ def break_quantities(p):
     return math.exp(log_d1), loss_at_break(math.exp(log_b), c0, math.exp(log_d1)), c0 + c1
 
 
+def log_window_mean(y, first, last):
+    """log mean(exp(y_k), k = first_i .. last_i) for each window i: the log of the trailing average
+    of the values exp(y) over each window, by cumulative sums of exp(y - max y) (no overflow)."""
+    top = y.max()
+    csum = np.concatenate([[0.0], np.cumsum(np.exp(y - top))])
+    return top + np.log((csum[last + 1] - csum[first]) / (last + 1 - first))
+
+
 def log_averaged_bnsl(xg, first, last, p):
     """The 1-break form passed through the data's trailing average (the unbiased convention):
     log A_i, A_i = mean(L(t_k), k = first_i .. last_i), L the form at p on the grid xg = log t of
-    every row (not only the rows fitted). Windows are summed by cumulative sums of L / max L."""
-    y = log_bnsl(xg, p[0], p[1], [p[2]], [p[3]], [p[4]])
-    top = y.max()  # L / max L <= 1: no overflow however far p wanders
-    csum = np.concatenate([[0.0], np.cumsum(np.exp(y - top))])
-    return top + np.log((csum[last + 1] - csum[first]) / (last + 1 - first))
+    every row (not only the rows fitted)."""
+    return log_window_mean(log_bnsl(xg, p[0], p[1], [p[2]], [p[3]], [p[4]]), first, last)
 
 
 def log_averaged_bnsl_jacobian(xg, first, last, p):
@@ -267,7 +272,8 @@ def preprocess(steps, loss, smooth=True, subsample=True, min_step=MIN_STEP, n_po
 def fit_inputs(steps, loss, convention='unbiased', smooth=True, subsample=True, min_step=MIN_STEP,
                n_points=200, factor=1.2):
     """The fits `fit_curve` makes, {name: (t, l, window)}, the first the main one: 'unbiased' (the
-    smoothed rows kept, window = (grid steps, first, last) of each kept row's trailing window) then
+    smoothed rows kept; window = (grid steps, their raw loss, first, last): every row from the first
+    window on, and the first and last grid row of each kept row's trailing window) then
     'published' (the same smoothing, the form compared as it is: window None); only 'published'
     for convention='published'; only 'unsmoothed' (no window) when smooth is False (the two
     conventions are then the same fit). ValueError when a fit would have too few points."""
@@ -283,7 +289,8 @@ def fit_inputs(steps, loss, convention='unbiased', smooth=True, subsample=True, 
             starts = window_starts(len(steps), factor)
             i = kept_rows(steps, min_step, subsample, n_points, starts)
             g = starts[i[0]] if len(i) else 0  # the grid: every row from the first window on
-            window = (steps[g:i[-1] + 1] if len(i) else steps[:0], starts[i] - g, i - g)
+            grid = slice(g, i[-1] + 1 if len(i) else 0)
+            window = (steps[grid], loss[grid], starts[i] - g, i - g)
             out['unbiased'] = (steps[i], smoothed[i], window)
         i = kept_rows(steps, min_step, subsample, n_points)
         out['published'] = (steps[i], smoothed[i], None)
@@ -300,12 +307,12 @@ def fit_inputs(steps, loss, convention='unbiased', smooth=True, subsample=True, 
 
 def model(x, window=None):
     """(f, jac): log Lhat at the fitted points and its Jacobian, as functions of p = (log b, c0,
-    c1, log d1, f1). window None: the 1-break form at x = log t itself; window = (grid steps, first,
-    last): the form averaged over rows first_i .. last_i of the grid, as the data were smoothed."""
+    c1, log d1, f1). window None: the 1-break form at x = log t itself; window = (grid steps, raw
+    loss, first, last): the form averaged over rows first_i .. last_i of the grid, as the data were."""
     if window is None:
         return (lambda p: log_bnsl(x, p[0], p[1], [p[2]], [p[3]], [p[4]]),
                 lambda p: log_bnsl_jacobian(x, p))
-    xg, first, last = np.log(window[0]), window[1], window[2]
+    xg, first, last = np.log(window[0]), window[2], window[3]
     return (lambda p: log_averaged_bnsl(xg, first, last, p),
             lambda p: log_averaged_bnsl_jacobian(xg, first, last, p))
 
@@ -405,11 +412,36 @@ def block_bootstrap(f, jac, y_fit, resid, p, lo, hi, n_boot=100, block=0, seed=0
     return {k: [float(lo_q[i]), float(hi_q[i])] for i, k in enumerate(['t_d', 'L_d', 'r_d'])}
 
 
+def row_bootstrap(f, jac, window, p, lo, hi, n_boot=100, block=0, seed=0):
+    """95 % percentile intervals of (t_d, L_d, r_d) for the unbiased convention, the whole pipeline
+    resampled: the per-row log residuals e_k = log L_k - log Lhat(t_k) of the raw grid rows are drawn
+    again as ceil(rows / block) random contiguous blocks of rows (block = 0: ceil(sqrt(rows))),
+    then Lhat(t_k) exp(e*_k) is smoothed as the data were (each kept row's window) and refit (model
+    (f, jac)) from p. Rows, not smoothed points, are resampled: smoothed residuals are far larger
+    where windows are short (early) than where they are long (late), which point blocks would mix
+    up. Seeded."""
+    steps, raw, first, last = window
+    y_grid = log_bnsl(np.log(steps), p[0], p[1], [p[2]], [p[3]], [p[4]])
+    resid = np.log(raw) - y_grid
+    n = len(resid)
+    block = min(block or math.ceil(math.sqrt(n)), n)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        starts = rng.integers(0, n - block + 1, size=math.ceil(n / block))
+        e = resid[(starts[:, None] + np.arange(block)).ravel()[:n]]
+        y = log_window_mean(y_grid + e, first, last)
+        draws.append(break_quantities(fit_from(f, jac, y, p, lo, hi).x))
+    lo_q, hi_q = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
+    return {k: [float(lo_q[i]), float(hi_q[i])] for i, k in enumerate(['t_d', 'L_d', 'r_d'])}
+
+
 def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
     """Fit the 1-break BNSL to the points (steps > 0, loss > 0) exactly as given (call `preprocess`
-    first for the published convention, or use `fit_curve`). window = (grid steps, first, last):
-    compare point i with the form averaged over grid rows first[i] .. last[i] instead (the unbiased
-    convention; `fit_inputs` builds it). Returns a dict: t_d, L_d, c0, c1, r_d, f1, b, rsle,
+    first for the published convention, or use `fit_curve`). window = (grid steps, raw loss, first,
+    last): compare point i with the form averaged over grid rows first[i] .. last[i] instead, and
+    bootstrap the raw rows (`row_bootstrap`): the unbiased convention, `fit_inputs` builds it.
+    Returns a dict: t_d, L_d, c0, c1, r_d, f1, b, rsle,
     n_points, identifiable, reason, final_loss_pred (the post-break line at the last step), 95 %
     intervals {t_d,L_d,r_d}_ci_cov and _ci_boot ([lo, hi]; n_boot = 0: no bootstrap), t_range,
     rsle_power_law. Not identifiable: t_d, L_d, r_d, final_loss_pred and intervals are None."""
@@ -418,8 +450,8 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
         raise ValueError(f"need at least {MIN_POINTS} finite points, got {len(t)}")
     if np.any(t <= 0) or np.any(loss <= 0) or np.any(np.diff(t) <= 0):
         raise ValueError("steps must be positive and increasing, losses positive")
-    if window is not None and (len(window[1]) != len(t) or np.any(np.asarray(window[0]) <= 0)):
-        raise ValueError("window: one (first, last) per point, over grid steps > 0")
+    if window is not None and (len(window[2]) != len(t) or np.any(window[0] <= 0) or np.any(window[1] <= 0)):
+        raise ValueError("window: one (first, last) per point, over grid steps > 0 with losses > 0")
     x, y = np.log(t), np.log(loss)
     f, jac = model(x, window)
     p, lo, hi = fit_multistart(x, y, *model(x))  # the starts, with the form itself (cheap)
@@ -435,8 +467,9 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
                final_loss_pred=post_break_loss(float(t[-1]), L_d, t_d, r_d),
                t_range=[float(t[0]), float(t[-1])], rsle_power_law=rsle(y_pl, y))
     cov = covariance_intervals(jac(p), p, y - y_fit) if not reason else {}
-    boot = (block_bootstrap(f, jac, y_fit, y - y_fit, p, lo, hi, n_boot, block, seed)
-            if not reason and n_boot > 0 else {})
+    boot = {} if reason or n_boot == 0 else (
+        block_bootstrap(f, jac, y_fit, y - y_fit, p, lo, hi, n_boot, block, seed) if window is None
+        else row_bootstrap(f, jac, window, p, lo, hi, n_boot, block, seed))
     for k in ['t_d', 'L_d', 'r_d']:
         res[f'{k}_ci_cov'], res[f'{k}_ci_boot'] = cov.get(k), boot.get(k)
     if reason:
@@ -462,6 +495,7 @@ def fit_curve(steps, loss, convention='unbiased', smooth=True, subsample=True, m
 # the synthetic study: both conventions on curves with a known break
 
 STUDY_BREAKS = [(100, 2000), (1000, 10000), (20000, 100000)]  # (true t_d, steps in the run)
+STUDY_N_BOOT = 40  # bootstrap resamples per fit in the study (the refits dominate its time)
 STUDY_FORM = dict(b=10.0, c0=0.4, c1=-0.3, f1=0.3)  # slope 0.4 before the break, r_d = 0.1 after
 STUDY_NOISE = [('clean', 0.0, 0.0), ('iid 3%', 0.03, 0.0),  # (name, sd, phi) of the per-step log noise
                ('AR(1) 3%, phi 0.9', 0.03, 0.9)]
@@ -480,11 +514,12 @@ def synthetic_curve(t_d, n_steps, sd=0.0, phi=0.0, seed=0):
     return steps, bnsl_1break(np.maximum(steps, 1), f['b'], f['c0'], f['c1'], t_d, f['f1']) * np.exp(e)
 
 
-def synthetic_study(n_seeds=20, n_boot=50, min_step=MIN_STEP):
+def synthetic_study(n_seeds=20, n_boot=STUDY_N_BOOT, min_step=MIN_STEP):
     """For each break of STUDY_BREAKS and noise of STUDY_NOISE (one curve when clean, else n_seeds),
     fit_curve's two conventions; prints a Markdown table: how many fits located a break, the median
-    relative error of t_d (t_d / true - 1) with its quartiles, and how often each 95 % interval
-    covers the true t_d. Returns the rows."""
+    relative error of t_d (t_d / true - 1) with its quartiles, how often each 95 % interval covers
+    the true t_d (noisy curves only: on a clean curve the intervals shrink to rounding), and the
+    first curve's t_d with its bootstrap interval. Returns the rows."""
     t0 = time.time()
     print(f"# bnsl.py --synthetic: both conventions on curves with a known break\n\n"
           f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()}-core CPU ({platform.machine()}, "
@@ -492,9 +527,10 @@ def synthetic_study(n_seeds=20, n_boot=50, min_step=MIN_STEP):
           f"{n_boot}, min_step {min_step:g}. The form: {STUDY_FORM} (r_d = "
           f"{STUDY_FORM['c0'] + STUDY_FORM['c1']:g}); noise: per-step log-normal, AR(1) with sd and phi.\n")
     print("| true t_d | steps | noise | convention | fits | break found | median rel. error of t_d "
-          "| quartiles | boot covers | cov covers |\n|---:|---:|---|---|---:|---:|---:|---|---:|---:|",
-          flush=True)
+          "| quartiles | boot covers | cov covers | first curve: t_d [boot 95 %] |\n"
+          "|---:|---:|---|---|---:|---:|---:|---|---:|---:|---|", flush=True)
     rows = []
+    pct = lambda v: 'n/a' if v is None or not math.isfinite(v) else f"{v:.0%}"
     for t_d, n_steps in STUDY_BREAKS:
         for noise, sd, phi in STUDY_NOISE:
             fits = [fit_curve(*synthetic_curve(t_d, n_steps, sd, phi, seed), min_step=min_step, n_boot=n_boot)
@@ -503,15 +539,15 @@ def synthetic_study(n_seeds=20, n_boot=50, min_step=MIN_STEP):
                 rs = [r if conv == 'unbiased' else r['published'] for r in fits]
                 found = [r for r in rs if r['identifiable']]
                 err = np.array([r['t_d'] / t_d - 1 for r in found])
-                cover = {k: np.mean([r[f't_d_ci_{k}'][0] <= t_d <= r[f't_d_ci_{k}'][1] for r in found])
-                         for k in ['boot', 'cov']} if found and n_boot else {}
+                cover = {k: float(np.mean([r[f't_d_ci_{k}'][0] <= t_d <= r[f't_d_ci_{k}'][1] for r in found]))
+                         if found and n_boot and sd > 0 else None for k in ['boot', 'cov']}
                 q = np.percentile(err, [25, 50, 75]) if len(err) else [math.nan] * 3
                 rows.append(dict(t_d=t_d, steps=n_steps, noise=noise, convention=conv, fits=len(rs),
                                  found=len(found), median_rel_err=q[1], quartiles=[q[0], q[2]], **cover))
-                r = rows[-1]
+                first = (f"{rs[0]['t_d']:.4g} [{rs[0]['t_d_ci_boot'][0]:.4g}, {rs[0]['t_d_ci_boot'][1]:.4g}]"
+                         if rs[0]['identifiable'] and n_boot else 'n/a')
                 print(f"| {t_d} | {n_steps} | {noise} | {conv} | {len(rs)} | {len(found)} | {q[1]:+.2%} | "
-                      f"[{q[0]:+.2%}, {q[2]:+.2%}] | {r.get('boot', math.nan):.0%} | "
-                      f"{r.get('cov', math.nan):.0%} |",
+                      f"[{q[0]:+.2%}, {q[2]:+.2%}] | {pct(cover['boot'])} | {pct(cover['cov'])} | {first} |",
                       flush=True)
     print(f"\nFits: bnsl.fit_curve with its defaults but n_boot; covers = the share of the fits that found a "
           f"break whose 95 % interval (block bootstrap; covariance) contains the true t_d. "
@@ -639,7 +675,8 @@ def main(argv=None):
     p.add_argument('--no_subsample', action='store_true', help='skip the log-spaced subsampling')
     p.add_argument('--min_step', type=float, default=MIN_STEP, help='drop the transient steps t <= min_step')
     p.add_argument('--n_points', type=int, default=200, help='log-spaced points kept by the subsampling')
-    p.add_argument('--n_boot', type=int, default=100, help='block-bootstrap resamples (0: none)')
+    p.add_argument('--n_boot', type=int, default=None,
+                   help=f'block-bootstrap resamples (0: none; default 100, {STUDY_N_BOOT} for --synthetic)')
     p.add_argument('--block', type=int, default=0, help='bootstrap block length in points (0: ceil(sqrt(n)))')
     p.add_argument('--seed', type=int, default=0, help='seed of the bootstrap')
     p.add_argument('--table', action='store_true', help='print a human-readable table instead of JSON')
@@ -647,6 +684,8 @@ def main(argv=None):
                    help='run the synthetic study instead (no paths; --n_seeds, --n_boot, --min_step apply)')
     p.add_argument('--n_seeds', type=int, default=20, help='noisy curves per case of the synthetic study')
     args = p.parse_args(argv)
+    if args.n_boot is None:
+        args.n_boot = STUDY_N_BOOT if args.synthetic else 100
     for name in ['n_points', 'n_boot', 'block', 'n_seeds']:
         if getattr(args, name) < (2 if name == 'n_points' else 1 if name == 'n_seeds' else 0):
             fail(f"--{name} is too small: {getattr(args, name)}")
