@@ -360,6 +360,34 @@ def test_cli_run_directory_with_nan_tail(tmp_path):
     assert r['t_d'] == pytest.approx(150, rel=0.2) and r['r_d'] == pytest.approx(0.15, abs=0.05)
 
 
+def test_cli_reports_both_conventions(tmp_path):
+    """The default JSON: the unbiased fit and, under 'published', the published-convention fit with its
+    intervals; --published prints that fit alone, the same numbers; --table shows both."""
+    run = write_run(str(tmp_path / 'run'), curve(T_ALL[:3000], 150, 0.6, -0.45, 0.3, noise=0.03), 3000)
+    r = json.loads(run_cli(run, '--n_boot', '10').stdout)
+    assert r['convention'] == 'unbiased' and r['published']['convention'] == 'published'
+    for k in ['t_d', 'L_d', 'r_d']:
+        assert r['published'][k] is not None and len(r['published'][f'{k}_ci_boot']) == 2
+    assert r['published']['t_d'] > r['t_d']  # the lag
+    p = run_cli(run, '--n_boot', '10', '--published')
+    assert p.returncode == 0, p.stderr
+    only = json.loads(p.stdout)
+    assert only.pop('convention') == 'published' and only.pop('published') is None
+    assert only.pop('path') == run and only == {k: v for k, v in r['published'].items() if k != 'convention'}
+    p = run_cli(run, '--n_boot', '0', '--table')
+    assert p.returncode == 0 and 'unbiased convention' in p.stdout and 't_d published' in p.stdout
+    raw = json.loads(run_cli(run, '--n_boot', '0', '--raw').stdout)
+    assert raw['convention'] == 'unsmoothed' and raw['published'] is None
+
+
+@pytest.mark.parametrize('args,words', [([], 'no path'), (['--synthetic', 'x.csv'], 'no paths'),
+                                        (['--synthetic', '--n_seeds', '0'], '--n_seeds')])
+def test_cli_synthetic_and_paths_bad_input(args, words):
+    p = run_cli(*args)
+    assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
+    assert words in p.stderr and 'Traceback' not in p.stderr
+
+
 def test_cli_csv_with_and_without_header_and_several_paths(tmp_path):
     loss = curve(T_LOG, 150, 0.6, -0.45, 0.3)
     a = write_csv(str(tmp_path / 'a.csv'), T_LOG, loss, header=True)
