@@ -265,6 +265,15 @@ def test_unbiased_recovers_a_clean_break_the_published_convention_lags():
     assert pub['t_d_ci_boot'][0] > 1000 and pub['t_d_ci_cov'][0] > 1000  # the truth is excluded
 
 
+def test_smoothed_fit_is_the_smoothed_curve():
+    """The fitted form passed through the trailing average at every row equals the smoothed data of a
+    clean curve (the unbiased fit recovers the curve), from row 2 on (row 1's window holds t = 0)."""
+    steps, loss = bnsl.synthetic_curve(100, 2000)
+    t, Lhat = bnsl.smoothed_fit(steps, bnsl.fit_curve(steps, loss, n_boot=0))
+    assert t[0] == 2 and t[-1] == 1999
+    np.testing.assert_allclose(Lhat, bnsl.log_moving_average(loss)[2:], rtol=1e-6)
+
+
 def test_published_convention_is_the_form_fitted_to_the_preprocessed_points():
     """convention='published' (and the 'published' fit beside the default one) is exactly the fit
     bnsl.py made before the unbiased default: fit_bnsl of preprocess's points, as they are."""
