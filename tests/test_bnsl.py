@@ -93,6 +93,49 @@ def test_jacobian_matches_finite_differences():
               - bnsl.log_bnsl(x, *(p - h)[:2], [(p - h)[2]], [(p - h)[3]], [(p - h)[4]])) / 2e-6
         np.testing.assert_allclose(J[:, k], fd, atol=1e-7)
 
+
+
+def averaged_case(n_rows=400, factor=1.2):
+    """A grid of rows 5..n_rows-1 and the trailing windows of a log-spaced subset of them."""
+    steps = np.arange(5.0, n_rows)
+    starts = bnsl.window_starts(n_rows, factor)[5:] - 5  # windows in grid rows (all start >= row 4 - 4)
+    kept = np.unique(np.round(np.geomspace(10, n_rows - 6, 40)).astype(int))
+    return steps, starts[kept], kept
+
+
+def test_averaged_form_matches_brute_force():
+    """log A_i = log mean(L(t_k)) over each window, against an explicit float64 loop."""
+    steps, first, last = averaged_case()
+    p = np.array([1.2, 0.6, -0.45, math.log(60), 0.3])
+    L = bnsl.bnsl_1break(steps, math.exp(p[0]), p[1], p[2], math.exp(p[3]), p[4])
+    brute = [math.log(np.mean(L[a:b + 1])) for a, b in zip(first, last)]
+    np.testing.assert_allclose(bnsl.log_averaged_bnsl(np.log(steps), first, last, p), brute, rtol=1e-12)
+    p_far = p + np.array([800.0, 0, 0, 0, 0])  # exp(800) overflows; the averaged form must not
+    np.testing.assert_allclose(bnsl.log_averaged_bnsl(np.log(steps), first, last, p_far),
+                               np.array(brute) + 800.0, rtol=1e-12)
+
+
+def test_averaged_jacobian_matches_finite_differences():
+    steps, first, last = averaged_case()
+    xg = np.log(steps)
+    for p in [np.array([1.2, 0.6, -0.45, math.log(60), 0.3]), np.array([0.5, 0.3, 0.2, math.log(200), 0.05])]:
+        J = bnsl.log_averaged_bnsl_jacobian(xg, first, last, p)
+        assert J.shape == (len(first), 5)
+        for k in range(5):
+            h = np.zeros(5)
+            h[k] = 1e-6
+            fd = (bnsl.log_averaged_bnsl(xg, first, last, p + h)
+                  - bnsl.log_averaged_bnsl(xg, first, last, p - h)) / 2e-6
+            np.testing.assert_allclose(J[:, k], fd, atol=1e-7)
+
+
+def test_log_window_mean_matches_brute_force():
+    y = np.random.default_rng(1).normal(size=300) * 3
+    first, last = np.array([0, 5, 17, 100, 299]), np.array([0, 9, 200, 100, 299])
+    brute = [math.log(np.mean(np.exp(y[a:b + 1]))) for a, b in zip(first, last)]
+    # differences of cumulative sums lose digits where a small window follows large values (e^9 here)
+    np.testing.assert_allclose(bnsl.log_window_mean(y, first, last), brute, rtol=0, atol=1e-9)
+
 # -----------------------------------------------------------------------------
 # preprocessing
 
@@ -202,6 +245,113 @@ def test_deterministic():
     assert json.dumps(a) == json.dumps(b)
     assert bnsl.fit_bnsl(steps, loss, n_boot=30, seed=2)['t_d_ci_boot'] != a['t_d_ci_boot']
 
+
+
+def test_unbiased_recovers_a_clean_break_the_published_convention_lags():
+    """A clean 1-break curve, every step 0..9999, break at 1000: the default (unbiased) fit recovers
+    every parameter; the published convention's t_d lags by about sqrt(1.2) (+9 %) and its own
+    bootstrap interval excludes the truth."""
+    steps, loss = bnsl.synthetic_curve(1000, 10000)
+    r = bnsl.fit_curve(steps, loss, n_boot=20)
+    f = bnsl.STUDY_FORM
+    assert r['convention'] == 'unbiased' and r['identifiable']
+    for key, true in [('t_d', 1000), ('c0', f['c0']), ('c1', f['c1']), ('f1', f['f1']), ('b', f['b']),
+                      ('r_d', f['c0'] + f['c1']), ('L_d', f['b'] * 1000 ** -f['c0'])]:
+        assert r[key] == pytest.approx(true, rel=1e-6), key
+    assert r['rsle'] < 1e-9
+    pub = r['published']
+    assert pub['convention'] == 'published' and pub['identifiable']
+    assert 1.05 < pub['t_d'] / 1000 < 1.12
+    assert pub['t_d_ci_boot'][0] > 1000 and pub['t_d_ci_cov'][0] > 1000  # the truth is excluded
+
+
+def test_smoothed_fit_is_the_smoothed_curve():
+    """The fitted form passed through the trailing average at every row equals the smoothed data of a
+    clean curve (the unbiased fit recovers the curve), from row 2 on (row 1's window holds t = 0)."""
+    steps, loss = bnsl.synthetic_curve(100, 2000)
+    t, Lhat = bnsl.smoothed_fit(steps, bnsl.fit_curve(steps, loss, n_boot=0))
+    assert t[0] == 2 and t[-1] == 1999
+    np.testing.assert_allclose(Lhat, bnsl.log_moving_average(loss)[2:], rtol=1e-6)
+
+
+def test_published_convention_is_the_form_fitted_to_the_preprocessed_points():
+    """convention='published' (and the 'published' fit beside the default one) is exactly the fit
+    bnsl.py made before the unbiased default: fit_bnsl of preprocess's points, as they are."""
+    loss = curve(T_ALL, 150, 0.6, -0.45, 0.3, noise=0.05)
+    old = bnsl.fit_bnsl(*bnsl.preprocess(T_ALL, loss), n_boot=20)
+    pub = bnsl.fit_curve(T_ALL, loss, convention='published', n_boot=20)
+    assert pub.pop('convention') == 'published' and pub.pop('published') is None
+    assert json.dumps(pub) == json.dumps(old)
+    beside = bnsl.fit_curve(T_ALL, loss, n_boot=20)['published']
+    assert beside.pop('convention') == 'published' and json.dumps(beside) == json.dumps(old)
+    unsmoothed = bnsl.fit_curve(T_ALL, loss, smooth=False, n_boot=0)
+    assert unsmoothed['convention'] == 'unsmoothed' and unsmoothed['published'] is None
+    assert unsmoothed['t_d'] == bnsl.fit_bnsl(*bnsl.preprocess(T_ALL, loss, smooth=False), n_boot=0)['t_d']
+
+
+def test_published_fit_unchanged():
+    """The published convention's numbers on a fixed curve, as bnsl.py gave them before the unbiased
+    default was added (same code path; pinned to catch any change of the published fit)."""
+    r = bnsl.fit_curve(*bnsl.synthetic_curve(1000, 10000), n_boot=20)['published']
+    assert r['t_d'] == pytest.approx(1089.9583299641006, rel=1e-7)
+    assert r['L_d'] == pytest.approx(0.6305157213067037, rel=1e-7)
+    assert r['r_d'] == pytest.approx(0.09949048152288653, rel=1e-6)
+    np.testing.assert_allclose(r['t_d_ci_boot'], [1087.0078485493307, 1094.4619718250733], rtol=1e-6)
+
+
+@pytest.mark.parametrize('t_d,c0,c1,f1', [(150, 0.6, -0.45, 0.3), (500, 0.8, -0.5, 0.5),
+                                         (300, 0.4, -0.3, 0.2)])
+def test_unbiased_recovers_parameters_under_noise(t_d, c0, c1, f1):
+    """Stated tolerance, default (unbiased) fit of every step 0..4999 with 5 % noise: t_d within 12 %,
+    c0 and r_d within 0.05, and the bootstrap interval (raw rows resampled) covers the true t_d."""
+    r = bnsl.fit_curve(T_ALL, curve(T_ALL, t_d, c0, c1, f1, noise=0.05), n_boot=20)
+    assert r['identifiable']
+    assert r['t_d'] == pytest.approx(t_d, rel=0.12)
+    assert r['c0'] == pytest.approx(c0, abs=0.05) and r['r_d'] == pytest.approx(c0 + c1, abs=0.05)
+    lo, hi = r['t_d_ci_boot']
+    assert lo <= t_d <= hi and lo <= r['t_d'] <= hi
+
+
+@pytest.mark.parametrize('noise', [0.0, 0.1])
+def test_unbiased_pure_power_law_is_not_identifiable(noise):
+    loss = 5.0 * np.maximum(T_ALL, 1) ** -0.4 * np.exp(noise * np.random.default_rng(3).standard_normal(5000))
+    r = bnsl.fit_curve(T_ALL, loss)
+    assert not r['identifiable'] and r['reason'] and r['t_d'] is None and r['t_d_ci_boot'] is None
+    json.dumps(r, allow_nan=False)
+
+
+def test_unbiased_windows_never_reach_step_0():
+    """The form has no value at t = 0: at min_step 0 the unbiased convention drops row 1 (whose window
+    is rows 0..1); the published one keeps it. Every kept row's window lies inside the grid."""
+    loss = curve(T_ALL[:300], 50, 0.6, -0.45, 0.3)
+    fits = bnsl.fit_inputs(T_ALL[:300], loss, min_step=0, subsample=False)
+    t, l, (grid, raw, first, last) = fits['unbiased']
+    assert t[0] == 2 and fits['published'][0][0] == 1
+    assert np.all(grid > 0) and first.min() == 0 and last.max() == len(grid) - 1
+    np.testing.assert_array_equal(grid[last], t)
+    np.testing.assert_allclose(l, [np.mean(raw[a:b + 1]) for a, b in zip(first, last)], rtol=1e-12)
+    r = bnsl.fit_curve(T_ALL[:300], loss, min_step=0, subsample=False, n_boot=0)
+    assert r['t_d'] == pytest.approx(50, rel=1e-6)
+
+
+def test_synthetic_curve_noise():
+    """The study's noise: log-normal per step with the stated sd, lag-1 correlation phi."""
+    for phi in [0.0, 0.9]:
+        steps, loss = bnsl.synthetic_curve(1000, 100000, sd=0.03, phi=phi, seed=0)
+        e = np.log(loss) - np.log(bnsl.synthetic_curve(1000, 100000)[1])
+        assert np.std(e) == pytest.approx(0.03, rel=0.05)
+        assert np.corrcoef(e[:-1], e[1:])[0, 1] == pytest.approx(phi, abs=0.02)
+
+
+def test_synthetic_study_small(monkeypatch, capsys):
+    monkeypatch.setattr(bnsl, 'STUDY_BREAKS', [(100, 600)])
+    rows = bnsl.synthetic_study(n_seeds=2, n_boot=5)
+    out = capsys.readouterr().out
+    assert len(rows) == 6 and out.count('| 100 | 600 |') == 6
+    clean = {r['convention']: r for r in rows if r['noise'] == 'clean'}
+    assert abs(clean['unbiased']['median_rel_err']) < 1e-6 and clean['published']['median_rel_err'] > 0.05
+    assert clean['unbiased']['boot'] is None  # no coverage on a clean curve
+
 # -----------------------------------------------------------------------------
 # command line
 
@@ -217,6 +367,34 @@ def test_cli_run_directory_with_nan_tail(tmp_path):
     assert keys <= set(r) and r['path'] == run and r['identifiable']
     assert r['t_range'] == [bnsl.MIN_STEP + 1, 2999]  # rows before the first NaN, transient cut
     assert r['t_d'] == pytest.approx(150, rel=0.2) and r['r_d'] == pytest.approx(0.15, abs=0.05)
+
+
+def test_cli_reports_both_conventions(tmp_path):
+    """The default JSON: the unbiased fit and, under 'published', the published-convention fit with its
+    intervals; --published prints that fit alone, the same numbers; --table shows both."""
+    run = write_run(str(tmp_path / 'run'), curve(T_ALL[:3000], 150, 0.6, -0.45, 0.3, noise=0.03), 3000)
+    r = json.loads(run_cli(run, '--n_boot', '10').stdout)
+    assert r['convention'] == 'unbiased' and r['published']['convention'] == 'published'
+    for k in ['t_d', 'L_d', 'r_d']:
+        assert r['published'][k] is not None and len(r['published'][f'{k}_ci_boot']) == 2
+    assert r['published']['t_d'] > r['t_d']  # the lag
+    p = run_cli(run, '--n_boot', '10', '--published')
+    assert p.returncode == 0, p.stderr
+    only = json.loads(p.stdout)
+    assert only.pop('convention') == 'published' and only.pop('published') is None
+    assert only.pop('path') == run and only == {k: v for k, v in r['published'].items() if k != 'convention'}
+    p = run_cli(run, '--n_boot', '0', '--table')
+    assert p.returncode == 0 and 'unbiased convention' in p.stdout and 't_d published' in p.stdout
+    raw = json.loads(run_cli(run, '--n_boot', '0', '--raw').stdout)
+    assert raw['convention'] == 'unsmoothed' and raw['published'] is None
+
+
+@pytest.mark.parametrize('args,words', [([], 'no path'), (['--synthetic', 'x.csv'], 'no paths'),
+                                        (['--synthetic', '--n_seeds', '0'], '--n_seeds')])
+def test_cli_synthetic_and_paths_bad_input(args, words):
+    p = run_cli(*args)
+    assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
+    assert words in p.stderr and 'Traceback' not in p.stderr
 
 
 def test_cli_csv_with_and_without_header_and_several_paths(tmp_path):
