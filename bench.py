@@ -60,7 +60,7 @@ WARMUP = 3  # first steps of every run left out of the medians
 PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
                     'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
-OPPOSITION_SEQS = 1  # probe sequences of the scheduled all-parameter opposition (train.py's default)
+METHOD_SEQS = 1  # probe sequences on which the batched and the looped opposition are compared
 
 
 def get_args(argv=None):
@@ -284,8 +284,14 @@ def components(args, corpus, rounds):
     head = model.lm_head.weight.detach()
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(N, dtype=torch.float64, device=args.device)  # stands for post - pre of the batch
-    seqs = OPPOSITION_SEQS
+    seqs = METHOD_SEQS
     opposition_x, opposition_y = probe_x[:seqs], probe_y[:seqs]
+    n_tokens = probe_x.numel()  # train.py's default: the opposition on every probe sequence
+
+    def scheduled_opposition(_):  # as train.py records it at a grad step: sums, dots, summary, terms
+        sums, dots = metrics.per_token_gradient_sums(model, probe_x, probe_y, delta=delta)
+        return metrics.opposition_summary(sums), metrics.update_weighted_terms(sums, delta, dots)
+
     variants = {  # name -> (fn(state), setup() giving the state, untimed)
         'training step (forward, backward, clip, AdamW)': (step, None),
         'probe pass (fp32 forward, P sequences)': (
@@ -302,10 +308,12 @@ def components(args, corpus, rounds):
         'D, M and null of the batch changes': (
             lambda _: [f(change) for f in (metrics.destructive_interference, metrics.interference_magnitude,
                                            metrics.sign_flip_null)], None),
-        f'scheduled: all-parameter opposition, batched ({seqs} probe seq)': (
+        f'scheduled: opposition, nulls, update-weighted terms ({n_tokens} tokens)': (
+            scheduled_opposition, None),
+        f'all-parameter opposition, batched ({seqs} probe seq)': (
             lambda _: metrics.opposition_summary(
                 metrics.per_token_gradient_sums(model, opposition_x, opposition_y)), None),
-        f'scheduled: all-parameter opposition, looped ({seqs} probe seq)': (
+        f'all-parameter opposition, looped ({seqs} probe seq)': (
             lambda _: metrics.opposition_summary(
                 metrics.per_token_gradient_sums_looped(model, opposition_x, opposition_y)), None),
         'scheduled: JVP prediction of the batch': (
@@ -359,8 +367,14 @@ def method_and_record_costs(args, corpus, tmp, n_runs):
           f"ratio to a training step")
     for name, ms in median_ms.items():
         print(f"   {name:60s}{ms:10.2f}{ms / step_ms:10.3f}")
-    batched_ms = median_ms[f'scheduled: all-parameter opposition, batched ({OPPOSITION_SEQS} probe seq)']
-    looped_ms = median_ms[f'scheduled: all-parameter opposition, looped ({OPPOSITION_SEQS} probe seq)']
+    scheduled = [name for name in median_ms if name.startswith('scheduled: opposition')][0]
+    defaults = train.get_args([])
+    n_grad = len(recorder.log_schedule(defaults.max_iters - 1))
+    print(f"   over a default run ({defaults.max_iters} steps, {n_grad} scheduled steps) the scheduled "
+          f"opposition adds {n_grad * median_ms[scheduled] / (defaults.max_iters * step_ms):.2f} training "
+          f"steps' time per step")
+    batched_ms = median_ms[f'all-parameter opposition, batched ({METHOD_SEQS} probe seq)']
+    looped_ms = median_ms[f'all-parameter opposition, looped ({METHOD_SEQS} probe seq)']
     print(f"\n3. all-parameter exact opposition: batched {looped_ms / batched_ms:.1f}x faster than looped "
           f"(attention biases left out of the check); "
           f"max relative difference of the sums {checks['all-parameter: batched vs looped']:.1e}")

@@ -95,6 +95,9 @@ def get_args(argv=None):
                    help='held-out tokens N, rounded down to whole block_size windows (0: the whole '
                         'validation split)')
     p.add_argument('--batches', type=int, default=5, help='fresh training batches k of the dt = 1 step')
+    p.add_argument('--steps', default='',
+                   help='measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
+                        'a later call can add others')
     p.add_argument('--dt1', action=argparse.BooleanOptionalAction, default=True,
                    help='the dt = 1 loss D and M (b)')
     p.add_argument('--opposition', action=argparse.BooleanOptionalAction, default=True,
@@ -340,6 +343,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     config, run_args, corpus, kept = load_run(args)
+    if args.steps:
+        try:
+            wanted = [int(s) for s in args.steps.split(',')]
+        except ValueError:
+            fail(f"--steps {args.steps}: not a comma-separated list of steps")
+        absent = [t for t in wanted if t not in kept]
+        if absent:
+            fail(f"--steps: no kept checkpoint of step {', '.join(map(str, absent))} "
+                 f"(kept: {', '.join(map(str, kept))})")
+        kept = {t: kept[t] for t in sorted(set(wanted))}
     hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
     model = GPT(GPTConfig(block_size=config['block_size'], vocab_size=config['vocab_size_actual'],
                           n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],

@@ -286,14 +286,14 @@ def shared_bucket_labels(runs, sep=' | '):
 
 
 def fit_run(run, min_step):
-    """The BNSL fit (bnsl.fit_bnsl, published preprocessing) of a run's training loss, or a dict
-    with identifiable and fitted False and the reason when there are too few points."""
-    t, l = bnsl.preprocess(*recorded(run['rec']['train_loss']), min_step=min_step)
-    if len(t) < bnsl.MIN_POINTS:
-        return dict(identifiable=False, fitted=False,
-                    reason=f"{len(t)} steps > {min_step:g} recorded, the fit needs {bnsl.MIN_POINTS}",
-                    t_d=None, L_d=None, r_d=None)
-    return bnsl.fit_bnsl(t, l)
+    """The BNSL fit of a run's training loss (bnsl.fit_curve: the unbiased t_d, and under 'published'
+    the fit in the published convention, which the smoothing's lag delays), or a dict with
+    identifiable and fitted False and the reason when there are too few points."""
+    try:
+        return bnsl.fit_curve(*recorded(run['rec']['train_loss']), min_step=min_step)
+    except ValueError as e:
+        return dict(identifiable=False, fitted=False, reason=str(e), t_d=None, L_d=None, r_d=None,
+                    published=None)
 
 
 def interval(fit, key):
@@ -448,11 +448,15 @@ def fig_loss(runs):
             ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']),
                     color=r['color'], lw=1, ls=':')
             ax.plot([fit['t_d']], [fit['L_d']], 'o', color=r['color'], mec='k', ms=7, zorder=5)
+            published = fit.get('published') or {}
+            if published.get('t_d') is not None:  # the published convention's break, lagged by smoothing
+                ax.plot([published['t_d']], [published['L_d']], 'o', mfc='none', mec=r['color'], ms=7,
+                        zorder=5)
     ax.set_yscale('log')
     log_steps(ax)
     ax.set_ylabel('training loss (nats/token, log)')
-    ax.set_title('Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot)',
-                 fontsize=9)
+    ax.set_title('Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot; '
+                 'open: the published convention)', fontsize=9)
     return fig
 
 
@@ -914,8 +918,11 @@ def fig_paper_protocol(runs):
 FIGURES = [
     ('fig1_loss', ['train_loss'], fig_loss,
      "Training loss against step, log-log, every run (faint: per step; solid: trailing log moving "
-     "average, factor 1.2). Dashed black: the 1-break BNSL fit of bnsl.py to the preprocessed curve; "
-     "dotted: its pre-break power law b t^-c0 and post-break line L_d (t/t_d)^-r_d; dot: (t_d, L_d). "
+     "average, factor 1.2). Dashed black: the 1-break BNSL fit of bnsl.py (its unbiased default: the "
+     "form passed through the same moving average before it is compared with the smoothed curve, so it "
+     "describes the loss itself, ahead of the lagging average); dotted: its pre-break power law b t^-c0 "
+     "and post-break line L_d (t/t_d)^-r_d; dot: (t_d, L_d); open circle: the published convention's "
+     "(t_d, L_d), which the smoothing's lag puts later. "
      "Look for the bend: a steep early power law that gives way to a shallow one, earlier and at a "
      "lower loss for larger models."),
     ('fig2_deceleration', ['train_loss'], fig_deceleration,
@@ -1252,8 +1259,10 @@ def report_text(runs, drawn, notes, fmt):
     parts = ['# Training dynamics report', '',
              f"Runs (ordered and coloured by parameter count): {', '.join(r['label'] for r in runs)}.", '']
     parts += ['## Deceleration and validation loss', '',
-              "t_d, L_d, r_d from bnsl.py (1-break BNSL, published preprocessing) with 95% block-bootstrap "
-              "intervals; validation loss = mean probe-set loss; saturation onset = the rise onset "
+              "t_d, L_d, r_d from bnsl.py (1-break BNSL, its unbiased default) with 95% block-bootstrap "
+              "intervals, and t_d in the published convention (the form compared with the smoothed curve "
+              "as it is, which the smoothing's lag delays); validation loss = mean probe-set loss; "
+              "saturation onset = the rise onset "
               "(as per bucket below; never improved: never below its value at step 0); D = mean "
               "interference of per-token probe-loss changes (step t to t+1) before and after t_d, over "
               "the N probe tokens, beside the mean of its sign-flip null at the same N.", '']
@@ -1261,13 +1270,15 @@ def report_text(runs, drawn, notes, fmt):
     for r in runs:
         fit, s = r['fit'], run_summary(r)
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(r['rec']['train_loss'])[0]),
-                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit, 'L_d', '{:.4g}'),
+                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
+                     ci_text(fit, 'L_d', '{:.4g}'),
                      ci_text(fit, 'r_d', '{:.3g}'),
                      'n/a' if fit.get('rsle') is None else f"{fit['rsle']:.3g}",
                      'yes' if fit['identifiable'] else f"no: {fit['reason']}",
                      s['best'], s['last'], s['onset'], f"{n_tokens(r, 'probe'):,}", s['D_before'],
                      s['D_after']])
-    header = ['run', 'params', 'steps', 't_d', 'L_d', 'r_d', 'RSLE', 'identifiable', 'best val. loss',
+    header = ['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
+              'best val. loss',
               'last val. loss', 'saturation onset', 'probe N', 'D before t_d', 'D after t_d']
     parts += [md_table(header, rows), '']
     table = opposition_table(runs)

@@ -122,9 +122,9 @@ def get_args(argv=None):
                    help='exact all-parameter opposition and JVP prediction every N steps '
                         '(0: log-spaced steps)')
     g.add_argument('--opposition_seqs', type=int, default=None,
-                   help='the first N probe sequences give the tokens of the exact all-parameter opposition '
-                        'and its update-weighted terms (one backward per token; default: every probe sequence, '
-                        '2048 tokens at the default sizes; D_j means little at small N)')
+                   help='the first N probe sequences give the tokens of the exact all-parameter '
+                        'opposition and its update-weighted terms (one backward per token; default: every '
+                        'probe sequence, 2048 tokens at the default sizes; D_j means little at small N)')
     g.add_argument('--train_probe_seqs', type=int, default=0,
                    help='training windows of block_size tokens, chosen once, whose per-token loss is '
                         'recorded like the probe set\'s (train_probe_loss; 0: off): capacity saturation '

@@ -192,7 +192,7 @@ def test_the_report_holds_the_bnsl_fit_of_the_recorded_curve(sweep, tmp_path):
     loss[:] = bnsl.bnsl_1break(np.maximum(t, 1), 8.0, 0.4, -0.3, 8.0, 0.2)  # t_d = 8, r_d = 0.1
     loss.flush()
     assert run_plot(str(run), '--min_step', '0').returncode == 0
-    fit = bnsl.fit_bnsl(*bnsl.preprocess(t, np.array(loss), min_step=0))
+    fit = bnsl.fit_curve(t, np.array(loss), min_step=0)
     assert fit['identifiable'] and 6 < fit['t_d'] < 10
     report = (run / 'figures' / 'report.md').read_text()
     row = next(line for line in report.splitlines() if line.startswith('| known |'))
@@ -230,7 +230,7 @@ def test_dissent_and_basis_tables_are_the_records_by_phase(sweep, tmp_path):
     spans = [tuple(int(s) for s in re.search(r'steps (\d+)-(\d+)', r[1]).groups()) for r in rows]
     assert spans[0][0] == 0 and spans[-1][1] == S - 1
     assert all(a[1] + 1 == b[0] for a, b in zip(spans, spans[1:]))  # the phases tile the run
-    t_d = bnsl.fit_bnsl(*bnsl.preprocess(np.arange(S, dtype=float), np.array(loss), min_step=0))['t_d']
+    t_d = bnsl.fit_curve(np.arange(S, dtype=float), np.array(loss), min_step=0)['t_d']
     assert spans[1][0] == int(np.ceil(t_d))  # the first step at or after t_d
     assert 20 <= spans[2][0] <= 23  # the onset, near the planted rise (the curve is smoothed first)
     j = __import__('json').loads((run / 'config.json').read_text())['theta_names'].index('model')
