@@ -458,19 +458,23 @@ def covariance_intervals(J, p, resid):
     return out
 
 
+def resample_blocks(resid, block, rng):
+    """A moving-block resample of resid (n,): ceil(n / block) random contiguous blocks of `block`
+    values (0: ceil(sqrt(n))), concatenated and cut to n."""
+    n = len(resid)
+    block = min(block or math.ceil(math.sqrt(n)), n)
+    starts = rng.integers(0, n - block + 1, size=math.ceil(n / block))
+    return resid[(starts[:, None] + np.arange(block)).ravel()[:n]]
+
+
 def block_bootstrap(f, jac, y_fit, resid, p, lo, hi, n_boot=100, block=0, seed=0):
     """95 % percentile intervals of (t_d, L_d, r_d) from a moving-block bootstrap: n_boot times,
     y* = y_fit + resid* with resid* = ceil(n / block) random contiguous blocks of the log residuals
     (block = 0: ceil(sqrt(n))), refit (model (f, jac)) from p. Blocks keep the residuals'
     autocorrelation (smoothed curves have plenty), which the covariance ignores. Seeded."""
-    n = len(y_fit)
-    block = min(block or math.ceil(math.sqrt(n)), n)
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        starts = rng.integers(0, n - block + 1, size=math.ceil(n / block))
-        e = resid[(starts[:, None] + np.arange(block)).ravel()[:n]]
-        draws.append(break_quantities(fit_from(f, jac, y_fit + e, p, lo, hi).x))
+    draws = [break_quantities(fit_from(f, jac, y_fit + resample_blocks(resid, block, rng), p, lo, hi).x)
+             for _ in range(n_boot)]
     lo_q, hi_q = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
     return {k: [float(lo_q[i]), float(hi_q[i])] for i, k in enumerate(['t_d', 'L_d', 'r_d'])}
 
@@ -486,14 +490,10 @@ def row_bootstrap(f, jac, window, p, lo, hi, n_boot=100, block=0, seed=0):
     steps, raw, first, last = window
     y_grid = log_bnsl(np.log(steps), p[0], p[1], [p[2]], [p[3]], [p[4]])
     resid = np.log(raw) - y_grid
-    n = len(resid)
-    block = min(block or math.ceil(math.sqrt(n)), n)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(n_boot):
-        starts = rng.integers(0, n - block + 1, size=math.ceil(n / block))
-        e = resid[(starts[:, None] + np.arange(block)).ravel()[:n]]
-        y = log_window_mean(y_grid + e, first, last)
+        y = log_window_mean(y_grid + resample_blocks(resid, block, rng), first, last)
         draws.append(break_quantities(fit_from(f, jac, y, p, lo, hi).x))
     lo_q, hi_q = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
     return {k: [float(lo_q[i]), float(hi_q[i])] for i, k in enumerate(['t_d', 'L_d', 'r_d'])}

@@ -20,6 +20,16 @@ def load(run, name):
     return np.load(os.path.join(run, name + '.npy'), allow_pickle=False)
 
 
+def first_and_last_models(out, cfg):
+    """float64 copies of a tiny run's theta_0 (the seeded initialisation, as train.py makes it) and
+    of its final checkpoint."""
+    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(cfg['seed'])
+    first, last = GPT(conf).double(), GPT(conf)
+    last.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
+    return first, last.double()
+
+
 def test_run_writes_every_record_with_the_right_shape(tiny_run):
     """Every record of recorder.RECORDS, with the shape its table entry gives, and config.json
     saying the same; the one-off files; every row of a finished --record all run written."""
@@ -200,12 +210,7 @@ def test_recorded_measurements_match_a_recomputation(tmp_path, cache_dir):
     out = str(tmp_path / 'one')
     run_train(*TINY, '--max_iters', '1', '--cache_dir', cache_dir, '--out_dir', out, '--opposition_seqs', '2')
     cfg = json.load(open(os.path.join(out, 'config.json')))
-    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
-    torch.manual_seed(cfg['seed'])
-    model0 = GPT(conf).double()  # theta_0, as train.py initialised it
-    model1 = GPT(conf)
-    model1.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
-    model1.double()
+    model0, model1 = first_and_last_models(out, cfg)  # theta_0 and theta_1
     corpus = data.prepare(None, 300, cache_dir)
     x, y = (torch.from_numpy(a) for a in data.get_windows(corpus['train'], load(out, 'train_offsets')[0], 16))
     probe = torch.from_numpy(load(out, 'probe_tokens').astype(np.int64))
@@ -299,12 +304,7 @@ def test_training_window_probe_matches_a_recomputation(tmp_path, cache_dir):
     assert np.array_equal(again, offsets) and not np.array_equal(other, offsets)  # a function of the seed
     tokens = load(out, 'train_probe_tokens')  # (Q, T + 1), from the training split
     assert np.array_equal(tokens, np.stack([corpus['train'][o:o + 17] for o in offsets]).astype(np.int64))
-    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
-    torch.manual_seed(cfg['seed'])
-    model0 = GPT(conf).double()
-    model2 = GPT(conf)
-    model2.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
-    model2.double()
+    model0, model2 = first_and_last_models(out, cfg)
     x, y = (torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:]))
     record = load(out, 'train_probe_loss')
     assert np.all(np.isfinite(record))
@@ -384,12 +384,7 @@ def test_adding_a_measurement_as_the_readme_shows(tmp_path, cache_dir):
     assert cfg['records']['train_entropy'] == [[2, 4, 16], 'float32']
 
     # a float64 recomputation at theta_0 (the seeded initialisation) and at theta_2 (the checkpoint)
-    conf = GPTConfig(block_size=16, vocab_size=cfg['vocab_size_actual'], n_layer=2, n_head=2, n_embd=16)
-    torch.manual_seed(cfg['seed'])
-    model0 = GPT(conf).double()
-    model2 = GPT(conf)
-    model2.load_state_dict(torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model'])
-    model2.double()
+    model0, model2 = first_and_last_models(out, cfg)
 
     def entropy(model, x):
         p = torch.softmax(model(x)[0].detach(), -1)
