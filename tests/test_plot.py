@@ -197,9 +197,11 @@ def test_the_report_holds_the_bnsl_fit_of_the_recorded_curve(sweep, tmp_path):
     report = (run / 'figures' / 'report.md').read_text()
     row = next(line for line in report.splitlines() if line.startswith('| known |'))
     cells = [c.strip() for c in row.split('|')[1:-1]]
-    assert cells[3].startswith(f"{fit['t_d']:.4g} [") and cells[5].startswith(f"{fit['r_d']:.3g} [")
-    assert cells[7] == 'yes'
-    assert cells[11] != 'n/a' and cells[12] != 'n/a'  # D before and after t_d
+    assert cells[3].startswith(f"{fit['t_d']:.4g} [") and cells[6].startswith(f"{fit['r_d']:.3g} [")
+    assert cells[4].startswith(f"{fit['published']['t_d']:.4g} [")  # the published convention beside it
+    assert cells[8] == 'yes'
+    assert cells[12] == f"{16 * 3:,}"  # the probe set's N: 3 sequences of 16 tokens
+    assert 'null' in cells[13] and 'null' in cells[14]  # D before and after t_d, each beside its null
     assert_figures(run / 'figures', ['fig1_loss', 'fig2_deceleration'])
 
 
