@@ -345,10 +345,9 @@ def record_bytes(run_dir, default_steps):
     """(bytes of one step's rows, bytes of a default-length run) from a run's config.json."""
     with open(os.path.join(run_dir, 'config.json')) as f:
         cfg = json.load(f)
-    rows = {'probe_hidden': len(recorder.log_schedule(default_steps)),  # the scheduled records
-            'head_singular_values': len(recorder.log_schedule(default_steps))}
-    rows.update({name: len(recorder.log_schedule(default_steps - 1)) for name in
-                 ['opposition_mean', 'opposition_weighted', 'opposition_hist', 'train_loss_pred']})
+    scheduled = {'hidden': len(recorder.log_schedule(default_steps)),  # rows of the scheduled records
+                 'grad': len(recorder.log_schedule(default_steps - 1, points=recorder.GRAD_POINTS))}
+    rows = {name: scheduled[when] for name, _, _, when, _ in recorder.RECORDS if when in scheduled}
     per_step, total = 0, 0
     for name, (shape, dtype) in cfg['records'].items():
         row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
@@ -369,7 +368,7 @@ def method_and_record_costs(args, corpus, tmp, n_runs):
         print(f"   {name:60s}{ms:10.2f}{ms / step_ms:10.3f}")
     scheduled = [name for name in median_ms if name.startswith('scheduled: opposition')][0]
     defaults = train.get_args([])
-    n_grad = len(recorder.log_schedule(defaults.max_iters - 1))
+    n_grad = len(recorder.log_schedule(defaults.max_iters - 1, points=recorder.GRAD_POINTS))
     print(f"   over a default run ({defaults.max_iters} steps, {n_grad} scheduled steps) the scheduled "
           f"opposition adds {n_grad * median_ms[scheduled] / (defaults.max_iters * step_ms):.2f} training "
           f"steps' time per step")

@@ -44,6 +44,7 @@ from model import per_token_loss
 
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
+GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training steps' time (bench.py)
 
 # Every per-step record train.py writes: (name, shape, dtype, when, meaning); the file is name.npy.
 # shape, in the sizes of the run: S steps, B batch, T block size, P probe sequences, d width,
@@ -169,13 +170,13 @@ def records_markdown():
     return '\n'.join(lines) + '\n'
 
 
-def log_schedule(last, every=0):
+def log_schedule(last, every=0, points=LOG_POINTS):
     """Steps 0..last at which a scheduled record is written: every `every` steps, or (every=0)
-    LOG_POINTS log-spaced steps. The first and the last step are always included."""
+    `points` log-spaced steps (fewer after rounding). The first and the last step are always included."""
     if every > 0:
         steps = set(range(0, last + 1, every))
     else:
-        steps = set(np.unique(np.round(np.geomspace(1, max(1, last), LOG_POINTS))).astype(int).tolist())
+        steps = set(np.unique(np.round(np.geomspace(1, max(1, last), points))).astype(int).tolist())
     return sorted(step for step in steps | {0, last} if step <= last)
 
 
@@ -219,7 +220,7 @@ class Recorder:
         self.local_modules = metrics.position_local_modules(model)
         S = args.max_iters
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
-        self.grad_steps = log_schedule(S - 1, args.grad_every)  # exact opposition and JVP prediction
+        self.grad_steps = log_schedule(S - 1, args.grad_every, GRAD_POINTS)  # exact opposition, JVP
         # full steps: the post-update pass, dissent in theta and local opposition; every step under
         # --record all, under light the log-spaced schedule and the grad steps
         self.light_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
