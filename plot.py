@@ -593,8 +593,8 @@ def fig_opposition(runs):
                          ls=ls, marker='o', ms=3, lw=1)
         mark_break(axes[2], r)
     if with_terms:
-        axes[2].set_title(f"update-weighted terms, blocks' matrices ({n_label(with_terms, 'opposition')}):\n"
-                          "Cg (solid), Cug (dashed), C_i_dli (dotted); 1 = agreement", fontsize=8)
+        axes[2].set_title(f"update-weighted terms, blocks' matrices\n({n_label(with_terms, 'opposition')}): "
+                          "Cg (solid), Cug (dashed),\nC_i_dli (dotted); 1 = agreement", fontsize=8)
     for r in runs:
         cfg = r['config']
         panels = [(top[0], 'local_opposition_', cfg['local_opposition_keys'], None),  # every step
@@ -612,12 +612,14 @@ def fig_opposition(runs):
             ax.plot(*series(every, steps, smoothed=steps is None), color=r['color'], ls=':', **style)
         for ax in top:
             mark_break(ax, r)
-    top[0].set_title(f"position-local layers, training batch ({n_label(runs, 'batch')}), every step,\n"
-                     "smoothed: mean D_j over the last block's matrices (solid), |g|-weighted\n"
-                     "(dashed), its null (dash-dot), every local coordinate (dotted)", fontsize=8)
-    top[1].set_title(f"all parameters, exact, probe tokens ({n_label(runs, 'opposition')}): mean\n"
-                     "D_j over the blocks' matrices (solid), |g|-weighted (dashed), its null\n"
-                     "(dash-dot), every coordinate (dotted)", fontsize=8)
+    top[0].set_title("position-local layers, training batch\n"
+                     f"({n_label(runs, 'batch')}), every step, smoothed:\n"
+                     "mean D_j over the last block's matrices (solid),\n|g|-weighted (dashed), null "
+                     "(dash-dot), all local (dotted)", fontsize=8)
+    top[1].set_title("all parameters, exact, probe tokens\n"
+                     f"({n_label(runs, 'opposition')}): mean D_j over the "
+                     "blocks'\nmatrices (solid), |g|-weighted (dashed), null\n(dash-dot), every coordinate "
+                     "(dotted)", fontsize=8)
     for ax, r in zip(axes[2 + bool(with_terms):], runs):
         keys = r['config']['opposition_keys']
         layers = layer_names(keys)
@@ -630,6 +632,8 @@ def fig_opposition(runs):
     for ax in axes:
         log_steps(ax)
         ax.set_ylabel('gradient opposition D_j')
+    if with_terms:
+        axes[2].set_ylabel('update-weighted term')
     return fig
 
 
