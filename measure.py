@@ -41,7 +41,7 @@ import data
 import metrics
 import train
 from model import GPT, GPTConfig, per_token_loss
-from recorder import HIST_BINS, fp32_forward
+from recorder import HIST_BINS, UPDATE_TERMS, fp32_forward
 
 MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
 
@@ -77,7 +77,6 @@ PAPER_RECORDS = [
     ('update_M_i_dli', 'C, n_keys', 'float64', "M_i_dli, same"),
 ]
 DTT = ['loss_D_dtt', 'loss_M_dtt', 'loss_D_dtt_null']  # derived from heldout_loss at every write
-UPDATE_TERMS = ['Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli']
 
 
 def fail(msg):

@@ -44,6 +44,7 @@ from model import per_token_loss
 
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
+UPDATE_TERMS = ['Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli']  # metrics.update_weighted_terms, update_*.npy
 GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training steps' time (bench.py)
 
 # Every per-step record train.py writes: (name, shape, dtype, when, meaning); the file is name.npy.
@@ -397,7 +398,7 @@ class Recorder:
             opposition = metrics.opposition_summary(sums, HIST_BINS)
             self.write_opposition('opposition', row, opposition, self.all_keys)
             terms = metrics.update_weighted_terms(sums, delta, dots)
-            for term in ('Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli'):
+            for term in UPDATE_TERMS:
                 self.write('update_' + term, row, [terms[k][term] for k in self.all_keys])
 
     # --- helpers ------------------------------------------------------------------------------
