@@ -6,7 +6,10 @@ machine noise hits them alike. Prints a table of medians and ratios.
     python bench.py --rounds 5 --steps 60    # more samples
     python bench.py --n_layer 2 --n_embd 64  # another size
 
-1. training steps: a minimal plain nanoGPT-style loop written here, and train.py itself at
+1. training steps: a minimal plain nanoGPT loop written here, independently of model.py (its own
+   GPT of the same size and parameter count, AdamW as train.py's, nanoGPT's loss
+   F.cross_entropy(logits.view(-1, V), targets.view(-1))), so that a slowdown in the project's
+   model or loss shows against it; and train.py itself at
    --record none (the bare step) / light / all, timed by train.py (step_ms.npy, the wall time of
    each step, recording included, checkpoint excluded); the first steps of a run are warm-up and
    dropped. light: the median over its unscheduled steps (the scheduled ones cost what all costs;
@@ -21,8 +24,9 @@ machine noise hits them alike. Prints a table of medians and ratios.
    its time includes its one forward of the batch);
 5. bytes written per step and for a default run, the BNSL fit, plot.py on the runs made here;
 6. model FLOPs of the training steps: TFLOP/s achieved and, where the peak of the device is known
-   (or given with --peak_tflops), model FLOPs utilisation (MFU). On a GPU, at a GPT-2-small-like
-   size:
+   (or given with --peak_tflops), model FLOPs utilisation (MFU). On the CPU also an MFU analogue:
+   achieved model FLOP/s / this machine's fp32 matmul FLOP/s, measured here (a 2048 x 2048 matmul,
+   MATMUL_REPS times a round, interleaved with the steps). On a GPU, at a GPT-2-small-like size:
    python bench.py --device cuda --dtype bfloat16 --compile --steps_only \
        --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8
 Sections 3 and 4 also check that both methods give the same sums. --dtype and --compile apply to the
@@ -45,6 +49,8 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn import functional as F
 
 import bnsl
 import data
@@ -61,6 +67,7 @@ PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H
                     'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
 METHOD_SEQS = 1  # probe sequences on which the batched and the looped opposition are compared
+MATMUL_N, MATMUL_REPS = 2048, 3  # on the CPU: the (n, n) @ (n, n) fp32 matmul timed, times a round
 
 
 def get_args(argv=None):
@@ -123,34 +130,116 @@ def timed(fn, device, setup=None):
     return 1000 * (time.perf_counter() - start)
 
 
-def plain_step(model, step_model, opt, x, y, autocast, grad_clip):
-    """One training step without recording: forward of step_model (the model, or its compiled
-    form) under autocast, mean loss, backward, clip, AdamW. Returns the loss."""
+def project_step(model, step_model, opt, x, y, autocast, grad_clip):
+    """One training step of the project's model (model.GPT, its per_token_loss) without recording:
+    forward of step_model (the model, or its compiled form) under autocast, mean loss, backward,
+    clip, AdamW. Section 2's unit of cost. Returns the loss."""
     with autocast:
         _, loss = step_model(x, y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+class PlainGPT(nn.Module):
+    """The plain loop's GPT, written here and not imported from model.py, so that a slowdown in the
+    project's model or loss shows up against it: token + position embeddings, pre-LayerNorm blocks
+    (causal self-attention, 4x GELU MLP), a final LayerNorm and an untied LM head, GPT-2's init."""
+
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias):
+        super().__init__()
+        d, self.n_head = n_embd, n_head
+        self.wte, self.wpe = nn.Embedding(vocab_size, d), nn.Embedding(block_size, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(  # the layers of one block, in the order used
+            ln1=nn.LayerNorm(d, bias=bias), qkv=nn.Linear(d, 3 * d, bias), proj=nn.Linear(d, d, bias),
+            ln2=nn.LayerNorm(d, bias=bias), fc=nn.Linear(d, 4 * d, bias), out=nn.Linear(4 * d, d, bias),
+        )) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d, bias=bias)
+        self.head = nn.Linear(d, vocab_size, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # matrices N(0, 0.02); the two that write into the residual stream smaller
+                residual = name.endswith(('proj.weight', 'out.weight'))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
+            elif 'ln' not in name:  # Linear biases 0 (LayerNorms keep their 1 and 0)
+                nn.init.zeros_(p)
+
+    def forward(self, idx):
+        """Logits: (B, T) -> (B, T, V)."""
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
+        for b in self.blocks:
+            # q, k, v, each (B, heads, T, head size)
+            q, k, v = b.qkv(b.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, d)
+            x = x + b.out(F.gelu(b.fc(b.ln2(x))))
+        return self.head(self.ln_f(x))
+
+
+def plain_model(args, corpus):
+    """(train.py's default settings, a PlainGPT of the benchmarked size, its AdamW as train.py's:
+    weight decay on the 2-D tensors only, the same betas, fused on GPUs)."""
+    defaults = train.get_args([])
+    torch.manual_seed(defaults.seed)
+    model = PlainGPT(corpus['vocab_size'], args.block_size, args.n_layer, args.n_head, args.n_embd,
+                     defaults.bias).to(args.device)
+    with torch.device('meta'):  # model.GPT's count without filling its weights
+        reference = GPT(model_config(args, corpus)).num_params()
+    n = sum(p.numel() for p in model.parameters())
+    assert n == reference, f"PlainGPT has {n} parameters, model.GPT {reference}"
+    params = list(model.parameters())
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': defaults.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    opt = torch.optim.AdamW(groups, lr=defaults.learning_rate, betas=(defaults.beta1, defaults.beta2),
+                            fused=device_type(args.device) == 'cuda')
+    return defaults, model, opt
+
+
+def plain_step(model, step_model, opt, x, y, autocast, grad_clip):
+    """One plain nanoGPT step: forward, nanoGPT's mean cross-entropy, backward, clip, AdamW. Returns
+    the loss."""
+    with autocast:
+        logits = step_model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
 
 def plain_loop(args, corpus, steps):
-    """ms per step of a minimal nanoGPT-style loop (forward, mean loss, backward, clip, AdamW) of
-    the same model, batches and schedule as train.py, without any recording."""
-    defaults, model, opt = seeded_model(args, corpus)
+    """ms per step of the plain loop (PlainGPT, written here) on train.py's batches and learning-rate
+    schedule, without any recording."""
+    defaults, model, opt = plain_model(args, corpus)
     autocast = train.precision(args.dtype, device_type(args.device))[1]
     step_model = torch.compile(model) if args.compile else model
     times = []
     for step in range(steps):
         start = time.perf_counter()
-        x, y = batch(args, corpus, defaults, step)
+        # train.py's batch, as contiguous tensors, as nanoGPT's get_batch stacks them (view needs it)
+        x, y = (t.contiguous() for t in batch(args, corpus, defaults, step))
         for group in opt.param_groups:
             group['lr'] = train.get_lr(step, defaults)
         loss = plain_step(model, step_model, opt, x, y, autocast, defaults.grad_clip)
         loss.item()  # train.py reads the loss every step too
         times.append(1000 * (time.perf_counter() - start))
     return times[WARMUP:]
+
+
+def matmul_ms(n=MATMUL_N, reps=MATMUL_REPS):
+    """ms of each of `reps` fp32 (n, n) @ (n, n) matmuls on the CPU, after one untimed."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    return [timed(lambda _: a @ b, 'cpu') for _ in range(reps)]
+
+
+def matmul_tflops(ms, n=MATMUL_N):
+    """The matmul throughput in TFLOP/s from the ms of (n, n) @ (n, n) matmuls: 2 n^3 FLOPs over the
+    median time."""
+    return 2 * n ** 3 / (statistics.median(ms) / 1000) / 1e12
 
 
 def train_py(args, level, out_dir):
@@ -259,7 +348,7 @@ def components(args, corpus, rounds):
     step_model = torch.compile(model) if args.compile else model
 
     def step(_):
-        plain_step(model, step_model, opt, x, y, autocast, defaults.grad_clip)
+        project_step(model, step_model, opt, x, y, autocast, defaults.grad_clip)
 
     def graph():  # the training forward and backward, graph kept, position-local X and G captured
         with metrics.capture_activations(local) as acts:
@@ -408,6 +497,8 @@ def main(argv=None):
         levels = ['none', 'light', 'all']
         variants = ['plain'] + levels
         steps = {variant: [] for variant in variants}  # ms of every timed step
+        on_cpu = args.device == 'cpu'
+        matmuls = []  # on the CPU: ms of each fp32 matmul, timed in the rounds as the steps are
         print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, "
               f"vocabulary {corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, "
               f"{args.device} ({args.dtype}{', compiled' if args.compile else ''}), "
@@ -417,6 +508,7 @@ def main(argv=None):
             steps['plain'] += plain_loop(args, corpus, args.steps)
             for level in levels:
                 steps[level] += train_py(args, level, os.path.join(tmp, level))
+            matmuls += matmul_ms() if on_cpu else []
             print(f"  round {round_no}/{args.rounds} done", file=sys.stderr, flush=True)
         # None where there are no steps (light: none unscheduled in a short run), a note in its rows
         median_ms = {variant: statistics.median(ms) if ms else None for variant, ms in steps.items()}
@@ -424,7 +516,8 @@ def main(argv=None):
                     f"or more")
         tokens = args.batch_size * args.block_size
         print("\n1. training step                                       median ms   ratio to bare   tokens/s")
-        labels = {'plain': 'plain nanoGPT-style loop (bench.py)', 'none': 'train.py --record none (bare)',
+        labels = {'plain': 'plain nanoGPT step (written in bench.py)',
+                  'none': 'train.py --record none (bare)',
                   'light': 'train.py --record light (unscheduled steps)', 'all': 'train.py --record all'}
         for variant in variants:
             ms = median_ms[variant]
@@ -444,13 +537,20 @@ def main(argv=None):
               f"(the recording's work not counted), {args.dtype} on {device_name}; "
               + (f"MFU against a peak of {peak:.4g} TFLOP/s" if peak
                  else "no peak known for this device (--peak_tflops), no MFU"))
+        # on the CPU, an MFU analogue against this machine's measured fp32 matmul throughput
+        matmul_peak = matmul_tflops(matmuls) if on_cpu else None
+        if matmul_peak:
+            print(f"   an MFU analogue: achieved model FLOP/s / measured matmul FLOP/s (fp32 {MATMUL_N} x "
+                  f"{MATMUL_N} @ {MATMUL_N} x {MATMUL_N}, median of {len(matmuls)}, timed in the rounds: "
+                  f"{matmul_peak:.3f} TFLOP/s)")
         for variant in variants:
             if median_ms[variant] is None:
                 print(f"   {labels[variant]:50s}  n/a (no timed step, see section 1)")
                 continue
             tflops, utilisation = mfu(flops, tokens, median_ms[variant], peak)
             print(f"   {labels[variant]:50s}{tflops:10.3f} TFLOP/s"
-                  + (f"   MFU {100 * utilisation:5.1f}%" if peak else ""))
+                  + (f"   MFU {100 * utilisation:5.1f}%" if peak else "")
+                  + (f"   {100 * tflops / matmul_peak:5.1f}% of matmul" if matmul_peak else ""))
 
 
 if __name__ == '__main__':

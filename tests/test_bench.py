@@ -22,11 +22,15 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
     proc = run_bench(*TINY_BENCH, '--cache_dir', cache_dir)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    for row in ['plain nanoGPT-style loop', '--record none (bare)', '--record light', '--record all',
+    for row in ['plain nanoGPT step (written in bench.py)', '--record none (bare)', '--record light',
+                '--record all',
                 'probe pass', 'h-space decomposition', 'theta+/-', 'position-local opposition, |G|^T |X|',
                 'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs',
-                '6. model FLOPs', 'TFLOP/s']:
+                '6. model FLOPs', 'TFLOP/s', 'an MFU analogue']:
         assert row in out, row
+    # on the CPU every training variant is a positive fraction of the measured matmul throughput
+    fractions = [float(f) for f in re.findall(r'(\S+)% of matmul', out)]
+    assert len(fractions) == 4 and all(f > 0 for f in fractions), out
     # the fast methods give the sums of the slow ones (float32: up to rounding)
     for diff in re.findall(r'max relative difference (?:of the sums )?(\S+)', out):
         assert float(diff.rstrip(';')) < 1e-5  # a nan fails here
@@ -82,3 +86,60 @@ def test_bench_unknown_or_absent_device_is_one_line(device, cache_dir):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
     assert f"--device {device}" in lines[0] and proc.stdout == '', proc.stderr
+
+
+def tiny_plain(bias=True):
+    """A PlainGPT of a tiny size and model.GPT's config of the same size."""
+    import bench
+    from model import GPTConfig
+    config = GPTConfig(block_size=16, vocab_size=300, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    plain = bench.PlainGPT(config.vocab_size, config.block_size, config.n_layer, config.n_head,
+                           config.n_embd, bias)
+    return plain, config
+
+
+def test_plain_gpt_computes_model_gpt_with_its_weights():
+    """bench.py's independent GPT has model.GPT's parameter count and, given model.GPT's weights
+    (the same tensors in the same order), its logits and loss: the baseline does the same work."""
+    import torch
+    from torch.nn import functional as F
+    from model import GPT
+    torch.manual_seed(0)
+    for bias in (True, False):
+        plain, config = tiny_plain(bias)
+        model = GPT(config)
+        ours, theirs = list(plain.parameters()), list(model.parameters())
+        assert sum(p.numel() for p in ours) == model.num_params()
+        assert [p.shape for p in ours] == [p.shape for p in theirs]
+        with torch.no_grad():
+            for p, q in zip(ours, theirs):
+                p.copy_(q)
+        x, y = torch.randint(0, 300, (3, 16)), torch.randint(0, 300, (3, 16))
+        logits = plain(x)
+        expected_logits, expected_loss = model(x, y)
+        torch.testing.assert_close(logits, expected_logits)
+        torch.testing.assert_close(F.cross_entropy(logits.view(-1, 300), y.view(-1)), expected_loss)
+
+
+def test_plain_steps_lower_the_loss():
+    """A few plain steps (AdamW as train.py's, weight decay on the 2-D tensors only) on one batch:
+    finite losses that go down."""
+    import argparse
+    from contextlib import nullcontext
+    import torch
+    import bench
+    args = argparse.Namespace(block_size=16, n_layer=2, n_head=2, n_embd=32, device='cpu')
+    defaults, model, opt = bench.plain_model(args, {'vocab_size': 300})
+    assert [g['weight_decay'] for g in opt.param_groups] == [defaults.weight_decay, 0.0]
+    assert all(p.dim() >= 2 for p in opt.param_groups[0]['params'])
+    x, y = torch.randint(0, 300, (4, 16)), torch.randint(0, 300, (4, 16))
+    losses = [bench.plain_step(model, model, opt, x, y, nullcontext(), 1.0).item() for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_matmul_tflops_is_positive():
+    import bench
+    ms = bench.matmul_ms(n=64, reps=2)
+    assert len(ms) == 2 and bench.matmul_tflops(ms, n=64) > 0
+    # 2 n^3 = 2e9 FLOPs in the median 2 ms: 1 TFLOP/s
+    assert bench.matmul_tflops([2.0, 1.0, 3.0], n=1000) == pytest.approx(1.0)
