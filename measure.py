@@ -41,7 +41,7 @@ import data
 import metrics
 import train
 from model import GPT, GPTConfig, per_token_loss
-from recorder import HIST_BINS, UPDATE_TERMS, fp32_forward
+from recorder import HIST_BINS, UPDATE_TERMS, fp32_forward, loss_change_interference, parameters_at
 
 MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
 
@@ -179,17 +179,10 @@ def heldout_losses(model, x, y, chunk, device):
                       for a in range(0, len(x), chunk)])
 
 
-def interference(change, generator):
-    """(D, M, sign-flip null) of per-token loss changes, all tokens as one float64 vector."""
-    x = change.flatten().double()
-    return (metrics.destructive_interference(x).item(), metrics.interference_magnitude(x).item(),
-            metrics.sign_flip_null(x, generator=generator).item())
-
-
 def simulated_step(model, ckpt, x, y, lr, config, device):
     """One AdamW step from the model's theta_t on the batch (x, y), as training's step t without
     gradient clipping: the checkpoint's optimizer state (moments and step count), the run's betas and
-    weight decay, learning rate lr. Changes the parameters in place; returns (theta_t, delta)."""
+    weight decay, learning rate lr. Changes the parameters in place; returns delta."""
     optimizer = model.configure_optimizers(config['weight_decay'], lr, (config['beta1'], config['beta2']),
                                            'cuda' if device.startswith('cuda') else device)
     optimizer.load_state_dict(copy.deepcopy(ckpt['optimizer']))  # a copy: every batch starts from it
@@ -199,7 +192,7 @@ def simulated_step(model, ckpt, x, y, lr, config, device):
     per_token_loss(model(x)[0], y).mean().backward()  # fp32, the batch's mean loss, as in training
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    return theta, {n: p.detach() - theta[n] for n, p in model.named_parameters()}
+    return {n: p.detach() - theta[n] for n, p in model.named_parameters()}
 
 
 def gradient_sums(model, x, y, delta, chunk, device, show):
@@ -227,18 +220,16 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys
         show(f"dt = 1, batch {k + 1}/{K}")
         x, y = fresh_batch(seed, t, k, config, corpus, device)
         batch_before = fp32_forward(model, x, y)[0]
-        theta, update = simulated_step(model, ckpt, x, y, lr, config, device)
-        delta = update if k == 0 else delta
-        if args.dt1:
-            changes = [('batch', fp32_forward(model, x, y)[0] - batch_before),
-                       ('heldout', heldout_losses(model, hx, hy, args.chunk_seqs, device) - before)]
-            for which, (where, change) in enumerate(changes):
-                D, M, null = interference(change, null_generator(seed, t, k, which))
-                row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
-                row[f'loss_D_{where}_null'][k] = null
-        with torch.no_grad():  # back to theta_t
-            for n, p in model.named_parameters():
-                p.copy_(theta[n])
+        with parameters_at(dict(model.named_parameters())):  # back to theta_t after the step
+            update = simulated_step(model, ckpt, x, y, lr, config, device)
+            delta = update if k == 0 else delta
+            if args.dt1:
+                changes = [('batch', fp32_forward(model, x, y)[0] - batch_before),
+                           ('heldout', heldout_losses(model, hx, hy, args.chunk_seqs, device) - before)]
+                for which, (where, change) in enumerate(changes):
+                    D, M, null = loss_change_interference(change, null_generator(seed, t, k, which))
+                    row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
+                    row[f'loss_D_{where}_null'][k] = null
     nan = np.full(len(keys), np.nan)
     row.update(opposition_mean=nan, opposition_weighted=nan, opposition_null=nan,
                opposition_n=np.full(len(keys), -1), **{'update_' + term: nan for term in UPDATE_TERMS})
@@ -262,7 +253,7 @@ def dtt_rows(rows, seed):
     for i, r in enumerate(rows):
         if 2 * r['steps'] in by_step:
             change = torch.from_numpy(by_step[2 * r['steps']].astype(np.float64) - r['heldout_loss'])
-            out[:, i] = interference(change, null_generator(seed, r['steps'], 0, 2))
+            out[:, i] = loss_change_interference(change, null_generator(seed, r['steps'], 0, 2))
     return dict(zip(DTT, out))
 
 

@@ -338,16 +338,15 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
     head_sums = position_local_gradient_sums({'head': head}, {'head': [h.detach(), g_z]}, 1)['head.weight']
     inner = {n: p for n, p in params.items() if p is not wte.weight and p is not head.weight}
     sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in params.items()}
-    sums['lm_head.weight' if not tied else 'transformer.wte.weight'] = head_sums
+    head_name = 'transformer.wte.weight' if tied else 'lm_head.weight'  # a tied matrix once, as wte
+    sums[head_name] = head_sums
     ids, where = torch.unique(idx, return_inverse=True)  # (R,) ids present; (B, T) row of each position
     emb = [torch.zeros(len(ids), d, dtype=h.dtype, device=h.device) for _ in range(3)]  # (R, d) rows ids
     if delta is not None:
         delta = key_bias_zeroed(model, delta)  # the key biases: no per-token gradient (see above)
         dots = {name: torch.zeros(B * T, dtype=h.dtype, device=h.device) for name in params}
         # the head part, position-local: <outer(dl_i/dz_i, h_i), delta_U> = dl_i/dz_i . (delta_U h_i)
-        head_dots = (g_z * (h.detach() @ delta['lm_head.weight' if not tied else 'transformer.wte.weight'].T)
-                     ).sum(-1).flatten()  # (N,)
-        dots['lm_head.weight' if not tied else 'transformer.wte.weight'] += head_dots
+        dots[head_name] += (g_z * (h.detach() @ delta[head_name].T)).sum(-1).flatten()  # (N,)
     # causal attention: the loss at position s depends on positions 0..s of its own sequence only,
     # so the tokens at positions a..b-1 of sequence n need the backward of the prefix idx[n, :b] only
     for n in range(B):

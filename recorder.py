@@ -189,13 +189,22 @@ def fp32_forward(model, x, y):
     return per_token_loss(logits, y), h, logits
 
 
+def loss_change_interference(change, generator):
+    """(D, M, sign-flip null) of per-token loss changes (any shape), all tokens as one float64 vector:
+    the zero-sum-learning measurement, train.py's and measure.py's alike. generator: the null's signs."""
+    x = change.flatten().double()
+    return (metrics.destructive_interference(x).item(), metrics.interference_magnitude(x).item(),
+            metrics.sign_flip_null(x, generator=generator).item())
+
+
 @contextmanager
-def parameters_at(params, values):
-    """Inside the block, every parameter holds values[name] (e.g. theta_t after optimizer.step());
-    on exit each gets back exactly what it held."""
+def parameters_at(params, values=None):
+    """Inside the block, every parameter holds values[name] (e.g. theta_t after optimizer.step()),
+    or (values None) what it holds now, free to be changed; on exit each gets back exactly what it
+    held on entry."""
     saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
-        for n, p in params.items():
+        for n, p in params.items() if values is not None else []:
             p.copy_(values[n])
     try:
         yield
@@ -303,10 +312,9 @@ class Recorder:
             self.write('train_probe_loss', step, fp32_forward(self.model, self.tx, self.ty)[0])
         if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows (as a resumed run)
             change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
-            change = change.flatten().double()  # all P*T tokens as one vector
-            self.write('probe_D', step - 1, metrics.destructive_interference(change))
-            self.write('probe_M', step - 1, metrics.interference_magnitude(change))
-            null = metrics.sign_flip_null(change, generator=self.null_signs(step))
+            D, M, null = loss_change_interference(change, self.null_signs(step))
+            self.write('probe_D', step - 1, D)
+            self.write('probe_M', step - 1, M)
             self.write('probe_D_null', step - 1, null)
         U = self.model.lm_head.weight.detach()  # (V, d)
         with torch.no_grad():
@@ -377,10 +385,9 @@ class Recorder:
         if self.full(step):
             loss_post = self.gather(fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)
-            change = (loss_post - self.loss_pre).flatten().double()  # all B*T tokens as one vector
-            self.write('train_D', step, metrics.destructive_interference(change))
-            self.write('train_M', step, metrics.interference_magnitude(change))
-            null = metrics.sign_flip_null(change, generator=self.null_signs(step))
+            D, M, null = loss_change_interference(loss_post - self.loss_pre, self.null_signs(step))
+            self.write('train_D', step, D)
+            self.write('train_M', step, M)
             self.write('train_D_null', step, null)
         if self.master and self.recording and step in self.grad_row:
             row = self.grad_row[step]
