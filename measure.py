@@ -19,9 +19,11 @@ split, the first ones; every token a target once):
   c. dt = t: D and M of the held-out per-token loss changes from theta_t to theta_2t;
   d. the update-weighted terms of metrics.update_weighted_terms, with delta = the simulated update
      of the first fresh batch.
-Every pass is fp32 (recorder.fp32_forward). Records go to RUN/paper/, one row per checkpoint
-(docs/records.md); each finished row is written whole, then listed in progress.json, so an
-interrupted measure.py continues where it stopped. A run still training can be measured.
+Every pass is fp32 (recorder.fp32_forward). Records go to RUN/paper/ for the whole split and to
+RUN/paper_N<N>/ for --tokens (N the tokens measured, whole windows), so that several N sit side by
+side; one row per checkpoint (docs/records.md); each finished row is written whole, then listed in
+progress.json, so an interrupted measure.py continues where it stopped. A run still training can be
+measured.
 """
 
 import argparse
@@ -69,6 +71,8 @@ PAPER_RECORDS = [
     ('opposition_weighted', 'C, n_keys', 'float64', "sum_i |g_ij|-weighted mean of D_j, same columns"),
     ('opposition_null', 'C, n_keys', 'float64', "mean over the same coordinates of the analytic null D_j"),
     ('opposition_n', 'C, n_keys', 'int64', "number of coordinates j with a D_j (sum_i |g_ij| > 0)"),
+    ('opposition_near_total', 'C, n_keys', 'float64',
+     "share of the same coordinates with D_j > 0.99 (metrics.NEAR_TOTAL), near-total opposition"),
     ('update_Cg', 'C, n_keys', 'float64',
      "Cg of metrics.update_weighted_terms, delta = the simulated update on fresh batch 0"),
     ('update_CuG', 'C, n_keys', 'float64', "CuG, same"),
@@ -106,7 +110,8 @@ def get_args(argv=None):
     p.add_argument('--cache_dir', default=None, help="token cache (default: the run's)")
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
     p.add_argument('--threads', type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument('--overwrite', action='store_true', help="measure again: delete RUN/paper/'s records")
+    p.add_argument('--overwrite', action='store_true',
+                   help="measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)")
     args = p.parse_args(argv)
     for name in ['batches', 'chunk_seqs']:
         if getattr(args, name) <= 0:
@@ -231,13 +236,13 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys
                     row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
                     row[f'loss_D_{where}_null'][k] = null
     nan = np.full(len(keys), np.nan)
-    row.update(opposition_mean=nan, opposition_weighted=nan, opposition_null=nan,
+    row.update(opposition_mean=nan, opposition_weighted=nan, opposition_null=nan, opposition_near_total=nan,
                opposition_n=np.full(len(keys), -1), **{'update_' + term: nan for term in UPDATE_TERMS})
     if args.opposition:
         sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device, show)
         summary = metrics.opposition_summary(sums, bins=HIST_BINS, total='model')
         terms = metrics.update_weighted_terms(sums, delta, dots, total='model')
-        for name in ['mean', 'weighted', 'null', 'n']:
+        for name in ['mean', 'weighted', 'null', 'near_total', 'n']:
             row['opposition_' + name] = np.array([float(summary[key][name]) for key in keys])
         row['opposition_n'] = row['opposition_n'].astype(np.int64)
         for term in UPDATE_TERMS:
@@ -302,10 +307,15 @@ def read_rows(out, settings):
     return [dict(r, steps=int(r['steps'])) for r in rows]
 
 
-def open_out(run, overwrite):
-    """RUN/paper/, created if needed, locked for this process (a second measure.py is refused); with
-    --overwrite emptied of measure.py's files first. Anything else in it is refused."""
-    out = os.path.join(run, train.MEASURE_DIR)
+def out_folder(run, tokens, n_tokens):
+    """Where the records of N = n_tokens held-out tokens go: RUN/paper/ for the whole split (--tokens 0),
+    RUN/paper_N<n_tokens>/ for --tokens."""
+    return os.path.join(run, train.MEASURE_DIR + (f"_N{n_tokens}" if tokens else ''))
+
+
+def open_out(out, overwrite):
+    """The records' folder out, created if needed, locked for this process (a second measure.py on it
+    is refused); with --overwrite emptied of measure.py's files first. Anything else in it is refused."""
     if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
         fail(f"{out}: not a folder")
     foreign = [n for n in sorted(os.listdir(out)) if not re.fullmatch(train.MEASURE_FILES, n)
@@ -351,7 +361,7 @@ def main(argv=None):
     settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
                     batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
                     data_key=config['data_key'], seed_stream=MEASURE_STREAM)
-    out, lock = open_out(args.run, args.overwrite)
+    out, lock = open_out(out_folder(args.run, args.tokens, hx.numel()), args.overwrite)
     rows = read_rows(out, settings)
     todo = [t for t in kept if t not in {r['steps'] for r in rows}]
     print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "

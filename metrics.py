@@ -32,6 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import per_token_loss
 
+NEAR_TOTAL = 0.99  # D_j above this: near-total opposition (opposition_summary's 'near_total')
+
 # -----------------------------------------------------------------------------
 # 1. destructive interference
 
@@ -458,6 +460,16 @@ def opposition_members(names, total='model'):
     return members
 
 
+def scale_free_opposition(D, n_tokens):
+    """sqrt(N) (1 - D): the distance of a D (or of a mean of D_j) from total opposition, scaled by the
+    number of tokens N it was measured over. Under the null (random signs) 1 - D shrinks as 1 / sqrt(N)
+    (expected_null_interference: 1 - D ~ sqrt(2/pi) sqrt(sum x^2) / sum |x|, which for N magnitudes of
+    one distribution is sqrt(2/pi) sqrt(E x^2) / (E|x| sqrt(N))), so this form of the null is the same
+    at every N, and D is compared with its null at N = 128 and at N = 16384 on one scale: a value
+    below the null's is more opposition than chance, above it less. Any shapes that broadcast."""
+    return (1 - D) * n_tokens ** 0.5
+
+
 def opposition_summary(sums, bins=20, total='model'):
     """Gradient opposition D_j (see coordinate_opposition) summarised per parameter tensor (its
     name), per layer (see opposition_group), over the Transformer blocks' weight matrices
@@ -467,7 +479,8 @@ def opposition_summary(sums, bins=20, total='model'):
     'weighted': the mean weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|;
     'hist': (bins,) counts of D_j in equal bins of [0, 1]; 'n': the number of coordinates counted;
     'null': the mean over the same coordinates of D_j's null, expected_null_interference of
-    sum_i |g_ij| and sum_i g_ij^2: what the mean would be if the tokens' signs carried no structure."""
+    sum_i |g_ij| and sum_i g_ij^2: what the mean would be if the tokens' signs carried no structure;
+    'near_total': the share of those coordinates with D_j > NEAR_TOTAL (0.99), near-total opposition."""
     per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
     for name, (total_g, total_abs, total_sq) in sums.items():
         total_g, total_abs, total_sq = (t.flatten().double() for t in (total_g, total_abs, total_sq))
@@ -477,6 +490,7 @@ def opposition_summary(sums, bins=20, total='model'):
         # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
         per[name] = dict(D_sum=D.sum(), null_sum=null.sum(), n=D.numel(),
                          hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
+                         near_total=(D > NEAR_TOTAL).sum(),
                          abs_total=total_g.abs().sum(), total_abs=total_abs.sum())
     out = {}
     for key, names in opposition_members(list(sums), total).items():  # the union of their coordinates
@@ -487,7 +501,9 @@ def opposition_summary(sums, bins=20, total='model'):
         null = sum(p['null_sum'] for p in parts) / n if n else nan
         weighted = interference_from_sums(sum(p['abs_total'] for p in parts),
                                           sum(p['total_abs'] for p in parts))
+        near_total = sum(p['near_total'] for p in parts) / n if n else nan
         out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(), null=null.cpu(),
+                        near_total=torch.as_tensor(near_total, dtype=torch.float64).cpu(),
                         hist=sum(p['hist'] for p in parts).long().cpu(), n=torch.tensor(n))
     return out
 
@@ -582,6 +598,14 @@ def frequency_buckets(counts, n_buckets=8):
     k = torch.arange(n_buckets + 1, dtype=torch.float64)
     edges = torch.unique(torch.round((V + 1.0) ** (k / n_buckets)).long() - 1)  # (n + 1,)
     return torch.searchsorted(edges, rank, right=True) - 1, edges
+
+
+def unigram_entropy(counts):
+    """H_1 = -sum_v q_v log q_v (nats), q_v = c_v / sum c the unigram distribution of the training counts
+    (V,): the loss of a model that ignores the context and predicts every token by its frequency, the
+    level a language model's loss falls below once it uses the context (0 log 0 = 0)."""
+    q = counts.double() / counts.sum()
+    return -(q[q > 0] * torch.log(q[q > 0])).sum()
 
 
 def zipf_fit(counts, k=3.0):

@@ -24,6 +24,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import warnings
@@ -106,8 +107,13 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         raise ValueError(f"{path}: train_loss.npy is missing (the one record every figure needs)")
-    if os.path.isfile(os.path.join(path, 'paper', 'progress.json')):
-        rec['paper'] = load_paper(os.path.join(path, 'paper'))
+    # measure.py's records, one folder per N (paper/: the whole split; paper_N<N>/), fewest tokens first;
+    # 'paper' is the one of most tokens, which fig10 draws
+    papers = [load_paper(os.path.dirname(f)) for f in glob.glob(os.path.join(path, 'paper*', 'progress.json'))
+              if re.fullmatch(r'paper(_N\d+)?', os.path.basename(os.path.dirname(f)))]
+    if papers:
+        rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
+        rec['paper'] = rec['papers'][-1]
     name = os.path.basename(os.path.abspath(path))
     return dict(path=path, name=name, config=config, rec=rec, missing=missing,
                 label=f"{name} ({config['n_layer']}L/{config['n_embd']}d, {config['n_params'] / 1e6:.2g}M)")
@@ -124,8 +130,12 @@ def load_paper(folder):
         raise ValueError(f"{folder}/progress.json: not measure.py's ({e})")
     paper = {}
     for name in ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
-                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null']:
-        paper[name] = np.asarray(load_record(os.path.join(folder, name + '.npy'))[:n], dtype=float)
+                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null', 'opposition_near_total']:
+        file = os.path.join(folder, name + '.npy')
+        if name == 'opposition_near_total' and not os.path.isfile(file):  # measured before it existed
+            paper[name] = np.full_like(paper['opposition_mean'], np.nan)
+            continue
+        paper[name] = np.asarray(load_record(file)[:n], dtype=float)
         if len(paper[name]) < n:
             raise ValueError(f"{folder}/{name}.npy: fewer rows than progress.json lists")
     order = np.argsort(paper['steps'])
@@ -880,12 +890,13 @@ def fig_geometry(runs):
     return fig
 
 
-def paper_column(run, key):
-    """(mean, null) of measure.py's opposition column `key` ('blocks' or 'model'), NaN without it."""
-    p, keys = run['rec']['paper'], run['rec']['paper']['settings']['opposition_keys']
+def paper_column(p, key):
+    """(mean, null, share of D_j > 0.99) of the opposition column `key` ('blocks' or 'model') of
+    measure.py's records p (one N), each (C,), NaN without it."""
+    keys = p['settings']['opposition_keys']
     if key not in keys:
-        return np.full(len(p['steps']), np.nan), np.full(len(p['steps']), np.nan)
-    return p['opposition_mean'][:, keys.index(key)], p['opposition_null'][:, keys.index(key)]
+        return tuple(np.full(len(p['steps']), np.nan) for _ in range(3))
+    return tuple(p['opposition_' + k][:, keys.index(key)] for k in ('mean', 'null', 'near_total'))
 
 
 def fig_paper_protocol(runs):
@@ -894,7 +905,7 @@ def fig_paper_protocol(runs):
         p, c = r['rec']['paper'], r['color']
         steps = p['steps']
         for key, ls in [('blocks', '-'), ('model', '--')]:
-            mean, null = paper_column(r, key)
+            mean, null, _ = paper_column(p, key)
             axes[0].plot(steps, mean, color=c, ls=ls, marker='o', ms=3)
             axes[0].plot(steps, null, color=c, ls=':', lw=1)
         for where, ls, shift in [('batch', '-', 0.97), ('heldout', '--', 1.03)]:  # shifted apart a little
@@ -1237,25 +1248,57 @@ def figures_for(runs):
 
 
 def paper_table(runs):
-    """Per run with measure.py's records and per checkpoint: the numbers of fig10_paper_protocol."""
+    """Per run with measure.py's records, per N and per checkpoint: the numbers of fig10_paper_protocol,
+    with the blocks' share of D_j > 0.99 and their scale-free sqrt(N) (1 - D)."""
     parts = []
     for r in runs:
-        if 'paper' not in r['rec']:
+        for p in r['rec'].get('papers', []):
+            s = p['settings']
+            blocks, model = paper_column(p, 'blocks'), paper_column(p, 'model')
+            scaled = [metrics.scale_free_opposition(v, s['tokens']) for v in blocks[:2]]
+            rows = []
+            for i, t in enumerate(p['steps']):
+                cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
+                cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})", f"{blocks[2][i]:.4f}"]
+                for where in ['batch', 'heldout']:
+                    D = p[f'loss_D_{where}'][i]
+                    cells.append(f"{D.mean():.4f} +- {D.std():.4f} ({p[f'loss_D_{where}_null'][i].mean():.4f})")
+                cells.append(f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})")
+                rows.append([int(t)] + cells)
+            header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
+                      'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)',
+                      'dt=t D held-out (null)']
+            parts += [f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
+                      f"k = {s['batches']} fresh batches.", '', md_table(header, rows), '']
+    return '\n'.join(parts)
+
+
+def matched_steps_table(runs):
+    """The runs side by side at the checkpoints that all of them measured at the same N: the blocks'
+    mean D_j (its null) and sqrt(N)(1 - D_j), marked before or after each run's t_d. '' when fewer
+    than two runs share an N."""
+    by_N = {}
+    for r in runs:
+        for p in r['rec'].get('papers', []):
+            by_N.setdefault(p['settings']['tokens'], []).append((r, p))
+    parts = []
+    for N, members in sorted(by_N.items()):
+        if len(members) < 2:
             continue
-        p, s = r['rec']['paper'], r['rec']['paper']['settings']
-        blocks, model = paper_column(r, 'blocks'), paper_column(r, 'model')
+        steps = sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members]))
         rows = []
-        for i, t in enumerate(p['steps']):
-            cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
-            for where in ['batch', 'heldout']:
-                D = p[f'loss_D_{where}'][i]
-                cells.append(f"{D.mean():.4f} +- {D.std():.4f} ({p[f'loss_D_{where}_null'][i].mean():.4f})")
-            cells.append(f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})")
-            rows.append([int(t)] + cells)
-        header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'dt=1 D batch (null)',
-                  'dt=1 D held-out (null)', 'dt=t D held-out (null)']
-        parts += [f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
-                  f"k = {s['batches']} fresh batches.", '', md_table(header, rows), '']
+        for t in steps:
+            cells = []
+            for r, p in members:
+                i = [int(s) for s in p['steps']].index(t)
+                mean, null, _ = paper_column(p, 'blocks')
+                t_d = r['fit'].get('t_d')
+                side = '' if t_d is None else ' <' if t < t_d else ' >'
+                cells.append(f"{mean[i]:.4f} ({null[i]:.4f}), "
+                             f"{metrics.scale_free_opposition(mean[i], N):.2f}{side}")
+            rows.append([t] + cells)
+        parts += [f"N = {N:,} held-out tokens.", '',
+                  md_table(['step t'] + [r['name'] for r, _ in members], rows), '']
     return '\n'.join(parts)
 
 
@@ -1270,9 +1313,19 @@ def report_text(runs, drawn, notes, fmt):
               "(as per bucket below; never improved: never below its value at step 0); D = mean "
               "interference of per-token probe-loss changes (step t to t+1) before and after t_d, over "
               "the N probe tokens, beside the mean of its sign-flip null at the same N.", '']
-    rows = []
+    rows, scale = [], []
     for r in runs:
         fit, s = r['fit'], run_summary(r)
+        cfg, t_d, L_d = r['config'], fit.get('t_d'), fit.get('L_d')
+        batch = cfg['batch_size'] * cfg['block_size']
+        H1 = (float(metrics.unigram_entropy(torch.as_tensor(np.asarray(r['rec']['train_counts']))))
+              if 'train_counts' in r['rec'] else None)
+        scale.append([r['name'], f"{cfg['n_params']:,}", cfg['warmup_iters'], f"{cfg['learning_rate']:.3g}",
+                      'n/a' if t_d is None else f"{t_d * batch:,.0f}",
+                      'n/a' if t_d is None else f"{t_d * batch / cfg['n_params']:.3g}",
+                      'n/a' if t_d is None else f"{t_d / cfg['warmup_iters']:.2f}" if cfg['warmup_iters'] else 'n/a',
+                      'n/a' if H1 is None else f"{H1:.4f}",
+                      'n/a' if L_d is None or H1 is None else f"{L_d / H1:.3f}"])
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(r['rec']['train_loss'])[0]),
                      ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
                      ci_text(fit, 'L_d', '{:.4g}'),
@@ -1285,6 +1338,12 @@ def report_text(runs, drawn, notes, fmt):
               'best val. loss',
               'last val. loss', 'saturation onset', 'probe N', 'D before t_d', 'D after t_d']
     parts += [md_table(header, rows), '']
+    parts += ["The break in other units: t_d in training tokens (t_d x batch tokens) and in tokens per "
+              "parameter; t_d / warmup steps (the published runs: about 2.3 to 3); L_d against H_1, the "
+              "entropy of the training split's unigram distribution (metrics.unigram_entropy), the loss "
+              "of a model that ignores the context.", '',
+              md_table(['run', 'params', 'warmup', 'peak lr', 't_d tokens', 't_d tokens / param',
+                        't_d / warmup', 'H_1 (nats)', 'L_d / H_1'], scale), '']
     table = opposition_table(runs)
     if table:
         parts += ['## Gradient opposition', '',
@@ -1340,7 +1399,15 @@ def report_text(runs, drawn, notes, fmt):
                   "N held-out tokens; D of per-token loss changes over one simulated AdamW step (dt = 1), "
                   "mean +- sd over the k fresh batches, on the batch and on the held-out tokens; D of the "
                   "held-out changes from t to 2t (dt = t; nan for the last). In brackets: the null "
-                  "(analytic for D_j, sign-flip for the loss D). nan: not measured.", '', table]
+                  "(analytic for D_j, sign-flip for the loss D). nan: not measured. sqrt(N)(1 - D_j): the "
+                  "blocks' mean on a scale on which its null is the same at every N "
+                  "(metrics.scale_free_opposition); share: the blocks' coordinates with D_j > 0.99.", '', table]
+    table = matched_steps_table(runs)
+    if table:
+        parts += ['## The runs at matched checkpoints (measure.py)', '',
+                  "The blocks' mean D_j (its null) and sqrt(N)(1 - D_j) at the checkpoints that every run "
+                  "measured at the same N; < before the run's t_d, > at or after it. More opposition "
+                  "than chance: D_j above its null, sqrt(N)(1 - D_j) below the null's.", '', table]
     parts += ['## Figures', '']
     for name, _, _, caption in figures_for(runs):
         if name in drawn:

@@ -7,7 +7,7 @@
 #   bash sweep.sh              # all three parts, one after the other
 #   bash sweep.sh sizes        # 4 sizes, 900 steps: loss deceleration, gradient opposition, zero-sum
 #                              # learning, recorded online
-#   bash sweep.sh measure      # measure.py on the size sweep's checkpoints at N = 128 / 2048 / 16384
+#   bash sweep.sh measure      # measure.py on the size sweep's checkpoints at N = 128, 2048, 16384
 #   bash sweep.sh warmup       # 4L/128d with 10, 40 and 100 warmup steps: does t_d track warmup?
 #   bash sweep.sh saturation   # 2 layers at widths 8 to 64, vocabulary 2048, 10-20M tokens each
 #
@@ -57,13 +57,14 @@ fi
 
 if [[ $what == all || $what == measure ]]; then
   t0=$SECONDS
-  # the published protocol at three N: 128 and 2048 held-out tokens at every kept checkpoint, and
-  # 16384 at the checkpoints either side of the loss's deceleration (t = 32, 64, 128, 256)
+  # the published protocol at three N: 128 and 2048 held-out tokens at the kept checkpoints from 16
+  # to 512, and 16384 at 64 and 256, either side of the loss's deceleration
   for run in "$OUT"/sizes/L*; do
     t1=$SECONDS
-    python measure.py "$run" --tokens 128 --overwrite --threads "$THREADS"
-    python measure.py "$run" --tokens 2048 --overwrite --threads "$THREADS"
-    python measure.py "$run" --tokens 16384 --steps 32,64,128,256 --overwrite --threads "$THREADS"
+    for N in 128 2048; do
+      python measure.py "$run" --tokens $N --steps 16,32,64,128,256,512 --overwrite --threads "$THREADS"
+    done
+    python measure.py "$run" --tokens 16384 --steps 64,256 --overwrite --threads "$THREADS"
     echo "sweep.sh: measure.py on $run took $(took $t1)"
   done
   python plot.py "$OUT/sizes"

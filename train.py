@@ -54,7 +54,7 @@ RUN_FILES = ['config.json', 'progress.json', 'ckpt.pt', 'tokenizer.json', 'train
 PLOT_FILES = r'(fig\d+_\w+\.(png|pdf)|report\.md)|\.(fig\d+_\w+\.(png|pdf)|report\.md)\.\d+\.tmp'
 # the checkpoints kept by --keep_ckpts log2, in ckpts/, and what measure.py writes in paper/
 KEPT_DIR, KEPT_FILES = 'ckpts', r'step_\d{6,}\.pt(\.tmp)?'
-MEASURE_DIR = 'paper'
+MEASURE_DIR = 'paper'  # paper/ for the whole validation split, paper_N<N>/ for N tokens
 MEASURE_FILES = r'(progress\.json|(steps|heldout_loss|loss_\w+|opposition_\w+|update_\w+)\.npy)(\.tmp)?'
 
 
@@ -416,16 +416,17 @@ def lock_run_dir(out_dir):
 def foreign_entries(out_dir):
     """The entries of out_dir that train.py, plot.py or measure.py did not write: not named in
     RUN_FILES or as a record, not a plain file, a config.json that is not train.py's, or in
-    figures/, ckpts/ or paper/ anything but plot.py's figures and report, the kept checkpoints or
-    measure.py's records."""
+    figures/, ckpts/ or paper/ (paper_N<N>/) anything but plot.py's figures and report, the kept
+    checkpoints or measure.py's records."""
     ours = set(RUN_FILES) | {name + '.npy' for name, *_ in RECORDS}
-    folders = {'figures': PLOT_FILES, KEPT_DIR: KEPT_FILES, MEASURE_DIR: MEASURE_FILES}
+    folders = {'figures': PLOT_FILES, KEPT_DIR: KEPT_FILES, MEASURE_DIR + r'(_N\d+)?': MEASURE_FILES}
     foreign = []
     for entry in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, entry)
-        if entry in folders and os.path.isdir(path) and not os.path.islink(path):
+        files = next((f for folder, f in folders.items() if re.fullmatch(folder, entry)), None)
+        if files and os.path.isdir(path) and not os.path.islink(path):
             foreign += [f"{entry}/{name}" for name in sorted(os.listdir(path)) if not re.fullmatch(
-                folders[entry], name) or not os.path.isfile(os.path.join(path, name))]
+                files, name) or not os.path.isfile(os.path.join(path, name))]
         elif entry not in ours or os.path.islink(path) or not os.path.isfile(path) or \
                 (entry == 'config.json' and not written_by_train(path)):
             foreign.append(entry)

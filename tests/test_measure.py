@@ -21,6 +21,7 @@ from model import GPT, GPTConfig, per_token_loss
 pytestmark = pytest.mark.slow  # runs train.py and measure.py in subprocesses
 
 S, T, TOKENS, K = 8, 16, 40, 2  # kept checkpoints 1, 2, 4, 8; 40 tokens -> 2 windows of 16
+PAPER = f"paper_N{2 * T}"  # where measure.py --tokens 40 writes: N = 32 tokens measured
 
 
 def run_measure(*args, check=True):
@@ -46,7 +47,7 @@ def measured(tmp_path_factory, cache_dir):
 
 
 def load(run, name):
-    return np.load(os.path.join(run, 'paper', name + '.npy'), allow_pickle=False)
+    return np.load(os.path.join(run, PAPER, name + '.npy'), allow_pickle=False)
 
 
 def config_of(run):
@@ -94,6 +95,14 @@ def adamw_step64(model, ckpt, cfg, x, y):
     return {n: p.detach() - theta[n] for n, p in model.named_parameters()}
 
 
+def test_records_of_each_N_go_to_their_own_folder(tmp_path):
+    """The whole split to RUN/paper/, --tokens N to RUN/paper_N<N>/ (N the tokens measured), so that
+    several N of one run sit side by side."""
+    run = str(tmp_path)
+    assert measure.out_folder(run, 0, 92160) == os.path.join(run, 'paper')
+    assert measure.out_folder(run, 40, 32) == os.path.join(run, 'paper_N32')
+
+
 def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
     """ckpts/step_t.pt holds theta_t (the probe loss of row t is its loss), the optimizer state
     after t steps, and step t; the last one is the run's final checkpoint."""
@@ -113,7 +122,7 @@ def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
 
 
 def test_records_have_one_row_per_checkpoint(measured):
-    progress = json.load(open(os.path.join(measured, 'paper', 'progress.json')))
+    progress = json.load(open(os.path.join(measured, PAPER, 'progress.json')))
     assert progress['steps'] == [1, 2, 4, 8] and progress['tokens'] == 2 * T and progress['batches'] == K
     n_keys = len(progress['opposition_keys'])
     C = 4
@@ -170,7 +179,7 @@ def test_an_interrupted_measure_resumes_to_the_same_records(measured, tmp_path):
     finished folder measures nothing and changes nothing."""
     run = str(tmp_path / 'run')
     shutil.copytree(measured, run)
-    paper = os.path.join(run, 'paper')
+    paper = os.path.join(run, PAPER)
     reference = {f: open(os.path.join(paper, f), 'rb').read()
                  for f in os.listdir(paper) if f.endswith('.npy')}
     progress = json.load(open(os.path.join(paper, 'progress.json')))
@@ -190,18 +199,21 @@ def test_an_interrupted_measure_resumes_to_the_same_records(measured, tmp_path):
 def test_overwrite_of_train_removes_kept_checkpoints_and_measurements(measured, tmp_path, cache_dir):
     run = str(tmp_path / 'run')
     shutil.copytree(measured, run)
-    open(os.path.join(run, 'paper', 'notes.txt'), 'w').close()  # a user's file: the folder is not train's
-    assert train.foreign_entries(run) == ['paper/notes.txt']
-    os.remove(os.path.join(run, 'paper', 'notes.txt'))
+    open(os.path.join(run, PAPER, 'notes.txt'), 'w').close()  # a user's file: the folder is not train's
+    assert train.foreign_entries(run) == [f'{PAPER}/notes.txt']
+    os.remove(os.path.join(run, PAPER, 'notes.txt'))
+    os.makedirs(os.path.join(run, 'paper_x'))  # not a name measure.py writes
+    assert train.foreign_entries(run) == ['paper_x']
+    os.rmdir(os.path.join(run, 'paper_x'))
     run_train(*TINY, '--max_iters', '2', '--threads', '1', '--cache_dir', cache_dir, '--out_dir', run,
               '--overwrite')
-    assert not os.path.exists(os.path.join(run, 'paper')) and not os.path.exists(os.path.join(run, 'ckpts'))
+    assert not os.path.exists(os.path.join(run, PAPER)) and not os.path.exists(os.path.join(run, 'ckpts'))
 
 
 def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
     """No run, no kept checkpoints, a bad flag, or other settings than the folder was measured with:
     one line, exit status 2, and the records untouched."""
-    paper = os.path.join(measured, 'paper')
+    paper = os.path.join(measured, PAPER)
     before = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
     cases = [([str(tmp_path / 'nothing')], 'no such folder'),
              ([str(tmp_path)], 'not a run'),
@@ -212,14 +224,14 @@ def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
              ([measured, '--device', 'tpu'], '--device'),
              ([measured, '--tokens', str(TOKENS), '--batches', '3'],
               'other settings (batches)'),
-             ([measured, '--tokens', str(3 * T), '--batches', str(K)], 'other settings'),
+             ([*measure_args(measured), '--no-dt1'], 'other settings (dt1)'),
              ([*measure_args(measured), '--no-opposition'], 'other settings (opposition)')]
     for args, what in cases:
         proc = run_measure(*args, check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and what in lines[0], (args, proc.stderr)
         assert 'Traceback' not in proc.stderr
-    assert not os.path.exists(os.path.join(tiny_run, 'paper'))
+    assert not [f for f in os.listdir(tiny_run) if f.startswith('paper')]
     assert before == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
 
 
@@ -245,7 +257,7 @@ def test_opposition_and_update_terms_against_float64_per_token_gradients(measure
     cfg = config_of(measured)
     corpus = data.prepare(None, 300, cache_dir)
     hx, hy = heldout(measured, cache_dir)
-    keys = json.load(open(os.path.join(measured, 'paper', 'progress.json')))['opposition_keys']
+    keys = json.load(open(os.path.join(measured, PAPER, 'progress.json')))['opposition_keys']
     rec = {n: load(measured, n) for n, *_ in measure.PAPER_RECORDS if n.startswith(('opposition', 'update'))}
     for row, t in enumerate(load(measured, 'steps')):
         model, ckpt = model64(measured, int(t))
@@ -262,6 +274,10 @@ def test_opposition_and_update_terms_against_float64_per_token_gradients(measure
             assert abs(rec['opposition_mean'][row, j] - D.mean().item()) < 1e-4, (t, key)
             assert abs(rec['opposition_null'][row, j] - null.mean().item()) < 1e-4, (t, key)
             assert rec['opposition_n'][row, j] == used.sum().item(), (t, key)
+            # the share of D_j > 0.99: only coordinates within rounding of 0.99 may count otherwise
+            unsure = ((D - metrics.NEAR_TOTAL).abs() < 1e-4).sum().item()
+            share = (D > metrics.NEAR_TOTAL).double().mean().item()
+            assert abs(rec['opposition_near_total'][row, j] - share) <= unsure / used.sum().item() + 1e-12
             if key == 'blocks':
                 s, a = (torch.cat([looped[n][k].flatten() for n in names]) for k in (0, 1))
                 D_looped = 1 - s[a > 0].abs() / a[a > 0]
@@ -281,14 +297,14 @@ def test_opposition_and_update_terms_against_float64_per_token_gradients(measure
 
 
 def test_plot_draws_the_protocol_and_reports_its_numbers(measured, tmp_path):
-    """plot.py draws fig10_paper_protocol from RUN/paper/ and its report table shows the records."""
+    """plot.py draws fig10_paper_protocol from RUN/paper_N<N>/ and its report table shows the records."""
     out = str(tmp_path / 'figs')
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), measured, '--out', out],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert os.path.isfile(os.path.join(out, 'fig10_paper_protocol.png'))
     report = open(os.path.join(out, 'report.md')).read()
-    keys = json.load(open(os.path.join(measured, 'paper', 'progress.json')))['opposition_keys']
+    keys = json.load(open(os.path.join(measured, PAPER, 'progress.json')))['opposition_keys']
     blocks, D = load(measured, 'opposition_mean')[:, keys.index('blocks')], load(measured, 'loss_D_heldout')
     assert f"N = {2 * T} held-out tokens" in report
     for i, t in enumerate(load(measured, 'steps')):

@@ -358,6 +358,10 @@ def test_coordinate_opposition_and_summary_are_exact():
     close(summary['blocks']['null'], null.clamp(0, 1).mean())
     close(summary['blocks']['weighted'], 1 - g.sum(0).abs().sum() / g.abs().sum())
     assert summary['blocks']['n'] == moved.sum()
+    # near-total opposition: the share of those coordinates with D_j > 0.99, counted one by one
+    near = sum(1 for j in range(g.shape[1]) if moved[j] and 1 - abs(g[:, j].sum()) / g[:, j].abs().sum() > 0.99)
+    close(summary['blocks']['near_total'], near / moved.sum().item())
+    close(summary[n]['near_total'], (D > M.NEAR_TOTAL).double().mean())
     # another name for the total; no blocks column without a block matrix
     head_and_norm = {k: sums[k] for k in ['lm_head.weight', 'transformer.ln_f.weight']}
     local = M.opposition_summary(head_and_norm, total='local')
@@ -562,6 +566,27 @@ def test_dissent_ratio_against_explicit_vectors():
     g_full = torch.cat([v.flatten() for v in torch.autograd.grad(mean_loss, list(params.values()))])
     close(M.dissent_ratio(out['norm_grad'], out['norm_plus'], out['norm_minus']),
           g_full.norm() / (g_plus.norm() + (g_full - g_plus).norm()))
+
+
+def test_unigram_entropy_is_the_entropy_of_the_counts():
+    counts = torch.tensor([5, 0, 3, 2, 10])
+    q = [c / 20 for c in (5, 3, 2, 10)]  # the unseen token adds nothing (0 log 0 = 0)
+    close(M.unigram_entropy(counts), -sum(p * np.log(p) for p in q))
+    close(M.unigram_entropy(torch.full((64,), 7)), np.log(64))  # uniform: log V
+
+
+def test_scale_free_opposition_makes_the_null_the_same_at_every_N():
+    """sqrt(N) (1 - D): the D of N random-sign magnitudes drawn from one distribution gives about the
+    same value at N = 128 and at N = 16384 (while D itself moves from about 0.93 to 0.994)."""
+    gen = torch.Generator().manual_seed(0)
+    values = {}
+    for n in (128, 16384):
+        x = torch.randn(400, n, dtype=torch.float64, generator=gen).exp()
+        signs = torch.randint(0, 2, (400, n), generator=gen).double() * 2 - 1
+        D = 1 - (x * signs).sum(1).abs() / x.sum(1)  # (400,) D of random signs
+        values[n] = M.scale_free_opposition(D, n).mean().item()
+    assert abs(values[128] - values[16384]) < 0.05 * values[16384], values
+    close(M.scale_free_opposition(0.99, 10000), 1.0)  # sqrt(10000) * 0.01
 
 
 def test_zipf_fit_recovers_an_exact_law_and_flags_an_outlier():
