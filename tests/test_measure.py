@@ -2,6 +2,7 @@
 recomputation from the checkpoints, resume after an interruption, bad input."""
 import argparse
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -330,3 +331,36 @@ def test_a_resumed_run_keeps_the_same_checkpoints(measured, tmp_path, cache_dir)
         assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model']), t
         for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
             assert all(torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])) for k in sa), t
+
+
+def test_plot_reports_every_N_and_the_runs_at_matched_checkpoints(measured, tmp_path):
+    """Two N of one run each get their table, with the blocks' sqrt(N)(1 - D_j) beside its null's and
+    the share of D_j > 0.99 from the records; two runs measured at one N are set side by side at the
+    checkpoints both measured, and an N that one run alone measured is not. The deceleration table's
+    H_1 is the entropy of the run's training counts."""
+    root = tmp_path / 'runs'
+    for name in ('a', 'b'):
+        shutil.copytree(measured, root / name, ignore=shutil.ignore_patterns('figures'))
+    run_measure(str(root / 'a'), '--tokens', str(T), '--batches', str(K), '--steps', '2,4')  # paper_N16
+    out = tmp_path / 'figs'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), str(root), '--out', str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    report = (out / 'report.md').read_text()
+    for N in (T, 2 * T):
+        paper = root / 'a' / f"paper_N{N}"
+        keys = json.load(open(paper / 'progress.json'))['opposition_keys']
+        mean, null, near = (np.load(paper / f"opposition_{k}.npy")[:, keys.index('blocks')]
+                            for k in ('mean', 'null', 'near_total'))
+        assert f"a: N = {N} held-out tokens" in report
+        for i, t in enumerate(np.load(paper / 'steps.npy')):
+            scaled = f"{np.sqrt(N) * (1 - mean[i]):.2f} ({np.sqrt(N) * (1 - null[i]):.2f}) | {near[i]:.4f} |"
+            assert f"| {t} | {mean[i]:.4f} (" in report and scaled in report, (N, t)
+    matched = report[report.index('## The runs at matched checkpoints'):]
+    matched = matched[:matched.index('\n## ')]
+    assert f"N = {2 * T} held-out tokens." in matched and f"N = {T} held-out tokens." not in matched
+    assert '| step t | a | b |' in matched
+    assert all(re.search(rf"\| {t} \| [0-9.]+ \([0-9.]+\), [0-9.]+ [<>]? ?\| [0-9.]+ \(", matched) for t in (1, 2, 4, 8))
+    counts = np.load(root / 'a' / 'train_counts.npy').astype(np.float64)
+    q = counts[counts > 0] / counts.sum()
+    assert f"| {-(q * np.log(q)).sum():.4f} |" in report
