@@ -1318,7 +1318,7 @@ def report_text(runs, drawn, notes, fmt):
         fit, s = r['fit'], run_summary(r)
         cfg, t_d, L_d = r['config'], fit.get('t_d'), fit.get('L_d')
         batch = cfg['batch_size'] * cfg['block_size']
-        H1 = (float(metrics.unigram_entropy(torch.from_numpy(np.array(r['rec']['train_counts'])))))
+        H1 = (float(metrics.unigram_entropy(torch.from_numpy(np.array(r['rec']['train_counts']))))
               if 'train_counts' in r['rec'] else None)
         scale.append([r['name'], f"{cfg['n_params']:,}", cfg['warmup_iters'], f"{cfg['learning_rate']:.3g}",
                       'n/a' if t_d is None else f"{t_d * batch:,.0f}",
