@@ -359,13 +359,18 @@ def components(args, corpus, rounds):
     def step(_):
         project_step(model, step_model, opt, x, y, autocast, defaults.grad_clip)
 
+    head = next(n for n, p in params.items() if p is model.lm_head.weight)  # the name of U
+
+    def grads():  # the training gradient, as train.py's recorder takes it from p.grad
+        return {n: p.grad for n, p in params.items()}
+
     def graph():  # the training forward and backward, graph kept, position-local X and G captured
         with metrics.capture_activations(local) as acts:
             with autocast:
-                logits = model(x)[0]
+                logits, _, h = model(x, return_hidden=True)
                 loss = per_token_loss(logits, y).mean()
             loss.backward(retain_graph=True)
-        return logits, acts
+        return logits, acts, h
 
     def subset_graph():  # X and G captured, G of the losses of the first LOCAL_SUBSET tokens only
         with metrics.capture_activations(local) as acts:
@@ -397,12 +402,12 @@ def components(args, corpus, rounds):
         'h-space decomposition of the probe tokens': (
             lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probe_logits), None),
         'post-update pass (fp32 forward, batch)': (lambda _: recorder.fp32_forward(model, x, y), None),
-        'theta+/- (second backward) and norms': (
-            lambda state: metrics.theta_decomposition(state[0], y, params,
-                                                      {n: p.grad for n, p in params.items()}), graph),
+        'theta+/- (second backward, from h) and norms': (
+            lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2], head=head),
+            graph),
         'position-local opposition, |G|^T |X|': (
             lambda state: metrics.opposition_summary(
-                metrics.position_local_gradient_sums(local, state[1], N)), graph),
+                metrics.position_local_gradient_sums(local, state[1], N, grads())), graph),
         'D, M and null of the batch changes': (
             lambda _: [f(change) for f in (metrics.destructive_interference, metrics.interference_magnitude,
                                            metrics.sign_flip_null)], None),

@@ -123,7 +123,7 @@ def output_decomposition(h, U, y, logits=None):
 # 3. parameter-space decomposition over a batch (gradient dissent)
 
 
-def theta_decomposition(logits, targets, params, grads=None, average=None):
+def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None):
     """grad_theta+ = (dz/dtheta)^T grad_z+ and grad_theta- = grad_theta - grad_theta+ (linearity),
     for the MEAN loss over the batch's N = B*T tokens (each seed is divided by N, as in training):
 
@@ -135,6 +135,13 @@ def theta_decomposition(logits, targets, params, grads=None, average=None):
     else computed here by a second backward. average: optional function averaging a tensor over
     data-parallel processes in place, applied to the gradients computed here so that they match
     p.grad, which DDP has already averaged (the global mean loss, given equal tokens per process).
+    h, head (optional, together): the LM head's input h (B, T, d), still in the graph, and the name in
+    params of its matrix U (logits = h U^T). grad_z+ has one nonzero per token, -(1 - p_y) at y, so
+    then no backward runs through the head (V x d per token): its part is a row scatter and only
+    the parameters below h need a backward, from h (the same sums, up to rounding):
+
+        grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N
+
     Returns, per parameter name and for 'model' (all parameters as one vector), a dict of 0-dim
     CPU tensors (one device sync): cos(grad+, grad-), |grad+|, |grad-|, |grad|. Per token, grad_U+
     and grad_U- sit in different rows of U, so the opposition measured here is batch-level."""
@@ -143,9 +150,19 @@ def theta_decomposition(logits, targets, params, grads=None, average=None):
     with torch.no_grad():  # softmax in at least fp32, as the loss is computed
         dtype = torch.promote_types(logits.dtype, torch.float32)
         p = torch.softmax(logits.detach().reshape(N, V).to(dtype), -1)  # (N, V)
-        seed_plus = (grad_z_plus(p, y) / N).view(B, T, V).to(logits.dtype)  # (B, T, V)
     names, tensors = list(params), list(params.values())
-    plus = dict(zip(names, torch.autograd.grad(logits, tensors, seed_plus, retain_graph=True)))
+    if h is None:  # a backward from the logits, seeded with grad_z+ / N
+        seed_plus = (grad_z_plus(p, y) / N).view(B, T, V).to(logits.dtype)  # (B, T, V)
+        plus = dict(zip(names, torch.autograd.grad(logits, tensors, seed_plus, retain_graph=True)))
+    else:  # a row scatter for U, a backward from h for the rest
+        with torch.no_grad():
+            U, h_rows = params[head].detach(), h.detach().reshape(N, -1).to(dtype)  # (V, d), (N, d)
+            attract = (-(1 - p.gather(1, y[:, None])) / N).to(dtype)  # (N, 1): grad_z+_i at y_i, / N
+            seed_h = (attract * U[y].to(dtype)).view(h.shape).to(h.dtype)  # grad_h+ (B, T, d)
+            head_plus = torch.zeros(U.shape, dtype=dtype, device=U.device).index_add_(0, y, attract * h_rows)
+        below = torch.autograd.grad(h, tensors, seed_h, retain_graph=True, allow_unused=True)  # U: tied only
+        plus = {name: torch.zeros_like(params[name]) if g is None else g for name, g in zip(names, below)}
+        plus[head] = plus[head] + head_plus.to(plus[head].dtype)
     if grads is None:
         seed = ((p - F.one_hot(y, V).to(p.dtype)) / N).view(B, T, V).to(logits.dtype)  # dl/dz / N
         grads = dict(zip(names, torch.autograd.grad(logits, tensors, seed, retain_graph=True)))

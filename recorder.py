@@ -227,6 +227,7 @@ class Recorder:
         self.master, self.world = rank == 0, world  # only process 0 writes
         self.recording = args.record != 'none'
         self.params = dict(model.named_parameters())  # a tied matrix appears once
+        self.head = next(n for n, p in self.params.items() if p is model.lm_head.weight)  # U's name
         self.local_modules = metrics.position_local_modules(model)
         S = args.max_iters
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
@@ -337,20 +338,23 @@ class Recorder:
         the model must run eagerly), for the local opposition; elsewhere it does nothing."""
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
-    def batch(self, step, x, y, logits, losses, acts):
+    def batch(self, step, x, y, logits, losses, acts, h):
         """Training-batch measures at theta_t, after the backward, before clipping. logits (B/world,
-        T, V) and losses (B/world, T) are this process's rows of the training forward; on full steps
-        logits still holds its graph (backward with retain_graph=True) and acts what capture kept."""
+        T, V), losses (B/world, T) and h (B/world, T, d) are this process's rows of the training
+        forward; on full steps logits and h still hold their graph (backward with retain_graph=True)
+        and acts what capture kept."""
         if self.full(step):
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
-            # dissent in theta: grad+ by a second backward seeded with grad_z+, grad- = grad - grad+
-            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average)
+            # dissent in theta: grad+ by a row scatter for U and a second backward from h seeded with
+            # grad_h+, grad- = grad - grad+
+            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head)
             self.write('theta_cos', step, [dissent[n]['cos'] for n in self.theta_names])
             self.write('theta_norm_plus', step, [dissent[n]['norm_plus'] for n in self.theta_names])
             self.write('theta_norm_minus', step, [dissent[n]['norm_minus'] for n in self.theta_names])
             self.write('theta_norm_grad', step, [dissent[n]['norm_grad'] for n in self.theta_names])
-            # exact opposition of the position-local layers from this backward: |G|^T |X|
-            sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel())
+            # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
+            # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
+            sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel(), grads)
             for triple in sums.values() if self.world > 1 else []:
                 for total in triple:
                     dist.all_reduce(total)  # sums over tokens add up across processes
