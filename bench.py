@@ -368,9 +368,9 @@ def components(args, corpus, rounds):
         with metrics.capture_activations(local) as acts:
             with autocast:
                 logits, _, h = model(x, return_hidden=True)
-                loss = per_token_loss(logits, y).mean()
-            loss.backward(retain_graph=True)
-        return logits, acts, h
+                losses = per_token_loss(logits, y)
+            losses.mean().backward(retain_graph=True)
+        return logits, acts, h, losses
 
     def subset_graph():  # X and G captured, G of the losses of the first LOCAL_SUBSET tokens only
         with metrics.capture_activations(local) as acts:
@@ -403,8 +403,8 @@ def components(args, corpus, rounds):
             lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probe_logits), None),
         'post-update pass (fp32 forward, batch)': (lambda _: recorder.fp32_forward(model, x, y), None),
         'theta+/- (second backward, from h) and norms': (
-            lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2], head=head),
-            graph),
+            lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2], head=head,
+                                                      losses=state[3]), graph),
         'position-local opposition, |G|^T |X|': (
             lambda state: metrics.opposition_summary(
                 metrics.position_local_gradient_sums(local, state[1], N, grads())), graph),

@@ -123,7 +123,7 @@ def output_decomposition(h, U, y, logits=None):
 # 3. parameter-space decomposition over a batch (gradient dissent)
 
 
-def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None):
+def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None, losses=None):
     """grad_theta+ = (dz/dtheta)^T grad_z+ and grad_theta- = grad_theta - grad_theta+ (linearity),
     for the MEAN loss over the batch's N = B*T tokens (each seed is divided by N, as in training):
 
@@ -142,14 +142,20 @@ def theta_decomposition(logits, targets, params, grads=None, average=None, h=Non
 
         grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N
 
+    losses (optional, with h and grads): the per-token losses l_i of these logits (per_token_loss):
+    then p_y = exp(-l_i) and no softmax over the vocabulary is needed at all.
     Returns, per parameter name and for 'model' (all parameters as one vector), a dict of 0-dim
     CPU tensors (one device sync): cos(grad+, grad-), |grad+|, |grad-|, |grad|. Per token, grad_U+
     and grad_U- sit in different rows of U, so the opposition measured here is batch-level."""
     B, T, V = logits.shape
     N, y = targets.numel(), targets.reshape(-1)
-    with torch.no_grad():  # softmax in at least fp32, as the loss is computed
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        p = torch.softmax(logits.detach().reshape(N, V).to(dtype), -1)  # (N, V)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in at least fp32, as the loss
+    with torch.no_grad():
+        if h is None or grads is None or losses is None:
+            p = torch.softmax(logits.detach().reshape(N, V).to(dtype), -1)  # (N, V)
+            p_y = p.gather(1, y[:, None])  # (N, 1)
+        else:
+            p_y = torch.exp(-losses.detach().reshape(N, 1).to(dtype))  # l_i = -log p_y
     names, tensors = list(params), list(params.values())
     if h is None:  # a backward from the logits, seeded with grad_z+ / N
         seed_plus = (grad_z_plus(p, y) / N).view(B, T, V).to(logits.dtype)  # (B, T, V)
@@ -157,7 +163,7 @@ def theta_decomposition(logits, targets, params, grads=None, average=None, h=Non
     else:  # a row scatter for U, a backward from h for the rest
         with torch.no_grad():
             U, h_rows = params[head].detach(), h.detach().reshape(N, -1).to(dtype)  # (V, d), (N, d)
-            attract = (-(1 - p.gather(1, y[:, None])) / N).to(dtype)  # (N, 1): grad_z+_i at y_i, / N
+            attract = (-(1 - p_y) / N).to(dtype)  # (N, 1): grad_z+_i at y_i, / N
             seed_h = (attract * U[y].to(dtype)).view(h.shape).to(h.dtype)  # grad_h+ (B, T, d)
             head_plus = torch.zeros(U.shape, dtype=dtype, device=U.device).index_add_(0, y, attract * h_rows)
         below = torch.autograd.grad(h, tensors, seed_h, retain_graph=True, allow_unused=True)  # U: tied only

@@ -347,7 +347,8 @@ class Recorder:
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
             # dissent in theta: grad+ by a row scatter for U and a second backward from h seeded with
             # grad_h+, grad- = grad - grad+
-            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head)
+            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
+                                                  losses)
             self.write('theta_cos', step, [dissent[n]['cos'] for n in self.theta_names])
             self.write('theta_norm_plus', step, [dissent[n]['norm_plus'] for n in self.theta_names])
             self.write('theta_norm_minus', step, [dissent[n]['norm_minus'] for n in self.theta_names])
