@@ -359,7 +359,7 @@ def components(args, corpus, rounds):
     def step(_):
         project_step(model, step_model, opt, x, y, autocast, defaults.grad_clip)
 
-    head = next(n for n, p in params.items() if p is model.lm_head.weight)  # the name of U
+    head_name = next(n for n, p in params.items() if p is model.lm_head.weight)  # the name of U
 
     def grads():  # the training gradient, as train.py's recorder takes it from p.grad
         return {n: p.grad for n, p in params.items()}
@@ -403,8 +403,8 @@ def components(args, corpus, rounds):
             lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probe_logits), None),
         'post-update pass (fp32 forward, batch)': (lambda _: recorder.fp32_forward(model, x, y), None),
         'theta+/- (second backward, from h) and norms': (
-            lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2], head=head,
-                                                      losses=state[3]), graph),
+            lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2],
+                                                      head=head_name, losses=state[3]), graph),
         'position-local opposition, |G|^T |X|': (
             lambda state: metrics.opposition_summary(
                 metrics.position_local_gradient_sums(local, state[1], N, grads())), graph),

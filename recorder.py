@@ -114,9 +114,9 @@ RECORDS = [
     # dissent in parameter space, on the training batch at theta_t
     ('theta_cos', 'S, n_theta', 'float64', 'full',
      "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
-     "gradient of the MEAN loss over the batch (before clipping); grad+ by a second backward seeded "
-     "with grad_z+ / N (N = B*T), grad- = grad - grad+; columns: each parameter tensor, then model = "
-     "all parameters as one vector"),
+     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N "
+     "(N = B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - "
+     "grad+; columns: each parameter tensor, then model = all parameters as one vector"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
     ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
@@ -125,8 +125,8 @@ RECORDS = [
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
      "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
      "between the B*T tokens of step t's batch at theta_t, for the position-local layers, from the "
-     "training backward (sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, blocks (the "
-     "last block's local weight matrices), local (every local tensor)"),
+     "training backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, "
+     "its layer, blocks (the last block's local weight matrices), local (every local tensor)"),
     ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
      "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
     ('local_opposition_null', 'S, n_local', 'float64', 'full',
