@@ -10,7 +10,7 @@ The measurements of both results, one function per quantity, in this notation:
 3. the same decomposition in parameter space, over a batch (gradient dissent)
 4. gradient opposition between tokens, per parameter coordinate: the definition (one backward
    per token), and two fast paths that give the same sums (cheap for position-local layers,
-   exact for all parameters by batched per-token backward passes)
+   exact for all parameters by one backward per position, batched over the sequences)
 5. the first-order predicted per-token loss change along the real update (one JVP)
 6. saturation companions: frequency buckets, Zipf fit, onsets of a loss curve, dissent ratio,
    LM-head spectrum, anisotropy of h
@@ -196,9 +196,10 @@ def theta_decomposition(logits, targets, params, grads=None, average=None, h=Non
 
 def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=None):
     """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2), g_i = d l_i / d theta, for the N tokens of
-    idx (B, T) against targets (B, T): the definition, as the published method computes it, one ordinary
-    backward per token (autograd.grad of l_i alone, l = per_token_loss of model(idx)). Slow: N
-    backward passes, each through the graph of the whole forward of idx.
+    idx (B, T) against targets (B, T): the definition, one ordinary backward per token (autograd.grad of
+    l_i alone, l = per_token_loss of model(idx)). Slow: N backward passes, each through the graph of
+    the whole forward of idx. (The published method runs one backward per position, for the tokens of
+    all sequences at that position at once: bench.published_gradient_sums.)
     names: the parameter names to sum (e.g. the position-local ones), in their order; by default
     all of model.named_parameters() (a tied matrix once, its g_i including both of its uses).
     n_tokens: sum over the first n_tokens tokens of idx only (row-major, as idx.flatten()), e.g.
@@ -398,10 +399,11 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
       outer(dl_i/dz_i, h_i) adds to every row: the rows of i's sequence get both parts before the
       absolute value, the others the head part only (position-local, as the LM head's).
 
-    On a 2-core CPU (one thread), 4L/128d, 16 sequences of 128 tokens: 6.5 s, against 12.6 s for
-    one sequence at a time with autograd's batched backward over 16 positions (is_grads_batched:
-    vmap, which has no batching rule for the CPU attention and LayerNorm backward), and 23 s for a
-    port of the published method (bench.py: one backward per position of the whole batch).
+    On a 2-core CPU (one thread), 4L/128d, 16 sequences of 128 tokens: 7.0 s, against 25 s for a port
+    of the published method (bench.py: one backward per position of the whole batch, through the LM
+    head too) and 12.9 s for this function's earlier form (one sequence at a time, 16 positions per
+    backward by autograd's is_grads_batched, a vmap without batching rules for the CPU attention and
+    LayerNorm backward, which then loops).
 
     The attention KEY biases (c_attn.bias[d:2d]) get exact zeros: their true gradient is 0, since
     q_s . (k_j + b) shifts every score of query s by the same q_s . b and softmax ignores shifts;

@@ -135,9 +135,10 @@ RECORDS = [
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
     ('opposition_mean', 'G, n_all', 'float64', 'grad',
      "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of "
-     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; one backward "
-     "per token, batched); columns: each tensor, each layer, blocks (the Transformer blocks' weight "
-     "matrices: the published headline), model (every coordinate)"),
+     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
+     "gradients, one backward per position batched over the sequences); columns: each tensor, each "
+     "layer, blocks (the Transformer blocks' weight matrices: the published headline), model (every "
+     "coordinate)"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
     ('opposition_null', 'G, n_all', 'float64', 'grad',
      "the null of opposition_mean, as local_opposition_null"),
