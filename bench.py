@@ -563,9 +563,9 @@ def method_and_record_costs(args, corpus, tmp, n_runs):
     print(f"   over a default run ({defaults.max_iters} steps, {n_grad} scheduled steps) the scheduled "
           f"opposition adds {n_grad * median_ms[scheduled] / (defaults.max_iters * step_ms):.2f} training "
           f"steps' time per step")
-    print(f"\n3. all-parameter exact opposition (attention key biases left out of the checks): the project's "
-          f"method against the published one (a port)\n   sequences  tokens   project ms  published ms   "
-          f"published / project")
+    print("\n3. all-parameter exact opposition (attention key biases left out of the checks): the project's "
+          "method against the published one (a port)\n   sequences  tokens   project ms  published ms   "
+          "published / project")
     for n in method_sizes(args):
         ours = median_ms[f'all-parameter opposition, project method ({n} probe seq)']
         theirs = median_ms[f'all-parameter opposition, published method port ({n} probe seq)']
