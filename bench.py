@@ -15,9 +15,11 @@ machine noise hits them alike. Prints a table of medians and ratios.
    dropped. light: the median over its unscheduled steps (the scheduled ones cost what all costs;
    a short run has none, as its log schedule covers every step: the row then says so);
 2. each recorded quantity on its own, on the same model, batch and probe set;
-3. exact per-token gradient opposition of every parameter on one probe sequence: batched backward
-   passes (metrics.per_token_gradient_sums) against the published method, one backward per token
-   (metrics.per_token_gradient_sums_looped, the definition);
+3. exact per-token gradient opposition of every parameter: the project's method
+   (metrics.per_token_gradient_sums) against a port of the published one (published_gradient_sums,
+   written here: one backward per position of the whole batch, per-sequence gradients in each layer)
+   on 1, 4 and 16 probe sequences (METHOD_SEQS), and against the definition, one plain backward per
+   token (metrics.per_token_gradient_sums_looped), on one;
 4. exact opposition of the position-local layers: |G|^T |X| from the ordinary backward against one
    backward per token for those layers (per_token_gradient_sums_looped on those layers, through
    the graph of the whole batch, timed on its first LOCAL_SUBSET tokens and scaled to the batch;
@@ -66,7 +68,8 @@ WARMUP = 3  # first steps of every run left out of the medians
 PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
                     'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
-METHOD_SEQS = 1  # probe sequences on which the batched and the looped opposition are compared
+METHOD_SEQS = (1, 4, 16)  # probe sequences on which the project's and the published opposition are compared
+LOOPED_SEQS = 1  # probe sequences on which the project's and the looped opposition (definition) are compared
 MATMUL_N, MATMUL_REPS = 2048, 3  # on the CPU: the (n, n) @ (n, n) fp32 matmul timed, times a round
 
 
@@ -326,6 +329,12 @@ def peak_tflops(args):
     return None
 
 
+def method_sizes(args):
+    """The numbers of probe sequences on which section 3 compares the methods: METHOD_SEQS, at most
+    --probe_seqs."""
+    return sorted({min(n, args.probe_seqs) for n in METHOD_SEQS})
+
+
 def max_rel_diff(fast, slow, skip=()):
     """Largest relative difference between two sets of sums, tensor by tensor: max |fast - slow| /
     max |slow| of each tensor (so an error in a small tensor is not hidden by a large one)."""
@@ -350,13 +359,18 @@ def components(args, corpus, rounds):
     def step(_):
         project_step(model, step_model, opt, x, y, autocast, defaults.grad_clip)
 
+    head_name = next(n for n, p in params.items() if p is model.lm_head.weight)  # the name of U
+
+    def grads():  # the training gradient, as train.py's recorder takes it from p.grad
+        return {n: p.grad for n, p in params.items()}
+
     def graph():  # the training forward and backward, graph kept, position-local X and G captured
         with metrics.capture_activations(local) as acts:
             with autocast:
-                logits = model(x)[0]
-                loss = per_token_loss(logits, y).mean()
-            loss.backward(retain_graph=True)
-        return logits, acts
+                logits, _, h = model(x, return_hidden=True)
+                losses = per_token_loss(logits, y)
+            losses.mean().backward(retain_graph=True)
+        return logits, acts, h, losses
 
     def subset_graph():  # X and G captured, G of the losses of the first LOCAL_SUBSET tokens only
         with metrics.capture_activations(local) as acts:
@@ -373,8 +387,8 @@ def components(args, corpus, rounds):
     head = model.lm_head.weight.detach()
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(N, dtype=torch.float64, device=args.device)  # stands for post - pre of the batch
-    seqs = METHOD_SEQS
-    opposition_x, opposition_y = probe_x[:seqs], probe_y[:seqs]
+    sizes = method_sizes(args)  # sequences for the project's method against the published one
+    looped_x, looped_y = probe_x[:LOOPED_SEQS], probe_y[:LOOPED_SEQS]
     n_tokens = probe_x.numel()  # train.py's default: the opposition on every probe sequence
 
     def scheduled_opposition(_):  # as train.py records it at a grad step: sums, dots, summary, terms
@@ -388,29 +402,34 @@ def components(args, corpus, rounds):
         'h-space decomposition of the probe tokens': (
             lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probe_logits), None),
         'post-update pass (fp32 forward, batch)': (lambda _: recorder.fp32_forward(model, x, y), None),
-        'theta+/- (second backward) and norms': (
-            lambda state: metrics.theta_decomposition(state[0], y, params,
-                                                      {n: p.grad for n, p in params.items()}), graph),
+        'theta+/- (second backward, from h) and norms': (
+            lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2],
+                                                      head=head_name, losses=state[3]), graph),
         'position-local opposition, |G|^T |X|': (
             lambda state: metrics.opposition_summary(
-                metrics.position_local_gradient_sums(local, state[1], N)), graph),
+                metrics.position_local_gradient_sums(local, state[1], N, grads())), graph),
         'D, M and null of the batch changes': (
             lambda _: [f(change) for f in (metrics.destructive_interference, metrics.interference_magnitude,
                                            metrics.sign_flip_null)], None),
         f'scheduled: opposition, nulls, update-weighted terms ({n_tokens} tokens)': (
             scheduled_opposition, None),
-        f'all-parameter opposition, batched ({seqs} probe seq)': (
+        f'all-parameter opposition, looped ({LOOPED_SEQS} probe seq)': (
             lambda _: metrics.opposition_summary(
-                metrics.per_token_gradient_sums(model, opposition_x, opposition_y)), None),
-        f'all-parameter opposition, looped ({seqs} probe seq)': (
-            lambda _: metrics.opposition_summary(
-                metrics.per_token_gradient_sums_looped(model, opposition_x, opposition_y)), None),
+                metrics.per_token_gradient_sums_looped(model, looped_x, looped_y)), None),
         'scheduled: JVP prediction of the batch': (
             lambda _: metrics.predicted_loss_change(model, x, y, delta), None),
         f'position-local, one backward per token ({LOCAL_SUBSET} tokens)': (looped_local, None),
         f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)': (
             lambda acts: metrics.position_local_gradient_sums(local, acts, 1), subset_graph),
     }
+    for n in sizes:  # the same sums (and their summary) by the project's method and the published one
+        x_n, y_n = probe_x[:n], probe_y[:n]
+        variants[f'all-parameter opposition, project method ({n} probe seq)'] = (
+            lambda _, x_n=x_n, y_n=y_n: metrics.opposition_summary(
+                metrics.per_token_gradient_sums(model, x_n, y_n)), None)
+        variants[f'all-parameter opposition, published method port ({n} probe seq)'] = (
+            lambda _, x_n=x_n, y_n=y_n: metrics.opposition_summary(published_gradient_sums(model, x_n, y_n)),
+            None)
     times = {name: [] for name in variants}
     if args.compile:
         step(None)  # compiles, outside the timings
@@ -419,15 +438,98 @@ def components(args, corpus, rounds):
             for _ in range(args.reps):
                 times[name].append(timed(fn, args.device, setup))
             model.zero_grad(set_to_none=True)
-    # the same numbers: batched vs looped on the probe sequence; |G|^T|X| vs looped on the subset
-    batched = metrics.per_token_gradient_sums(model, opposition_x, opposition_y)
-    looped = metrics.per_token_gradient_sums_looped(model, opposition_x, opposition_y)
-    # the attention biases hold the key biases, exact zeros in the batched sums, rounding noise in the loop
+    # the same numbers: the project's method vs looped on the probe sequence, and vs the published one
+    # on each size; |G|^T|X| vs looped on the subset
+    project = metrics.per_token_gradient_sums(model, looped_x, looped_y)
+    looped = metrics.per_token_gradient_sums_looped(model, looped_x, looped_y)
+    # the attention biases hold the key biases: exact zeros in the project's sums, rounding noise elsewhere
     key_biases = [f"transformer.h.{i}.attn.c_attn.bias" for i in range(args.n_layer)]
-    checks = {'all-parameter: batched vs looped': max_rel_diff(batched, looped, skip=key_biases),
+    checks = {'all-parameter: project vs looped': max_rel_diff(project, looped, skip=key_biases),
               'position-local: |G|^T|X| vs looped': max_rel_diff(
                   metrics.position_local_gradient_sums(local, subset_graph(), 1), looped_local(None))}
+    for n in sizes:
+        checks[f'all-parameter: project vs published ({n})'] = max_rel_diff(
+            metrics.per_token_gradient_sums(model, probe_x[:n], probe_y[:n]),
+            published_gradient_sums(model, probe_x[:n], probe_y[:n]), skip=key_biases)
     return times, checks, N
+
+
+def published_gradient_sums(model, idx, targets):
+    """The exact per-token gradient sums as the published analysis computes them (github.com/mirandrom/zsl,
+    analyses/02-interference/grad_intrf_true.py with zsl_utils/grad_analysis), ported to this model as
+    the baseline of the project's method, metrics.per_token_gradient_sums, with which it shares no code.
+    One forward of the batch, its graph kept; then, for each position j, one backward of
+    sum_n l_nj, the loss of the B tokens at position j (every sequence at once), through the whole graph.
+    Inside that backward each layer turns its saved input X and its output gradient G, cut to positions
+    0..j (later ones get none), into the gradient of each sequence n, i.e. of token (n, j), and adds it
+    up per coordinate: sum_n g_n, sum_n |g_n| and (here also) sum_n g_n^2, which the null needs:
+        Linear weight  g_n = sum_{s<=j} outer(G_ns, X_ns)   (their einsum 'Bsd,Bsp->Bpd')
+        Embedding      g_n = the rows of sequence n's tokens, row r = sum of G_ns over the s holding r
+    They replace each nn.Linear and nn.Embedding by an autograd.Function whose backward does this and
+    returns no weight gradient; here forward hooks keep X and a hook on each layer's output receives G,
+    and autograd is asked for the embedding output's gradient only, so it computes no weight gradient
+    either. Their code covers Linear weights without bias and embeddings; the same per-sequence rule
+    gives here the biases (g_n = sum_s G_ns), the LayerNorm weights (sum_s G_ns * xhat_ns) and the
+    position embedding (row s: G_ns at the embedding output). Their per-token norms and update products
+    are left out (the project's method computes no norms either). Untied heads only (theirs unties it).
+    Returns name -> (sum g, sum |g|, sum g^2), as per_token_gradient_sums."""
+    assert model.transformer.wte.weight is not model.lm_head.weight, "the port needs an untied LM head"
+    sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in model.named_parameters()}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}
+    saved, embedded, position = {}, [], [0]  # X of each layer; the embedding output; j
+
+    def accumulate(name, g):  # g (B, *shape): the gradient of each sequence's token at position j
+        total, total_abs, total_sq = sums[name]
+        total.add_(g.sum(0))
+        total_abs.add_(g.abs().sum(0))
+        total_sq.add_(g.pow(2).sum(0))
+
+    def hooks(name, module):
+        def per_sequence_gradients(G):  # G (B, T, out): the output gradient of sum_n l_nj
+            j = position[0]
+            G, X = G[:, :j + 1], saved[name][:, :j + 1]  # positions after j: no gradient
+            if isinstance(module, nn.Linear):
+                accumulate(name + '.weight', torch.einsum('bso,bsi->boi', G, X))
+            else:
+                accumulate(name + '.weight', (G * X).sum(1))
+            if module.bias is not None:
+                accumulate(name + '.bias', G.sum(1))
+
+        def keep_input(module, inputs, output):
+            X = inputs[0].detach()
+            saved[name] = X if isinstance(module, nn.Linear) else F.layer_norm(
+                X, module.normalized_shape, eps=module.eps)  # a LayerNorm's weight multiplies xhat
+            output.register_hook(per_sequence_gradients)
+        return keep_input
+    handles = [m.register_forward_hook(hooks(name, m)) for name, m in layers.items()]
+    handles.append(model.transformer.wte.register_forward_hook(lambda m, i, out: embedded.append(out)))
+    try:
+        logits = model(idx)[0]  # (B, T, V), its graph kept for the T backward passes
+    finally:
+        for handle in handles:
+            handle.remove()
+    B, T = idx.shape
+    # their reindexing: slot[n, s] numbers the distinct ids of sequence n in order of first appearance,
+    # ids[n, slot] maps back (0 where unused): a token at position s sits in a slot <= s
+    slot, ids = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    for n, row in enumerate(idx.tolist()):
+        first = {}
+        for s, token in enumerate(row):
+            slot[n, s] = first.setdefault(token, len(first))
+            ids[n, slot[n, s]] = token
+    slot, ids = slot.to(idx.device), ids.to(idx.device)
+    wte = sums['transformer.wte.weight']
+    for j in range(T):
+        position[0] = j
+        loss = F.cross_entropy(logits[:, j], targets[:, j], reduction='sum')  # the B tokens at position j
+        G, = torch.autograd.grad(loss, embedded[0], retain_graph=True)  # the layers' hooks run on the way
+        G = G[:, :j + 1]  # (B, j+1, d)
+        rows = torch.zeros_like(G).scatter_add_(1, slot[:, :j + 1, None].expand_as(G), G)  # per sequence
+        for total, g in zip(wte, (rows, rows.abs(), rows.pow(2))):
+            total.index_add_(0, ids[:, :j + 1].flatten(), g.flatten(0, 1))
+        for total, g in zip(sums['transformer.wpe.weight'], (G.sum(0), G.abs().sum(0), G.pow(2).sum(0))):
+            total[:j + 1] += g
+    return sums
 
 
 def record_bytes(run_dir, default_steps):
@@ -461,11 +563,19 @@ def method_and_record_costs(args, corpus, tmp, n_runs):
     print(f"   over a default run ({defaults.max_iters} steps, {n_grad} scheduled steps) the scheduled "
           f"opposition adds {n_grad * median_ms[scheduled] / (defaults.max_iters * step_ms):.2f} training "
           f"steps' time per step")
-    batched_ms = median_ms[f'all-parameter opposition, batched ({METHOD_SEQS} probe seq)']
-    looped_ms = median_ms[f'all-parameter opposition, looped ({METHOD_SEQS} probe seq)']
-    print(f"\n3. all-parameter exact opposition: batched {looped_ms / batched_ms:.1f}x faster than looped "
-          f"(attention biases left out of the check); "
-          f"max relative difference of the sums {checks['all-parameter: batched vs looped']:.1e}")
+    print("\n3. all-parameter exact opposition (attention key biases left out of the checks): the project's "
+          "method against the published one (a port)\n   sequences  tokens   project ms  published ms   "
+          "published / project")
+    for n in method_sizes(args):
+        ours = median_ms[f'all-parameter opposition, project method ({n} probe seq)']
+        theirs = median_ms[f'all-parameter opposition, published method port ({n} probe seq)']
+        print(f"   {n:9d}{n * args.block_size:8d}{ours:13.0f}{theirs:14.0f}{theirs / ours:14.2f}x"
+              f"   max relative difference {checks[f'all-parameter: project vs published ({n})']:.1e}")
+    ours = median_ms[f'all-parameter opposition, project method ({LOOPED_SEQS} probe seq)']
+    looped_ms = median_ms[f'all-parameter opposition, looped ({LOOPED_SEQS} probe seq)']
+    print(f"   and one plain backward per token (the definition), {LOOPED_SEQS} sequence: "
+          f"{looped_ms:.0f} ms, {looped_ms / ours:.1f}x the project's; max relative difference "
+          f"{checks['all-parameter: project vs looped']:.1e}")
     loop_ms = median_ms[f'position-local, one backward per token ({LOCAL_SUBSET} tokens)']
     matmul_ms = median_ms[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
     loop_batch_ms = loop_ms * N / LOCAL_SUBSET  # extrapolated to the N tokens of the batch

@@ -10,7 +10,7 @@ The measurements of both results, one function per quantity, in this notation:
 3. the same decomposition in parameter space, over a batch (gradient dissent)
 4. gradient opposition between tokens, per parameter coordinate: the definition (one backward
    per token), and two fast paths that give the same sums (cheap for position-local layers,
-   exact for all parameters by batched per-token backward passes)
+   exact for all parameters by one backward per position, batched over the sequences)
 5. the first-order predicted per-token loss change along the real update (one JVP)
 6. saturation companions: frequency buckets, Zipf fit, onsets of a loss curve, dissent ratio,
    LM-head spectrum, anisotropy of h
@@ -125,7 +125,7 @@ def output_decomposition(h, U, y, logits=None):
 # 3. parameter-space decomposition over a batch (gradient dissent)
 
 
-def theta_decomposition(logits, targets, params, grads=None, average=None):
+def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None, losses=None):
     """grad_theta+ = (dz/dtheta)^T grad_z+ and grad_theta- = grad_theta - grad_theta+ (linearity),
     for the MEAN loss over the batch's N = B*T tokens (each seed is divided by N, as in training):
 
@@ -137,17 +137,40 @@ def theta_decomposition(logits, targets, params, grads=None, average=None):
     else computed here by a second backward. average: optional function averaging a tensor over
     data-parallel processes in place, applied to the gradients computed here so that they match
     p.grad, which DDP has already averaged (the global mean loss, given equal tokens per process).
+    h, head (optional, together): the LM head's input h (B, T, d), still in the graph, and the name in
+    params of its matrix U (logits = h U^T). grad_z+ has one nonzero per token, -(1 - p_y) at y, so
+    then no backward runs through the head (V x d per token): its part is a row scatter and only
+    the parameters below h need a backward, from h (the same sums, up to rounding):
+
+        grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N
+
+    losses (optional, with h and grads): the per-token losses l_i of these logits (per_token_loss):
+    then p_y = exp(-l_i) and no softmax over the vocabulary is needed at all.
     Returns, per parameter name and for 'model' (all parameters as one vector), a dict of 0-dim
     CPU tensors (one device sync): cos(grad+, grad-), |grad+|, |grad-|, |grad|. Per token, grad_U+
     and grad_U- sit in different rows of U, so the opposition measured here is batch-level."""
     B, T, V = logits.shape
     N, y = targets.numel(), targets.reshape(-1)
-    with torch.no_grad():  # softmax in at least fp32, as the loss is computed
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        p = torch.softmax(logits.detach().reshape(N, V).to(dtype), -1)  # (N, V)
-        seed_plus = (grad_z_plus(p, y) / N).view(B, T, V).to(logits.dtype)  # (B, T, V)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in at least fp32, as the loss
+    with torch.no_grad():
+        if h is None or grads is None or losses is None:
+            p = torch.softmax(logits.detach().reshape(N, V).to(dtype), -1)  # (N, V)
+            p_y = p.gather(1, y[:, None])  # (N, 1)
+        else:
+            p_y = torch.exp(-losses.detach().reshape(N, 1).to(dtype))  # l_i = -log p_y
     names, tensors = list(params), list(params.values())
-    plus = dict(zip(names, torch.autograd.grad(logits, tensors, seed_plus, retain_graph=True)))
+    if h is None:  # a backward from the logits, seeded with grad_z+ / N
+        seed_plus = (grad_z_plus(p, y) / N).view(B, T, V).to(logits.dtype)  # (B, T, V)
+        plus = dict(zip(names, torch.autograd.grad(logits, tensors, seed_plus, retain_graph=True)))
+    else:  # a row scatter for U, a backward from h for the rest
+        with torch.no_grad():
+            U, h_rows = params[head].detach(), h.detach().reshape(N, -1).to(dtype)  # (V, d), (N, d)
+            attract = (-(1 - p_y) / N).to(dtype)  # (N, 1): grad_z+_i at y_i, / N
+            seed_h = (attract * U[y].to(dtype)).view(h.shape).to(h.dtype)  # grad_h+ (B, T, d)
+            head_plus = torch.zeros(U.shape, dtype=dtype, device=U.device).index_add_(0, y, attract * h_rows)
+        below = torch.autograd.grad(h, tensors, seed_h, retain_graph=True, allow_unused=True)  # U: tied only
+        plus = {name: torch.zeros_like(params[name]) if g is None else g for name, g in zip(names, below)}
+        plus[head] = plus[head] + head_plus.to(plus[head].dtype)
     if grads is None:
         seed = ((p - F.one_hot(y, V).to(p.dtype)) / N).view(B, T, V).to(logits.dtype)  # dl/dz / N
         grads = dict(zip(names, torch.autograd.grad(logits, tensors, seed, retain_graph=True)))
@@ -175,9 +198,10 @@ def theta_decomposition(logits, targets, params, grads=None, average=None):
 
 def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=None):
     """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2), g_i = d l_i / d theta, for the N tokens of
-    idx (B, T) against targets (B, T): the definition, as the published method computes it, one ordinary
-    backward per token (autograd.grad of l_i alone, l = per_token_loss of model(idx)). Slow: N
-    backward passes, each through the graph of the whole forward of idx.
+    idx (B, T) against targets (B, T): the definition, one ordinary backward per token (autograd.grad of
+    l_i alone, l = per_token_loss of model(idx)). Slow: N backward passes, each through the graph of
+    the whole forward of idx. (The published method runs one backward per position, for the tokens of
+    all sequences at that position at once: bench.published_gradient_sums.)
     names: the parameter names to sum (e.g. the position-local ones), in their order; by default
     all of model.named_parameters() (a tied matrix once, its g_i including both of its uses).
     n_tokens: sum over the first n_tokens tokens of idx only (row-major, as idx.flatten()), e.g.
@@ -250,7 +274,7 @@ def capture_activations(modules):
             handle.remove()
 
 
-def position_local_gradient_sums(modules, acts, n_tokens):
+def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
     """param name -> (sum_s g_s, sum_s |g_s|, sum_s g_s^2), g_s = d l_s / d theta, exact, from the X and
     G of one ordinary backward of the MEAN loss over n_tokens: G = (1/n_tokens) dl_s/dout, so the sums are
     multiplied by n_tokens (the squares by n_tokens^2) here, after the matmuls: the smaller tensors
@@ -259,9 +283,11 @@ def position_local_gradient_sums(modules, acts, n_tokens):
         sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|,   sum_s g_s^2 = (G^2)^T (X^2)
     (one matmul each); bias: sum G, sum |G|, sum G^2.
     LayerNorm with normalised input xhat_s: weight g_s = G_s * xhat_s, bias g_s = G_s.
+    grads (optional): param name -> the gradient of that same loss, which its backward computed anyway
+    (p.grad): sum_s g_s is n_tokens times it, so only |G|^T |X| and (G^2)^T (X^2) need a matmul.
     For these layers the sums equal those of the definition, per_token_gradient_sums_looped (one
-    backward per token), up to rounding, at the cost of one matmul per tensor."""
-    sums = {}
+    backward per token), up to rounding, at the cost of one matmul per tensor and sum."""
+    sums, signed = {}, grads is None  # signed: sum_s g_s by a matmul too
     for name, module in modules.items():
         X, G = acts[name]
         assert G is not None, f"no output gradient recorded for {name}: run a backward first"
@@ -269,52 +295,117 @@ def position_local_gradient_sums(modules, acts, n_tokens):
         X = X.reshape(-1, X.shape[-1]).to(dtype)  # (N, in)
         G = G.reshape(-1, G.shape[-1]).to(dtype)  # (N, out), n_tokens G = the gradients of l_s
         if isinstance(module, nn.Linear):
-            sums[name + '.weight'] = (G.T @ X, G.abs().T @ X.abs(), G.pow(2).T @ X.pow(2))  # (out, in) each
+            sums[name + '.weight'] = (G.T @ X if signed else None, G.abs().T @ X.abs(),
+                                      G.pow(2).T @ X.pow(2))  # (out, in) each
         else:
             assert isinstance(module, nn.LayerNorm), f"{name}: only Linear and LayerNorm are local"
             G_xhat = G * F.layer_norm(X, module.normalized_shape, eps=module.eps)  # (N, d)
-            sums[name + '.weight'] = (G_xhat.sum(0), G_xhat.abs().sum(0), G_xhat.pow(2).sum(0))
+            sums[name + '.weight'] = (G_xhat.sum(0) if signed else None, G_xhat.abs().sum(0),
+                                      G_xhat.pow(2).sum(0))
         if module.bias is not None:
-            sums[name + '.bias'] = (G.sum(0), G.abs().sum(0), G.pow(2).sum(0))
-    for total, total_abs, total_sq in sums.values():
-        total.mul_(n_tokens)
-        total_abs.mul_(n_tokens)
-        total_sq.mul_(n_tokens ** 2)
+            sums[name + '.bias'] = (G.sum(0) if signed else None, G.abs().sum(0), G.pow(2).sum(0))
+    for key, (total, total_abs, total_sq) in sums.items():
+        total = total if signed else grads[key].to(total_abs.dtype, copy=True)  # sum_s g_s / n_tokens
+        sums[key] = (total.mul_(n_tokens), total_abs.mul_(n_tokens), total_sq.mul_(n_tokens ** 2))
     return sums
 
 
-def hidden_and_embedding(model, idx):
-    """h = model.hidden(idx) (B, T, d) and e, the token-embedding output it started from (B, T, d),
-    both in one autograd graph (e kept by a forward hook on the embedding)."""
-    captured = []
-    handle = model.transformer.wte.register_forward_hook(lambda module, inputs, out: captured.append(out))
+@contextlib.contextmanager
+def module_inputs_outputs(modules):
+    """Yields dict name -> (input, output) of each module's forward inside the block (its last one),
+    both still in the autograd graph (module forward hooks, removed on exit)."""
+    io, handles = {}, []
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(
+            lambda module, inputs, output, name=name: io.__setitem__(name, (inputs[0], output))))
     try:
-        h = model.hidden(idx)
+        yield io
     finally:
-        handle.remove()
-    return h, captured[0]
+        for handle in handles:
+            handle.remove()
+
+
+def layer_input(module, X):
+    """What a Linear or LayerNorm's weight gradient multiplies: its input X, or for a LayerNorm the
+    normalised input xhat. (..., in) -> (..., in), outside the autograd graph."""
+    X = X.detach()
+    return X if isinstance(module, nn.Linear) else F.layer_norm(X, module.normalized_shape, eps=module.eps)
+
+
+def token_gradients(module, X, G):
+    """Per-token gradients of a Linear or LayerNorm whose token k has output gradients G_k at the
+    positions s of its sequence, and X_k its inputs (layer_input) there: (K, S, out), (K, S, in) ->
+    name suffix -> (K, *shape), with
+        Linear:    weight g_k = sum_s outer(G_ks, X_ks) = G_k^T X_k,   bias g_k = sum_s G_ks
+        LayerNorm: weight g_k = sum_s G_ks * xhat_ks,                  bias g_k = sum_s G_ks"""
+    weight = G.transpose(1, 2) @ X if isinstance(module, nn.Linear) else (G * X).sum(1)
+    return {'.weight': weight} | ({'.bias': G.sum(1)} if module.bias is not None else {})
+
+
+def position_local_dots(modules, acts, delta, n_tokens):
+    """param name -> (N,) <g_s, delta> for every token s, for the position-local layers, from the X and G
+    of position_local_gradient_sums (same arguments, delta: name -> tensor shaped like each parameter),
+    without forming g_s = outer(G_s, X_s):
+        Linear: G_s . (delta_W X_s),   LayerNorm: G_s . (delta_w * xhat_s),   bias: G_s . delta_b"""
+    dots = {}
+    for name, module in modules.items():
+        X, G = acts[name]
+        X, G = layer_input(module, X.reshape(-1, X.shape[-1])), G.reshape(-1, G.shape[-1])  # (N, in/out)
+        d_weight = delta[name + '.weight']
+        moved = X @ d_weight.T if isinstance(module, nn.Linear) else X * d_weight  # (N, out)
+        dots[name + '.weight'] = n_tokens * (G * moved).sum(-1)
+        if module.bias is not None:
+            dots[name + '.bias'] = n_tokens * (G @ delta[name + '.bias'])
+    return dots
+
+
+def add_abs_sums(sums, g):
+    """Add a batch of per-token gradients g (K, *shape) to sums = (., sum |g|, sum g^2), in place (g too)."""
+    sums[1].add_(g.abs_().sum(0))
+    sums[2].add_(g.square_().sum(0))
+
+
+def sequence_rows(idx):
+    """The token-embedding rows each sequence uses: ids (B, R), the distinct token ids of sequence n
+    in ids[n, :R_n] (R = max_n R_n; the rest 0, rows that get no gradient), and slot (B, T), the place
+    of idx[n, s] in the flat (B * R) list of them: ids.flatten()[slot[n, s]] = idx[n, s]."""
+    found = [torch.unique(row, return_inverse=True) for row in idx]
+    R = max(len(u) for u, _ in found)
+    ids = torch.zeros(len(found), R, dtype=idx.dtype, device=idx.device)
+    for n, (u, _) in enumerate(found):
+        ids[n, :len(u)] = u
+    return ids, torch.stack([where + n * R for n, (_, where) in enumerate(found)])
 
 
 def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
     """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2) for EVERY parameter, g_i = d l_i / d theta,
     exact, for the N tokens of idx (B, T). Names as model.named_parameters() gives them (a tied head /
-    embedding matrix once, its g_i including both of its uses). Three parts, so that no per-token tensor of
-    the vocabulary's size V x d is ever formed:
+    embedding matrix once, its g_i including both of its uses). No per-token tensor of the vocabulary's
+    size V x d is ever formed:
 
-    - the LM head U: g_i = outer(dl_i/dz_i, h_i), position-local: |G|^T |H| in one matmul
-      (position_local_gradient_sums);
-    - every parameter between the embeddings and h: one backward per token, batched over chunk_size
-      consecutive positions of one sequence (autograd.grad with is_grads_batched=True; memory:
-      chunk_size gradients of these parameters), started at h rather than at the loss: l_i depends
-      on h only through h_i, so token i's cotangent is dl_i/dh_i at position i and zero elsewhere.
-      Causal attention makes l_i depend on positions 0..i of its own sequence only, so a chunk
-      ending at position b runs on the prefix of length b of its sequence, not on the whole batch
-      (on a 2-core CPU, 4L/128d, one 128-token sequence: 0.36 s, against 1.0 s for a loop of plain
-      per-token backward passes; chunk_size 16 was fastest there);
-    - the token embedding: g_i is nonzero only in the rows of the token ids in idx, row r being the
-      sum over the positions s holding r of dl_i/de_s (e the embedding output, from the same batched
-      backward). With tying these rows also get the head part outer(dl_i/dz_i, h_i)[r], added per
-      token before the absolute value; the other rows have the head part only.
+    - sum_i g_i of every parameter is the gradient of sum_i l_i: one ordinary backward of the batch;
+    - the position-local layers (position_local_modules: the LM head unless tied, ln_f, the last
+      block's ln_2, attn.c_proj and MLP): g_i = outer(G_i, X_i) at token i's position only, so
+      |G|^T |X| and (G^2)^T (X^2) from the same backward (position_local_gradient_sums);
+    - every other parameter acts on l_i only through r_i, the residual stream at token i's position
+      after the last block's attention (the input of its ln_2): one backward per position s, batched
+      over the B sequences, from r at position s with cotangent dl_s/dr_s (from the first backward,
+      zero elsewhere), on the causal prefix: l_s depends on positions 0..s of its own sequence only,
+      so the forward runs on the first b positions of the sequences, for each chunk of chunk_size
+      positions ending at b, and serves the backward passes of its positions. Each backward gives
+      every Linear and LayerNorm its output gradients G at positions 0..s, per sequence; their
+      per-token weight gradients are G^T X (token_gradients), one batched matmul;
+    - the token embedding: g_i is nonzero only in the rows of the token ids of i's sequence, row r
+      the sum over the positions t holding r of dl_i/de_t (e the embedding output, from the same
+      backward); the position embedding: row t is dl_i/de_t. With tying the head part
+      outer(dl_i/dz_i, h_i) adds to every row: the rows of i's sequence get both parts before the
+      absolute value, the others the head part only (position-local, as the LM head's).
+
+    On a 2-core CPU (one thread), 4L/128d, 16 sequences of 128 tokens: 7.0 s, against 25 s for a port
+    of the published method (bench.py: one backward per position of the whole batch, through the LM
+    head too) and 12.9 s for this function's earlier form (one sequence at a time, 16 positions per
+    backward by autograd's is_grads_batched, a vmap without batching rules for the CPU attention and
+    LayerNorm backward, which then loops).
 
     The attention KEY biases (c_attn.bias[d:2d]) get exact zeros: their true gradient is 0, since
     q_s . (k_j + b) shifts every score of query s by the same q_s . b and softmax ignores shifts;
@@ -328,71 +419,81 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
     theta_t. Then the return value is (sums, dots), dots: name -> (N,) tensor, the per-token dot
     product <g_i, delta> restricted to that parameter, tokens in row-major order of idx (their sum
     over the parameters is the first-order change predicted_loss_change computes). The update-
-    weighted terms need them (update_weighted_terms); the per-token g_i exist here only."""
+    weighted terms need them (update_weighted_terms): from the per-token gradients where they are
+    formed, and for the position-local layers from their G and X (position_local_dots)."""
     params = dict(model.named_parameters())
-    wte, head = model.transformer.wte, model.lm_head
+    wte, head, last = model.transformer.wte, model.lm_head, model.transformer.h[-1]
     tied = wte.weight is head.weight
-    h, e = hidden_and_embedding(model, idx)  # (B, T, d) each
-    logits = head(h)  # (B, T, V)
-    # dl_s/dh_s and dl_s/dz_s at every position s, from one backward of sum_s l_s
-    g_h, g_z = torch.autograd.grad(per_token_loss(logits, targets).sum(), [h, logits])
-    B, T, d = h.shape
-    head_sums = position_local_gradient_sums({'head': head}, {'head': [h.detach(), g_z]}, 1)['head.weight']
-    inner = {n: p for n, p in params.items() if p is not wte.weight and p is not head.weight}
-    sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in params.items()}
-    head_name = 'transformer.wte.weight' if tied else 'lm_head.weight'  # a tied matrix once, as wte
-    sums[head_name] = head_sums
-    ids, where = torch.unique(idx, return_inverse=True)  # (R,) ids present; (B, T) row of each position
-    emb = [torch.zeros(len(ids), d, dtype=h.dtype, device=h.device) for _ in range(3)]  # (R, d) rows ids
+    local = position_local_modules(model)
+    inner = {name: module for name, module in model.transformer.h.named_modules(prefix='transformer.h')
+             if isinstance(module, (nn.Linear, nn.LayerNorm)) and name not in local}  # the per-position ones
+    B, T = idx.shape
+    # the whole batch: one forward, one backward of sum_i l_i
+    with capture_activations(local) as acts, module_inputs_outputs({'r': last.ln_2}) as io:
+        h = model.hidden(idx)  # (B, T, d)
+        logits = head(h)  # (B, T, V)
+    g_r, g_z, *total = torch.autograd.grad(per_token_loss(logits, targets).sum(),
+                                           [io['r'][0], logits] + list(params.values()))
+    total = dict(zip(params, total))  # sum_i g_i
+    local_sums = position_local_gradient_sums(local, acts, 1, grads=total)
+    sums = {name: local_sums.get(name, (total[name], torch.zeros_like(p), torch.zeros_like(p)))
+            for name, p in params.items()}
+    if tied:  # the head part of every row, per token; the rows of each token's sequence corrected below
+        head_part = position_local_gradient_sums({'head': head}, {'head': [h.detach(), g_z]}, 1)
+        sums['transformer.wte.weight'] = (total['transformer.wte.weight'],) + head_part['head.weight'][1:]
     if delta is not None:
         delta = key_bias_zeroed(model, delta)  # the key biases: no per-token gradient (see above)
         dots = {name: torch.zeros(B * T, dtype=h.dtype, device=h.device) for name in params}
-        # the head part, position-local: <outer(dl_i/dz_i, h_i), delta_U> = dl_i/dz_i . (delta_U h_i)
-        dots[head_name] += (g_z * (h.detach() @ delta[head_name].T)).sum(-1).flatten()  # (N,)
-    # causal attention: the loss at position s depends on positions 0..s of its own sequence only,
-    # so the tokens at positions a..b-1 of sequence n need the backward of the prefix idx[n, :b] only
-    for n in range(B):
-        for a in range(0, T, chunk_size):
-            b = min(a + chunk_size, T)
-            hp, ep = hidden_and_embedding(model, idx[n:n + 1, :b])  # (1, b, d) each, the prefix
-            C = b - a  # tokens of the chunk, at positions a..b-1
-            cotangent = torch.zeros(C, 1, b, d, dtype=h.dtype, device=h.device)
-            # token i: dl_i/dh_i at its own position
-            cotangent[torch.arange(C), 0, torch.arange(a, b)] = g_h[n, a:b]
-            grads = torch.autograd.grad(hp, list(inner.values()) + [ep], cotangent,
-                                        is_grads_batched=True)  # each (C, *shape)
-            tokens = slice(n * T + a, n * T + b)  # the chunk's tokens, row-major
-            for name, g in zip(inner, grads[:-1]):
-                add_sums(sums[name], g)
-                if delta is not None:
-                    dots[name][tokens] = (g * delta[name]).flatten(1).sum(1)
-            g_e = grads[-1].reshape(C, b, d)  # dl_i/de_s for every position s of the prefix
-            g_rows = torch.zeros(C, len(ids), d, dtype=h.dtype, device=h.device).index_add_(
-                1, where[n, :b], g_e)  # (C, R, d)
-            if delta is not None:  # the embedding part; a tied matrix has its head part from above
-                wte_delta = delta['transformer.wte.weight'][ids]  # (R, d)
-                dots['transformer.wte.weight'][tokens] += (g_rows * wte_delta).sum((1, 2))
-            if tied:  # the head part of the same rows, per token: dl_i/dz_i[r] h_i
-                g_rows += g_z[n, a:b][:, ids, None] * h.detach()[n, a:b][:, None, :]
-            add_sums(emb, g_rows)
-    total, total_abs, total_sq = sums['transformer.wte.weight']
-    if tied:  # rows ids: replace the head-only sums by the exact ones of both uses
-        total[ids], total_abs[ids], total_sq[ids] = emb
-    else:
-        for s, e in zip((total, total_abs, total_sq), emb):
-            s[ids] += e
+        dots.update(position_local_dots(local, acts, delta, 1))
+    ids, slot = sequence_rows(idx)  # (B, R), (B, T)
+    R = ids.shape[1]
+    if delta is not None:
+        delta_rows = delta['transformer.wte.weight'][ids]  # (B, R, d): the update of each sequence's rows
+        if tied:  # the head part: <outer(dl_i/dz_i, h_i), delta_U> = dl_i/dz_i . (delta_U h_i)
+            moved = h.detach() @ delta['transformer.wte.weight'].T  # (B, T, V)
+            dots['transformer.wte.weight'] += (g_z * moved).sum(-1).flatten()
+    wte_sums, wpe_sums = sums['transformer.wte.weight'], sums['transformer.wpe.weight']
+    for a in range(0, T, chunk_size):
+        b = min(a + chunk_size, T)
+        with module_inputs_outputs(dict(inner, r=last.ln_2, wte=wte)) as io:
+            model.hidden(idx[:, :b])  # the causal prefix of positions a..b-1
+        outputs = [io[name][1] for name in inner] + [io['wte'][1]]
+        X = {name: layer_input(module, io[name][0]) for name, module in inner.items()}  # (B, b, in)
+        cotangent = torch.zeros_like(io['r'][0])  # (B, b, d)
+        for s in range(a, b):  # one backward per position, batched over the sequences
+            cotangent.zero_()
+            cotangent[:, s] = g_r[:, s]  # token (n, s): dl/dr at its own position
+            *grads, g_e = torch.autograd.grad(io['r'][0], outputs, cotangent, retain_graph=True)
+            tokens = torch.arange(B, device=idx.device) * T + s  # row-major, as idx.flatten()
+            for (name, module), G in zip(inner.items(), grads):
+                G, X_s = G[:, :s + 1], X[name][:, :s + 1]  # (B, s+1, out), (B, s+1, in): positions 0..s
+                for suffix, g in token_gradients(module, X_s, G).items():
+                    if delta is not None:
+                        dots[name + suffix][tokens] = g.flatten(1) @ delta[name + suffix].flatten()
+                    add_abs_sums(sums[name + suffix], g)
+            g_e = g_e[:, :s + 1]  # (B, s+1, d): dl/de_t at positions t = 0..s
+            rows = torch.zeros(B * R, g_e.shape[-1], dtype=g_e.dtype, device=g_e.device).index_add_(
+                0, slot[:, :s + 1].flatten(), g_e.flatten(0, 1))  # (B * R, d): the rows of each sequence
+            if delta is not None:
+                dots['transformer.wte.weight'][tokens] += (rows.view(B, R, -1) * delta_rows).sum((1, 2))
+                delta_wpe = delta['transformer.wpe.weight'][:s + 1]  # (s+1, d)
+                dots['transformer.wpe.weight'][tokens] = (g_e * delta_wpe).sum((1, 2))
+            add_abs_sums((None, wpe_sums[1][:s + 1], wpe_sums[2][:s + 1]), g_e)  # row t: dl_i/de_t
+            if tied:  # rows of the sequence: |embedding part + head part| replaces |head part|
+                u = g_z[:, s].gather(1, ids)[:, :, None] * h.detach()[:, s, None, :]  # (B, R, d): dl/dz_r h
+                u = u.flatten(0, 1)
+                rows += u
+                wte_sums[1].index_add_(0, ids.flatten(), rows.abs() - u.abs())
+                wte_sums[2].index_add_(0, ids.flatten(), rows.pow(2) - u.pow(2))
+            else:
+                wte_sums[1].index_add_(0, ids.flatten(), rows.abs_())
+                wte_sums[2].index_add_(0, ids.flatten(), rows.square_())
+    d = model.config.n_embd
     for i, block in enumerate(model.transformer.h):
         if block.attn.c_attn.bias is not None:
-            for s in sums[f"transformer.h.{i}.attn.c_attn.bias"]:
-                s[d:2 * d] = 0  # the key bias: no coordinate of D (see above)
+            for part in sums[f"transformer.h.{i}.attn.c_attn.bias"]:
+                part[d:2 * d] = 0  # the key bias: no coordinate of D (see above)
     return sums if delta is None else (sums, dots)
-
-
-def add_sums(sums, g):
-    """Add a batch of per-token gradients g (C, *shape) to sums = (sum g, sum |g|, sum g^2), in place."""
-    sums[0].add_(g.sum(0))
-    sums[1].add_(g.abs().sum(0))
-    sums[2].add_(g.pow(2).sum(0))
 
 
 def key_bias_zeroed(model, delta):

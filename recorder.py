@@ -114,9 +114,9 @@ RECORDS = [
     # dissent in parameter space, on the training batch at theta_t
     ('theta_cos', 'S, n_theta', 'float64', 'full',
      "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
-     "gradient of the MEAN loss over the batch (before clipping); grad+ by a second backward seeded "
-     "with grad_z+ / N (N = B*T), grad- = grad - grad+; columns: each parameter tensor, then model = "
-     "all parameters as one vector"),
+     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N "
+     "(N = B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - "
+     "grad+; columns: each parameter tensor, then model = all parameters as one vector"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
     ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
@@ -125,8 +125,8 @@ RECORDS = [
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
      "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
      "between the B*T tokens of step t's batch at theta_t, for the position-local layers, from the "
-     "training backward (sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, blocks (the "
-     "last block's local weight matrices), local (every local tensor)"),
+     "training backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, "
+     "its layer, blocks (the last block's local weight matrices), local (every local tensor)"),
     ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
      "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
     ('local_opposition_null', 'S, n_local', 'float64', 'full',
@@ -135,9 +135,10 @@ RECORDS = [
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
     ('opposition_mean', 'G, n_all', 'float64', 'grad',
      "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of "
-     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; one backward "
-     "per token, batched); columns: each tensor, each layer, blocks (the Transformer blocks' weight "
-     "matrices: the published headline), model (every coordinate)"),
+     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
+     "gradients, one backward per position batched over the sequences); columns: each tensor, each "
+     "layer, blocks (the Transformer blocks' weight matrices: the published headline), model (every "
+     "coordinate)"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
     ('opposition_null', 'G, n_all', 'float64', 'grad',
      "the null of opposition_mean, as local_opposition_null"),
@@ -227,6 +228,7 @@ class Recorder:
         self.master, self.world = rank == 0, world  # only process 0 writes
         self.recording = args.record != 'none'
         self.params = dict(model.named_parameters())  # a tied matrix appears once
+        self.head = next(n for n, p in self.params.items() if p is model.lm_head.weight)  # U's name
         self.local_modules = metrics.position_local_modules(model)
         S = args.max_iters
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
@@ -337,20 +339,24 @@ class Recorder:
         the model must run eagerly), for the local opposition; elsewhere it does nothing."""
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
-    def batch(self, step, x, y, logits, losses, acts):
+    def batch(self, step, x, y, logits, losses, acts, h):
         """Training-batch measures at theta_t, after the backward, before clipping. logits (B/world,
-        T, V) and losses (B/world, T) are this process's rows of the training forward; on full steps
-        logits still holds its graph (backward with retain_graph=True) and acts what capture kept."""
+        T, V), losses (B/world, T) and h (B/world, T, d) are this process's rows of the training
+        forward; on full steps logits and h still hold their graph (backward with retain_graph=True)
+        and acts what capture kept."""
         if self.full(step):
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
-            # dissent in theta: grad+ by a second backward seeded with grad_z+, grad- = grad - grad+
-            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average)
+            # dissent in theta: grad+ by a row scatter for U and a second backward from h seeded with
+            # grad_h+, grad- = grad - grad+
+            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
+                                                  losses)
             self.write('theta_cos', step, [dissent[n]['cos'] for n in self.theta_names])
             self.write('theta_norm_plus', step, [dissent[n]['norm_plus'] for n in self.theta_names])
             self.write('theta_norm_minus', step, [dissent[n]['norm_minus'] for n in self.theta_names])
             self.write('theta_norm_grad', step, [dissent[n]['norm_grad'] for n in self.theta_names])
-            # exact opposition of the position-local layers from this backward: |G|^T |X|
-            sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel())
+            # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
+            # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
+            sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel(), grads)
             for triple in sums.values() if self.world > 1 else []:
                 for total in triple:
                     dist.all_reduce(total)  # sums over tokens add up across processes

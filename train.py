@@ -559,7 +559,7 @@ def main(argv=None):
         full = rec.full(step)  # a step with every measurement (see recorder.RECORDS)
         with rec.capture(step) as acts:
             with autocast:
-                logits, _ = (eager if full else model)(x)  # (B/world, T, V)
+                logits, _, h = (eager if full else model)(x, return_hidden=True)  # (B/world, T, V), h
                 losses = per_token_loss(logits, y)  # (B/world, T), fp32
                 loss = losses.mean()
             if not torch.isfinite(loss):  # stop, with the records complete up to the step before
@@ -571,8 +571,8 @@ def main(argv=None):
             loss.backward(retain_graph=full)  # full steps: the graph is kept for the grad+ backward
 
         # training-batch measures at theta_t, from this forward and backward
-        rec.batch(step, x, y, logits, losses, acts)
-        del logits  # frees the graph
+        rec.batch(step, x, y, logits, losses, acts, h)
+        del logits, h  # frees the graph
 
         # clip and step: the real update delta = theta_{t+1} - theta_t, weight decay and clipping included
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float('inf'))

@@ -34,7 +34,10 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
     # the fast methods give the sums of the slow ones (float32: up to rounding)
     for diff in re.findall(r'max relative difference (?:of the sums )?(\S+)', out):
         assert float(diff.rstrip(';')) < 1e-5  # a nan fails here
-    assert len(re.findall(r'max relative difference', out)) == 2
+    # the project's method against the published port on 1 and 3 (all) probe sequences, and its ratio
+    assert len(re.findall(r'max relative difference', out)) == 4
+    ratios = re.findall(r'^\s+(\d+)\s+\d+\s+\d+\s+\d+\s+(\S+)x\s+max relative', out, re.M)
+    assert [n for n, _ in ratios] == ['1', '3'] and all(float(r) > 0 for _, r in ratios), out
 
 
 def test_bench_bad_flag_is_one_line():
@@ -143,3 +146,29 @@ def test_matmul_tflops_is_positive():
     assert len(ms) == 2 and bench.matmul_tflops(ms, n=64) > 0
     # 2 n^3 = 2e9 FLOPs in the median 2 ms: 1 TFLOP/s
     assert bench.matmul_tflops([2.0, 1.0, 3.0], n=1000) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_the_published_port_gives_the_sums_of_the_definition(bias):
+    """bench.py's port of the published method (one backward per position of the batch, per-sequence
+    gradients inside each layer) against the definition, one plain backward per token, on a tiny
+    float64 model whose sequences repeat token ids (the embedding rows sum over positions)."""
+    import torch
+    import bench
+    import metrics
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=8, vocab_size=11, n_layer=2, n_head=2, n_embd=16, bias=bias)
+    model = GPT(config).double()
+    with torch.no_grad():  # away from the near-uniform initial state
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, y = torch.randint(0, 11, (3, 8)), torch.randint(0, 11, (3, 8))
+    assert any(len(set(row.tolist())) < 8 for row in x)  # repeated ids within a sequence
+    port = bench.published_gradient_sums(model, x, y)
+    looped = metrics.per_token_gradient_sums_looped(model, x, y)
+    assert list(port) == list(looped)
+    for name in looped:
+        for k in range(3):
+            torch.testing.assert_close(port[name][k], looped[name][k], rtol=1e-9, atol=1e-12)
+    assert not any(m._forward_hooks for m in model.modules())  # its hooks are gone

@@ -204,6 +204,62 @@ def test_theta_decomposition_averages_over_data_parallel_processes():
             close(out[n][k], ref[n][k])
 
 
+@pytest.mark.parametrize('tie', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_theta_decomposition_from_h_equals_the_backward_from_the_logits(tie, dtype):
+    """The cheaper route of grad_theta+ (U's part a row scatter, one backward from h seeded with grad_h+
+    for the rest) against the backward from the logits that the brute-force test above checks: the
+    same numbers, up to rounding (largest relative difference printed; -s to see it)."""
+    model, x, y = tiny(tie)
+    model = model.to(dtype)
+    params = dict(model.named_parameters())
+    logits, _, h = model(x, return_hidden=True)
+    grads = dict(zip(params, torch.autograd.grad(per_token_loss(logits, y).mean(), list(params.values()),
+                                                 retain_graph=True)))
+    head = 'transformer.wte.weight' if tie else 'lm_head.weight'
+    assert params[head] is model.lm_head.weight
+    old = M.theta_decomposition(logits, y, params, grads)
+    new = M.theta_decomposition(logits, y, params, grads, h=h, head=head)
+    # and with p_y = exp(-l_i) from the per-token losses instead of a softmax
+    losses = per_token_loss(logits, y)
+    from_losses = M.theta_decomposition(logits, y, params, grads, h=h, head=head, losses=losses)
+    for route, out in [('from h', new), ('from h and the losses', from_losses)]:
+        assert list(out) == list(old)
+        # cosines in [-1, 1]: their absolute difference; norms: relative
+        cos = max(float((out[n]['cos'] - old[n]['cos']).abs()) for n in old)
+        norms = max(float((out[n][k] - old[n][k]).abs() / old[n][k])
+                    for n in old for k in old[n] if k != 'cos')
+        print(f"theta_decomposition {route}, {dtype}, tie={tie}: largest difference of a cosine {cos:.1e}, "
+              f"largest relative difference of a norm {norms:.1e}")
+        assert max(cos, norms) < (1e-12 if dtype == torch.float64 else 1e-6)
+    # the graph survives for the caller (both routes retain it): once more, the gradient computed here
+    again = M.theta_decomposition(logits, y, params, h=h, head=head)['model']['cos']
+    assert abs(float(again - new['model']['cos'])) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_position_local_signed_sums_from_the_gradient_equal_the_matmul():
+    """position_local_gradient_sums with grads (p.grad of the same mean loss): sum_s g_s = N p.grad, the
+    other two sums unchanged, bitwise; the signed sums equal G^T X up to rounding (largest difference
+    printed), in float64 and float32."""
+    for dtype in (torch.float64, torch.float32):
+        model, x, y = tiny()
+        model = model.to(dtype)
+        modules = M.position_local_modules(model)
+        with M.capture_activations(modules) as acts:
+            per_token_loss(model(x)[0], y).mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        old = M.position_local_gradient_sums(modules, acts, N)
+        new = M.position_local_gradient_sums(modules, acts, N, grads)
+        assert list(new) == list(old)
+        worst = 0.0
+        for n in old:
+            assert torch.equal(new[n][1], old[n][1]) and torch.equal(new[n][2], old[n][2])
+            worst = max(worst, float((new[n][0] - old[n][0]).abs().max() / old[n][0].abs().max()))
+            assert not new[n][0].data_ptr() == grads[n].data_ptr()  # a copy: p.grad untouched
+        print(f"position-local signed sums from N p.grad, {dtype}: largest relative difference {worst:.1e}")
+        assert worst < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
 # 4. gradient opposition --------------------------------------------------------------------
 
 LOCAL = {'lm_head.weight', 'transformer.ln_f.weight', 'transformer.ln_f.bias',
