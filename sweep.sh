@@ -8,7 +8,7 @@
 #   bash sweep.sh sizes        # 4 sizes, 900 steps: loss deceleration, gradient opposition, zero-sum
 #                              # learning, recorded online
 #   bash sweep.sh measure      # measure.py on the size sweep's checkpoints at N = 128, 2048, 16384
-#   bash sweep.sh warmup       # 4L/128d with 10, 40 and 100 warmup steps: does t_d track warmup?
+#   bash sweep.sh warmup       # 4L/128d with 10, 40, 50 and 100 warmup steps: does t_d track warmup?
 #   bash sweep.sh saturation   # 2 layers at widths 8 to 64, vocabulary 2048, 10-20M tokens each
 #
 # The parts are independent: on a machine with cores to spare, run them side by side. Runs go to
@@ -73,9 +73,10 @@ fi
 
 if [[ $what == all || $what == warmup ]]; then
   t0=$SECONDS
-  # the 4L/128d model of the size sweep (50 warmup steps) with 10, 40 and 100; the loss curve only
+  # the 4L/128d model of the size sweep with 10, 40, 50 (as in the size sweep) and 100 warmup steps;
+  # the loss curve only
   lr=$(lr_for 4 128 4096 2 64)
-  for w in 10 40 100; do
+  for w in 10 40 50 100; do
     train "$OUT/warmup/warmup${w}" --warmup_iters "$w" --learning_rate "$lr" --max_iters 900 --record none
   done
   python plot.py "$OUT/warmup"
