@@ -130,7 +130,8 @@ def load_paper(folder):
         raise ValueError(f"{folder}/progress.json: not measure.py's ({e})")
     paper = {}
     for name in ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
-                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null', 'opposition_near_total']:
+                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
+                 'opposition_near_total']:
         file = os.path.join(folder, name + '.npy')
         if name == 'opposition_near_total' and not os.path.isfile(file):  # measured before it existed
             paper[name] = np.full_like(paper['opposition_mean'], np.nan)
@@ -1262,7 +1263,8 @@ def paper_table(runs):
                 cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})", f"{blocks[2][i]:.4f}"]
                 for where in ['batch', 'heldout']:
                     D = p[f'loss_D_{where}'][i]
-                    cells.append(f"{D.mean():.4f} +- {D.std():.4f} ({p[f'loss_D_{where}_null'][i].mean():.4f})")
+                    null = p[f'loss_D_{where}_null'][i].mean()
+                    cells.append(f"{D.mean():.4f} +- {D.std():.4f} ({null:.4f})")
                 cells.append(f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})")
                 rows.append([int(t)] + cells)
             header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
@@ -1323,7 +1325,7 @@ def report_text(runs, drawn, notes, fmt):
         scale.append([r['name'], f"{cfg['n_params']:,}", cfg['warmup_iters'], f"{cfg['learning_rate']:.3g}",
                       'n/a' if t_d is None else f"{t_d * batch:,.0f}",
                       'n/a' if t_d is None else f"{t_d * batch / cfg['n_params']:.3g}",
-                      'n/a' if t_d is None else f"{t_d / cfg['warmup_iters']:.2f}" if cfg['warmup_iters'] else 'n/a',
+                      'n/a' if t_d is None or not cfg['warmup_iters'] else f"{t_d / cfg['warmup_iters']:.2f}",
                       'n/a' if H1 is None else f"{H1:.4f}",
                       'n/a' if L_d is None or H1 is None else f"{L_d / H1:.3f}"])
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(r['rec']['train_loss'])[0]),
@@ -1401,7 +1403,8 @@ def report_text(runs, drawn, notes, fmt):
                   "held-out changes from t to 2t (dt = t; nan for the last). In brackets: the null "
                   "(analytic for D_j, sign-flip for the loss D). nan: not measured. sqrt(N)(1 - D_j): the "
                   "blocks' mean on a scale on which its null is the same at every N "
-                  "(metrics.scale_free_opposition); share: the blocks' coordinates with D_j > 0.99.", '', table]
+                  "(metrics.scale_free_opposition); share: the blocks' coordinates with D_j > 0.99.", '',
+                  table]
     table = matched_steps_table(runs)
     if table:
         parts += ['## The runs at matched checkpoints (measure.py)', '',

@@ -415,7 +415,8 @@ def test_coordinate_opposition_and_summary_are_exact():
     close(summary['blocks']['weighted'], 1 - g.sum(0).abs().sum() / g.abs().sum())
     assert summary['blocks']['n'] == moved.sum()
     # near-total opposition: the share of those coordinates with D_j > 0.99, counted one by one
-    near = sum(1 for j in range(g.shape[1]) if moved[j] and 1 - abs(g[:, j].sum()) / g[:, j].abs().sum() > 0.99)
+    near = sum(1 for j in range(g.shape[1])
+               if moved[j] and 1 - abs(g[:, j].sum()) / g[:, j].abs().sum() > 0.99)
     close(summary['blocks']['near_total'], near / moved.sum().item())
     close(summary[n]['near_total'], (D > M.NEAR_TOTAL).double().mean())
     # another name for the total; no blocks column without a block matrix
