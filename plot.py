@@ -108,12 +108,12 @@ def load_run(path):
     if 'train_loss' not in rec:
         raise ValueError(f"{path}: train_loss.npy is missing (the one record every figure needs)")
     # measure.py's records, one folder per N (paper/: the whole split; paper_N<N>/), fewest tokens first;
-    # 'paper' is the one of most tokens, which fig10 draws
+    # 'paper', which fig10 draws, is the one of most checkpoints (of those, the most tokens)
     papers = [load_paper(os.path.dirname(f)) for f in glob.glob(os.path.join(path, 'paper*', 'progress.json'))
               if re.fullmatch(r'paper(_N\d+)?', os.path.basename(os.path.dirname(f)))]
     if papers:
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
-        rec['paper'] = rec['papers'][-1]
+        rec['paper'] = max(rec['papers'], key=lambda p: (len(p['steps']), p['settings']['tokens']))
     name = os.path.basename(os.path.abspath(path))
     return dict(path=path, name=name, config=config, rec=rec, missing=missing,
                 label=f"{name} ({config['n_layer']}L/{config['n_embd']}d, {config['n_params'] / 1e6:.2g}M)")

@@ -2,8 +2,8 @@
 recomputation from the checkpoints, resume after an interruption, bad input."""
 import argparse
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +15,7 @@ import torch
 import data
 import measure
 import metrics
+import plot
 import train
 from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
@@ -336,12 +337,15 @@ def test_a_resumed_run_keeps_the_same_checkpoints(measured, tmp_path, cache_dir)
 def test_plot_reports_every_N_and_the_runs_at_matched_checkpoints(measured, tmp_path):
     """Two N of one run each get their table, with the blocks' sqrt(N)(1 - D_j) beside its null's and
     the share of D_j > 0.99 from the records; two runs measured at one N are set side by side at the
-    checkpoints both measured, and an N that one run alone measured is not. The deceleration table's
-    H_1 is the entropy of the run's training counts."""
+    checkpoints both measured, and an N that one run alone measured is not; fig10 draws a run's N of
+    most checkpoints. The deceleration table's H_1 is the entropy of the run's training counts."""
     root = tmp_path / 'runs'
     for name in ('a', 'b'):
         shutil.copytree(measured, root / name, ignore=shutil.ignore_patterns('figures'))
     run_measure(str(root / 'a'), '--tokens', str(T), '--batches', str(K), '--steps', '2,4')  # paper_N16
+    run_measure(str(root / 'a'), '--tokens', str(3 * T), '--batches', str(K), '--steps', '2')  # paper_N48
+    # fig10 draws the N measured at the most checkpoints: 32 tokens at 4, not 48 at 1 or 16 at 2
+    assert plot.load_run(str(root / 'a'))['rec']['paper']['settings']['tokens'] == 2 * T
     out = tmp_path / 'figs'
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'plot.py'), str(root), '--out', str(out)],
                           capture_output=True, text=True, cwd=ROOT)
