@@ -41,6 +41,7 @@ from matplotlib.lines import Line2D
 
 import bnsl
 import metrics
+import train
 
 N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
@@ -109,8 +110,9 @@ def load_run(path):
         raise ValueError(f"{path}: train_loss.npy is missing (the one record every figure needs)")
     # measure.py's records, one folder per N (paper/: the whole split; paper_N<N>/), fewest tokens first;
     # 'paper', which fig10 draws, is the one of most checkpoints (of those, the most tokens)
-    papers = [load_paper(os.path.dirname(f)) for f in glob.glob(os.path.join(path, 'paper*', 'progress.json'))
-              if re.fullmatch(r'paper(_N\d+)?', os.path.basename(os.path.dirname(f)))]
+    folders = glob.glob(os.path.join(path, train.MEASURE_DIR + '*', 'progress.json'))
+    papers = [load_paper(os.path.dirname(f)) for f in folders
+              if re.fullmatch(train.MEASURE_DIRS, os.path.basename(os.path.dirname(f)))]
     if papers:
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
         rec['paper'] = max(rec['papers'], key=lambda p: (len(p['steps']), p['settings']['tokens']))

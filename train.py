@@ -55,6 +55,7 @@ PLOT_FILES = r'(fig\d+_\w+\.(png|pdf)|report\.md)|\.(fig\d+_\w+\.(png|pdf)|repor
 # the checkpoints kept by --keep_ckpts log2, in ckpts/, and what measure.py writes in paper/
 KEPT_DIR, KEPT_FILES = 'ckpts', r'step_\d{6,}\.pt(\.tmp)?'
 MEASURE_DIR = 'paper'  # paper/ for the whole validation split, paper_N<N>/ for N tokens
+MEASURE_DIRS = MEASURE_DIR + r'(_N\d+)?'  # the names of those folders, as a pattern
 MEASURE_FILES = r'(progress\.json|(steps|heldout_loss|loss_\w+|opposition_\w+|update_\w+)\.npy)(\.tmp)?'
 
 
@@ -419,7 +420,7 @@ def foreign_entries(out_dir):
     figures/, ckpts/ or paper/ (paper_N<N>/) anything but plot.py's figures and report, the kept
     checkpoints or measure.py's records."""
     ours = set(RUN_FILES) | {name + '.npy' for name, *_ in RECORDS}
-    folders = {'figures': PLOT_FILES, KEPT_DIR: KEPT_FILES, MEASURE_DIR + r'(_N\d+)?': MEASURE_FILES}
+    folders = {'figures': PLOT_FILES, KEPT_DIR: KEPT_FILES, MEASURE_DIRS: MEASURE_FILES}
     foreign = []
     for entry in sorted(os.listdir(out_dir)):
         path = os.path.join(out_dir, entry)
