@@ -381,9 +381,9 @@ def components(args, corpus, rounds):
     def looped_local(_):  # the definition for the position-local layers, on the same tokens
         return metrics.per_token_gradient_sums_looped(model, x, y, names=local_names, n_tokens=LOCAL_SUBSET)
 
-    # as train.py's probe pass: h and logits reused
-    _, h, probe_logits = recorder.fp32_forward(model, probe_x, probe_y)
-    h, probe_logits = h.reshape(-1, args.n_embd), probe_logits.reshape(h.shape[0] * h.shape[1], -1)
+    # as train.py's probe pass: h and p reused
+    _, h, probe_p = recorder.fp32_probe_forward(model, probe_x, probe_y)
+    h = h.reshape(-1, args.n_embd)
     head = model.lm_head.weight.detach()
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(N, dtype=torch.float64, device=args.device)  # stands for post - pre of the batch
@@ -398,9 +398,9 @@ def components(args, corpus, rounds):
     variants = {  # name -> (fn(state), setup() giving the state, untimed)
         'training step (forward, backward, clip, AdamW)': (step, None),
         'probe pass (fp32 forward, P sequences)': (
-            lambda _: recorder.fp32_forward(model, probe_x, probe_y), None),
+            lambda _: recorder.fp32_probe_forward(model, probe_x, probe_y), None),
         'h-space decomposition of the probe tokens': (
-            lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probe_logits), None),
+            lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probs=probe_p), None),
         'post-update pass (fp32 forward, batch)': (lambda _: recorder.fp32_forward(model, x, y), None),
         'theta+/- (second backward, from h) and norms': (
             lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2],
@@ -602,6 +602,8 @@ def method_and_record_costs(args, corpus, tmp, n_runs):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.device == 'cpu':  # as train.py does; here before the first step, so every variant runs under it
+        train.keep_freed_memory()
     corpus = data.prepare(None, args.vocab_size, args.cache_dir)
     with tempfile.TemporaryDirectory(prefix='bench-') as tmp:  # the runs made here, removed at the end
         levels = ['none', 'light', 'all']

@@ -342,6 +342,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu':
+        train.keep_freed_memory()  # large tensors reused rather than page-faulted in again
     config, run_args, corpus, kept = load_run(args)
     if args.steps:
         try:

@@ -102,7 +102,7 @@ def cosine(a, b):
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
-def output_decomposition(h, U, y, logits=None):
+def output_decomposition(h, U, y, probs=None):
     """Per token, with h (N, d), U (V, d), y (N,), p = softmax(U h):
 
         grad_h+ = -(1 - p_y) U_y,   grad_h- = U^T p - p_y U_y,   grad_h+ + grad_h- = dl/dh
@@ -110,8 +110,9 @@ def output_decomposition(h, U, y, logits=None):
     Returns a dict of (N,) tensors: p_y; the shared 2D basis cos(h, grad_h+) (= -cos(h, U_y)) and
     cos(h, grad_h-); dissent cos(grad_h+, grad_h-); and |grad_h+|, |grad_h-|, |dl/dh| (norm_grad).
     grad_h- = p @ U - p_y U_y, so no per-token V x d tensor is ever formed. Cosines: see `cosine`.
-    logits: z = U h (N, V) if the caller has it already (it is not recomputed then)."""
-    p = torch.softmax(h @ U.T if logits is None else logits, dim=-1)  # (N, V)
+    probs: p (N, V) if the caller has it already (the probe pass takes it from the log-softmax of its
+    losses, recorder.fp32_probe_forward); else p = softmax(h U^T) is computed here."""
+    p = torch.softmax(h @ U.T, dim=-1) if probs is None else probs  # (N, V)
     p_y = p.gather(1, y[:, None]).squeeze(1)  # (N,)
     U_y = U[y]  # (N, d)
     g_plus = -(1 - p_y)[:, None] * U_y  # (N, d)
@@ -178,13 +179,22 @@ def theta_decomposition(logits, targets, params, grads=None, average=None, h=Non
             average(g)
     for g in plus.values() if average is not None else []:
         average(g)
-    plus = {name: g.flatten() for name, g in plus.items()}
-    minus = {name: grads[name].flatten().to(plus[name].dtype) - plus[name] for name in names}
-    plus['model'], minus['model'] = torch.cat(list(plus.values())), torch.cat(list(minus.values()))
+    # per tensor the dot products <grad+, grad->, <grad+, grad+>, <grad-, grad->, <grad, grad>; 'model' adds
+    # them up over the tensors, in float64, so no all-parameter vector is formed and no fp32 reduction
+    # runs over a million coordinates. sum(a * b): a pairwise sum, where fp32 norm() and dot() are off
+    # by ~1e-5 at 1e5 coordinates (tests/test_metrics.py)
+    dots = []
+    for name in names:
+        g_plus, g = plus[name].flatten(), grads[name].flatten().to(plus[name].dtype)
+        g_minus = g - g_plus
+        dots.append(torch.stack([(g_plus * g_minus).sum(), (g_plus * g_plus).sum(), (g_minus * g_minus).sum(),
+                                 (g * g).sum()]))
+    dots = torch.stack(dots).double().cpu()  # (n_names, 4), one device sync
+    dots = torch.cat([dots, dots.sum(0, keepdim=True)])  # (n_names + 1, 4): row 'model'
+    norms = dots[:, 1:].sqrt()  # |grad+|, |grad-|, |grad|
+    cos = dots[:, 0] / (norms[:, 0] * norms[:, 1])  # NaN where a part is zero, as `cosine`
     keys = ['cos', 'norm_plus', 'norm_minus', 'norm_grad']
-    stats = torch.stack([torch.stack([cosine(plus[n], minus[n]), plus[n].norm(), minus[n].norm(),
-                                      (plus[n] + minus[n]).norm()]) for n in plus]).cpu()  # (n_names + 1, 4)
-    return {n: dict(zip(keys, row)) for n, row in zip(plus, stats)}
+    return {n: dict(zip(keys, row)) for n, row in zip(names + ['model'], torch.column_stack([cos, norms]))}
 
 
 # -----------------------------------------------------------------------------
@@ -295,8 +305,10 @@ def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
         X = X.reshape(-1, X.shape[-1]).to(dtype)  # (N, in)
         G = G.reshape(-1, G.shape[-1]).to(dtype)  # (N, out), n_tokens G = the gradients of l_s
         if isinstance(module, nn.Linear):
-            sums[name + '.weight'] = (G.T @ X if signed else None, G.abs().T @ X.abs(),
-                                      G.pow(2).T @ X.pow(2))  # (out, in) each
+            G_abs = G.abs()  # (N, out); squared in place below, once |G|^T |X| is taken: |G|^2 = G^2
+            total_abs = G_abs.T @ X.abs()
+            sums[name + '.weight'] = (G.T @ X if signed else None, total_abs,
+                                      G_abs.mul_(G_abs).T @ X.pow(2))  # (out, in) each
         else:
             assert isinstance(module, nn.LayerNorm), f"{name}: only Linear and LayerNorm are local"
             G_xhat = G * F.layer_norm(X, module.normalized_shape, eps=module.eps)  # (N, d)
@@ -513,9 +525,17 @@ def coordinate_opposition(sum_g, sum_abs_g, *_):
     flat (n,) tensor over the coordinates with sum_i |g_ij| > 0 only (D is undefined where no token
     moves the coordinate, e.g. the embedding rows of tokens absent from the batch), so NaN-free.
     (A third argument, the sum of squares of a sums triple, is ignored: coordinate_opposition(*sums).)"""
-    sum_g, sum_abs_g = sum_g.flatten(), sum_abs_g.flatten()
+    return interference_from_sums(*used_coordinates(sum_g.flatten(), sum_abs_g.flatten()))  # (n,)
+
+
+def used_coordinates(sum_g, sum_abs_g, *rest):
+    """The flat sums (n,) cut to the coordinates with sum_i |g_ij| > 0 (those some token moves).
+    Boolean indexing copies, and costs more than the opposition itself; most tensors have every
+    coordinate used (each row of U gets p_v > 0 from every token), so they are returned as they are."""
     used = sum_abs_g > 0
-    return interference_from_sums(sum_g[used], sum_abs_g[used])  # (n,)
+    if bool(used.all()):
+        return (sum_g, sum_abs_g) + rest
+    return tuple(t[used] for t in (sum_g, sum_abs_g) + rest)
 
 
 def opposition_group(name):
@@ -585,14 +605,14 @@ def opposition_summary(sums, bins=20, total='model'):
     per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
     for name, (total_g, total_abs, total_sq) in sums.items():
         total_g, total_abs, total_sq = (t.flatten().double() for t in (total_g, total_abs, total_sq))
-        D = coordinate_opposition(total_g, total_abs)  # (n,)
-        used = total_abs > 0
-        null = expected_null_interference(total_abs[used], total_sq[used])  # (n,)
+        abs_total, total_abs_sum = total_g.abs().sum(), total_abs.sum()  # unused coordinates add 0 to both
+        total_g, total_abs, total_sq = used_coordinates(total_g, total_abs, total_sq)  # (n,) each
+        D = coordinate_opposition(total_g, total_abs)
+        null = expected_null_interference(total_abs, total_sq)
         # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
         per[name] = dict(D_sum=D.sum(), null_sum=null.sum(), n=D.numel(),
                          hist=torch.histc(D.clamp(0, 1), bins=bins, min=0.0, max=1.0),
-                         near_total=(D > NEAR_TOTAL).sum(),
-                         abs_total=total_g.abs().sum(), total_abs=total_abs.sum())
+                         near_total=(D > NEAR_TOTAL).sum(), abs_total=abs_total, total_abs=total_abs_sum)
     out = {}
     for key, names in opposition_members(list(sums), total).items():  # the union of their coordinates
         parts = [per[name] for name in names]

@@ -30,13 +30,13 @@ Every recording pass runs in fp32 (weights, logits, log-softmax), even when trai
 the loss changes of one step are small, and bf16 rounding would bury them.
 """
 
-import math
 import os
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 import metrics
@@ -190,6 +190,18 @@ def fp32_forward(model, x, y):
     return per_token_loss(logits, y), h, logits
 
 
+@torch.no_grad()
+def fp32_probe_forward(model, x, y):
+    """fp32_forward for the probe pass, with p = softmax(z) (B*T, V) in place of the logits: one
+    log-softmax gives both the losses and p. l_i = -log p_i[y_i] is bitwise per_token_loss
+    (cross_entropy is this log-softmax, then the target's entry picked and negated), and
+    p = exp(log p) is what the output-layer decomposition needs (metrics.output_decomposition)."""
+    logits, _, h = model(x, return_hidden=True)
+    log_p = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
+    losses = -log_p.gather(1, y.reshape(-1, 1)).view(y.shape)  # (B, T)
+    return losses, h, log_p.exp_()
+
+
 def loss_change_interference(change, generator):
     """(D, M, sign-flip null) of per-token loss changes (any shape), all tokens as one float64 vector:
     the zero-sum-learning measurement, train.py's and measure.py's alike. generator: the null's signs."""
@@ -307,7 +319,7 @@ class Recorder:
         if not (self.master and self.recording):
             return
         (P, T), d = self.px.shape, self.args.n_embd
-        loss, h, logits = fp32_forward(self.model, self.px, self.py)  # (P, T), (P, T, d), (P, T, V)
+        loss, h, p = fp32_probe_forward(self.model, self.px, self.py)  # (P, T), (P, T, d), (P*T, V)
         self.write('probe_loss', step, loss)
         self.probe_loss = loss.mean().item()
         if self.tx is not None:  # the fixed training windows, measured as the probe set
@@ -320,7 +332,7 @@ class Recorder:
             self.write('probe_D_null', step - 1, null)
         U = self.model.lm_head.weight.detach()  # (V, d)
         with torch.no_grad():
-            out = metrics.output_decomposition(h.view(-1, d), U, self.py.flatten(), logits.view(P * T, -1))
+            out = metrics.output_decomposition(h.view(-1, d), U, self.py.flatten(), probs=p)
             self.write('probe_p_y', step, out['p_y'].view(P, T))
             self.write('probe_cos_h_plus', step, out['cos_h_plus'].view(P, T))
             self.write('probe_cos_h_minus', step, out['cos_h_minus'].view(P, T))
@@ -383,7 +395,7 @@ class Recorder:
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
-            update_norm = math.sqrt(sum(v.pow(2).sum().item() for v in delta.values()))
+            update_norm = torch.stack([v.norm() for v in delta.values()]).double().norm().item()
         self.write('lr', step, lr)
         self.write('grad_norm', step, grad_norm)
         self.write('update_norm', step, update_norm)

@@ -122,7 +122,7 @@ def test_output_decomposition_matches_autograd_per_token():
     out = M.output_decomposition(h, U, yf)
     assert set(out) == {'p_y', 'cos_h_plus', 'cos_h_minus', 'cos_plus_minus', 'norm_plus', 'norm_minus',
                         'norm_grad'}
-    given = M.output_decomposition(h, U, yf, logits=h @ U.T)  # the caller's logits: the same answer
+    given = M.output_decomposition(h, U, yf, probs=torch.softmax(h @ U.T, -1))  # the caller's p: the same
     for k in out:
         close(given[k], out[k])
     for i in range(N):
@@ -235,6 +235,25 @@ def test_theta_decomposition_from_h_equals_the_backward_from_the_logits(tie, dty
     # the graph survives for the caller (both routes retain it): once more, the gradient computed here
     again = M.theta_decomposition(logits, y, params, h=h, head=head)['model']['cos']
     assert abs(float(again - new['model']['cos'])) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_theta_decomposition_sums_a_large_fp32_model_without_fp32_rounding():
+    """The 'model' column runs over every parameter (here 0.6M): its sums must not be fp32 reductions
+    over the whole vector, off by 1e-4 at a million coordinates. |grad| of the model and of each tensor
+    against the float64 norm of the same fp32 gradients (the other columns' sums are formed alike)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=4096, n_layer=2, n_head=2, n_embd=64))
+    x, y = torch.randint(0, 4096, (4, 32)), torch.randint(0, 4096, (4, 32))
+    params = dict(model.named_parameters())
+    assert sum(p.numel() for p in params.values()) > 600_000
+    logits, _, h = model(x, return_hidden=True)
+    losses = per_token_loss(logits, y)
+    grads = dict(zip(params, torch.autograd.grad(losses.mean(), list(params.values()), retain_graph=True)))
+    out = M.theta_decomposition(logits, y, params, grads, h=h, head='lm_head.weight', losses=losses)
+    whole = torch.cat([g.flatten() for g in grads.values()]).double().norm()
+    np.testing.assert_allclose(float(out['model']['norm_grad']), float(whole), rtol=1e-6)
+    for name, g in grads.items():
+        np.testing.assert_allclose(float(out[name]['norm_grad']), float(g.double().norm()), rtol=1e-6)
 
 
 def test_position_local_signed_sums_from_the_gradient_equal_the_matmul():

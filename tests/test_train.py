@@ -1,6 +1,7 @@
 """Training and recording: what a run writes, and that what it writes is what it claims."""
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
 import recorder
 from recorder import RECORDS, log_schedule, record_shape
-from train import get_args, get_lr
+from train import get_args, get_lr, keep_freed_memory
 
 
 def load(run, name):
@@ -92,6 +93,37 @@ def test_records_match_a_recomputation_from_the_checkpoint(tiny_run):
         probe_loss = per_token_loss(logits, probe[:, 1:])
     np.testing.assert_allclose(load(tiny_run, 'probe_loss')[S], probe_loss.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(load(tiny_run, 'probe_hidden')[-1], h.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_freed_memory_is_kept_for_the_next_step():
+    """After keep_freed_memory (train.py calls it on the CPU), a large tensor allocated again after
+    being freed reuses the memory: it page-faults almost nowhere, where malloc's default would map it
+    afresh and fault once per 4 KiB page."""
+    if not keep_freed_memory():
+        pytest.skip("malloc is not glibc's: nothing to set")
+    pages = (48 << 20) // resource.getpagesize()  # 48 MiB: above glibc's largest default mmap threshold
+
+    def page_faults_of_a_large_tensor():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(48 << 20, dtype=torch.uint8)  # allocated, every page written, freed
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    for _ in range(2):  # the first rounds grow malloc's heap to hold the block (and fault it in)
+        page_faults_of_a_large_tensor()
+    assert max(page_faults_of_a_large_tensor() for _ in range(3)) < pages // 10
+
+
+def test_probe_pass_gives_the_training_loss_bitwise_and_the_softmax():
+    """The probe pass takes both its losses and p from one log-softmax: the losses must be
+    per_token_loss's to the bit (cross_entropy is that log-softmax and a pick), p the softmax."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
+    x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    losses, h, p = recorder.fp32_probe_forward(model, x, y)
+    with torch.no_grad():
+        logits, _, h_ref = model(x, return_hidden=True)
+        assert torch.equal(losses, per_token_loss(logits, y))
+        assert torch.equal(h, h_ref)
+        torch.testing.assert_close(p, torch.softmax(logits.reshape(-1, 50), -1), rtol=1e-6, atol=1e-7)
 
 
 def test_last_post_update_losses_match_the_final_model(tiny_run, cache_dir):
