@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import bnsl
 import data
@@ -447,10 +448,13 @@ def components(args, corpus, rounds):
     checks = {'all-parameter: project vs looped': max_rel_diff(project, looped, skip=key_biases),
               'position-local: |G|^T|X| vs looped': max_rel_diff(
                   metrics.position_local_gradient_sums(local, subset_graph(), 1), looped_local(None))}
-    for n in sizes:
-        checks[f'all-parameter: project vs published ({n})'] = max_rel_diff(
-            metrics.per_token_gradient_sums(model, probe_x[:n], probe_y[:n]),
-            published_gradient_sums(model, probe_x[:n], probe_y[:n]), skip=key_biases)
+    for n in sizes:  # untimed, so their FLOPs are counted too (PyTorch's counter)
+        with FlopCounterMode(display=False) as ours:
+            project = metrics.per_token_gradient_sums(model, probe_x[:n], probe_y[:n])
+        with FlopCounterMode(display=False) as theirs:
+            published = published_gradient_sums(model, probe_x[:n], probe_y[:n])
+        checks[f'all-parameter: project vs published ({n})'] = max_rel_diff(project, published, skip=key_biases)
+        checks[f'GFLOP: project, published ({n})'] = (ours.get_total_flops() / 1e9, theirs.get_total_flops() / 1e9)
     return times, checks, N
 
 
@@ -565,11 +569,13 @@ def method_and_record_costs(args, corpus, tmp, n_runs):
           f"steps' time per step")
     print("\n3. all-parameter exact opposition (attention key biases left out of the checks): the project's "
           "method against the published one (a port)\n   sequences  tokens   project ms  published ms   "
-          "published / project")
+          "published / project   GFLOP project  published")
     for n in method_sizes(args):
         ours = median_ms[f'all-parameter opposition, project method ({n} probe seq)']
         theirs = median_ms[f'all-parameter opposition, published method port ({n} probe seq)']
+        flops_ours, flops_theirs = checks[f'GFLOP: project, published ({n})']
         print(f"   {n:9d}{n * args.block_size:8d}{ours:13.0f}{theirs:14.0f}{theirs / ours:14.2f}x"
+              f"{flops_ours:19.4g}{flops_theirs:11.4g}"
               f"   max relative difference {checks[f'all-parameter: project vs published ({n})']:.1e}")
     ours = median_ms[f'all-parameter opposition, project method ({LOOPED_SEQS} probe seq)']
     looped_ms = median_ms[f'all-parameter opposition, looped ({LOOPED_SEQS} probe seq)']

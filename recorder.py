@@ -120,7 +120,7 @@ RECORDS = [
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
     ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
-     "|grad_theta| (column model: grad_norm[t] up to rounding)"),
+     "|grad_theta| (column model: grad_norm[t] up to the rounding of clipping's fp32 norms, ~1e-4)"),
     # gradient opposition between tokens, per parameter coordinate j
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
      "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "

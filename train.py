@@ -227,14 +227,14 @@ def keep_freed_memory():
     same large tensors every time (the (B*T, V) logits, their log-softmax and gradient: 32 MiB each
     at the default sizes). glibc's malloc serves a block that large by its own mmap and returns it
     to the system when it is freed, so that the next step writes to fresh pages and pays a page
-    fault for every 4 KiB: about a sixth of a training step at the default sizes on a 2-core CPU
-    (bench.py). With malloc's mmap and trim thresholds at 1 GiB, freed blocks stay in the process
-    and are reused. The values computed are the same; only where the memory comes from changes.
-    glibc (Linux) only: elsewhere nothing changes. Returns whether both settings were taken."""
+    fault for every 4 KiB: about a fifth of a training step's time at the default sizes on a 2-core
+    CPU (results/bench.md). With malloc's mmap and trim thresholds at 1 GiB, freed blocks stay in
+    the process and are reused. The values computed are the same; only where the memory comes from
+    changes. glibc (Linux) only: elsewhere nothing changes. Returns whether both settings were taken."""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
