@@ -395,7 +395,7 @@ class Recorder:
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
-            update_norm = torch.stack([v.norm() for v in delta.values()]).double().norm().item()
+            update_norm = torch.stack([v.pow(2).sum() for v in delta.values()]).double().sum().sqrt().item()
         self.write('lr', step, lr)
         self.write('grad_norm', step, grad_norm)
         self.write('update_norm', step, update_norm)
