@@ -383,7 +383,7 @@ def components(args, corpus, rounds):
         return metrics.per_token_gradient_sums_looped(model, x, y, names=local_names, n_tokens=LOCAL_SUBSET)
 
     # as train.py's probe pass: h and p reused
-    _, h, probe_p = recorder.fp32_probe_forward(model, probe_x, probe_y)
+    _, h, _, probe_p = recorder.fp32_probe_forward(model, probe_x, probe_y)
     h = h.reshape(-1, args.n_embd)
     head = model.lm_head.weight.detach()
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}

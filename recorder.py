@@ -192,14 +192,14 @@ def fp32_forward(model, x, y):
 
 @torch.no_grad()
 def fp32_probe_forward(model, x, y):
-    """fp32_forward for the probe pass, with p = softmax(z) (B*T, V) in place of the logits: one
-    log-softmax gives both the losses and p. l_i = -log p_i[y_i] is bitwise per_token_loss
-    (cross_entropy is this log-softmax, then the target's entry picked and negated), and
-    p = exp(log p) is what the output-layer decomposition needs (metrics.output_decomposition)."""
+    """fp32_forward for the probe pass, also returning p = softmax(z) (B*T, V): one log-softmax gives
+    both the losses and p. l_i = -log p_i[y_i] is bitwise per_token_loss (cross_entropy is this
+    log-softmax, then the target's entry picked and negated), and p = exp(log p) is what the
+    output-layer decomposition needs (metrics.output_decomposition). Returns losses, h, logits, p."""
     logits, _, h = model(x, return_hidden=True)
     log_p = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
     losses = -log_p.gather(1, y.reshape(-1, 1)).view(y.shape)  # (B, T)
-    return losses, h, log_p.exp_()
+    return losses, h, logits, log_p.exp_()
 
 
 def loss_change_interference(change, generator):
@@ -319,7 +319,8 @@ class Recorder:
         if not (self.master and self.recording):
             return
         (P, T), d = self.px.shape, self.args.n_embd
-        loss, h, p = fp32_probe_forward(self.model, self.px, self.py)  # (P, T), (P, T, d), (P*T, V)
+        # losses (P, T), h (P, T, d), logits (P, T, V) and p = softmax(logits) as (P*T, V)
+        loss, h, logits, p = fp32_probe_forward(self.model, self.px, self.py)
         self.write('probe_loss', step, loss)
         self.probe_loss = loss.mean().item()
         if self.tx is not None:  # the fixed training windows, measured as the probe set

@@ -119,11 +119,11 @@ def test_probe_pass_gives_the_training_loss_bitwise_and_the_softmax():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
     x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
-    losses, h, p = recorder.fp32_probe_forward(model, x, y)
+    losses, h, logits_given, p = recorder.fp32_probe_forward(model, x, y)
     with torch.no_grad():
         logits, _, h_ref = model(x, return_hidden=True)
         assert torch.equal(losses, per_token_loss(logits, y))
-        assert torch.equal(h, h_ref)
+        assert torch.equal(h, h_ref) and torch.equal(logits_given, logits)
         torch.testing.assert_close(p, torch.softmax(logits.reshape(-1, 50), -1), rtol=1e-6, atol=1e-7)
 
 
