@@ -608,7 +608,7 @@ def opposition_summary(sums, bins=20, total='model'):
         total_g, total_abs, total_sq = (t.flatten().double() for t in (total_g, total_abs, total_sq))
         abs_total, total_abs_sum = total_g.abs().sum(), total_abs.sum()  # unused coordinates add 0 to both
         total_g, total_abs, total_sq = used_coordinates(total_g, total_abs, total_sq)  # (n,) each
-        D = coordinate_opposition(total_g, total_abs)
+        D = interference_from_sums(total_g, total_abs)  # coordinate_opposition, on coordinates already cut
         null = expected_null_interference(total_abs, total_sq)
         # clamp: rounding can put D a hair outside [0, 1], where histc would silently drop it
         per[name] = dict(D_sum=D.sum(), null_sum=null.sum(), n=D.numel(),
