@@ -383,7 +383,7 @@ def components(args, corpus, rounds):
         return metrics.per_token_gradient_sums_looped(model, x, y, names=local_names, n_tokens=LOCAL_SUBSET)
 
     # as train.py's probe pass: h and p reused
-    _, h, _, probe_p = recorder.fp32_probe_forward(model, probe_x, probe_y)
+    _, h, _, probe_p = metrics.fp32_probe_forward(model, probe_x, probe_y)
     h = h.reshape(-1, args.n_embd)
     head = model.lm_head.weight.detach()
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
@@ -399,10 +399,10 @@ def components(args, corpus, rounds):
     variants = {  # name -> (fn(state), setup() giving the state, untimed)
         'training step (forward, backward, clip, AdamW)': (step, None),
         'probe pass (fp32 forward, P sequences)': (
-            lambda _: recorder.fp32_probe_forward(model, probe_x, probe_y), None),
+            lambda _: metrics.fp32_probe_forward(model, probe_x, probe_y), None),
         'h-space decomposition of the probe tokens': (
             lambda _: metrics.output_decomposition(h, head, probe_y.reshape(-1), probs=probe_p), None),
-        'post-update pass (fp32 forward, batch)': (lambda _: recorder.fp32_forward(model, x, y), None),
+        'post-update pass (fp32 forward, batch)': (lambda _: metrics.fp32_forward(model, x, y), None),
         'theta+/- (second backward, from h) and norms': (
             lambda state: metrics.theta_decomposition(state[0], y, params, grads(), h=state[2],
                                                       head=head_name, losses=state[3]), graph),

@@ -19,7 +19,7 @@ split, the first ones; every token a target once):
   c. dt = t: D and M of the held-out per-token loss changes from theta_t to theta_2t;
   d. the update-weighted terms of metrics.update_weighted_terms, with delta = the simulated update
      of the first fresh batch.
-Every pass is fp32 (recorder.fp32_forward). Records go to RUN/paper/ for the whole split and to
+Every pass is fp32 (metrics.fp32_forward). Records go to RUN/paper/ for the whole split and to
 RUN/paper_N<N>/ for --tokens (N the tokens measured, whole windows), so that several N sit side by
 side; one row per checkpoint (docs/records.md); each finished row is written whole, then listed in
 progress.json, so an interrupted measure.py continues where it stopped. A run still training can be
@@ -43,7 +43,8 @@ import data
 import metrics
 import train
 from model import GPT, GPTConfig, per_token_loss
-from recorder import HIST_BINS, UPDATE_TERMS, fp32_forward, loss_change_interference, parameters_at
+from metrics import fp32_forward, loss_change_interference, parameters_at
+from recorder import HIST_BINS, UPDATE_TERMS
 
 MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
 

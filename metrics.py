@@ -111,7 +111,7 @@ def output_decomposition(h, U, y, probs=None):
     cos(h, grad_h-); dissent cos(grad_h+, grad_h-); and |grad_h+|, |grad_h-|, |dl/dh| (norm_grad).
     grad_h- = p @ U - p_y U_y, so no per-token V x d tensor is ever formed. Cosines: see `cosine`.
     probs: p (N, V) if the caller has it already (the probe pass takes it from the log-softmax of its
-    losses, recorder.fp32_probe_forward); else p = softmax(h U^T) is computed here."""
+    losses, fp32_probe_forward); else p = softmax(h U^T) is computed here."""
     p = torch.softmax(h @ U.T, dim=-1) if probs is None else probs  # (N, V)
     p_y = p.gather(1, y[:, None]).squeeze(1)  # (N,)
     U_y = U[y]  # (N, d)
@@ -841,3 +841,52 @@ def anisotropy(h):
     u = F.normalize(h.reshape(-1, h.shape[-1]), dim=-1)  # (N, d)
     N = u.shape[0]
     return (u.sum(0).pow(2).sum() - N) / (N * (N - 1))
+
+
+# -----------------------------------------------------------------------------
+# 7. recording passes: fp32 forwards, the zero-sum-learning measurement, parameters at theta_t
+
+
+@torch.no_grad()
+def fp32_forward(model, x, y):
+    """Per-token losses (B, T), hidden states h (B, T, d) and logits (B, T, V) with fp32 weights,
+    logits and log-softmax: the recording pass, kept outside any autocast region."""
+    logits, _, h = model(x, return_hidden=True)
+    return per_token_loss(logits, y), h, logits
+
+
+@torch.no_grad()
+def fp32_probe_forward(model, x, y):
+    """fp32_forward for the probe pass, also returning p = softmax(z) (B*T, V): one log-softmax gives
+    both the losses and p. l_i = -log p_i[y_i] is bitwise per_token_loss (cross_entropy is this
+    log-softmax, then the target's entry picked and negated), and p = exp(log p) is what the
+    output-layer decomposition needs (metrics.output_decomposition). Returns losses, h, logits, p."""
+    logits, _, h = model(x, return_hidden=True)
+    log_p = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
+    losses = -log_p.gather(1, y.reshape(-1, 1)).view(y.shape)  # (B, T)
+    return losses, h, logits, log_p.exp_()
+
+
+def loss_change_interference(change, generator):
+    """(D, M, sign-flip null) of per-token loss changes (any shape), all tokens as one float64 vector:
+    the zero-sum-learning measurement, train.py's and measure.py's alike. generator: the null's signs."""
+    x = change.flatten().double()
+    return (destructive_interference(x).item(), interference_magnitude(x).item(),
+            sign_flip_null(x, generator=generator).item())
+
+
+@contextlib.contextmanager
+def parameters_at(params, values=None):
+    """Inside the block, every parameter holds values[name] (e.g. theta_t after optimizer.step()),
+    or (values None) what it holds now, free to be changed; on exit each gets back exactly what it
+    held on entry."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items() if values is not None else []:
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])

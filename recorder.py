@@ -31,16 +31,14 @@ the loss changes of one step are small, and bf16 rounding would bury them.
 """
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 import metrics
-from model import per_token_loss
 
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
@@ -182,51 +180,6 @@ def log_schedule(last, every=0, points=LOG_POINTS):
     return sorted(step for step in steps | {0, last} if step <= last)
 
 
-@torch.no_grad()
-def fp32_forward(model, x, y):
-    """Per-token losses (B, T), hidden states h (B, T, d) and logits (B, T, V) with fp32 weights,
-    logits and log-softmax: the recording pass, kept outside any autocast region."""
-    logits, _, h = model(x, return_hidden=True)
-    return per_token_loss(logits, y), h, logits
-
-
-@torch.no_grad()
-def fp32_probe_forward(model, x, y):
-    """fp32_forward for the probe pass, also returning p = softmax(z) (B*T, V): one log-softmax gives
-    both the losses and p. l_i = -log p_i[y_i] is bitwise per_token_loss (cross_entropy is this
-    log-softmax, then the target's entry picked and negated), and p = exp(log p) is what the
-    output-layer decomposition needs (metrics.output_decomposition). Returns losses, h, logits, p."""
-    logits, _, h = model(x, return_hidden=True)
-    log_p = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
-    losses = -log_p.gather(1, y.reshape(-1, 1)).view(y.shape)  # (B, T)
-    return losses, h, logits, log_p.exp_()
-
-
-def loss_change_interference(change, generator):
-    """(D, M, sign-flip null) of per-token loss changes (any shape), all tokens as one float64 vector:
-    the zero-sum-learning measurement, train.py's and measure.py's alike. generator: the null's signs."""
-    x = change.flatten().double()
-    return (metrics.destructive_interference(x).item(), metrics.interference_magnitude(x).item(),
-            metrics.sign_flip_null(x, generator=generator).item())
-
-
-@contextmanager
-def parameters_at(params, values=None):
-    """Inside the block, every parameter holds values[name] (e.g. theta_t after optimizer.step()),
-    or (values None) what it holds now, free to be changed; on exit each gets back exactly what it
-    held on entry."""
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items() if values is not None else []:
-            p.copy_(values[n])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
-
-
 class Recorder:
     """The records of one run and everything needed to fill them: the memmaps (process 0 only),
     the schedules, the probe set, the null's random signs. One method per moment of a step."""
@@ -320,14 +273,14 @@ class Recorder:
             return
         (P, T), d = self.px.shape, self.args.n_embd
         # losses (P, T), h (P, T, d), logits (P, T, V) and p = softmax(logits) as (P*T, V)
-        loss, h, logits, p = fp32_probe_forward(self.model, self.px, self.py)
+        loss, h, logits, p = metrics.fp32_probe_forward(self.model, self.px, self.py)
         self.write('probe_loss', step, loss)
         self.probe_loss = loss.mean().item()
         if self.tx is not None:  # the fixed training windows, measured as the probe set
-            self.write('train_probe_loss', step, fp32_forward(self.model, self.tx, self.ty)[0])
+            self.write('train_probe_loss', step, metrics.fp32_forward(self.model, self.tx, self.ty)[0])
         if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows (as a resumed run)
             change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
-            D, M, null = loss_change_interference(change, self.null_signs(step))
+            D, M, null = metrics.loss_change_interference(change, self.null_signs(step))
             self.write('probe_D', step - 1, D)
             self.write('probe_M', step - 1, M)
             self.write('probe_D_null', step - 1, null)
@@ -376,7 +329,7 @@ class Recorder:
             self.write_opposition('local_opposition', step,
                                   metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys)
         if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
-            losses, _, logits = fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
+            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
         # per-token rows of the batch at theta_t: gathered from every process into (B, T)
         self.loss_pre = self.gather(losses.detach())
         self.write('train_loss_pre', step, self.loss_pre)
@@ -402,9 +355,9 @@ class Recorder:
         self.write('update_norm', step, update_norm)
         self.write('train_offsets', step, offsets)
         if self.full(step):
-            loss_post = self.gather(fp32_forward(self.model, x, y)[0])  # (B, T)
+            loss_post = self.gather(metrics.fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)
-            D, M, null = loss_change_interference(loss_post - self.loss_pre, self.null_signs(step))
+            D, M, null = metrics.loss_change_interference(loss_post - self.loss_pre, self.null_signs(step))
             self.write('train_D', step, D)
             self.write('train_M', step, M)
             self.write('train_D_null', step, null)
@@ -419,7 +372,7 @@ class Recorder:
             # and the update-weighted terms of the same tokens along delta (their per-token g_i exist
             # only inside per_token_gradient_sums, and delta only now)
             px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
-            with parameters_at(self.params, self.theta_t):
+            with metrics.parameters_at(self.params, self.theta_t):
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
             opposition = metrics.opposition_summary(sums, HIST_BINS)
             self.write_opposition('opposition', row, opposition, self.all_keys)

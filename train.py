@@ -35,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from model import GPT, GPTConfig, per_token_loss
-from recorder import RECORDS, Recorder, fp32_forward
+from metrics import fp32_forward
+from recorder import RECORDS, Recorder
 
 # A resumed run continues ONE trajectory, which config.json describes: every setting that shapes the
 # records or changes what the run computes must be the same. The others (RESUME_MAY_CHANGE) only say

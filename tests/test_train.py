@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import metrics
 from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
 import recorder
@@ -119,7 +120,7 @@ def test_probe_pass_gives_the_training_loss_bitwise_and_the_softmax():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
     x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
-    losses, h, logits_given, p = recorder.fp32_probe_forward(model, x, y)
+    losses, h, logits_given, p = metrics.fp32_probe_forward(model, x, y)
     with torch.no_grad():
         logits, _, h_ref = model(x, return_hidden=True)
         assert torch.equal(losses, per_token_loss(logits, y))
