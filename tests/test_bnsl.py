@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bnsl
+from studies.bnsl_synthetic import STUDY_FORM, synthetic_curve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T_LOG = np.unique(np.round(np.geomspace(1, 5000, 200)))  # ~150 log-spaced integer steps, 1..5000
@@ -119,7 +120,7 @@ def test_averaged_jacobian_matches_finite_differences():
     steps, first, last = averaged_case()
     xg = np.log(steps)
     for p in [np.array([1.2, 0.6, -0.45, math.log(60), 0.3]), np.array([0.5, 0.3, 0.2, math.log(200), 0.05])]:
-        J = bnsl.log_averaged_bnsl_jacobian(xg, first, last, p)
+        J = bnsl.log_bnsl_jacobian(xg, p, first, last)
         assert J.shape == (len(first), 5)
         for k in range(5):
             h = np.zeros(5)
@@ -251,9 +252,9 @@ def test_unbiased_recovers_a_clean_break_the_published_convention_lags():
     """A clean 1-break curve, every step 0..9999, break at 1000: the default (unbiased) fit recovers
     every parameter; the published convention's t_d lags by about sqrt(1.2) (+9 %) and its own
     bootstrap interval excludes the truth."""
-    steps, loss = bnsl.synthetic_curve(1000, 10000)
+    steps, loss = synthetic_curve(1000, 10000)
     r = bnsl.fit_curve(steps, loss, n_boot=20)
-    f = bnsl.STUDY_FORM
+    f = STUDY_FORM
     assert r['convention'] == 'unbiased' and r['identifiable']
     for key, true in [('t_d', 1000), ('c0', f['c0']), ('c1', f['c1']), ('f1', f['f1']), ('b', f['b']),
                       ('r_d', f['c0'] + f['c1']), ('L_d', f['b'] * 1000 ** -f['c0'])]:
@@ -268,9 +269,11 @@ def test_unbiased_recovers_a_clean_break_the_published_convention_lags():
 def test_smoothed_fit_is_the_smoothed_curve():
     """The fitted form passed through the trailing average at every row equals the smoothed data of a
     clean curve (the unbiased fit recovers the curve), from row 2 on (row 1's window holds t = 0)."""
-    steps, loss = bnsl.synthetic_curve(100, 2000)
-    t, Lhat = bnsl.smoothed_fit(steps, bnsl.fit_curve(steps, loss, n_boot=0))
-    assert t[0] == 2 and t[-1] == 1999
+    steps, loss = synthetic_curve(100, 2000)
+    r = bnsl.fit_curve(steps, loss, n_boot=0)
+    p = [math.log(r['b']), r['c0'], r['c1'], math.log(r['t_d']), r['f1']]
+    rows = np.arange(2, len(steps))  # windows in the grid steps[1:], which starts at row 1
+    Lhat = np.exp(bnsl.log_averaged_bnsl(np.log(steps[1:]), bnsl.window_starts(len(steps))[rows] - 1, rows - 1, p))
     np.testing.assert_allclose(Lhat, bnsl.log_moving_average(loss)[2:], rtol=1e-6)
 
 
@@ -292,7 +295,7 @@ def test_published_convention_is_the_form_fitted_to_the_preprocessed_points():
 def test_published_fit_unchanged():
     """The published convention's numbers on a fixed curve, as bnsl.py gave them before the unbiased
     default was added (same code path; pinned to catch any change of the published fit)."""
-    r = bnsl.fit_curve(*bnsl.synthetic_curve(1000, 10000), n_boot=20)['published']
+    r = bnsl.fit_curve(*synthetic_curve(1000, 10000), n_boot=20)['published']
     assert r['t_d'] == pytest.approx(1089.9583299641006, rel=1e-7)
     assert r['L_d'] == pytest.approx(0.6305157213067037, rel=1e-7)
     assert r['r_d'] == pytest.approx(0.09949048152288653, rel=1e-6)
@@ -334,24 +337,6 @@ def test_unbiased_windows_never_reach_step_0():
     assert r['t_d'] == pytest.approx(50, rel=1e-6)
 
 
-def test_synthetic_curve_noise():
-    """The study's noise: log-normal per step with the stated sd, lag-1 correlation phi."""
-    for phi in [0.0, 0.9]:
-        steps, loss = bnsl.synthetic_curve(1000, 100000, sd=0.03, phi=phi, seed=0)
-        e = np.log(loss) - np.log(bnsl.synthetic_curve(1000, 100000)[1])
-        assert np.std(e) == pytest.approx(0.03, rel=0.05)
-        assert np.corrcoef(e[:-1], e[1:])[0, 1] == pytest.approx(phi, abs=0.02)
-
-
-def test_synthetic_study_small(monkeypatch, capsys):
-    monkeypatch.setattr(bnsl, 'STUDY_BREAKS', [(100, 600)])
-    rows = bnsl.synthetic_study(n_seeds=2, n_boot=5)
-    out = capsys.readouterr().out
-    assert len(rows) == 6 and out.count('| 100 | 600 |') == 6
-    clean = {r['convention']: r for r in rows if r['noise'] == 'clean'}
-    assert abs(clean['unbiased']['median_rel_err']) < 1e-6 and clean['published']['median_rel_err'] > 0.05
-    assert clean['unbiased']['boot'] is None  # no coverage on a clean curve
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -390,11 +375,20 @@ def test_cli_reports_both_conventions(tmp_path):
 
 
 @pytest.mark.parametrize('args,words', [([], 'no path'), (['--synthetic', 'x.csv'], 'no paths'),
-                                        (['--synthetic', '--n_seeds', '0'], '--n_seeds')])
+                                        (['--synthetic', '--n_seeds', '0'], '--n_seeds'),
+                                        (['x.csv', '--seed', '-1'], '--seed'),
+                                        (['x.csv', '--n_boot', 'many'], '--n_boot'),
+                                        (['x.csv', '--n_points', '1'], '--n_points')])
 def test_cli_synthetic_and_paths_bad_input(args, words):
     p = run_cli(*args)
     assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
     assert words in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_cli_help_is_short_and_points_to_the_docs():
+    p = run_cli('--help')
+    assert p.returncode == 0 and 'docs/bnsl.md' in p.stdout and len(p.stdout.splitlines()) < 50
+    assert os.path.isfile(os.path.join(ROOT, 'docs', 'bnsl.md'))
 
 
 def test_cli_csv_with_and_without_header_and_several_paths(tmp_path):
