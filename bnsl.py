@@ -1,24 +1,13 @@
 """
-Loss deceleration: a 1-break broken-neural-scaling-law (BNSL) fit of a training-loss curve.
+Loss deceleration: a 1-break broken-neural-scaling-law (BNSL) fit of a training-loss curve,
 
-    python bnsl.py out/run                # a run directory (its train_loss.npy): one JSON line
-    python bnsl.py curve.csv --table      # a CSV of step,loss lines; a table instead of JSON
+    log L(t) = log b - c0 log t - c1 f1 log(1 + exp((log t - log d1) / f1)),
 
-The form, in x = log t (t = step > 0), falls with slope c0 before the break and c0 + c1 after it:
-
-    log L(t) = log b - c0 x - c1 f1 log(1 + exp((x - log d1) / f1))
-
-Reported: the break t_d = d1, L_d = b t_d^-c0 (the pre-break power law there) and r_d = c0 + c1,
-with 95 % intervals (covariance; block bootstrap). The curve is first smoothed by a trailing log
-moving average (row j: the mean of rows floor(j / 1.2) .. j), cut to steps t > MIN_STEP and
-log-subsampled. A trailing average lags, so the published convention, which fits the form to the
-smoothed points as they are, puts t_d about 9 % late; the default, 'unbiased', convention passes
-the form through the same average first, and reports the published fit beside its own. The fit is
-bounded (f1 > 0: no mirror solution; d1 inside the data) and started 24 times; a break that cannot
-be located (a pure power law fits as well; the break at an edge) is reported as such, not as a t_d.
-
-docs/bnsl.md explains the form, the conventions, the preprocessing, the traps, the intervals and
-every output key; studies/bnsl_synthetic.py tests both conventions on curves with a known break.
+whose slope is c0 before the break and c0 + c1 after it. Reported: t_d = d1, L_d = b t_d^-c0 and
+r_d = c0 + c1, with 95 % intervals. The curve is smoothed by a trailing moving average, which lags:
+the default, 'unbiased', convention passes the form through the same average before comparing; the
+published one (reported beside it) does not, and puts t_d about 9 % late. docs/bnsl.md explains
+the form, the conventions, the preprocessing, the traps, the intervals and every output key.
 """
 
 import argparse
@@ -36,9 +25,7 @@ from runs import fail
 MIN_POINTS = 8  # fewer points to fit is bad input (the 1-break form has 5 parameters)
 MIN_STEP = 20  # default transient cut: steps <= MIN_STEP are dropped (docs/bnsl.md says why 20)
 F1_MIN = 0.01  # lower bound of f1 (> 0: no mirror solution); the upper bound is the log range
-MIN_SIDE = 3  # a break needs at least this many fitted points on each side,
-MIN_GAIN = 0.5  # ... must remove at least half the squared log error of a pure power law,
-C1_TOL = 0.02  # ... and must change the slope by at least 2 %
+MIN_SIDE, MIN_GAIN, C1_TOL = 3, 0.5, 0.02  # a break: 3 points each side, halves a power law's error, 2 %
 Z95 = 1.959963984540054  # standard normal quantile of 0.975: 95 % intervals
 
 # -----------------------------------------------------------------------------
@@ -46,11 +33,10 @@ Z95 = 1.959963984540054  # standard normal quantile of 0.975: 95 % intervals
 
 
 def log_bnsl(x, log_b, c0, cs, log_ds, fs):
-    """n-break BNSL in log space, x = log t: log L = log b - c0 x - sum_i c_i f_i softplus((x - log d_i) / f_i),
-    softplus(z) = log(1 + e^z), computed as np.logaddexp(0, z): no overflow for a sharp break."""
+    """n-break BNSL, x = log t: log L = log b - c0 x - sum_i c_i f_i log(1 + exp((x - log d_i) / f_i))."""
     y = log_b - c0 * np.asarray(x, dtype=float)
     for c, log_d, f in zip(cs, log_ds, fs):
-        y = y - c * f * np.logaddexp(0.0, (x - log_d) / f)
+        y = y - c * f * np.logaddexp(0.0, (x - log_d) / f)  # softplus without overflow at a sharp break
     return y
 
 
@@ -60,7 +46,7 @@ def log_form(x, p):
 
 
 def bnsl(t, b, c0, cs, ds, fs):
-    """n-break BNSL L(t) = b t^-c0 prod_i (1 + (t / d_i)^(1 / f_i))^(-c_i f_i); cs, ds, fs: one entry a break."""
+    """n-break BNSL L(t) = b t^-c0 prod_i (1 + (t / d_i)^(1 / f_i))^(-c_i f_i); cs, ds, fs: one per break."""
     return np.exp(log_bnsl(np.log(t), math.log(b), c0, cs, np.log(ds), fs))
 
 
@@ -85,28 +71,21 @@ def break_quantities(p):
     return math.exp(log_d1), loss_at_break(math.exp(log_b), c0, math.exp(log_d1)), c0 + c1
 
 
-def rsle(log_pred, log_obs):
-    """Root mean squared log error RSLE = sqrt(mean((log Lhat - log L)^2))."""
-    return float(np.sqrt(np.mean((np.asarray(log_pred) - log_obs) ** 2)))
-
-
 def log_window_mean(y, first, last):
-    """log mean(exp(y_k), k = first_i .. last_i) for each window i, by cumulative sums of exp(y - max y)."""
+    """log mean(exp(y_k), k = first_i .. last_i) for each window i (by cumulative sums)."""
     top = y.max()  # subtracted so that exp cannot overflow
     csum = np.concatenate([[0.0], np.cumsum(np.exp(y - top))])
     return top + np.log((csum[last + 1] - csum[first]) / (last + 1 - first))
 
 
 def log_averaged_bnsl(xg, first, last, p):
-    """The form passed through the data's trailing average (the unbiased convention): log A_i,
-    A_i = mean(L(t_k), k = first_i .. last_i), L the form on the grid xg = log t of every row."""
+    """The form averaged as the data were: log A_i = log mean(L(t_k), k = first_i .. last_i) on the grid xg."""
     return log_window_mean(log_form(xg, p), first, last)
 
 
 def log_bnsl_jacobian(x, p, first=None, last=None):
-    """d log L / d(log b, c0, c1, log d1, f1) of the form at p, z = (x - log d1) / f1: columns
-    1, -x, -f1 softplus(z), c1 sigmoid(z), -c1 (softplus(z) - z sigmoid(z)). With windows (first, last):
-    that of log A_i, the L-weighted mean sum_k L_k J_k / sum_k L_k of J over each window's rows."""
+    """d log L / d(log b, c0, c1, log d1, f1) at p: 1, -x, -f1 softplus(z), c1 sigmoid(z), -c1 (softplus(z) -
+    z sigmoid(z)), z = (x - log d1) / f1; with windows, that of log A_i: sum_k L_k J_k / sum_k L_k."""
     log_b, c0, c1, log_d1, f1 = p
     z = (x - log_d1) / f1
     sp, sg = np.logaddexp(0.0, z), expit(z)
@@ -125,13 +104,12 @@ def log_bnsl_jacobian(x, p, first=None, last=None):
 
 
 def window_starts(n, factor=1.2):
-    """First row floor(j / factor) of the trailing window rows floor(j / factor) .. j of each row j < n."""
+    """First row floor(j / factor) of each row j's trailing window, rows floor(j / factor) .. j."""
     return np.floor(np.arange(n) / factor).astype(int)
 
 
 def log_moving_average(y, factor=1.2):
-    """Trailing log moving average: out[j] = mean(y[floor(j / factor) .. j]), a window whose width is a
-    fixed fraction of the row j (rows = evenly spaced steps, as in a run directory)."""
+    """Trailing log moving average: out[j] = mean(y[floor(j / factor) .. j]) (width a fraction of j)."""
     y = np.asarray(y, dtype=float)
     j = np.arange(len(y))
     lo = window_starts(len(y), factor)
@@ -139,106 +117,76 @@ def log_moving_average(y, factor=1.2):
     return (csum[j + 1] - csum[lo]) / (j + 1 - lo)
 
 
-def log_subsample(steps, n_points=200):
-    """Indices of at most n_points steps evenly spaced in log t: the step nearest (in log t) to each of
-    n_points log-spaced targets, duplicates removed; the first and last step are always kept."""
-    x = np.log(np.asarray(steps, dtype=float))
-    if len(x) <= n_points:
-        return np.arange(len(x))
-    targets = np.linspace(x[0], x[-1], n_points)
-    i = np.searchsorted(x, targets).clip(1, len(x) - 1)
-    return np.unique(np.where(targets - x[i - 1] < x[i] - targets, i - 1, i))
-
-
-def kept_rows(steps, min_step=MIN_STEP, subsample=True, n_points=200, starts=None):
-    """Indices of the rows fitted: steps t > min_step (and t > 0, which has a log), log-subsampled.
-    With `starts` (each row's window start: the unbiased convention) also only rows whose window
-    holds no step t <= 0, where the form has no value (row 1 at min_step 0)."""
+def kept_rows(steps, min_step=MIN_STEP, subsample=True, n_points=200):
+    """Indices of the rows fitted: the steps t > max(min_step, 0) (log t exists), then (subsample) at
+    most n_points of them, the nearest in log t to n_points log-spaced targets (both ends kept)."""
     steps = np.asarray(steps, dtype=float)
-    keep = steps > max(min_step, 0)
-    if starts is not None:
-        keep &= steps[starts] > 0
-    i = np.flatnonzero(keep)
-    return i[log_subsample(steps[i], n_points)] if subsample and len(i) else i
+    i = np.flatnonzero(steps > max(min_step, 0))
+    if not subsample or len(i) <= n_points:
+        return i
+    x = np.log(steps[i])
+    targets = np.linspace(x[0], x[-1], n_points)
+    j = np.searchsorted(x, targets).clip(1, len(x) - 1)
+    return i[np.unique(np.where(targets - x[j - 1] < x[j] - targets, j - 1, j))]
 
 
 def preprocess(steps, loss, smooth=True, subsample=True, min_step=MIN_STEP, n_points=200, factor=1.2):
-    """The (steps, loss) the published convention fits as they are: (1) the trailing log moving
-    average over every row, (2) the transient cut t <= min_step (and t = 0), (3) log subsampling."""
-    steps, loss = np.asarray(steps, dtype=float), np.asarray(loss, dtype=float)
-    if smooth:
-        loss = log_moving_average(loss, factor)
-    i = kept_rows(steps, min_step, subsample, n_points)
-    return steps[i], loss[i]
+    """The (steps, loss) the published convention fits: smoothed, cut to t > min_step, subsampled."""
+    steps, i = np.asarray(steps, dtype=float), kept_rows(steps, min_step, subsample, n_points)
+    return steps[i], (log_moving_average(loss, factor) if smooth else np.asarray(loss, dtype=float))[i]
 
 
 def fit_inputs(steps, loss, convention='unbiased', smooth=True, subsample=True, min_step=MIN_STEP,
                n_points=200, factor=1.2):
-    """The fits fit_curve makes, {name: (t, l, window)}, the main one first: 'unbiased' (smoothed rows;
-    window = (grid steps, their raw loss, first, last): every row from the first kept row's window
-    on, and each kept row's window in it) then 'published' (window None); only 'published' for
-    convention='published'; only 'unsmoothed' without smoothing. ValueError: too few points."""
+    """{name: (t, l, window)} of fit_curve's fits: 'unbiased' (window = (grid steps, their raw loss, each
+    kept row's first and last grid row)) and 'published', or one of 'published', 'unsmoothed'."""
     if convention not in ('unbiased', 'published'):
         raise ValueError(f"convention must be 'unbiased' or 'published', not {convention!r}")
     steps, loss = np.asarray(steps, dtype=float), np.asarray(loss, dtype=float)
     out = {}
-    if smooth and convention == 'unbiased':  # smooth every row, keep some, average the form over their windows
+    if smooth and convention == 'unbiased':
         starts = window_starts(len(steps), factor)
-        i = kept_rows(steps, min_step, subsample, n_points, starts)
-        g, end = (starts[i[0]], i[-1] + 1) if len(i) else (0, 0)  # the grid: every row from the first window on
+        # a row whose window holds a step t <= 0, where the form has no value, counts as t = 0: not kept
+        i = kept_rows(np.where(steps[starts] > 0, steps, 0.0), min_step, subsample, n_points)
+        g, end = (starts[i[0]], i[-1] + 1) if len(i) else (0, 0)  # the grid rows
         window = (steps[g:end], loss[g:end], starts[i] - g, i - g)
         out['unbiased'] = (steps[i], log_moving_average(loss, factor)[i], window)
     out['published' if smooth else 'unsmoothed'] = preprocess(steps, loss, smooth, subsample, min_step,
                                                                n_points, factor) + (None,)
-    for name, (t, l, window) in out.items():
+    for t, l, window in out.values():
         if len(t) < MIN_POINTS:
-            raise ValueError(f"{len(t)} points to fit (steps > {min_step:g}"
-                             f"{', windows without t = 0' if window is not None else ''}), "
-                             f"need at least {MIN_POINTS}")
+            raise ValueError(f"{len(t)} points to fit (steps > {min_step:g}), need at least {MIN_POINTS}")
     return out
 
 # -----------------------------------------------------------------------------
 # the fit
 
 
-def model(x, window=None):
-    """(f, jac): log Lhat at the fitted points and its Jacobian, as functions of p. window None: the
-    form at x = log t; window = (grid steps, raw loss, first, last): the form averaged as the data were."""
-    if window is None:
-        return lambda p: log_form(x, p), lambda p: log_bnsl_jacobian(x, p)
-    xg, first, last = np.log(window[0]), window[2], window[3]
-    return (lambda p: log_averaged_bnsl(xg, first, last, p),
-            lambda p: log_bnsl_jacobian(xg, p, first, last))
-
-
 def fit_from(f, jac, y, p0, lo, hi):
-    """One bounded trust-region least-squares fit of the model (f, jac) to y = log L, from p0."""
+    """One bounded trust-region least-squares fit of log Lhat = f(p) (Jacobian jac) to y = log L, from p0."""
     return least_squares(lambda p: f(p) - y, p0, jac=jac, bounds=(lo, hi),
                          method='trf', x_scale='jac', ftol=1e-12, xtol=1e-12, gtol=1e-12)
 
 
 def fit_multistart(x, y, f, jac, n_d1=8, f1_fracs=(0.02, 0.1, 0.3)):
-    """The best of the bounded fits from n_d1 log-spaced breaks inside the data times f1 = fractions
-    of the log range, (log b, c0, c1) of each start solved linearly (the form is linear in them at
-    fixed d1, f1). Bounds: log d1 in [x_0, x_-1], f1 in [F1_MIN, x_-1 - x_0]. Returns (p, lo, hi)."""
+    """(p, lo, hi): the best fit from n_d1 breaks inside the data times f1 = fractions of the log range,
+    bounded to log d1 in [x_0, x_-1] and f1 in [F1_MIN, x_-1 - x_0]."""
     span = x[-1] - x[0]
     lo = np.array([-np.inf, -np.inf, -np.inf, x[0], F1_MIN])
     hi = np.array([np.inf, np.inf, np.inf, x[-1], max(span, 2 * F1_MIN)])
-    best = None
+    fits = []
     for log_d1 in np.linspace(x[0], x[-1], n_d1 + 2)[1:-1]:
         for frac in f1_fracs:
             f1 = float(np.clip(frac * span, 1.01 * lo[4], 0.99 * hi[4]))
+            # the form is linear in (log b, c0, c1) at fixed (d1, f1): each start solves for those
             A = np.column_stack([np.ones_like(x), -x, -f1 * np.logaddexp(0.0, (x - log_d1) / f1)])
             (log_b, c0, c1), *_ = np.linalg.lstsq(A, y, rcond=None)
-            fit = fit_from(f, jac, y, np.array([log_b, c0, c1, log_d1, f1]), lo, hi)
-            if best is None or fit.cost < best.cost:
-                best = fit
-    return best.x, lo, hi
+            fits.append(fit_from(f, jac, y, np.array([log_b, c0, c1, log_d1, f1]), lo, hi))
+    return min(fits, key=lambda fit: fit.cost).x, lo, hi  # the first of the lowest cost
 
 
 def power_law_fit(x, y, f, jac, averaged):
-    """log Lhat of the best pure power law b t^-c0 (c1 = 0), compared with y as the 1-break fit is: a
-    straight line in log-log, or (averaged) that line averaged as the data were."""
+    """log Lhat of the best pure power law b t^-c0 (c1 = 0): a line in log-log, or that line averaged."""
     A = np.column_stack([np.ones_like(x), -x])
     q = np.linalg.lstsq(A, y, rcond=None)[0]
     if not averaged:
@@ -250,8 +198,7 @@ def power_law_fit(x, y, f, jac, averaged):
 
 
 def unidentifiable_reason(x, p, f1_max, sse, sse_pl):
-    """Why the break of p (squared log error sse; sse_pl of the best pure power law) cannot be located
-    from the points at x, or '' when it can."""
+    """Why the break of p (squared log error sse; a pure power law's sse_pl) cannot be located, or ''."""
     log_b, c0, c1, log_d1, f1 = p
     if sse_pl <= 1e-20 * len(x):
         return "the curve is a pure power law (no break to locate)"
@@ -271,64 +218,60 @@ def unidentifiable_reason(x, p, f1_max, sse, sse_pl):
 
 def covariance_intervals(J, p, resid):
     """95 % intervals of t_d, L_d, r_d from cov = s^2 (J^T J)^-1, s^2 = sum(resid^2) / (n - 5), propagated
-    linearly to log t_d = log d1, log L_d = log b - c0 log d1, r_d = c0 + c1. Assumes independent residuals."""
+    linearly to log d1, log b - c0 log d1 and c0 + c1. Assumes independent residuals."""
     cov = np.sum(resid ** 2) / max(len(resid) - 5, 1) * np.linalg.pinv(J.T @ J)
-    grads = {'t_d': [0, 0, 0, 1, 0], 'L_d': [1, -p[3], 0, -p[1], 0], 'r_d': [0, 1, 1, 0, 0]}
-    centres = {'t_d': p[3], 'L_d': p[0] - p[1] * p[3], 'r_d': p[1] + p[2]}
-    out = {}
-    for k, g in grads.items():
+    out = {}  # quantity: (its gradient in p, its value), for log t_d, log L_d and r_d
+    for k, (g, centre) in {'t_d': ([0, 0, 0, 1, 0], p[3]), 'L_d': ([1, -p[3], 0, -p[1], 0], p[0] - p[1] * p[3]),
+                           'r_d': ([0, 1, 1, 0, 0], p[1] + p[2])}.items():
         half = Z95 * math.sqrt(max(float(np.dot(g, cov @ np.array(g, dtype=float))), 0.0))
-        lo, hi = centres[k] - half, centres[k] + half
+        lo, hi = centre - half, centre + half
         out[k] = [lo, hi] if k == 'r_d' else [math.exp(lo), math.exp(hi)]  # symmetric in log
     return out
 
 
 def bootstrap_intervals(refit, base, resid, smooth, n_boot=100, block=0, seed=0):
-    """95 % percentile intervals of (t_d, L_d, r_d) from a moving-block bootstrap: n_boot times, draw
-    ceil(n / block) random contiguous blocks of the log residuals resid (n,) (block 0: ceil(sqrt(n))),
-    add them to base, smooth, refit(y) -> p. Blocks keep the residuals' autocorrelation. Seeded."""
+    """95 % intervals of (t_d, L_d, r_d), moving-block bootstrap: n_boot times, refit(smooth(base + resid*)),
+    resid* = ceil(n / block) random contiguous blocks of resid (block 0: ceil(sqrt(n))). Seeded."""
     n = len(resid)
     block = min(block or math.ceil(math.sqrt(n)), n)
-    rng = np.random.default_rng(seed)
-    draws = []
+    rng, draws = np.random.default_rng(seed), []
     for _ in range(n_boot):
         starts = rng.integers(0, n - block + 1, size=math.ceil(n / block))
-        draws.append(break_quantities(refit(smooth(base + resid[(starts[:, None] + np.arange(block)).ravel()[:n]]))))
+        e = resid[(starts[:, None] + np.arange(block)).ravel()[:n]]  # (n,) the blocks, cut to n
+        draws.append(break_quantities(refit(smooth(base + e))))
     lo, hi = np.percentile(np.array(draws), [2.5, 97.5], axis=0)
     return {k: [float(lo[i]), float(hi[i])] for i, k in enumerate(['t_d', 'L_d', 'r_d'])}
 
 
 def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
-    """Fit the 1-break form to the points (steps > 0 increasing, loss > 0) as given (the published
-    convention after `preprocess`). window = (grid steps, raw loss, first, last), from fit_inputs:
-    compare point i with the form averaged over grid rows first_i .. last_i (the unbiased convention).
-    Returns the dict of docs/bnsl.md; not identifiable: t_d, L_d, r_d, final_loss_pred, intervals None."""
+    """Fit the 1-break form to the points as given (after `preprocess`: the published convention), or with
+    a window (fit_inputs) the form averaged as the data were (unbiased): the dict of docs/bnsl.md."""
     t, loss = np.asarray(steps, dtype=float), np.asarray(loss, dtype=float)
-    if len(t) < MIN_POINTS or not (np.all(np.isfinite(t)) and np.all(np.isfinite(loss))):
-        raise ValueError(f"need at least {MIN_POINTS} finite points, got {len(t)}")
-    if np.any(t <= 0) or np.any(loss <= 0) or np.any(np.diff(t) <= 0):
-        raise ValueError("steps must be positive and increasing, losses positive")
-    if window is not None and (len(window[2]) != len(t) or np.any(window[0] <= 0) or np.any(window[1] <= 0)):
-        raise ValueError("window: one (first, last) per point, over grid steps > 0 with losses > 0")
+    ok = (0 < t) & (t < np.inf) & (0 < loss) & (loss < np.inf)  # positive and finite
+    if len(t) < MIN_POINTS or not np.all(ok) or np.any(np.diff(t) <= 0):
+        raise ValueError(f"need {MIN_POINTS} or more points, steps > 0 increasing, losses > 0, got {len(t)}")
     x, y = np.log(t), np.log(loss)
-    f, jac = model(x, window)
-    p, lo, hi = fit_multistart(x, y, *model(x))  # the starts with the form itself (cheap), then the
-    if window is not None:  # averaged form from the best (its own 24 starts found the same optimum)
+    f, jac = (lambda p: log_form(x, p)), (lambda p: log_bnsl_jacobian(x, p))
+    p, lo, hi = fit_multistart(x, y, f, jac)  # 24 starts with the form itself (cheap)
+    if window is not None:  # then the averaged form from the best (its own 24 starts found the same optimum)
+        xg, raw, first, last = np.log(window[0]), *window[1:]
+        f = lambda p: log_averaged_bnsl(xg, first, last, p)
+        jac = lambda p: log_bnsl_jacobian(xg, p, first, last)
         p = fit_from(f, jac, y, p, lo, hi).x
-    log_b, c0, c1, log_d1, f1 = (float(v) for v in p)
+    rsle = lambda log_pred: float(np.sqrt(np.mean((log_pred - y) ** 2)))  # RSLE: root mean squared log error
     y_fit, y_pl = f(p), power_law_fit(x, y, f, jac, window is not None)
     reason = unidentifiable_reason(x, p, hi[4], np.sum((y_fit - y) ** 2), np.sum((y_pl - y) ** 2))
     t_d, L_d, r_d = break_quantities(p)
-    res = dict(t_d=t_d, L_d=L_d, c0=c0, c1=c1, r_d=r_d, f1=f1, b=math.exp(log_b), rsle=rsle(y_fit, y),
-               n_points=len(t), identifiable=not reason, reason=reason or None,
+    res = dict(t_d=t_d, L_d=L_d, c0=float(p[1]), c1=float(p[2]), r_d=r_d, f1=float(p[4]), b=math.exp(p[0]),
+               rsle=rsle(y_fit), n_points=len(t), identifiable=not reason, reason=reason or None,
                final_loss_pred=post_break_loss(float(t[-1]), L_d, t_d, r_d),
-               t_range=[float(t[0]), float(t[-1])], rsle_power_law=rsle(y_pl, y))
+               t_range=[float(t[0]), float(t[-1])], rsle_power_law=rsle(y_pl))
     if window is None:  # resample the fitted points' log residuals, on the fitted curve
-        base, resid, smooth = y_fit, y - y_fit, lambda y: y
+        base, resid, smooth = y_fit, y - y_fit, lambda z: z
     else:  # resample the raw rows' log residuals, on the form at every row, then smooth as the data were
-        base = log_form(np.log(window[0]), p)
-        resid, smooth = np.log(window[1]) - base, lambda y: log_window_mean(y, window[2], window[3])
-    refit = lambda y: fit_from(f, jac, y, p, lo, hi).x
+        base = log_form(xg, p)
+        resid, smooth = np.log(raw) - base, lambda z: log_window_mean(z, first, last)
+    refit = lambda y_star: fit_from(f, jac, y_star, p, lo, hi).x
     cov = {} if reason else covariance_intervals(jac(p), p, y - y_fit)
     boot = {} if reason or n_boot == 0 else bootstrap_intervals(refit, base, resid, smooth, n_boot, block, seed)
     for k in ['t_d', 'L_d', 'r_d']:
@@ -341,9 +284,8 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
 
 def fit_curve(steps, loss, convention='unbiased', smooth=True, subsample=True, min_step=MIN_STEP,
               n_points=200, factor=1.2, n_boot=100, block=0, seed=0):
-    """Preprocess a whole curve (every row as recorded: steps >= 0 increasing, loss > 0) and fit it:
-    fit_bnsl's dict of the main fit plus convention ('unbiased', 'published' or 'unsmoothed') and
-    published (the published fit's dict beside an unbiased one, else None). ValueError: too few points."""
+    """Preprocess every row as recorded and fit: fit_bnsl's dict of the main fit, its convention and
+    published (the published fit beside an unbiased one). ValueError: too few points."""
     fits = {name: fit_bnsl(t, l, n_boot, block, seed, window)
             for name, (t, l, window) in fit_inputs(steps, loss, convention, smooth, subsample, min_step,
                                                    n_points, factor).items()}
@@ -355,91 +297,65 @@ def fit_curve(steps, loss, convention='unbiased', smooth=True, subsample=True, m
 # input and command line
 
 
-def read_csv(path):
-    """(steps, loss) of a CSV file of step,loss lines; a first line that is not two numbers is a header."""
-    try:  # utf-8-sig drops a byte-order mark, which would make a first data row look like a header
-        with open(path, encoding='utf-8-sig') as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            step, value = map(float, line.split(','))  # exactly two numbers
-        except ValueError:
-            if i == 0:
-                continue  # a header
-            raise ValueError(f"{path}: line {i + 1} is not 'step,loss': {line[:40]!r}")
-        rows.append((step, value))
-    rows = np.array(rows, dtype=float).reshape(-1, 2)
-    return rows[:, 0], rows[:, 1]
-
-
 def load_curve(path):
-    """(steps, loss) of a run directory (train_loss.npy: row t = step t, up to the first NaN, so a run
-    still in progress can be fitted) or of a CSV file. Exact duplicate rows (published curves repeat
-    some) are kept once, with a note on stderr. Bad input: ValueError naming the file and the problem."""
+    """(steps, loss) of a run directory (train_loss.npy, row t = step t, up to the first NaN: a run in
+    progress) or of a CSV file; exact duplicate rows kept once, with a note. ValueError: bad input."""
     if os.path.isdir(path):
         npy = os.path.join(path, 'train_loss.npy')
-        if not os.path.isfile(npy):
-            raise ValueError(f"{path}: a directory without train_loss.npy (not a run directory)")
         try:
-            loss = np.array(np.load(npy, mmap_mode='r', allow_pickle=False), dtype=float)
-        except (OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{npy}: unreadable ({e})")
-        if loss.ndim != 1:
-            raise ValueError(f"{npy}: expected a 1-D array, got shape {loss.shape}")
-        nan = np.flatnonzero(np.isnan(loss))
-        loss = loss[:nan[0]] if len(nan) else loss
+            loss = np.array(np.load(npy, allow_pickle=False), dtype=float)
+        except (OSError, ValueError, EOFError) as e:  # missing, or not a .npy file
+            raise ValueError(f"{npy}: unreadable, not a run directory's record ({e})")
+        loss = loss[:np.isnan(np.append(loss, np.nan)).argmax()]  # the rows before the first NaN
         steps = np.arange(len(loss), dtype=float)
-    elif os.path.isfile(path):
-        steps, loss = read_csv(path)
+    elif os.path.isfile(path):  # a CSV file of step,loss lines; a first line that is not numbers is a header
+        with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not part of the first line
+            lines = f.read().splitlines()  # not UTF-8: UnicodeDecodeError, a ValueError
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                step, value = map(float, line.split(','))  # exactly two numbers
+                rows.append((step, value))
+            except ValueError:
+                if line.strip() and i > 0:  # blank lines are skipped
+                    raise ValueError(f"{path}: line {i + 1} is not 'step,loss': {line[:40]!r}")
+        steps, loss = np.array(rows, dtype=float).reshape(-1, 2).T
     else:
         raise ValueError(f"{path}: no such file or directory")
-    bad = np.flatnonzero(~np.isfinite(steps) | ~np.isfinite(loss))
+    bad = np.flatnonzero(~np.isfinite(steps) | ~np.isfinite(loss) | ~(loss > 0))
     if len(bad):
-        raise ValueError(f"{path}: non-finite value at step {steps[bad[0]]:g} (loss {loss[bad[0]]})")
-    if np.any(loss <= 0):
-        raise ValueError(f"{path}: non-positive loss {loss[loss <= 0][0]:g} (log L undefined)")
-    twin = np.flatnonzero(np.diff(steps) == 0)  # row twin + 1 repeats the step of row twin
-    conflict = twin[loss[twin] != loss[twin + 1]]
-    if len(conflict):
-        k = conflict[0]
-        raise ValueError(f"{path}: step {steps[k]:g} appears twice with different losses "
-                         f"({loss[k]!r} and {loss[k + 1]!r}); steps must be strictly increasing")
-    if len(twin):
+        raise ValueError(f"{path}: step {steps[bad[0]]:g} has loss {loss[bad[0]]:g} (need finite, > 0)")
+    twin = np.flatnonzero(np.diff(steps) == 0) + 1  # rows that repeat the step of the row before
+    for k in twin:
+        if loss[k] != loss[k - 1]:
+            raise ValueError(f"{path}: step {steps[k]:g} appears twice with different losses "
+                             f"({loss[k - 1]!r} and {loss[k]!r}); steps must be strictly increasing")
+    if len(twin):  # exact duplicates, as published curves have: each kept once
         print(f"bnsl.py: note: {path}: {len(twin)} exact duplicate row{'s' * (len(twin) > 1)} merged",
               file=sys.stderr)
-    steps, loss = np.delete(steps, twin + 1), np.delete(loss, twin + 1)
+    steps, loss = np.delete(steps, twin), np.delete(loss, twin)
     if np.any(steps < 0) or np.any(np.diff(steps) <= 0):
         raise ValueError(f"{path}: steps must be >= 0 and strictly increasing")
     return steps, loss
 
 
 def format_table(res):
-    """A human-readable table of one fit (and of its published-convention fit, when there is one)."""
-    lines = [f"{res['path']}: {res['n_points']} points, steps {res['t_range'][0]:g}..{res['t_range'][1]:g}, "
-             f"{res['convention']} convention"]
-    if not res['identifiable']:
-        lines.append(f"  break not identifiable: {res['reason']}")
-    lines.append(f"  {'':16s}{'value':>12s}  {'95% cov':>23s}  {'95% bootstrap':>23s}")
-    fmt = lambda v: 'null' if v is None else f"{v:.4g}"
-    pub = res.get('published')
+    """A human-readable table of one fit: each quantity and its 95 % intervals, then the published fit's."""
+    pub, fmt = res['published'], lambda v: 'null' if v is None else f"{v:.4g}"
+    ci = lambda c: '' if c is None else f"[{c[0]:.4g}, {c[1]:.4g}]"
+    (t0, t1), head = res['t_range'], f"{'value':>30s}  {'95% cov':>23s}  {'95% bootstrap':>23s}"
+    lines = [f"{res['path']}: {res['n_points']} points, steps {t0:g}..{t1:g}, {res['convention']} convention",
+             head]
     keys = ['t_d', 'L_d', 'r_d', 'c0', 'c1', 'f1', 'b', 'final_loss_pred', 'rsle', 'rsle_power_law']
-    rows = [(k, k, res) for k in keys] + [(k + ' published', k, pub) for k in ['t_d', 'L_d', 'r_d'] if pub]
-    for name, k, r in rows:
-        ci = [r.get(f'{k}_ci_{s}') for s in ('cov', 'boot')]
-        ci = ['' if c is None else f"[{c[0]:.4g}, {c[1]:.4g}]" for c in ci]
-        lines.append(f"  {name:16s}{fmt(r[k]):>12s}  {ci[0]:>23s}  {ci[1]:>23s}")
-    if pub and not pub['identifiable']:
-        lines.append(f"  published convention: break not identifiable: {pub['reason']}")
-    return '\n'.join(lines)
+    for name, k, r in [(k, k, res) for k in keys] + [(k + ' published', k, pub) for k in keys[:3] if pub]:
+        cov, boot = ci(r.get(k + '_ci_cov')), ci(r.get(k + '_ci_boot'))
+        lines.append(f"  {name:16s}{fmt(r[k]):>12s}  {cov:>23s}  {boot:>23s}")
+    return '\n'.join(lines + [f"  {name}break not identifiable: {r['reason']}"
+                              for name, r in [('', res), ('published: ', pub)] if r and not r['identifiable']])
 
 
 def at_least(minimum):
-    """An argparse type: an integer >= minimum (else one line, exit status 2)."""
+    """An argparse type: an integer >= minimum."""
     def integer(s):
         if int(s) < minimum:  # not an integer: ValueError, which argparse reports
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {s}")
@@ -448,52 +364,35 @@ def at_least(minimum):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The 1-break BNSL fit of loss curves: one JSON line a path. "
-                                "docs/bnsl.md explains the method, its options and every output key.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="The 1-break BNSL fit of loss curves, one JSON line a path "
+                                "(docs/bnsl.md: the method and every output key).")
     p.error = fail  # bad input: one line, exit status 2
-    p.add_argument('paths', nargs='*', help='run directories (train_loss.npy) or CSV files (step,loss)')
-    p.add_argument('--published', action='store_true',
-                   help='only the published convention (the form fitted to the smoothed points as they are)')
-    p.add_argument('--raw', action='store_true', help='fit the points as given: no smoothing, subsampling or cut')
+    p.add_argument('paths', nargs='+', help='run directories (train_loss.npy) or CSV files (step,loss)')
+    p.add_argument('--published', action='store_true', help='only the published convention (t_d lags)')
+    p.add_argument('--raw', action='store_true', help='no smoothing, subsampling or cut')
     p.add_argument('--no_smooth', action='store_true', help='skip the trailing log moving average')
     p.add_argument('--no_subsample', action='store_true', help='skip the log-spaced subsampling')
-    p.add_argument('--min_step', type=float, default=MIN_STEP, help='drop the transient steps t <= min_step')
-    p.add_argument('--n_points', type=at_least(2), default=200, help='log-spaced points kept by the subsampling')
-    p.add_argument('--n_boot', type=at_least(0), default=argparse.SUPPRESS,  # 100, or the study's
-                   help='bootstrap resamples (0: none; default 100, 40 for --synthetic)')
-    p.add_argument('--block', type=at_least(0), default=0,
-                   help='bootstrap block length: points, or raw rows in the unbiased convention (0: ceil(sqrt(n)))')
-    p.add_argument('--seed', type=at_least(0), default=0, help='seed of the bootstrap')
+    p.add_argument('--min_step', type=float, default=MIN_STEP, help='cut the steps t <= this (%(default)g)')
+    p.add_argument('--n_points', type=at_least(2), default=200, help='log-spaced points kept (%(default)d)')
+    p.add_argument('--n_boot', type=at_least(0), default=100, help='bootstrap resamples (%(default)d; 0: none)')
+    p.add_argument('--block', type=at_least(0), default=0, help='bootstrap block length (0: ceil(sqrt(n)))')
+    p.add_argument('--seed', type=at_least(0), default=0, help='seed of the bootstrap (%(default)d)')
     p.add_argument('--table', action='store_true', help='a human-readable table instead of JSON')
-    p.add_argument('--synthetic', action='store_true',
-                   help='run studies/bnsl_synthetic.py instead (no paths; --n_seeds, --n_boot, --min_step apply)')
-    p.add_argument('--n_seeds', type=at_least(1), default=20, help='noisy curves a case in --synthetic')
     args = p.parse_args(argv)
-    if args.synthetic:  # the study of both conventions lives beside the method, in studies/
-        if args.paths:
-            fail("--synthetic takes no paths")
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'studies'))
-        import bnsl_synthetic
-        bnsl_synthetic.synthetic_study(args.n_seeds, getattr(args, 'n_boot', bnsl_synthetic.STUDY_N_BOOT),
-                                       args.min_step)
-        return
-    if not args.paths:
-        fail("no path given (a run directory or a CSV file; or --synthetic)")
     prep = dict(convention='published' if args.published else 'unbiased',
                 smooth=not (args.raw or args.no_smooth), subsample=not (args.raw or args.no_subsample),
                 min_step=0 if args.raw else args.min_step, n_points=args.n_points)
     curves = []  # load and check every path first: bad input stops before any output
     for path in args.paths:
         try:
-            steps, loss = load_curve(path)
-            fit_inputs(steps, loss, **prep)  # too few points to fit: ValueError
+            curves.append((path, *load_curve(path)))
+            fit_inputs(*curves[-1][1:], **prep)  # too few points to fit: ValueError
         except ValueError as e:
             fail(e if str(e).startswith(path) else f"{path}: {e}")
-        curves.append((path, steps, loss))
     for path, steps, loss in curves:
-        res = fit_curve(steps, loss, **prep, n_boot=getattr(args, 'n_boot', 100), block=args.block, seed=args.seed)
-        print(format_table(dict(res, path=path)) if args.table else json.dumps(dict(res, path=path)), flush=True)
+        res = fit_curve(steps, loss, **prep, n_boot=args.n_boot, block=args.block, seed=args.seed)
+        res['path'] = path
+        print(format_table(res) if args.table else json.dumps(res), flush=True)
 
 
 if __name__ == '__main__':

@@ -150,11 +150,11 @@ def test_log_moving_average_matches_brute_force():
 
 def test_log_subsample():
     steps = np.arange(1, 100001, dtype=float)
-    i = bnsl.log_subsample(steps, 200)
+    i = bnsl.kept_rows(steps, min_step=0, n_points=200)
     assert i[0] == 0 and i[-1] == len(steps) - 1 and np.all(np.diff(i) > 0) and len(i) <= 200
     gaps = np.diff(np.log(steps[i]))[-50:]  # where steps are dense, the spacing in log t is even
     np.testing.assert_allclose(gaps, gaps.mean(), rtol=0.01)
-    np.testing.assert_array_equal(bnsl.log_subsample(steps[:50], 200), np.arange(50))
+    np.testing.assert_array_equal(bnsl.kept_rows(steps[:50], min_step=0, n_points=200), np.arange(50))
 
 
 def test_preprocess_switches():
@@ -374,12 +374,10 @@ def test_cli_reports_both_conventions(tmp_path):
     assert raw['convention'] == 'unsmoothed' and raw['published'] is None
 
 
-@pytest.mark.parametrize('args,words', [([], 'no path'), (['--synthetic', 'x.csv'], 'no paths'),
-                                        (['--synthetic', '--n_seeds', '0'], '--n_seeds'),
-                                        (['x.csv', '--seed', '-1'], '--seed'),
+@pytest.mark.parametrize('args,words', [([], 'required: paths'), (['x.csv', '--seed', '-1'], '--seed'),
                                         (['x.csv', '--n_boot', 'many'], '--n_boot'),
                                         (['x.csv', '--n_points', '1'], '--n_points')])
-def test_cli_synthetic_and_paths_bad_input(args, words):
+def test_cli_bad_flags_one_line_exit_2(args, words):
     p = run_cli(*args)
     assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
     assert words in p.stderr and 'Traceback' not in p.stderr
