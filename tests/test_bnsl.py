@@ -148,7 +148,7 @@ def test_log_moving_average_matches_brute_force():
         np.testing.assert_allclose(bnsl.log_moving_average(y, factor), brute, rtol=1e-12)
 
 
-def test_log_subsample():
+def test_kept_rows_log_subsample():
     steps = np.arange(1, 100001, dtype=float)
     i = bnsl.kept_rows(steps, min_step=0, n_points=200)
     assert i[0] == 0 and i[-1] == len(steps) - 1 and np.all(np.diff(i) > 0) and len(i) <= 200
@@ -272,8 +272,9 @@ def test_smoothed_fit_is_the_smoothed_curve():
     steps, loss = synthetic_curve(100, 2000)
     r = bnsl.fit_curve(steps, loss, n_boot=0)
     p = [math.log(r['b']), r['c0'], r['c1'], math.log(r['t_d']), r['f1']]
-    rows = np.arange(2, len(steps))  # windows in the grid steps[1:], which starts at row 1
-    Lhat = np.exp(bnsl.log_averaged_bnsl(np.log(steps[1:]), bnsl.window_starts(len(steps))[rows] - 1, rows - 1, p))
+    rows = np.arange(2, len(steps))
+    first = bnsl.window_starts(len(steps))[rows]
+    Lhat = np.exp(bnsl.log_averaged_bnsl(np.log(steps[1:]), first - 1, rows - 1, p))  # grid: rows 1 on
     np.testing.assert_allclose(Lhat, bnsl.log_moving_average(loss)[2:], rtol=1e-6)
 
 
