@@ -1,18 +1,8 @@
 """
-The measurements of both results, one function per quantity, in this notation:
-
-    token i (one next-token prediction), target y_i, h_i the output-layer hidden state (after the
-    final LayerNorm), U the (V, d) LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i),
-    l_i = -log p_i[y_i] the token's loss, theta the parameters, g_i = d l_i / d theta.
-
-1. destructive interference D and magnitude M of any numbers (loss changes, gradients)
-2. the output-layer decomposition per token: attractive grad+ and repulsive grad- in z and h
-3. the same decomposition in parameter space, over a batch (gradient dissent)
-4. gradient opposition between tokens, per parameter coordinate: the definition (one backward per
-   token) and its exact fast path
-5. the first-order predicted per-token loss change along the real update (one JVP)
-6. saturation companions: frequency buckets, Zipf fit, onsets, dissent ratio, spectrum, anisotropy
-7. recording passes: fp32 forwards, the zero-sum-learning measurement, parameters at theta_t
+The measurements of both results, one function per quantity, in this notation: token i (one
+next-token prediction), target y_i, h_i the output-layer hidden state (after the final LayerNorm),
+U the (V, d) LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i), l_i = -log p_i[y_i] the
+token's loss, theta the parameters, g_i = d l_i / d theta.
 
 Torch tensors in and out, scalars as 0-dim tensors. The caller chooses the dtype (fp32 in training,
 float64 in the tests, which check every function against brute-force autograd).
@@ -61,13 +51,10 @@ def sign_flip_null(x, dim=-1, generator=None, draws=64):
 
 
 def expected_null_interference(sum_abs, sum_sq):
-    """E[D] under random signs, from sum_i |x_i| and sum_i x_i^2 (clamped to [0, 1]):
-
+    """E[D] under random signs, from sum_i |x_i| and sum_i x_i^2, clamped to [0, 1]:
         D_null = 1 - sqrt(2 / pi) sqrt(sum_i x_i^2) / sum_i |x_i|
-
-    (sum_i s_i |x_i|, s_i = +-1, is about normal with variance sum_i x_i^2, E|normal| = sqrt(2/pi) sd).
-    Exact as N grows, off for a few numbers (one: 0.20, not 0). The null of D_j, whose sums are all
-    that exist; sign_flip_null draws it where the x_i do."""
+    (sum_i s_i |x_i|, s_i = +-1, is about normal with variance sum_i x_i^2). Exact as N grows, off for
+    a few numbers (one: 0.20, not 0). The null of D_j, where only these sums exist."""
     return (1 - (2 / torch.pi) ** 0.5 * sum_sq.sqrt() / sum_abs).clamp(0, 1)
 
 
@@ -95,9 +82,7 @@ def cosine(a, b):
 
 def output_decomposition(h, U, y, probs=None):
     """Per token, with h (N, d), U (V, d), y (N,), p = softmax(U h):
-
         grad_h+ = -(1 - p_y) U_y,   grad_h- = U^T p - p_y U_y,   grad_h+ + grad_h- = dl/dh
-
     Returns (N,) tensors: p_y; cos(h, grad_h+) (= -cos(h, U_y)), cos(h, grad_h-), the dissent
     cos(grad_h+, grad_h-); |grad_h+|, |grad_h-|, |dl/dh|. probs: p (N, V) if the caller has it."""
     p = torch.softmax(h @ U.T, dim=-1) if probs is None else probs  # (N, V)
@@ -115,22 +100,16 @@ def output_decomposition(h, U, y, probs=None):
 
 
 def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None, losses=None):
-    """grad_theta+ = (dz/dtheta)^T grad_z+ and grad_theta- = grad_theta - grad_theta+ (linearity),
-    for the MEAN loss over the batch's N = B*T tokens, as in training:
-
-        grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i
-
-    logits (B, T, V), still in the graph (kept); targets (B, T); params: name -> parameter; grads:
-    name -> this batch's mean-loss gradient if the caller has it (p.grad before clipping), else a
-    second backward; average: optional in-place mean over data-parallel processes for the gradients
-    computed here, as DDP averaged p.grad. h, head (together): the head's input (B, T, d), in the
-    graph, and U's name. grad_z+ has one nonzero per token, so U's part is then a row scatter and the
-    backward starts from h, never through the head:
-
+    """grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i over the batch's N = B*T tokens (the MEAN
+    loss, as in training); grad_theta- = grad_theta - grad_theta+ by linearity. logits (B, T, V) in
+    the graph (kept); targets (B, T); params: name -> parameter; grads: name -> this batch's
+    mean-loss gradient (p.grad before clipping), else a second backward; average: optional in-place
+    mean over data-parallel processes for gradients computed here (DDP averaged p.grad). h, head
+    (together): the head's input (B, T, d), in the graph, and U's name. grad_z+ has one nonzero per
+    token, so U's part is then a row scatter and the backward starts from h, not through the head:
         grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N
-
-    losses (with h and grads): these logits' l_i, so p_y = exp(-l_i) without a softmax over V.
-    Returns dissent_norms. Per token grad_U+ and grad_U- lie in different rows: batch-level dissent."""
+    losses (with h and grads): these logits' l_i, so p_y = exp(-l_i), no softmax over V. Returns
+    dissent_norms. Per token grad_U+ and grad_U- lie in different rows: batch-level dissent."""
     B, T, V = logits.shape
     N, y = targets.numel(), targets.reshape(-1)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in at least fp32, as the loss
@@ -165,9 +144,8 @@ def theta_decomposition(logits, targets, params, grads=None, average=None, h=Non
 
 def dissent_norms(plus, grads):
     """name of plus (grad+), and 'model' (all as one vector) -> 0-dim CPU tensors (one device sync):
-    cos(grad+, grad-), |grad+|, |grad-|, |grad|, with grad- = grad - grad+. Per tensor the dots are
-    pairwise sums sum(a * b), 'model' adds them in float64: fp32 norm() and dot(), or one fp32
-    reduction over all coordinates, lose digits at a million coordinates."""
+    cos(grad+, grad-), |grad+|, |grad-|, |grad|, grad- = grad - grad+. Per tensor pairwise sums
+    sum(a * b), 'model' their float64 sum: fp32 norm(), dot() lose digits at a million coordinates."""
     dots = []
     for name in plus:
         g_plus, g = plus[name].flatten(), grads[name].flatten().to(plus[name].dtype)
@@ -185,9 +163,8 @@ def dissent_norms(plus, grads):
 # -----------------------------------------------------------------------------
 # 4. gradient opposition between tokens, per parameter coordinate
 #
-# g_i = d l_i / d theta is the gradient of token i's OWN loss (not of the batch mean: D_j is
-# scale-free, sums are not). Per coordinate j: (sum_i g_ij, sum_i |g_ij|, sum_i g_ij^2), each shaped
-# as its parameter; D_j needs the first two, its null (expected_null_interference) the last two.
+# g_i is the gradient of token i's OWN loss, not of the batch mean (D_j is scale-free, sums are not).
+# Per coordinate j: (sum_i g_ij, sum_i |g_ij|, sum_i g_ij^2), each shaped as its parameter.
 
 
 def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=None):
@@ -261,15 +238,12 @@ def module_inputs_outputs(modules):
 
 
 def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
-    """param name -> (sum_s g_s, sum_s |g_s|, sum_s g_s^2), exact, for the position-local layers, from
-    the X and G of one backward of the MEAN loss over n_tokens (capture_activations). G is
-    (1/n_tokens) dl_s/dout, so the sums are scaled by n_tokens (squares n_tokens^2) after the matmuls.
-    Linear, X (N, in), G (N, out), g_s = outer(G_s, X_s); bias the same over G:
-
+    """param name -> (sum_s g_s, sum_s |g_s|, sum_s g_s^2) of the position-local layers, exact, from
+    X and G of one backward of the MEAN over n_tokens (capture_activations): G = dl_s/dout / n_tokens,
+    so the sums are scaled by n_tokens after the matmuls. Linear, X (N, in), G (N, out), bias over G:
         sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|,   sum_s g_s^2 = (G^2)^T (X^2)
-
-    LayerNorm (xhat: normalised input): g_s = G_s * xhat_s, bias g_s = G_s. grads (optional): name ->
-    that loss's gradient (p.grad), = sum_s g_s / n_tokens, so no signed matmul."""
+    LayerNorm: g_s = G_s * xhat_s (normalised input), bias g_s = G_s. grads (optional): name -> that
+    loss's gradient (p.grad), = sum_s g_s / n_tokens, so no signed matmul."""
     sums, signed = {}, grads is None  # signed: sum_s g_s by a matmul too
     for name, module in modules.items():
         X, G = acts[name]
@@ -313,21 +287,20 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
     inner = {name: module for name, module in model.transformer.h.named_modules(prefix='transformer.h')
              if isinstance(module, (nn.Linear, nn.LayerNorm)) and name not in local}  # the per-position ones
     sums, acts, h, g_z, g_r = batch_gradient_sums(model, idx, targets, local)
-    if delta is not None:
-        delta = key_bias_zeroed(model, delta)
-        dots = batch_dots(model, local, acts, delta, h, g_z)
+    delta = None if delta is None else key_bias_zeroed(model, delta)
+    dots = None if delta is None else batch_dots(model, local, acts, delta, h, g_z)
     tied = model.transformer.wte.weight is model.lm_head.weight
     ids, slot = sequence_rows(idx)  # (B, R), (B, T)
     for s, layers, g_e in position_backwards(model, idx, inner, g_r, chunk_size):
         tokens = torch.arange(B, device=idx.device) * T + s  # the tokens at s, row-major as idx.flatten()
         for name, module in inner.items():
             for suffix, g in token_gradients(module, *layers[name]).items():
-                if delta is not None:
+                if dots is not None:
                     dots[name + suffix][tokens] = g.flatten(1) @ delta[name + suffix].flatten()
                 add_abs_sums(sums[name + suffix], g)
-        head_rows = g_z[:, s].gather(1, ids)[:, :, None] * h[:, s, None, :] if tied else None  # (B, R, d)
-        add_embedding_sums(sums, g_e, ids, slot, head_rows, *((dots, delta, tokens) if delta is not None else ()))
-    sums = key_bias_zeroed(model, sums)
+        head_rows = (g_z[:, s].gather(1, ids)[:, :, None] * h[:, s, None, :]).flatten(0, 1) if tied else None
+        add_embedding_sums(sums, g_e, ids, slot, head_rows, dots, delta, tokens)
+    sums = {name: tuple(key_bias_zeroed(model, {name: t})[name] for t in parts) for name, parts in sums.items()}
     return sums if delta is None else (sums, dots)
 
 
@@ -417,16 +390,14 @@ def sequence_rows(idx):
     ids[n, :R_n] (then 0s, which get no gradient), and slot (B, T): ids.flatten()[slot] = idx."""
     found = [torch.unique(row, return_inverse=True) for row in idx]
     R = max(len(u) for u, _ in found)
-    ids = torch.zeros(len(found), R, dtype=idx.dtype, device=idx.device)
-    for n, (u, _) in enumerate(found):
-        ids[n, :len(u)] = u
+    ids = torch.stack([F.pad(u, (0, R - len(u))) for u, _ in found])  # (B, R)
     return ids, torch.stack([where + n * R for n, (_, where) in enumerate(found)])
 
 
 def add_embedding_sums(sums, g_e, ids, slot, head_rows=None, dots=None, delta=None, tokens=None):
     """Add the embeddings' g_i of the tokens at s to sums, in place, from g_e = dl/de_t (B, s+1, d):
     wpe row t is dl_i/de_t; wte row r (of ids (B, R), sequence_rows) sums dl_i/de_t over the t holding
-    r. Tied, head_rows (B, R, d), the head part of those rows, is in the sums already as |head_rows|
+    r. Tied, head_rows (B * R, d), the head part of those rows, is in the sums already as |head_rows|
     (batch_gradient_sums): |rows + head_rows| replaces it. With dots, also <g_i, delta> at `tokens`."""
     (B, R), S = ids.shape, g_e.shape[1]
     rows = torch.zeros(B * R, g_e.shape[-1], dtype=g_e.dtype, device=g_e.device).index_add_(
@@ -441,20 +412,17 @@ def add_embedding_sums(sums, g_e, ids, slot, head_rows=None, dots=None, delta=No
         wte[1].index_add_(0, ids, rows.abs_())
         wte[2].index_add_(0, ids, rows.square_())
     else:
-        rows += head_rows.flatten(0, 1)
-        wte[1].index_add_(0, ids, rows.abs() - head_rows.flatten(0, 1).abs())
-        wte[2].index_add_(0, ids, rows.pow(2) - head_rows.flatten(0, 1).pow(2))
+        rows += head_rows
+        wte[1].index_add_(0, ids, rows.abs() - head_rows.abs())
+        wte[2].index_add_(0, ids, rows.pow(2) - head_rows.pow(2))
 
 
 def key_bias_zeroed(model, tensors):
-    """tensors (name -> a tensor, or a tuple of them such as a sums triple) with the attention key biases
-    c_attn.bias[d:2d] at exact 0, in copies: their per-token gradient is 0 (per_token_gradient_sums)."""
-    keys, out = torch.arange(model.config.n_embd, 2 * model.config.n_embd), dict(tensors)
-    for name in [name for name in out if name.endswith('attn.c_attn.bias')]:
-        parts = out[name] if isinstance(out[name], tuple) else [out[name]]
-        zeroed = [t.index_fill(0, keys.to(t.device), 0) for t in parts]
-        out[name] = tuple(zeroed) if isinstance(out[name], tuple) else zeroed[0]
-    return out
+    """tensors (name -> tensor) with the attention key biases c_attn.bias[d:2d] at exact 0 (copies of
+    those): their per-token gradient is 0 (see per_token_gradient_sums)."""
+    keys = torch.arange(model.config.n_embd, 2 * model.config.n_embd)
+    return {name: t.index_fill(0, keys.to(t.device), 0) if name.endswith('attn.c_attn.bias') else t
+            for name, t in tensors.items()}
 
 
 def coordinate_opposition(sum_g, sum_abs_g, *_):
@@ -509,9 +477,8 @@ def opposition_keys(names, total='model'):
 
 
 def scale_free_opposition(D, n_tokens):
-    """sqrt(N) (1 - D): a D's (or mean D_j's) distance from total opposition, scaled by its number of
-    tokens N. Under the null 1 - D shrinks as 1 / sqrt(N) (expected_null_interference), so this form
-    compares D with its null at any N on one scale: below the null's, more opposition than chance."""
+    """sqrt(N) (1 - D), N the tokens a D (or mean D_j) was measured over: under the null 1 - D shrinks as
+    1 / sqrt(N), so this compares D with its null at any N on one scale (below: more than chance)."""
     return (1 - D) * n_tokens ** 0.5
 
 
@@ -533,30 +500,24 @@ def opposition_summary(sums, bins=20, total='model'):
                          near_total=(D > NEAR_TOTAL).sum(), abs_total=abs_total, total_abs=total_abs_sum)
     out = {}
     for key, names in opposition_members(list(sums), total).items():  # the union of their coordinates
-        parts = [per[name] for name in names]
-        n = sum(p['n'] for p in parts)
-        nan = torch.tensor(float('nan'), dtype=torch.float64)
-        mean = sum(p['D_sum'] for p in parts) / n if n else nan
-        null = sum(p['null_sum'] for p in parts) / n if n else nan
-        weighted = interference_from_sums(sum(p['abs_total'] for p in parts),
-                                          sum(p['total_abs'] for p in parts))
-        near_total = sum(p['near_total'] for p in parts) / n if n else nan
-        out[key] = dict(mean=mean.cpu(), weighted=weighted.cpu(), null=null.cpu(),
-                        near_total=torch.as_tensor(near_total, dtype=torch.float64).cpu(),
-                        hist=sum(p['hist'] for p in parts).long().cpu(), n=torch.tensor(n))
+        s = {k: sum(per[name][k] for name in names) for k in per[names[0]]}  # over the key's tensors
+        n, nan = s['n'], torch.tensor(float('nan'), dtype=torch.float64)
+        out[key] = dict(mean=(s['D_sum'] / n if n else nan).cpu(),
+                        weighted=interference_from_sums(s['abs_total'], s['total_abs']).cpu(),
+                        null=(s['null_sum'] / n if n else nan).cpu(),
+                        near_total=torch.as_tensor(s['near_total'] / n if n else nan, dtype=torch.float64).cpu(),
+                        hist=s['hist'].long().cpu(), n=torch.tensor(n))
     return out
 
 
 def update_weighted_terms(sums, delta, dots, total='model'):
     """The update-weighted interference terms of the published analysis, p_ij = g_ij delta_j (its sum
     over j is token i's first-order loss change), from per_token_gradient_sums(..., delta=delta):
-
         Cg      = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|    tokens agree, per coordinate
         CuG     = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|    coordinates agree, after summing tokens
         Cug     = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|    coordinates agree, per token
         C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|    tokens' predicted changes agree (1 - D)
         M_i_dli = sum_i |sum_j p_ij| / N                     mean size of a predicted change
-
     with sum_i p_ij = delta_j sum_i g_ij, sum_i |p_ij| = |delta_j| sum_i |g_ij|, sum_j p_ij = dots.
     Near 1: agreement; near 0: cancellation. Per key of opposition_keys, j over its coordinates."""
     out = {}
@@ -576,14 +537,10 @@ def update_weighted_terms(sums, delta, dots, total='model'):
 
 
 def predicted_loss_change(model, idx, targets, delta, params=None):
-    """First-order predicted change of every token's loss along the update delta, from ONE
-    forward-mode JVP, (B, T):
-
-        Delta l_i ~ <grad l_i, delta> = sum_j p_ij,   p_ij = (grad l_i)_j delta_j
-
-    delta: name -> theta_{t+1} - theta_t, keyed as model.named_parameters() (functional_call keeps a
-    tied matrix tied). params: the point theta_t (default: the model's parameters). The flash and fused
-    attention kernels have no forward-mode derivative, so attention runs in the plain-math one."""
+    """Delta l_i ~ <grad l_i, delta> = sum_j p_ij, p_ij = (grad l_i)_j delta_j: every token's first-order
+    loss change (B, T) along delta (name -> theta_{t+1} - theta_t, as model.named_parameters()), by
+    ONE forward-mode JVP at params (default: the model's). The flash and fused attention kernels have
+    no forward-mode derivative: attention runs in the plain-math one."""
     theta = dict(model.named_parameters()) if params is None else params
     names = [name for name, _ in model.named_parameters()]
     primals = tuple(theta[name].detach() for name in names)
@@ -657,9 +614,8 @@ def zipf_fit(counts, k=3.0):
 
 
 def bucket_mean(values, targets, bucket_of_token, n_buckets):
-    """(..., n_buckets) mean of a per-token quantity over the tokens whose TARGET is in each bucket.
-    values: targets' shape after optional leading dimensions (e.g. steps). NaN values are left out;
-    NaN for a bucket with none left."""
+    """(..., n_buckets) mean of a per-token quantity over the tokens whose TARGET is in each bucket;
+    values: targets' shape after optional leading dimensions (e.g. steps). NaN values left out."""
     assert values.shape[values.dim() - targets.dim():] == targets.shape, "values must end with targets' shape"
     b = bucket_of_token.to(targets.device)[targets.flatten()]  # (N,)
     lead = values.shape[:values.dim() - targets.dim()]
