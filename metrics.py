@@ -20,8 +20,7 @@ from model import per_token_loss
 
 NEAR_TOTAL = 0.99  # D_j above this: near-total opposition (opposition_summary's 'near_total')
 
-# -----------------------------------------------------------------------------
-# 1. destructive interference
+# 1. destructive interference ---------------------------------------------------------------------
 
 
 def interference_from_sums(total, total_abs):
@@ -36,15 +35,13 @@ def destructive_interference(x, dim=-1):
 
 
 def interference_magnitude(x, dim=-1):
-    """M(x) = mean_i |x_i|. With D: |mean_i x_i| = (1 - D) M, so a mean loss improvement is
-    bounded by (1 - D) M however large the individual changes are."""
+    """M(x) = mean_i |x_i|. With D, |mean_i x_i| = (1 - D) M: a mean change is at most (1 - D) M."""
     return x.abs().mean(dim)
 
 
 def sign_flip_null(x, dim=-1, generator=None, draws=64):
-    """The null of D(x): the mean over `draws` draws of D of the magnitudes |x_i| with random signs,
-    what D is at this N when signs carry no structure (1 - D ~ 1/sqrt(N)). Compare a measured D with
-    it, never with 1. A mean, as one draw wanders. generator: a CPU torch.Generator."""
+    """The null of D(x): D of the |x_i| with random signs (1 - D ~ 1/sqrt(N)), the mean of `draws`
+    draws, as one wanders. Compare a measured D with it, never with 1. generator: a CPU torch.Generator."""
     dim = dim % x.dim()  # the draws come first
     signs = torch.randint(0, 2, (draws,) + x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
     return destructive_interference(x.abs() * (2 * signs - 1), dim + 1).mean(0)
@@ -58,8 +55,7 @@ def expected_null_interference(sum_abs, sum_sq):
     return (1 - (2 / torch.pi) ** 0.5 * sum_sq.sqrt() / sum_abs).clamp(0, 1)
 
 
-# -----------------------------------------------------------------------------
-# 2. output-layer decomposition, per token
+# 2. output-layer decomposition, per token --------------------------------------------------------
 
 
 def grad_z_plus(p, y):
@@ -95,21 +91,19 @@ def output_decomposition(h, U, y, probs=None):
                 norm_minus=g_minus.norm(dim=-1), norm_grad=(g_plus + g_minus).norm(dim=-1))
 
 
-# -----------------------------------------------------------------------------
-# 3. parameter-space decomposition over a batch (gradient dissent)
+# 3. parameter-space decomposition over a batch (gradient dissent) --------------------------------
 
 
 def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None, losses=None):
-    """grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i over the batch's N = B*T tokens (the MEAN
-    loss, as in training); grad_theta- = grad_theta - grad_theta+ by linearity. logits (B, T, V) in
-    the graph (kept); targets (B, T); params: name -> parameter; grads: name -> this batch's
-    mean-loss gradient (p.grad before clipping), else a second backward; average: optional in-place
-    mean over data-parallel processes for gradients computed here (DDP averaged p.grad). h, head
-    (together): the head's input (B, T, d), in the graph, and U's name. grad_z+ has one nonzero per
-    token, so U's part is then a row scatter and the backward starts from h, not through the head:
+    """grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i, N = B*T (the MEAN loss, as trained), and
+    grad_theta- = grad_theta - grad_theta+. logits (B, T, V) in the graph (kept); targets (B, T);
+    params: name -> parameter; grads: name -> this batch's gradient (p.grad before clipping), else a
+    second backward; average: optional in-place mean over data-parallel processes for gradients
+    computed here (as DDP's p.grad). h, head (together): the head's input (B, T, d), in the graph, and
+    U's name; grad_z+ has one nonzero per token, so U's part is a row scatter, the rest from h:
         grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N
-    losses (with h and grads): these logits' l_i, so p_y = exp(-l_i), no softmax over V. Returns
-    dissent_norms. Per token grad_U+ and grad_U- lie in different rows: batch-level dissent."""
+    losses (with h, grads): these logits' l_i, so p_y = exp(-l_i), no softmax. Returns dissent_norms;
+    per token grad_U+ and grad_U- lie in different rows of U: this dissent is batch-level."""
     B, T, V = logits.shape
     N, y = targets.numel(), targets.reshape(-1)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in at least fp32, as the loss
@@ -156,13 +150,11 @@ def dissent_norms(plus, grads):
     dots = torch.cat([dots, dots.sum(0, keepdim=True)])  # (n_names + 1, 4): row 'model'
     norms = dots[:, 1:].sqrt()  # |grad+|, |grad-|, |grad|
     cos = dots[:, 0] / (norms[:, 0] * norms[:, 1])  # NaN where a part is zero, as `cosine`
-    keys = ['cos', 'norm_plus', 'norm_minus', 'norm_grad']
-    return {n: dict(zip(keys, row)) for n, row in zip(list(plus) + ['model'], torch.column_stack([cos, norms]))}
+    keys, rows = ['cos', 'norm_plus', 'norm_minus', 'norm_grad'], torch.column_stack([cos, norms])
+    return {n: dict(zip(keys, row)) for n, row in zip(list(plus) + ['model'], rows)}
 
 
-# -----------------------------------------------------------------------------
-# 4. gradient opposition between tokens, per parameter coordinate
-#
+# 4. gradient opposition between tokens, per parameter coordinate ---------------------------------
 # g_i is the gradient of token i's OWN loss, not of the batch mean (D_j is scale-free, sums are not).
 # Per coordinate j: (sum_i g_ij, sum_i |g_ij|, sum_i g_ij^2), each shaped as its parameter.
 
@@ -186,11 +178,10 @@ def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=Non
 
 
 def position_local_modules(model):
-    """name -> module for the layers whose per-token gradient is outer(G_s, X_s) at one position s:
-    they act on each position separately AND their output at s reaches only l_s. The LM head (unless
-    tied: U is then the token embedding too), ln_f, and the last block's ln_2, MLP and attn.c_proj
-    (its input is mixed across positions, but it writes position s only). NOT local: the last
-    block's attn.c_attn (its keys and values at s feed every later position) and everything earlier."""
+    """name -> module of the layers whose per-token gradient is outer(G_s, X_s) at one position s: they
+    act per position AND their output at s reaches only l_s. The LM head (unless tied: then also the
+    token embedding), ln_f, the last block's ln_2, MLP and attn.c_proj (mixed input, but it writes s
+    only). NOT local: the last block's attn.c_attn (keys and values at s feed later positions), and before."""
     last, prefix = model.transformer.h[-1], f"transformer.h.{len(model.transformer.h) - 1}"
     modules = {} if model.config.tie_weights else {'lm_head': model.lm_head}
     modules.update({'transformer.ln_f': model.transformer.ln_f, f"{prefix}.ln_2": last.ln_2,
@@ -200,41 +191,31 @@ def position_local_modules(model):
 
 
 @contextlib.contextmanager
-def forward_hooks(modules, hook):
-    """Inside the block, hook(name, input, output) runs after each module's forward."""
-    handles = [module.register_forward_hook(lambda module, inputs, output, name=name: hook(name, inputs[0], output))
-               for name, module in modules.items()]
+def module_inputs_outputs(modules, keep=lambda X, output: (X, output)):
+    """Yields name -> keep(input, output) of each module's last forward inside the block (default: both)."""
+    io = {}
+    handles = [module.register_forward_hook(
+        lambda module, inputs, output, name=name: io.__setitem__(name, keep(inputs[0], output)))
+        for name, module in modules.items()]
     try:
-        yield
+        yield io
     finally:
         for handle in handles:
             handle.remove()
 
 
-@contextlib.contextmanager
 def capture_activations(modules):
-    """Yields name -> [X, G]: each module's input X in the caller's forward, and its output gradient G
-    in the FIRST backward through that graph (later ones, as theta_decomposition's, are ignored),
-    which may run after the block. One forward inside, not several micro-batches."""
-    acts = {}
-
-    def save(name, X, output):
-        def save_grad(G):
-            if acts[name][1] is None:
-                acts[name][1] = G.detach()
-        acts[name] = [X.detach(), None]
+    """A with-block yielding name -> [X, G]: each module's input X in the caller's forward, and its
+    output gradient G in the FIRST backward through that graph (later ones ignored), in or after the block."""
+    def keep(X, output):
+        def save_grad(G):  # the first backward only
+            if X_G[1] is None:
+                X_G[1] = G.detach()
+        X_G = [X.detach(), None]
         if output.requires_grad:
             output.register_hook(save_grad)
-    with forward_hooks(modules, save):
-        yield acts
-
-
-@contextlib.contextmanager
-def module_inputs_outputs(modules):
-    """Yields name -> (input, output) of each module's last forward inside the block, in the graph."""
-    io = {}
-    with forward_hooks(modules, lambda name, X, output: io.__setitem__(name, (X, output))):
-        yield io
+        return X_G
+    return module_inputs_outputs(modules, keep)
 
 
 def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
@@ -271,17 +252,15 @@ def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
 
 def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
     """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2) for EVERY parameter (a tied matrix once), for
-    the tokens of idx (B, T): per_token_gradient_sums_looped's sums up to rounding, without its N
-    backward passes or any per-token V x d tensor. In order: one backward of the batch (sum_i g_i; the
-    position-local layers' sums); every other layer reaches l_s only through r_s, the residual stream
-    after the last attention, so one backward per position s from there, batched over the sequences,
-    gives their per-token gradients G^T X (token_gradients) and the embeddings' (add_embedding_sums).
-
-    The attention KEY biases (c_attn.bias[d:2d]) get exact zeros, their true gradient (q_s . (k_j + b)
-    shifts all scores of query s by q_s . b, which softmax ignores), not rounding noise with a noise D_j.
-    chunk_size: positions per forward of the causal prefix. delta (optional): name -> an update, e.g.
-    theta_{t+1} - theta_t; then returns (sums, dots), dots: name -> (N,) <g_i, delta> within that
-    tensor, tokens row-major (summed over names: predicted_loss_change), for update_weighted_terms."""
+    the tokens of idx (B, T): per_token_gradient_sums_looped's sums up to rounding, in two parts:
+    - batch_gradient_sums: one backward of sum_i l_i gives every sum_i g_i, and the local layers' sums;
+    - position_backwards: every other layer reaches l_s only through r_s, the residual stream at s
+      after the last attention: one backward per position s from r_s, batched over the sequences,
+      gives their per-token gradients (token_gradients) and the embeddings' (add_embedding_sums).
+    The attention KEY biases (c_attn.bias[d:2d]) get exact zeros, their true gradient: q_s . (k_j + b)
+    shifts all scores of query s by q_s . b, which softmax ignores (computed, it is rounding noise).
+    chunk_size: positions per forward. delta (optional): name -> an update (theta_{t+1} - theta_t);
+    then returns (sums, dots), dots: name -> (N,) <g_i, delta>, tokens row-major (sum: the JVP)."""
     B, T = idx.shape
     local = position_local_modules(model)
     inner = {name: module for name, module in model.transformer.h.named_modules(prefix='transformer.h')
@@ -300,15 +279,14 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
                 add_abs_sums(sums[name + suffix], g)
         head_rows = (g_z[:, s].gather(1, ids)[:, :, None] * h[:, s, None, :]).flatten(0, 1) if tied else None
         add_embedding_sums(sums, g_e, ids, slot, head_rows, dots, delta, tokens)
-    sums = {name: tuple(key_bias_zeroed(model, {name: t})[name] for t in parts) for name, parts in sums.items()}
+    sums = {name: tuple(key_bias_zeroed(model, {name: t})[name] for t in sums[name]) for name in sums}
     return sums if delta is None else (sums, dots)
 
 
 def batch_gradient_sums(model, idx, targets, local):
     """One forward and one backward of sum_i l_i. Returns sums (every sum_i g_i; the position-local
-    layers' other two, and tied, the head part outer(dl_i/dz_i, h_i) of every embedding row, as the
-    untied head's; zeros elsewhere), the local layers' X and G, h (B, T, d), dl/dz (B, T, V), and
-    dl/dr (B, T, d), r the input of the last block's ln_2."""
+    layers' other two, and tied, the head part outer(dl_i/dz_i, h_i) of every embedding row; else 0),
+    the local layers' X and G, h (B, T, d), dl/dz (B, T, V), and dl/dr (B, T, d), r: the last ln_2's input."""
     params = dict(model.named_parameters())
     with capture_activations(local) as acts, module_inputs_outputs({'r': model.transformer.h[-1].ln_2}) as io:
         h = model.hidden(idx)  # (B, T, d)
@@ -319,7 +297,7 @@ def batch_gradient_sums(model, idx, targets, local):
     local_sums = position_local_gradient_sums(local, acts, 1, grads=total)
     sums = {name: local_sums.get(name, (total[name], torch.zeros_like(p), torch.zeros_like(p)))
             for name, p in params.items()}
-    if model.transformer.wte.weight is model.lm_head.weight:  # add_embedding_sums corrects each sequence's rows
+    if model.transformer.wte.weight is model.lm_head.weight:  # each sequence's rows: add_embedding_sums
         head = position_local_gradient_sums({'U': model.lm_head}, {'U': [h.detach(), g_z]}, 1)['U.weight']
         sums['transformer.wte.weight'] = (total['transformer.wte.weight'],) + head[1:]
     return sums, acts, h.detach(), g_z, g_r
@@ -329,11 +307,10 @@ def batch_dots(model, local, acts, delta, h, g_z):
     """name -> (N,) <g_i, delta>: zeros, but for the position-local layers, with no g_i formed,
         Linear: G_i . (delta_W X_i),   LayerNorm: G_i . (delta_w * xhat_i),   bias: G_i . delta_b,
     and, tied, the head part of the embedding's: dl_i/dz_i . (delta_U h_i)."""
-    dots = {name: torch.zeros(h.shape[0] * h.shape[1], dtype=h.dtype, device=h.device)
-            for name, _ in model.named_parameters()}
+    dots = {name: h.new_zeros(h.shape[0] * h.shape[1]) for name, _ in model.named_parameters()}
     for name, module in local.items():
         X, G = acts[name]
-        X, G = layer_input(module, X.reshape(-1, X.shape[-1])), G.reshape(-1, G.shape[-1])  # (N, in), (N, out)
+        X, G = layer_input(module, X.reshape(-1, X.shape[-1])), G.reshape(-1, G.shape[-1])  # (N, in/out)
         d_weight = delta[name + '.weight']
         moved = X @ d_weight.T if isinstance(module, nn.Linear) else X * d_weight  # (N, out)
         dots[name + '.weight'] = (G * moved).sum(-1)
@@ -362,7 +339,8 @@ def position_backwards(model, idx, inner, g_r, chunk_size):
             cotangent.zero_()
             cotangent[:, s] = g_r[:, s]  # token (n, s): dl/dr at its own position
             *grads, g_e = torch.autograd.grad(io['r'][0], outputs, cotangent, retain_graph=True)
-            yield s, {name: (X[name][:, :s + 1], G[:, :s + 1]) for name, G in zip(inner, grads)}, g_e[:, :s + 1]
+            layers = {name: (X[name][:, :s + 1], G[:, :s + 1]) for name, G in zip(inner, grads)}
+            yield s, layers, g_e[:, :s + 1]  # positions 0..s
 
 
 def layer_input(module, X):
@@ -395,13 +373,11 @@ def sequence_rows(idx):
 
 
 def add_embedding_sums(sums, g_e, ids, slot, head_rows=None, dots=None, delta=None, tokens=None):
-    """Add the embeddings' g_i of the tokens at s to sums, in place, from g_e = dl/de_t (B, s+1, d):
-    wpe row t is dl_i/de_t; wte row r (of ids (B, R), sequence_rows) sums dl_i/de_t over the t holding
-    r. Tied, head_rows (B * R, d), the head part of those rows, is in the sums already as |head_rows|
-    (batch_gradient_sums): |rows + head_rows| replaces it. With dots, also <g_i, delta> at `tokens`."""
+    """Add the embeddings' g_i of the tokens at s to sums, in place, from g_e = dl/de_t (B, s+1, d): wpe
+    row t is dl_i/de_t; wte row r of ids (B, R) sums dl_i/de_t over the t holding r. Tied, the head part
+    head_rows (B * R, d) is in the sums already: |rows + head_rows| replaces it. dots: <g_i, delta>."""
     (B, R), S = ids.shape, g_e.shape[1]
-    rows = torch.zeros(B * R, g_e.shape[-1], dtype=g_e.dtype, device=g_e.device).index_add_(
-        0, slot[:, :S].flatten(), g_e.flatten(0, 1))  # (B * R, d)
+    rows = g_e.new_zeros(B * R, g_e.shape[-1]).index_add_(0, slot[:, :S].flatten(), g_e.flatten(0, 1))
     if dots is not None:
         delta_rows = delta['transformer.wte.weight'][ids]  # (B, R, d)
         dots['transformer.wte.weight'][tokens] += (rows.view(B, R, -1) * delta_rows).sum((1, 2))
@@ -441,8 +417,7 @@ def used_coordinates(sum_g, sum_abs_g, *rest):
 
 
 def opposition_group(name):
-    """The layer of a parameter: 'h.3' ('transformer.h.3.*'), 'embeddings' (wte, wpe; tied, the head
-    too), 'ln_f', 'lm_head'."""
+    """The layer of a parameter: 'h.3' ('transformer.h.3.*'), 'embeddings' (wte, wpe), 'ln_f', 'lm_head'."""
     parts = name.split('.')
     if parts[:2] == ['transformer', 'h']:
         return 'h.' + parts[2]
@@ -453,17 +428,15 @@ def opposition_group(name):
 
 def is_block_matrix(name):
     """Is it a block's weight matrix (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)? The published
-    headline averages D_j over these only: in small models the embeddings and head hold most
-    coordinates, and the head's D_j are far lower than the blocks'."""
+    headline averages D_j over these only: in small models the embeddings and head (lower D_j) dominate."""
     parts = name.split('.')
     return (parts[:2] == ['transformer', 'h'] and parts[-1] == 'weight'
             and '.'.join(parts[3:-1]) in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'))
 
 
 def opposition_members(names, total='model'):
-    """key -> the parameter names it covers, in opposition_summary's order of keys: each tensor, its
-    layer (opposition_group, in order of first appearance), 'blocks' (is_block_matrix; if any), and
-    `total`, all of them ('model' for all parameters, 'local' for the position-local ones)."""
+    """key -> the parameter names it covers, keys in order: each tensor, its layer (opposition_group,
+    by first appearance), 'blocks' (is_block_matrix; if any), `total` (all: 'model', or 'local')."""
     members = {name: [name] for name in names}
     for name in names:
         members.setdefault(opposition_group(name), []).append(name)
@@ -502,11 +475,10 @@ def opposition_summary(sums, bins=20, total='model'):
     for key, names in opposition_members(list(sums), total).items():  # the union of their coordinates
         s = {k: sum(per[name][k] for name in names) for k in per[names[0]]}  # over the key's tensors
         n, nan = s['n'], torch.tensor(float('nan'), dtype=torch.float64)
-        out[key] = dict(mean=(s['D_sum'] / n if n else nan).cpu(),
-                        weighted=interference_from_sums(s['abs_total'], s['total_abs']).cpu(),
-                        null=(s['null_sum'] / n if n else nan).cpu(),
-                        near_total=torch.as_tensor(s['near_total'] / n if n else nan, dtype=torch.float64).cpu(),
-                        hist=s['hist'].long().cpu(), n=torch.tensor(n))
+        mean, null, near_total = (s[k] / n if n else nan for k in ('D_sum', 'null_sum', 'near_total'))
+        summary = dict(mean=mean, weighted=interference_from_sums(s['abs_total'], s['total_abs']), null=null,
+                       near_total=torch.as_tensor(near_total, dtype=torch.float64), hist=s['hist'].long())
+        out[key] = {name: x.cpu() for name, x in summary.items()} | {'n': torch.tensor(n)}
     return out
 
 
@@ -525,15 +497,13 @@ def update_weighted_terms(sums, delta, dots, total='model'):
         p_sum = torch.cat([(delta[n].double() * sums[n][0].double()).flatten() for n in parts])  # sum_i p_ij
         p_abs = sum((delta[n].double().abs() * sums[n][1].double()).sum() for n in parts)  # sum_ij |p_ij|
         q = sum(dots[n].double() for n in parts)  # (N,): sum_j p_ij over the key's coordinates
-        out[key] = dict(Cg=(p_sum.abs().sum() / p_abs).cpu(),
-                        CuG=(p_sum.sum().abs() / p_sum.abs().sum()).cpu(),
-                        Cug=(q.abs().sum() / p_abs).cpu(), C_i_dli=(q.sum().abs() / q.abs().sum()).cpu(),
-                        M_i_dli=q.abs().mean().cpu())
+        terms = dict(Cg=p_sum.abs().sum() / p_abs, CuG=p_sum.sum().abs() / p_sum.abs().sum(),
+                     Cug=q.abs().sum() / p_abs, C_i_dli=q.sum().abs() / q.abs().sum(), M_i_dli=q.abs().mean())
+        out[key] = {name: term.cpu() for name, term in terms.items()}
     return out
 
 
-# -----------------------------------------------------------------------------
-# 5. update-weighted interference: first-order prediction of each token's loss change
+# 5. update-weighted interference: first-order prediction of each token's loss change -------------
 
 
 def predicted_loss_change(model, idx, targets, delta, params=None):
@@ -549,8 +519,7 @@ def predicted_loss_change(model, idx, targets, delta, params=None):
     def losses(*params):
         return per_token_loss(functional_call(model, dict(zip(names, params)), (idx,))[0], targets)  # (B, T)
     with sdpa_kernel(SDPBackend.MATH):
-        _, change = jvp(losses, primals, tangents)
-    return change
+        return jvp(losses, primals, tangents)[1]
 
 
 def first_order_agreement(predicted, true):
@@ -561,12 +530,10 @@ def first_order_agreement(predicted, true):
     resid = true - pred
     return dict(corr=torch.corrcoef(torch.stack([pred, true]))[0, 1],
                 r2=1 - resid.pow(2).sum() / (true - true.mean()).pow(2).sum(),
-                slope=(pred * true).sum() / pred.pow(2).sum(),
-                rel_err=resid.norm() / true.norm())
+                slope=(pred * true).sum() / pred.pow(2).sum(), rel_err=resid.norm() / true.norm())
 
 
-# -----------------------------------------------------------------------------
-# 6. saturation companions
+# 6. saturation companions ------------------------------------------------------------------------
 
 
 def token_ranks(counts):
@@ -601,8 +568,7 @@ def zipf_fit(counts, k=3.0):
     counts = counts.cpu()
     rank = token_ranks(counts) + 1  # (V,)
     seen = torch.argsort(rank)[:int((counts > 0).sum())]  # ids of the seen tokens, by rank
-    log_r = torch.log(rank[seen].double())  # (n,)
-    log_c = torch.log(counts[seen].double())  # (n,)
+    log_r, log_c = torch.log(rank[seen].double()), torch.log(counts[seen].double())  # (n,) each
     A = torch.stack([torch.ones_like(log_r), log_r], 1)  # (n, 2)
     intercept, slope = torch.linalg.lstsq(A, log_c[:, None]).solution.flatten()
     fitted = torch.exp(intercept + slope * torch.log(rank.double()))  # (V,)
@@ -621,8 +587,7 @@ def bucket_mean(values, targets, bucket_of_token, n_buckets):
     lead = values.shape[:values.dim() - targets.dim()]
     x = values.reshape(*lead, -1)  # (..., N)
     ok = ~torch.isnan(x)
-    total = torch.zeros(*lead, n_buckets, dtype=x.dtype, device=x.device).index_add_(
-        -1, b, torch.where(ok, x, 0))
+    total = x.new_zeros(*lead, n_buckets).index_add_(-1, b, torch.where(ok, x, 0))
     count = torch.zeros_like(total).index_add_(-1, b, ok.to(x.dtype))
     return total / count
 
@@ -665,9 +630,8 @@ def never_improved(loss):
 
 
 def dissent_ratio(norm_grad, norm_plus, norm_minus):
-    """|grad| / (|grad+| + |grad-|), elementwise: 1 = no dissent, -> 0 total dissent (each part large,
-    their sum small); NaN where both are 0. Unlike cos(grad+, grad-), fixed by the same three norms,
-    it shows how much of the parts survives when one is much larger (cos -1, ratio near 1)."""
+    """|grad| / (|grad+| + |grad-|), elementwise: 1 = no dissent, -> 0 total (NaN where both are 0). Unlike
+    cos(grad+, grad-), fixed by the same norms, it shows what survives when one part dominates."""
     return norm_grad / (norm_plus + norm_minus)
 
 
@@ -691,8 +655,7 @@ def anisotropy(h):
     return (u.sum(0).pow(2).sum() - N) / (N * (N - 1))
 
 
-# -----------------------------------------------------------------------------
-# 7. recording passes: fp32 forwards, the zero-sum-learning measurement, parameters at theta_t
+# 7. recording passes: fp32 forwards, the zero-sum-learning measurement, parameters at theta_t ----
 
 
 @torch.no_grad()
