@@ -35,13 +35,13 @@ def destructive_interference(x, dim=-1):
 
 
 def interference_magnitude(x, dim=-1):
-    """M(x) = mean_i |x_i|. With D, |mean_i x_i| = (1 - D) M: a mean change is at most (1 - D) M."""
+    """M(x) = mean_i |x_i|. |mean_i x_i| = (1 - D) M: the mean change is (1 - D) M, however large each."""
     return x.abs().mean(dim)
 
 
 def sign_flip_null(x, dim=-1, generator=None, draws=64):
-    """The null of D(x): D of the |x_i| with random signs (1 - D ~ 1/sqrt(N)), the mean of `draws`
-    draws, as one wanders. Compare a measured D with it, never with 1. generator: a CPU torch.Generator."""
+    """The null of D(x): the mean over `draws` draws (one wanders) of D of the |x_i| with random signs
+    (1 - D ~ 1/sqrt(N)). Compare a measured D with it, never with 1. generator: a CPU torch.Generator."""
     dim = dim % x.dim()  # the draws come first
     signs = torch.randint(0, 2, (draws,) + x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
     return destructive_interference(x.abs() * (2 * signs - 1), dim + 1).mean(0)
