@@ -397,6 +397,24 @@ def test_per_token_dots_with_an_update_are_exact(tie):
     close(sum(dots.values()), M.predicted_loss_change(model, x, y, delta).reshape(-1))  # the JVP
 
 
+def test_key_bias_zeroed_copies_and_zeros_only_the_key_part():
+    """The attention key biases c_attn.bias[d:2d] at exact 0 in a copy; the input and every other
+    tensor untouched (per_token_gradient_sums applies it to the caller's update and to its sums)."""
+    model, _, _ = tiny()
+    delta = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    before = {n: t.clone() for n, t in delta.items()}
+    zeroed = M.key_bias_zeroed(model, delta)
+    assert list(zeroed) == list(delta)
+    for n, t in delta.items():
+        assert torch.equal(t, before[n])
+        if n.endswith('attn.c_attn.bias'):
+            assert torch.all(zeroed[n][D_MODEL:2 * D_MODEL] == 0)
+            assert torch.equal(zeroed[n][:D_MODEL], t[:D_MODEL])
+            assert torch.equal(zeroed[n][2 * D_MODEL:], t[2 * D_MODEL:])
+        else:
+            assert zeroed[n] is t
+
+
 def test_coordinate_opposition_and_summary_are_exact():
     model, x, y = tiny()
     sums = M.per_token_gradient_sums_looped(model, x, y)
