@@ -1172,10 +1172,11 @@ def main(argv=None):
     for r, c in zip(runs, plt.cm.viridis(np.linspace(0.05, 0.85, len(runs)) if len(runs) > 1 else [0.3])):
         r.update(color=c, fit=fit_run(r, args.min_step))
     # the folder whose manifest lists the figures: FIRST_PATH (figures/ in it), or --out itself
-    root, under = (args.out, '') if args.out else (args.paths[0], 'figures')
+    if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out}: exists and is not a folder")
+    # (with a trailing separator: remove_owned never takes --out itself for a folder it emptied)
+    root, under = (os.path.join(args.out, ''), '') if args.out else (args.paths[0], 'figures')
     out = os.path.join(root, under)
-    if os.path.lexists(root) and not os.path.isdir(root):
-        fail(f"--out {root}: exists and is not a folder")
     if under == '' and any(os.path.exists(os.path.join(root, f)) for f in ('config.json', 'progress.json')):
         fail(f"--out {root}: a run folder (or measure.py's); choose another --out")
     if foreign(root, under):
@@ -1213,7 +1214,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
-    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} in {out}")
+    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} in {os.path.normpath(out)}")
     for n in notes:
         print(f"  note: {n}")
 
