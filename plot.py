@@ -5,11 +5,11 @@ Every figure of both results, and a report, from the run folders of train.py (an
     python plot.py out/L2 out/L4 out/L6      # several paths: runs ordered and coloured by size
     python plot.py out/ --out figs --format png pdf
 
-Figures and report.md go to FIRST_PATH/figures/ (or to --out DIR); docs/figures.md says what each
-figure shows and what to look for. A run still training is drawn as far as it is recorded (NaN rows
-are skipped); a figure leaves out the runs that lack its records, and the report says so. plot.py
-reads only what a run folder documents (config.json and its records, measure.py's paper*/ folders);
-every quantity is computed by the function of metrics.py or bnsl.py named after it.
+Figures and report.md go to FIRST_PATH/figures/ (or --out DIR); docs/figures.md says what each shows
+and what to look for. A run still training is drawn as far as it is recorded; a figure leaves out the
+runs that lack its records, and the report says so. plot.py reads only what a run folder documents
+(config.json, its records, measure.py's paper*/ folders) and computes every quantity with the
+function of metrics.py or bnsl.py named after it.
 """
 
 import argparse
@@ -42,7 +42,7 @@ MAX_TRAJ = 150  # points per trajectory in the 2D-basis figure (log-spaced steps
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
 GUIDE = 'guide'  # gid of reference lines (y = x, the collapse star, contours): not data
-# what plot.py reads in config.json and in measure.py's progress.json; a file without them is older
+# what plot.py reads in config.json and in measure.py's folders; files without them are older
 CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'warmup_iters', 'learning_rate',
                'theta_names', 'local_opposition_keys', 'opposition_keys', 'batch_tokens', 'probe_tokens',
                'opposition_tokens']
@@ -69,11 +69,10 @@ def find_runs(paths):
     for path in paths:
         if not os.path.isdir(path):
             fail(f"{path}: no such directory")
-        below = glob.glob(os.path.join(glob.escape(path), '**', 'config.json'), recursive=True)
+        below = sorted(glob.glob(os.path.join(glob.escape(path), '**', 'config.json'), recursive=True))
         if not below:
             fail(f"{path}: no run directories (folders with config.json) in it")
-        found += [path] if os.path.isfile(os.path.join(path, 'config.json')) else \
-            sorted(os.path.dirname(c) for c in below)
+        found += [path] if os.path.isfile(os.path.join(path, 'config.json')) else map(os.path.dirname, below)
     return list(dict.fromkeys(os.path.normpath(r) for r in found))
 
 
@@ -89,8 +88,8 @@ def load_record(path, spec=None):
 
 
 def load_run(path):
-    """A run: path, name, label, config, rec (record name -> array; measure.py's records as 'papers',
-    and 'paper', the one of most checkpoints) and missing (records config.json lists, the folder lacks)."""
+    """A run: path, name, label, config, rec (record name -> array; measure.py's as 'papers', and
+    'paper', the one of most checkpoints) and missing (records config.json lists, the folder lacks)."""
     config = read_json(os.path.join(path, 'config.json'))
     if not isinstance(config, dict) or not isinstance(config.get('records'), dict):
         fail(f"{os.path.join(path, 'config.json')}: not a config.json written by train.py")
@@ -98,9 +97,8 @@ def load_run(path):
         fail(OLDER.format(path, 'train.py'))
     rec, missing = {}, []
     for name, spec in list(config['records'].items()) + [(n, None) for n in ONCE]:
-        file = os.path.join(path, name + '.npy')
-        if os.path.isfile(file):
-            rec[name] = load_record(file, spec)
+        if os.path.isfile(os.path.join(path, name + '.npy')):
+            rec[name] = load_record(os.path.join(path, name + '.npy'), spec)
         elif spec is not None or name == 'train_counts':
             missing.append(name)
     if 'train_loss' not in rec:
@@ -116,37 +114,33 @@ def load_run(path):
 
 
 def load_paper(folder):
-    """measure.py's records in folder: the rows its progress.json lists, ordered by step, and
-    'settings' (progress.json)."""
+    """measure.py's records: the rows progress.json lists, by step, and 'settings' (progress.json)."""
     settings = read_json(os.path.join(folder, 'progress.json'))
     if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
             any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
         fail(OLDER.format(folder, 'measure.py'))
     n = len(settings['steps'])
-    paper = {name: np.asarray(load_record(os.path.join(folder, name + '.npy'))[:n], dtype=float)
-             for name in PAPER_RECORDS}
-    short = [name for name, a in paper.items() if len(a) < n]
-    if short:
-        fail(f"{folder}/{short[0]}.npy: fewer rows than progress.json lists")
+    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], dtype=float) for k in PAPER_RECORDS}
+    for name in [k for k, a in paper.items() if len(a) < n][:1]:
+        fail(f"{folder}/{name}.npy: fewer rows than progress.json lists")
     order = np.argsort(paper['steps'])
     return dict({k: v[order] for k, v in paper.items()}, settings=settings)
 
 
 # -----------------------------------------------------------------------------
-# series: what a line draws
+# what a line draws: records, measure.py's records and quantities computed from them
 
 
 def recorded(values, steps=None):
     """(steps, values) of the rows recorded so far: NaN rows (not yet written) dropped."""
     values = np.asarray(values, dtype=float)
     steps = np.arange(len(values)) if steps is None else np.asarray(steps)[:len(values)]
-    ok = np.isfinite(values)
-    return steps[ok], values[ok]
+    return steps[np.isfinite(values)], values[np.isfinite(values)]
 
 
 def series(values, steps=None, smoothed=False):
-    """(steps, values) for a log step axis: the recorded rows, step 0 dropped; when `smoothed`, the
-    trailing log moving average of bnsl.py, but only over consecutive steps (a schedule is drawn as is)."""
+    """(steps, values) for a log step axis: the recorded rows after step 0; when `smoothed`, the trailing
+    log moving average of bnsl.py, only over consecutive steps (a schedule is drawn as recorded)."""
     steps, values = recorded(values, steps)
     if smoothed and len(values) and np.all(np.diff(steps) == 1):
         values = bnsl.log_moving_average(values)
@@ -160,21 +154,17 @@ def token_mean(run, name, values=None):
 
 
 def buckets(run):
-    """(bucket of every token id, edges, targets (P, T) of the probe set) of a run, computed once."""
+    """(bucket of every token id, edges) of the run's training counts (metrics.frequency_buckets)."""
     if 'buckets' not in run:
         counts = torch.from_numpy(np.array(run['rec']['train_counts']))
-        bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
-        targets = torch.from_numpy(np.asarray(run['rec']['probe_tokens'])[:, 1:].astype(np.int64))
-        run['buckets'] = bucket, edges, targets
+        run['buckets'] = metrics.frequency_buckets(counts, N_BUCKETS)
     return run['buckets']
 
 
-def bucket_targets(run, name):
-    """The targets a per-token record averages over per bucket: the training windows' for
-    train_probe_loss, the probe set's for every other record. (rows, T)"""
-    if name.startswith('train_probe'):
-        return torch.from_numpy(np.asarray(run['rec']['train_probe_tokens'])[:, 1:].astype(np.int64))
-    return buckets(run)[2]
+def targets(run, name):
+    """(rows, T): the targets a per-token record is bucketed by (train_probe_*: the training windows')."""
+    tokens = run['rec']['train_probe_tokens' if name.startswith('train_probe') else 'probe_tokens']
+    return torch.from_numpy(np.asarray(tokens)[:, 1:].astype(np.int64))
 
 
 def bucket_series(run, name, values=None):
@@ -182,16 +172,9 @@ def bucket_series(run, name, values=None):
     of its tokens' targets, computed once per run and name."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
-        bucket, edges, _ = buckets(run)
-        values = torch.from_numpy(np.asarray(run['rec'][name] if values is None else values, dtype=np.float64))
-        cache[name] = metrics.bucket_mean(values, bucket_targets(run, name), bucket, len(edges) - 1).numpy()
+        (bucket, edges), v = buckets(run), np.asarray(run['rec'][name] if values is None else values, dtype=float)
+        cache[name] = metrics.bucket_mean(torch.from_numpy(v), targets(run, name), bucket, len(edges) - 1).numpy()
     return cache[name]
-
-
-def bucket_tokens(run, name='probe_loss'):
-    """(n_buckets,): the tokens (probe set, or training windows) whose target is in each bucket."""
-    bucket, edges, _ = buckets(run)
-    return np.bincount(bucket[bucket_targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)
 
 
 def bucket_labels(run):
@@ -201,8 +184,8 @@ def bucket_labels(run):
 
 
 def shared_bucket_labels(runs, sep=' | '):
-    """(labels, what they list or None) for a column per bucket of several runs: each distinct set
-    of ranks once, `sep` between sets, the sets named by vocabulary size where that tells them apart."""
+    """(labels, what they list or None) of a column per bucket of several runs: each distinct set of
+    ranks once, `sep` between sets, named by vocabulary size where that tells them apart."""
     sets = {}
     for r in runs:
         sets.setdefault(tuple(bucket_labels(r)), []).append(r)
@@ -231,25 +214,25 @@ def layer_names(keys):
 
 def dissent_ratio(run, prefix):
     """|grad| / (|grad+| + |grad-|) (metrics.dissent_ratio) per probe token ('probe_', (S + 1, P, T))
-    or for all parameters on the training batch ('theta_', (S,))."""
+    or of all parameters on the training batch ('theta_', (S,))."""
     norms = [np.asarray(run['rec'][prefix + n], dtype=np.float64) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
     if prefix == 'theta_':
         norms = [np.ascontiguousarray(a[:, column(run, 'theta_', 'model')]) for a in norms]
     return metrics.dissent_ratio(*map(torch.from_numpy, norms)).numpy()
 
 
-def probe_interference(run):
-    """(D, analytic null) of the per-token probe-loss changes over DT_LONG steps: row t is t to t + dt."""
+def probe_interference(run, null):
+    """D of the per-token probe-loss changes over DT_LONG steps (row t: t to t + dt), or its analytic null."""
     loss = torch.from_numpy(np.asarray(run['rec']['probe_loss'], dtype=np.float64))
-    change = loss[DT_LONG:] - loss[:-DT_LONG]
-    change = change.reshape(len(change), -1)  # (S + 1 - dt, P T)
-    null = metrics.expected_null_interference(change.abs().sum(-1), change.pow(2).sum(-1))
-    return metrics.destructive_interference(change).numpy(), null.numpy()
+    change = (loss[DT_LONG:] - loss[:-DT_LONG]).flatten(1)  # (S + 1 - dt, P T)
+    if null:
+        return metrics.expected_null_interference(change.abs().sum(-1), change.pow(2).sum(-1)).numpy()
+    return metrics.destructive_interference(change).numpy()
 
 
-def first_order(run):
-    """The grad steps whose records are complete: steps, [predicted], [true] changes of the training
-    batch (B T,) each, and per step the correlation and slope (metrics.first_order_agreement)."""
+def first_order(run, key):
+    """Over the grad steps whose records are complete: steps, pred and true (the predicted and true
+    loss changes of the training batch, (B T,) each), corr and slope (metrics.first_order_agreement)."""
     if 'first_order' not in run:
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
@@ -257,33 +240,33 @@ def first_order(run):
             true = np.asarray(rec['train_loss_post'][s], dtype=float).ravel() - rec['train_loss_pre'][s].ravel()
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
-                for key, v in [('steps', int(s)), ('pred', pred), ('true', true),
-                               ('corr', float(agree['corr'])), ('slope', float(agree['slope']))]:
-                    out[key].append(v)
+                for key_, v in dict(steps=s, pred=pred, true=true, corr=agree['corr'], slope=agree['slope']).items():
+                    out[key_].append(v if key_ in ('pred', 'true') else float(v))
         run['first_order'] = out
-    return run['first_order']
+    return run['first_order'][key]
 
 
 def spectral_entropy(run):
+    """(K,): metrics.spectral_entropy of the LM head's singular values at each hidden step."""
     s = np.asarray(run['rec']['head_singular_values'], dtype=float)  # (K, R)
     return np.array([float(metrics.spectral_entropy(torch.from_numpy(r))) if np.isfinite(r).all() else np.nan
                      for r in s])
 
 
-# quantities computed from records, by name: run -> (steps, values)
+# quantities computed from records, by name: run -> (steps, or None for 0, 1, ..., values)
 DERIVED = {
     'probe_dissent_ratio': lambda r: (None, dissent_ratio(r, 'probe_')),
     'theta_dissent_ratio': lambda r: (None, dissent_ratio(r, 'theta_')),
-    'probe_D_long': lambda r: (None, probe_interference(r)[0]),
-    'probe_D_long_null': lambda r: (None, probe_interference(r)[1]),
+    'probe_D_long': lambda r: (None, probe_interference(r, null=False)),
+    'probe_D_long_null': lambda r: (None, probe_interference(r, null=True)),
     'spectral_entropy': lambda r: (r['rec']['hidden_steps'], spectral_entropy(r)),
-    'first_order_corr': lambda r: (np.array(first_order(r)['steps'], dtype=int), np.array(first_order(r)['corr'])),
-    'first_order_slope': lambda r: (np.array(first_order(r)['steps'], dtype=int), np.array(first_order(r)['slope'])),
+    'first_order_corr': lambda r: (first_order(r, 'steps'), first_order(r, 'corr')),
+    'first_order_slope': lambda r: (first_order(r, 'steps'), first_order(r, 'slope')),
 }
 
 
 def line_data(run, name, col):
-    """(steps, values) of a line: a record, measure.py's ('paper.NAME') or a DERIVED quantity; col
+    """(steps, values) of a line: a record, measure.py's ('paper.NAME') or a DERIVED quantity; col:
     None, a column's name, 'tokens' (mean over the probe tokens), 'buckets' (mean per frequency
     bucket), 'layers' (the per-layer columns), 'k' (measure.py's k batches, (C, k)) or 'k mean'."""
     if name in DERIVED:
@@ -294,7 +277,7 @@ def line_data(run, name, col):
     else:  # a row per step, or per grad step
         v = run['rec'][name]
         steps = run['rec']['grad_steps'] if name.startswith(('opposition_', 'update_')) else None
-    steps = np.arange(len(v)) if steps is None else np.asarray(steps)[:len(v)]
+    steps = np.arange(len(v)) if steps is None else np.asarray(steps, dtype=int)[:len(v)]
     if col == 'tokens':
         v = token_mean(run, name, v)
     elif col == 'buckets':
@@ -306,10 +289,6 @@ def line_data(run, name, col):
     elif col not in (None, 'k'):
         v = np.asarray(v)[:, column(run, name, col)]
     return steps, np.asarray(v, dtype=float)
-
-
-# -----------------------------------------------------------------------------
-# the BNSL fit of every run
 
 
 def fit_run(run, min_step):
@@ -474,9 +453,8 @@ def first_order_scatter(ax, runs):
     """fig5: predicted against true per-token loss change (a random subset per run), y = x."""
     lim = 0
     for r in runs:
-        f = first_order(r)
-        if f['steps']:
-            pred, true = np.concatenate(f['pred']), np.concatenate(f['true'])
+        if first_order(r, 'steps'):
+            pred, true = np.concatenate(first_order(r, 'pred')), np.concatenate(first_order(r, 'true'))
             pick = np.random.default_rng(0).choice(len(pred), min(len(pred), MAX_SCATTER), replace=False)
             ax.scatter(pred[pick], true[pick], s=2, color=r['color'], alpha=0.4)
             lim = max(lim, np.abs(true).max(), np.abs(pred).max())
@@ -510,19 +488,14 @@ def zipf_panel(ax, runs):
     ax.legend(fontsize=7)
 
 
-def best_and_last(values):
-    """(lowest, last) of the recorded rows of a loss series; NaN, NaN when none is recorded."""
-    _, v = recorded(values)
-    return (v.min(), v[-1]) if len(v) else (np.nan, np.nan)
-
-
 def bucket_loss_panel(ax, runs):
     """fig6: best (o) and last (x) validation loss per bucket, the training windows' dotted."""
     for r in runs:
-        names = ['probe_loss'] + (['train_probe_loss'] if has_train_probe(r) else [])
+        names = ['probe_loss'] + (['train_probe_loss'] if 'train_probe_loss' in r['rec'] else [])
         for name, (best, last) in zip(names, [(dict(ls='-'), dict(ls='--')), (dict(ls=':', mfc='none'),
                                                                              dict(ls=':', alpha=0.6))]):
-            b, l = zip(*[best_and_last(v) for v in bucket_series(r, name).T])
+            b, l = zip(*[(v.min(), v[-1]) if len(v) else (np.nan, np.nan)  # best and last, per bucket
+                         for v in (recorded(c)[1] for c in bucket_series(r, name).T)])
             ax.plot(b, color=r['color'], marker='o', **best)
             ax.plot(l, color=r['color'], marker='x', **last)
     ticks, label = shared_bucket_labels(runs)  # each run's own ranks: vocabularies may differ
@@ -530,10 +503,6 @@ def bucket_loss_panel(ax, runs):
     ax.set_xticklabels(ticks, rotation=30, fontsize=6)
     if label:
         ax.set_xlabel(tex_safe(label), fontsize=7)
-
-
-def has_train_probe(run):
-    return 'train_probe_loss' in run['rec'] and 'train_probe_tokens' in run['rec']
 
 
 def bucket_curves(ax, runs, name):
@@ -575,8 +544,7 @@ def fig_basis(runs):
     norm = LogNorm(1, max(len(r['rec']['probe_cos_h_plus']) for r in runs))
     for i, r in enumerate(runs):
         plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
-        bucket, edges, targets = buckets(r)
-        present = set(bucket[targets].unique().tolist())  # the buckets of the probe tokens' targets
+        present = set(buckets(r)[0][targets(r, 'probe')].unique().tolist())  # buckets of the probe targets
         for k, name in enumerate(bucket_labels(r)):
             ax = axes[i * n_b + k]
             steps = np.flatnonzero(np.isfinite(plus[:, k]) & np.isfinite(minus[:, k]))  # recorded rows
@@ -937,6 +905,12 @@ def opposition_table(runs):
                               'Cug (blocks)', 'C_i_dli (blocks)'], rows)
 
 
+def bucket_tokens(run, name):
+    """(n_buckets,): the tokens (probe set, or training windows) whose target is in each bucket."""
+    bucket, edges = buckets(run)
+    return np.bincount(bucket[targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)
+
+
 def onset_cells(values):
     """Best (step), final, plateau onset and rise onset of a bucket's loss (or never improved)."""
     o = onsets(values)
@@ -952,12 +926,12 @@ def onset_cells(values):
 def bucket_table(runs):
     """Per run and bucket: its probe tokens, best and final validation loss and onsets; the same for
     the training windows where recorded, and what the two say together (saturation_reading)."""
-    rows, trained = [], any(has_train_probe(r) for r in runs)
+    rows, trained = [], any('train_probe_loss' in r['rec'] for r in runs)
     for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig6_saturation'])]:
-        held, n_held = bucket_series(r, 'probe_loss'), bucket_tokens(r)
+        held, n_held = bucket_series(r, 'probe_loss'), bucket_tokens(r, 'probe_loss')
         for k, label in enumerate(bucket_labels(r)):
             row = [r['name'], label, n_held[k]] + onset_cells(held[:, k])
-            if has_train_probe(r):
+            if 'train_probe_loss' in r['rec']:
                 train = bucket_series(r, 'train_probe_loss')[:, k]
                 o_held, o_train = onsets(held[:, k]), onsets(train)
                 row += [bucket_tokens(r, 'train_probe_loss')[k]] + onset_cells(train) + \
