@@ -398,33 +398,27 @@ def loss_panel(ax, runs):
 
 
 def size_panel(ax, runs, key):
-    """fig2: a fitted quantity (t_d, L_d, r_d) of each run against its size, with its 95% interval."""
+    """fig2: a fitted quantity (t_d, L_d, r_d) of each run against its size, with its 95% interval,
+    or (key 'validation') its best (o) and last (x) validation loss."""
     for r in runs:
-        fit = r['fit']
-        if fit.get(key) is not None:
+        fit, n, c = r['fit'], r['config']['n_params'], r['color']
+        _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else (None, [])
+        if key == 'validation' and len(probe):
+            ax.plot([n], [probe.min()], 'o', color=c)
+            ax.plot([n], [probe[-1]], 'x', color=c, ms=8)
+        elif key != 'validation' and fit.get(key) is not None:
             ci = interval(fit, key)
             ci = [fit[key]] * 2 if ci is None or None in ci else ci
             # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
-            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
-            ax.errorbar([r['config']['n_params']], [fit[key]], yerr=yerr, fmt='o', color=r['color'], capsize=3)
+            ax.errorbar([n], [fit[key]], yerr=[[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]], fmt='o',
+                        color=c, capsize=3)
     unfit = [r['name'] for r in runs if r['fit'].get(key) is None and r['fit'].get('fitted', True)]
     short = [r['name'] for r in runs if not r['fit'].get('fitted', True)]
     for names, what, y, gid in [(unfit, 'no identifiable break', 0.02, None),  # a result of the fit
                                 (short, 'too few steps to fit', 0.98, GUIDE)]:  # no result: why
-        if names:  # wrapped and outside the layout: long run names must not squeeze the panels
+        if names and key != 'validation':  # wrapped, outside the layout: long names must not squeeze panels
             ax.text(0.02, y, tex_safe(textwrap.fill(f"{what}: {', '.join(names)}", 40)), transform=ax.transAxes,
                     fontsize=7, va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True, gid=gid)
-    ax.set_xscale('log')
-    ax.set_xlabel('parameters (log)')
-
-
-def validation_panel(ax, runs):
-    """fig2: the best (o) and last (x) validation (probe-set) loss of each run against its size."""
-    for r in runs:
-        _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else (None, [])
-        if len(probe):
-            ax.plot([r['config']['n_params']], [probe.min()], 'o', color=r['color'])
-            ax.plot([r['config']['n_params']], [probe[-1]], 'x', color=r['color'], ms=8)
     ax.set_xscale('log')
     ax.set_xlabel('parameters (log)')
 
@@ -565,85 +559,101 @@ def fig_basis(runs):
     return fig
 
 
-W, GRAD = dict(lw=1.3), dict(marker='o', ms=3, lw=1)  # line widths; rows at scheduled steps: a point each
+W, GRAD, NULL = dict(lw=1.3), dict(marker='o', ms=3, lw=1), dict(ls=':', lw=1)  # GRAD: a point per row
 P = 'checkpoint step t'  # the step axis of measure.py's records
-# every figure: name, the records it needs (a run without them is left out), its grid (columns, width and
-# height of a panel in inches), a one-line caption (docs/figures.md explains it) and its panels. A panel
-# is an own function ('draw') or lines (record, column, smoothing, style) against the step; 'per_run':
-# one such panel for each run (that holds its 'needs'); title fields: see title_fields.
+# Every figure: name, the records it needs (runs without them are left out), its grid (columns, and width
+# and height of a panel in inches), a one-line caption (docs/figures.md explains the figure) and its
+# panels. A panel is an own function ('draw') or lines (record, column, smoothing, style) against the step;
+# 'per_run': one such panel for each run (that holds its 'needs'). Title fields: see title_fields.
 FIGURES = [
     dict(name='fig1_loss', needs=['train_loss'], grid=(1, 7, 5), panels=[
-        dict(draw=loss_panel, log=True, y='training loss (nats/token, log)', title='Loss deceleration: 1-break '
-             'BNSL fit (dashed), its two power laws (dotted), t_d (dot; open: the published convention)')],
+        dict(draw=loss_panel, log=True, y='training loss (nats/token, log)',
+             title='Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot; '
+                   'open: the published convention)')],
          caption="Training loss, its 1-break BNSL fit and the break (t_d, L_d): look for the bend."),
     dict(name='fig2_deceleration', needs=['train_loss'], grid=(4, 3.4, 3.2), panels=[
         dict(draw=lambda ax, runs: size_panel(ax, runs, 't_d'), y='t_d (steps)',
              title='95% block-bootstrap intervals (covariance if none)'),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'L_d'), y='L_d (nats/token)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'r_d'), y='r_d (slope after t_d)', title=''),
-        dict(draw=validation_panel, y='validation loss: best (o), last (x)', title='validation = the probe set')],
+        dict(draw=lambda ax, runs: size_panel(ax, runs, 'validation'), title='validation = the probe set',
+             y='validation loss: best (o), last (x)')],
          caption="t_d, L_d, r_d (95% intervals) and the best and last validation loss against model size."),
-    dict(name='fig3_zero_sum', needs=['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null',
-                                      'probe_loss'], grid=(2, 5.5, 3.6), panels=[
-        dict(title='training batch ({N_batch}), before vs after its own update;\ndashed: sign-flip null (64 draws)',
-             y='D of per-token loss changes', lines=[('train_D', None, 'both', dict(lw=1.5)),
-                                                     ('train_D_null', None, 'smooth', dict(lw=0.8, ls='--'))]),
-        dict(title='probe set ({N_probe}), step t to t+1 (solid; dashed: null) and\nt to t+{dt} (dash-dot; dotted: '
-             'its analytic null)', y='D of per-token loss changes',
-             lines=[('probe_D', None, 'both', dict(lw=1.5)), ('probe_D_null', None, 'smooth', dict(lw=0.8, ls='--')),
+    dict(name='fig3_zero_sum', grid=(2, 5.5, 3.6), panels=[
+        dict(title='training batch ({N_batch}), before vs after its own update;\n'
+                   'dashed: sign-flip null (64 draws)', y='D of per-token loss changes',
+             lines=[('train_D', None, 'both', dict(lw=1.5)),
+                    ('train_D_null', None, 'smooth', dict(lw=0.8, ls='--'))]),
+        dict(title='probe set ({N_probe}), step t to t+1 (solid; dashed: null) and\n'
+                   't to t+{dt} (dash-dot; dotted: its analytic null)', y='D of per-token loss changes',
+             lines=[('probe_D', None, 'both', dict(lw=1.5)),
+                    ('probe_D_null', None, 'smooth', dict(lw=0.8, ls='--')),
                     ('probe_D_long', None, 'smooth', dict(lw=1, ls='-.')),
                     ('probe_D_long_null', None, 'smooth', dict(lw=0.6, ls=(0, (1, 3))))]),
         dict(title='magnitude of per-token changes: training batch (solid), probe (dashed)', log=True,
-             y='M = mean |Delta l_i| (nats)', lines=[('train_M', None, 'smooth', dict(lw=1.2)),
-                                                     ('probe_M', None, 'smooth', dict(lw=1.2, ls='--'))]),
-        dict(draw=dm_plane, y='M (nats, log)', title='D-M plane; grey: contours of |mean Delta l| = (1 - D) M')],
+             y='M = mean |Delta l_i| (nats)',
+             lines=[('train_M', None, 'smooth', dict(lw=1.2)),
+                    ('probe_M', None, 'smooth', dict(lw=1.2, ls='--'))]),
+        dict(draw=dm_plane, y='M (nats, log)',
+             title='D-M plane; grey: contours of |mean Delta l| = (1 - D) M')],
+         needs=['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'],
          caption="Zero-sum learning: interference D of the per-token loss changes, its null, and M."),
-    dict(name='fig4_opposition', needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
-                                        'opposition_mean', 'opposition_weighted', 'opposition_null', 'update_Cg',
-                                        'update_Cug', 'update_C_i_dli', 'grad_steps'], grid=(4, 3.8, 3.2), panels=[
-        dict(title="position-local layers, training batch\n({N_batch}), every step, smoothed:\nmean D_j over the "
-             "last block's matrices (solid),\n|g|-weighted (dashed), null (dash-dot), all local (dotted)",
+    dict(name='fig4_opposition', grid=(4, 3.8, 3.2), panels=[
+        dict(title="position-local layers, training batch\n({N_batch}), every step, smoothed:\n"
+                   "mean D_j over the last block's matrices (solid),\n"
+                   "|g|-weighted (dashed), null (dash-dot), all local (dotted)",
              y='gradient opposition D_j',
              lines=[('local_opposition_mean', 'blocks', 'smooth', W),
                     ('local_opposition_weighted', 'blocks', 'smooth', dict(W, ls='--')),
                     ('local_opposition_null', 'blocks', 'smooth', dict(lw=0.7, ls='-.')),
                     ('local_opposition_mean', 'local', 'smooth', dict(W, ls=':'))]),
-        dict(title="all parameters, exact, probe tokens\n({N_opposition}): mean D_j over the blocks'\nmatrices "
-             "(solid), |g|-weighted (dashed), null\n(dash-dot), every coordinate (dotted)", y='gradient opposition D_j',
-             lines=[('opposition_mean', 'blocks', 'raw', GRAD), ('opposition_weighted', 'blocks', 'raw', dict(GRAD, ls='--')),
+        dict(title="all parameters, exact, probe tokens\n({N_opposition}): mean D_j over the blocks'\n"
+                   "matrices (solid), |g|-weighted (dashed), null\n(dash-dot), every coordinate (dotted)",
+             y='gradient opposition D_j',
+             lines=[('opposition_mean', 'blocks', 'raw', GRAD),
+                    ('opposition_weighted', 'blocks', 'raw', dict(GRAD, ls='--')),
                     ('opposition_null', 'blocks', 'raw', dict(GRAD, lw=0.7, ls='-.')),
                     ('opposition_mean', 'model', 'raw', dict(GRAD, ls=':'))]),
-        dict(title="update-weighted terms, blocks' matrices\n({N_opposition}): Cg (solid), Cug (dashed),\nC_i_dli "
-             "(dotted); 1 = agreement", y='update-weighted term',
-             lines=[('update_Cg', 'blocks', 'raw', GRAD), ('update_Cug', 'blocks', 'raw', dict(GRAD, ls='--')),
+        dict(title="update-weighted terms, blocks' matrices\n({N_opposition}): Cg (solid), Cug (dashed),\n"
+                   "C_i_dli (dotted); 1 = agreement", y='update-weighted term',
+             lines=[('update_Cg', 'blocks', 'raw', GRAD),
+                    ('update_Cug', 'blocks', 'raw', dict(GRAD, ls='--')),
                     ('update_C_i_dli', 'blocks', 'raw', dict(GRAD, ls=':'))]),
         dict(per_run=True, title='{run}: per layer', y='gradient opposition D_j',
              lines=[('opposition_mean', 'layers', 'raw', dict(marker='.', lw=1))])],
+         needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
+                'opposition_mean', 'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug',
+                'update_C_i_dli', 'grad_steps'],
          caption="Gradient opposition D_j between tokens per parameter coordinate, beside its null."),
-    dict(name='fig5_first_order', needs=['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'],
-         grid=(3, 4.3, 3.8), panels=[
+    dict(name='fig5_first_order', grid=(3, 4.3, 3.8),
+         needs=['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], panels=[
         dict(draw=first_order_scatter, y='true Delta l_i (nats, symlog)',
              title='per token, training batch, all scheduled steps'),
         dict(title='', y='correlation(predicted, true)', lines=[('first_order_corr', None, 'raw', GRAD)]),
         dict(title='', y='slope of true on predicted', hline=lambda r: 1,
              lines=[('first_order_slope', None, 'raw', GRAD)])],
-         caption="First-order prediction <grad l_i, delta> of each token's loss change against the true one."),
-    dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2), panels=[
-        dict(draw=zipf_panel, y='count (log)', title='Zipf plot; dashed: fit, x: outliers, grey: bucket edges'),
-        dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket: best (o, solid), '
-             'last (x, dashed);\ndotted: training windows, where recorded'),
-        dict(per_run=True, draw=lambda ax, runs: bucket_curves(ax, runs, 'probe_loss'), y='validation loss (nats/token)',
+         caption="First-order prediction <grad l_i, delta> of each token's loss change against the true."),
+    dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2),
+         panels=[
+        dict(draw=zipf_panel, y='count (log)',
+             title='Zipf plot; dashed: fit, x: outliers, grey: bucket edges'),
+        dict(draw=bucket_loss_panel, y='validation loss (nats/token)',
+             title='per frequency bucket: best (o, solid), last (x, dashed);\n'
+                   'dotted: training windows, where recorded'),
+        dict(per_run=True, draw=lambda ax, runs: bucket_curves(ax, runs, 'probe_loss'),
+             y='validation loss (nats/token)',
              title='{run}: held-out, per bucket\n(dot: best; v: plateau onset, ^: rise onset)'),
-        dict(per_run=True, needs=['train_probe_loss', 'train_probe_tokens'], y='training-window loss (nats/token)',
+        dict(per_run=True, needs=['train_probe_loss', 'train_probe_tokens'],
              draw=lambda ax, runs: bucket_curves(ax, runs, 'train_probe_loss'),
+             y='training-window loss (nats/token)',
              title='{run}: training windows, per bucket\n(dot: best; v: plateau onset, ^: rise onset)')],
          caption="Saturation per token-frequency bucket: where the loss stops falling or rises again."),
     dict(name='fig7_basis', needs=['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'],
-         figure=fig_basis, caption="The shared 2D basis (cos(h, grad_h+), cos(h, grad_h-)) per bucket; "
-                                   "red star: the collapse (-1, +1)."),
-    dict(name='fig8_dissent', needs=['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad',
-                                     'theta_cos', 'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'],
-         grid=(2, 5.5, 3.2), panels=[
+         figure=fig_basis,
+         caption="The shared 2D basis (cos(h, grad_h+), cos(h, grad_h-)) per bucket; star: the collapse."),
+    dict(name='fig8_dissent', grid=(2, 5.5, 3.2),
+         needs=['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad', 'theta_cos',
+                'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], panels=[
         dict(title='h: mean over probe tokens of cos(grad_h+, grad_h-)', y='cosine',
              lines=[('probe_cos_plus_minus', 'tokens', 'raw', W)]),
         dict(title='theta, all parameters, training batch: batch-level cos(grad+, grad-)', y='cosine',
@@ -652,22 +662,27 @@ FIGURES = [
              lines=[('probe_dissent_ratio', 'tokens', 'raw', W)]),
         dict(title='theta: |grad| / (|grad+| + |grad-|) (1: no dissent, 0: total)', y='dissent ratio',
              lines=[('theta_dissent_ratio', None, 'both', W)]),
-        dict(title='h: mean |grad_h| (solid), |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)', log=True,
-             lines=[('probe_norm_grad', 'tokens', 'raw', W), ('probe_norm_plus', 'tokens', 'raw', dict(W, ls='--')),
-                    ('probe_norm_minus', 'tokens', 'raw', dict(W, ls=':'))]),
-        dict(title='theta: |grad| (solid), |grad+| (dashed), |grad-| (dotted), smoothed', y='norm (log)', log=True,
-             lines=[('theta_norm_grad', 'model', 'smooth', W), ('theta_norm_plus', 'model', 'smooth', dict(W, ls='--')),
+        dict(title='h: mean |grad_h| (solid), |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)',
+             log=True, lines=[('probe_norm_grad', 'tokens', 'raw', W),
+                              ('probe_norm_plus', 'tokens', 'raw', dict(W, ls='--')),
+                              ('probe_norm_minus', 'tokens', 'raw', dict(W, ls=':'))]),
+        dict(title='theta: |grad| (solid), |grad+| (dashed), |grad-| (dotted), smoothed', y='norm (log)',
+             log=True,
+             lines=[('theta_norm_grad', 'model', 'smooth', W),
+                    ('theta_norm_plus', 'model', 'smooth', dict(W, ls='--')),
                     ('theta_norm_minus', 'model', 'smooth', dict(W, ls=':'))]),
         dict(per_run=True, title='{run}: h, mean per frequency bucket', y='cos(grad_h+, grad_h-)',
              lines=[('probe_cos_plus_minus', 'buckets', 'raw', dict(lw=1))]),
-        dict(per_run=True, title='{run}: h, mean per frequency bucket', y='|grad_h| / (|grad_h+| + |grad_h-|)',
+        dict(per_run=True, title='{run}: h, mean per frequency bucket',
+             y='|grad_h| / (|grad_h+| + |grad_h-|)',
              lines=[('probe_dissent_ratio', 'buckets', 'raw', dict(lw=1))])],
          caption="Gradient dissent: the attractive and repulsive parts of the gradient, in h and in theta."),
-    dict(name='fig9_geometry', needs=['head_singular_values', 'hidden_steps', 'probe_anisotropy'], grid=(3, 4.3, 3.6),
-         panels=[
+    dict(name='fig9_geometry', needs=['head_singular_values', 'hidden_steps', 'probe_anisotropy'],
+         grid=(3, 4.3, 3.6), panels=[
         dict(draw=singular_values, y='s_k / s_1 (log)',
              title='LM-head singular values: first (dotted) and last (solid) recorded step'),
-        dict(title='entropy of s_k^2 / sum s^2; dashed: its maximum log(min(V, d))', y='spectral entropy (nats)',
+        dict(title='entropy of s_k^2 / sum s^2; dashed: its maximum log(min(V, d))',
+             y='spectral entropy (nats)',
              hline=lambda r: math.log(r['rec']['head_singular_values'].shape[1]),
              lines=[('spectral_entropy', None, 'raw', dict(marker='.'))]),
         dict(title='anisotropy of h over the probe tokens', y='mean pairwise cos(h_i, h_j)',
@@ -677,21 +692,24 @@ FIGURES = [
 # drawn only when a run holds measure.py's records, and otherwise not listed as missing
 PAPER_FIGURES = [
     dict(name='fig10_paper_protocol', needs=['paper'], grid=(3, 4.2, 3.4), panels=[
-        dict(x=P, title="paper protocol, N = {N_paper} held-out tokens: mean D_j\nover the blocks' matrices (solid), "
-             "every\ncoordinate (dashed); dotted: null", y='gradient opposition D_j',
-             lines=[('paper.opposition_mean', 'blocks', 'raw', GRAD), ('paper.opposition_null', 'blocks', 'raw',
-                                                                      dict(ls=':', lw=1)),
+        dict(x=P, title="paper protocol, N = {N_paper} held-out tokens: mean D_j\nover the blocks' matrices "
+                        "(solid), every\ncoordinate (dashed); dotted: null", y='gradient opposition D_j',
+             lines=[('paper.opposition_mean', 'blocks', 'raw', GRAD),
+                    ('paper.opposition_null', 'blocks', 'raw', NULL),
                     ('paper.opposition_mean', 'model', 'raw', dict(GRAD, ls='--')),
-                    ('paper.opposition_null', 'model', 'raw', dict(ls=':', lw=1))]),
-        dict(x=P, title="paper protocol, dt = 1, k = {k_paper} fresh batches: loss D\non the batch (solid) and on "
-             "N = {N_paper} held-out\ntokens (dashed), mean +- sd; dotted: null", y='D of per-token loss changes',
-             lines=[('paper.loss_D_batch', 'k', 'raw', GRAD), ('paper.loss_D_heldout', 'k', 'raw', dict(GRAD, ls='--')),
-                    ('paper.loss_D_batch_null', 'k mean', 'raw', dict(ls=':', lw=1)),
-                    ('paper.loss_D_heldout_null', 'k mean', 'raw', dict(ls=':', lw=1))]),
-        dict(x=P, title="paper protocol, dt = t, N = {N_paper} held-out tokens:\nloss D from theta_t to theta_2t; "
-             "dotted: null", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', GRAD), ('paper.loss_D_dtt_null', None, 'raw', dict(ls=':', lw=1))])],
-         caption="The published checkpoint protocol (measure.py): opposition and interference at t = 1, 2, 4, ..."),
+                    ('paper.opposition_null', 'model', 'raw', NULL)]),
+        dict(x=P, title="paper protocol, dt = 1, k = {k_paper} fresh batches: loss D\n"
+                        "on the batch (solid) and on N = {N_paper} held-out\ntokens (dashed), mean +- sd; "
+                        "dotted: null",
+             y='D of per-token loss changes',
+             lines=[('paper.loss_D_batch', 'k', 'raw', GRAD),
+                    ('paper.loss_D_heldout', 'k', 'raw', dict(GRAD, ls='--')),
+                    ('paper.loss_D_batch_null', 'k mean', 'raw', NULL),
+                    ('paper.loss_D_heldout_null', 'k mean', 'raw', NULL)]),
+        dict(x=P, title="paper protocol, dt = t, N = {N_paper} held-out tokens:\n"
+                        "loss D from theta_t to theta_2t; dotted: null", y='D of per-token loss changes',
+             lines=[('paper.loss_D_dtt', None, 'raw', GRAD), ('paper.loss_D_dtt_null', None, 'raw', NULL)])],
+         caption="The published checkpoint protocol (measure.py): opposition and interference per checkpoint."),
 ]
 
 
