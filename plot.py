@@ -48,7 +48,8 @@ CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'warmup_ite
                'opposition_tokens']
 PAPER_KEYS = ['steps', 'tokens', 'windows', 'batches', 'opposition_keys']
 PAPER_RECORDS = ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
-                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null', 'opposition_near_total']
+                 'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
+                 'opposition_near_total']
 OLDER = "{}: made by an older version of {}; rerun it"
 
 # -----------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         fail(f"{path}: train_loss.npy is missing (the one record every figure needs)")
-    folders = [os.path.dirname(f) for f in glob.glob(os.path.join(glob.escape(path), 'paper*', 'progress.json'))]
+    folders = map(os.path.dirname, glob.glob(os.path.join(glob.escape(path), 'paper*', 'progress.json')))
     papers = [load_paper(f) for f in folders if re.fullmatch(r'paper(_N\d+)?', os.path.basename(f))]
     if papers:  # fewest tokens first
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
@@ -120,7 +121,8 @@ def load_paper(folder):
             any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
         fail(OLDER.format(folder, 'measure.py'))
     n = len(settings['steps'])
-    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], dtype=float) for k in PAPER_RECORDS}
+    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], dtype=float)
+             for k in PAPER_RECORDS}
     for name in [k for k, a in paper.items() if len(a) < n][:1]:
         fail(f"{folder}/{name}.npy: fewer rows than progress.json lists")
     order = np.argsort(paper['steps'])
@@ -172,8 +174,9 @@ def bucket_series(run, name, values=None):
     of its tokens' targets, computed once per run and name."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
-        (bucket, edges), v = buckets(run), np.asarray(run['rec'][name] if values is None else values, dtype=float)
-        cache[name] = metrics.bucket_mean(torch.from_numpy(v), targets(run, name), bucket, len(edges) - 1).numpy()
+        (bucket, edges), v = buckets(run), run['rec'][name] if values is None else values
+        v = torch.from_numpy(np.asarray(v, dtype=np.float64))
+        cache[name] = metrics.bucket_mean(v, targets(run, name), bucket, len(edges) - 1).numpy()
     return cache[name]
 
 
@@ -215,7 +218,8 @@ def layer_names(keys):
 def dissent_ratio(run, prefix):
     """|grad| / (|grad+| + |grad-|) (metrics.dissent_ratio) per probe token ('probe_', (S + 1, P, T))
     or of all parameters on the training batch ('theta_', (S,))."""
-    norms = [np.asarray(run['rec'][prefix + n], dtype=np.float64) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
+    norms = [np.asarray(run['rec'][prefix + n], dtype=np.float64)
+             for n in ('norm_grad', 'norm_plus', 'norm_minus')]
     if prefix == 'theta_':
         norms = [np.ascontiguousarray(a[:, column(run, 'theta_', 'model')]) for a in norms]
     return metrics.dissent_ratio(*map(torch.from_numpy, norms)).numpy()
@@ -237,11 +241,13 @@ def first_order(run, key):
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
             pred = np.asarray(rec['train_loss_pred'][k], dtype=float).ravel()
-            true = np.asarray(rec['train_loss_post'][s], dtype=float).ravel() - rec['train_loss_pre'][s].ravel()
+            true = np.asarray(rec['train_loss_post'][s], dtype=float).ravel() - \
+                np.asarray(rec['train_loss_pre'][s], dtype=float).ravel()
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
-                for key_, v in dict(steps=s, pred=pred, true=true, corr=agree['corr'], slope=agree['slope']).items():
-                    out[key_].append(v if key_ in ('pred', 'true') else float(v))
+                for k_, v in dict(steps=int(s), pred=pred, true=true, corr=float(agree['corr']),
+                                  slope=float(agree['slope'])).items():
+                    out[k_].append(v)
         run['first_order'] = out
     return run['first_order'][key]
 
@@ -367,7 +373,8 @@ def draw_panel(ax, runs, panel, everyone):
 def title_fields(runs, everyone):
     """What a panel title may name: {run} (a per-run panel's), N of each kind of D ({N_batch},
     {N_probe}, {N_opposition}) and measure.py's ({N_paper}, {k_paper})."""
-    n = lambda what: 'N = ' + ' / '.join(f"{v:,}" for v in dict.fromkeys(r['config'][what + '_tokens'] for r in everyone))
+    n = lambda what: 'N = ' + ' / '.join(f"{v:,}" for v in
+                                         dict.fromkeys(r['config'][what + '_tokens'] for r in everyone))
     papers = [r['rec']['paper']['settings'] for r in everyone if 'paper' in r['rec']]
     return dict(run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch'),
                 N_probe=n('probe'), N_opposition=n('opposition'),
@@ -383,8 +390,8 @@ def loss_panel(ax, runs):
         if fit.get('t_d') is None:
             continue
         t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
-        ax.plot(t, bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1']), color='k', lw=1,
-                ls='--')
+        L = bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1'])
+        ax.plot(t, L, color='k', lw=1, ls='--')
         pre, post = t[t <= fit['t_d'] * 3], t[t >= fit['t_d'] / 3]
         ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=r['color'], lw=1, ls=':')  # b t^-c0
         ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=r['color'], lw=1,
@@ -410,15 +417,16 @@ def size_panel(ax, runs, key):
             ci = interval(fit, key)
             ci = [fit[key]] * 2 if ci is None or None in ci else ci
             # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
-            ax.errorbar([n], [fit[key]], yerr=[[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]], fmt='o',
-                        color=c, capsize=3)
+            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
+            ax.errorbar([n], [fit[key]], yerr=yerr, fmt='o', color=c, capsize=3)
     unfit = [r['name'] for r in runs if r['fit'].get(key) is None and r['fit'].get('fitted', True)]
     short = [r['name'] for r in runs if not r['fit'].get('fitted', True)]
     for names, what, y, gid in [(unfit, 'no identifiable break', 0.02, None),  # a result of the fit
                                 (short, 'too few steps to fit', 0.98, GUIDE)]:  # no result: why
         if names and key != 'validation':  # wrapped, outside the layout: long names must not squeeze panels
-            ax.text(0.02, y, tex_safe(textwrap.fill(f"{what}: {', '.join(names)}", 40)), transform=ax.transAxes,
-                    fontsize=7, va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True, gid=gid)
+            ax.text(0.02, y, tex_safe(textwrap.fill(f"{what}: {', '.join(names)}", 40)), fontsize=7,
+                    transform=ax.transAxes, va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True,
+                    gid=gid)
     ax.set_xscale('log')
     ax.set_xlabel('parameters (log)')
 
@@ -545,7 +553,8 @@ def fig_basis(runs):
             if len(steps):
                 steps = steps[np.unique(np.round(np.geomspace(1, len(steps), MAX_TRAJ)).astype(int) - 1)]
                 ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
-                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm, s=6)
+                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm,
+                           s=6)
             elif k not in present:  # else not recorded yet: finish() says so
                 ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
             ax.plot([-1], [1], marker='*', color='r', ms=8, gid=GUIDE)
@@ -554,7 +563,8 @@ def fig_basis(runs):
             ax.tick_params(labelsize=6)
             ax.set_ylabel('cos(h, grad_h-)' if k == 0 else '', fontsize=7)
             ax.set_xlabel('cos(h, grad_h+)' if i == len(runs) - 1 else '', fontsize=7)
-    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'), cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]))
+    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'),
+                        cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]))
     cbar.set_label('step (log)', fontsize=7)
     return fig
 
@@ -709,7 +719,7 @@ PAPER_FIGURES = [
         dict(x=P, title="paper protocol, dt = t, N = {N_paper} held-out tokens:\n"
                         "loss D from theta_t to theta_2t; dotted: null", y='D of per-token loss changes',
              lines=[('paper.loss_D_dtt', None, 'raw', GRAD), ('paper.loss_D_dtt_null', None, 'raw', NULL)])],
-         caption="The published checkpoint protocol (measure.py): opposition and interference per checkpoint."),
+         caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
 
 
@@ -779,7 +789,8 @@ class PlainLogFormatter(ticker.Formatter):
         self.default.set_locs(locs)  # it picks which ticks to label from the view
 
     def __call__(self, x, pos=None):
-        return np.format_float_positional(x, precision=6, fractional=False, trim='-') if self.default(x, pos) else ''
+        plain = np.format_float_positional(x, precision=6, fractional=False, trim='-')
+        return plain if self.default(x, pos) else ''
 
 
 def finish(fig, runs):
@@ -791,7 +802,8 @@ def finish(fig, runs):
         if len(panel_points(ax)):
             shown = True
             for line in ax.lines:  # a line of one point is invisible
-                if np.isfinite(line.get_xydata()).all(1).sum() == 1 and line.get_marker() in ('None', '', ' ', None):
+                lone = np.isfinite(line.get_xydata()).all(1).sum() == 1
+                if lone and line.get_marker() in ('None', '', ' ', None):
                     line.set(marker='o', markersize=3)
             continue
         shown |= any(t.get_gid() != GUIDE for t in ax.texts)  # a result, e.g. 'no identifiable break'
@@ -802,8 +814,8 @@ def finish(fig, runs):
                 set_scale('linear')
                 axis.set_ticks([])
         if not ax.texts:
-            ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes, ha='center',
-                    va='center', fontsize=8, color='0.4')
+            ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
+                    ha='center', va='center', fontsize=8, color='0.4')
             ax.set(xticks=[], yticks=[])
     for ax in fig.axes + [c for ax in fig.axes for c in ax.child_axes]:  # child: fig7's colour bar
         for axis in [a for a in (ax.xaxis, ax.yaxis) if a.get_scale() == 'log']:
@@ -830,8 +842,10 @@ def onsets(values):
     loss = torch.from_numpy(bnsl.log_moving_average(v) if np.all(np.diff(steps) == 1) else v)
     never = metrics.never_improved(loss)
     step = lambda i: None if never or i is None else int(steps[i])
-    return dict(never=never, plateau=step(None if never else metrics.plateau_onset(loss, torch.from_numpy(steps))),
-                rise=step(None if never else metrics.rise_onset(loss)))
+    if never:
+        return dict(never=True, plateau=None, rise=None)
+    return dict(never=False, plateau=step(metrics.plateau_onset(loss, torch.from_numpy(steps))),
+                rise=step(metrics.rise_onset(loss)))
 
 
 def saturation_reading(held, train):
@@ -867,8 +881,8 @@ def deceleration_table(runs):
         if len(loss):
             o = onsets(token_mean(r, 'probe_loss'))
             onset = 'never improved' if o['never'] else 'none' if o['rise'] is None else f"step {o['rise']}"
-            cells[:3] = [f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", f"{loss[-1]:.4f} (step {steps[-1]})",
-                         onset]
+            cells[:3] = [f"{loss.min():.4f} (step {steps[np.argmin(loss)]})",
+                         f"{loss[-1]:.4f} (step {steps[-1]})", onset]
         if fit.get('t_d') is not None and 'probe_D' in rec:
             s, D = recorded(rec['probe_D'])
             null = np.asarray(rec['probe_D_null'], dtype=float)[s]
@@ -876,7 +890,8 @@ def deceleration_table(runs):
                          for w in (s < fit['t_d'], s >= fit['t_d'])]
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
                      ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
-                     ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'), fmt(fit.get('rsle'), '.3g'),
+                     ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
+                     fmt(fit.get('rsle'), '.3g'),
                      'yes' if fit['identifiable'] else f"no: {fit['reason']}"] + cells[:3] +
                     [f"{r['config']['probe_tokens']:,}"] + cells[3:])
     return md_table(['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
@@ -956,9 +971,9 @@ def bucket_table(runs):
                     [saturation_reading(o_held, o_train) if o_held and o_train else 'n/a']
             rows.append(row + ['n/a'] * (13 - len(row)) * trained)
     header = ['run', 'bucket', 'probe tokens', 'best (step)', 'final', 'plateau onset', 'rise onset']
-    return rows and md_table(header + trained * ['training-window tokens', 'train. best (step)', 'train. final',
-                                                 'train. plateau onset', 'train. rise onset',
-                                                 'which plateaus or rises'], rows)
+    header += trained * ['training-window tokens', 'train. best (step)', 'train. final',
+                         'train. plateau onset', 'train. rise onset', 'which plateaus or rises']
+    return rows and md_table(header, rows)
 
 
 def windows(run):
@@ -966,29 +981,31 @@ def windows(run):
     of the validation loss, after it (those the run has; the whole run when it has neither)."""
     S, t_d = len(run['rec']['train_loss']), run['fit'].get('t_d') if run['fit']['identifiable'] else None
     o = onsets(token_mean(run, 'probe_loss')) if 'probe_loss' in run['rec'] else None
-    cuts = sorted([(0, 'start'), (S, 'end')] + ([(int(math.ceil(t_d)), 't_d')] if t_d is not None and t_d < S else [])
-                  + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
+    cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
+    cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
     return [(f"{a_name} to {b_name}", a, b) for (a, a_name), (b, b_name) in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def dissent_table(runs):
     """Per run and phase (windows): the mean of each dissent measurement over its recorded steps."""
-    columns = [(f"cos(g+, g-) {w}", f"\\|g+\\| {w}", f"\\|g-\\| {w}", f"\\|g\\| {w}") for w in ('theta', 'h')]
+    norms = ['norm_plus', 'norm_minus', 'norm_grad']
+    lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
+    lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
+    lines += [(w + '_dissent_ratio', col, [f"{w}_{n}" for n in norms]) for w, col in [('theta', None),
+                                                                                        ('probe', 'tokens')]]
     rows = []
     for r in runs:
-        rec, get = r['rec'], lambda name, col: line_data(r, name, col)[1] if name in rec or name in DERIVED else None
-        cols = [get('theta_' + n, 'model') for n in ('cos', 'norm_plus', 'norm_minus', 'norm_grad')]
-        cols += [get('probe_' + n, 'tokens') for n in ('cos_plus_minus', 'norm_plus', 'norm_minus', 'norm_grad')]
-        ratio = lambda p: all(p + n in rec for n in ('norm_plus', 'norm_minus', 'norm_grad'))
-        cols += [get('theta_dissent_ratio', None) if ratio('theta_') else None,
-                 get('probe_dissent_ratio', 'tokens') if ratio('probe_') else None]
+        cols = [line_data(r, name, col)[1] if all(k in r['rec'] for k in needs) else None
+                for name, col, needs in lines]
         if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
             continue
         for label, a, b in windows(r):
-            cells = [v is not None and np.isfinite(v[a:b]).any() and f"{np.nanmean(v[a:b]):.3g}" or 'n/a' for v in cols]
+            cells = ['n/a' if v is None or not np.isfinite(v[a:b]).any() else f"{np.nanmean(v[a:b]):.3g}"
+                     for v in cols]
             rows.append([r['name'], f"{label} (steps {a}-{b - 1})"] + cells)
-    header = ['run', 'phase', *columns[0], *columns[1]] + [f"\\|g\\| / (\\|g+\\| + \\|g-\\|) {w}" for w in ('theta', 'h')]
-    return rows and md_table(header, rows)
+    header = [f"{q} {w}" for w in ('theta', 'h') for q in ('cos(g+, g-)', r'\|g+\|', r'\|g-\|', r'\|g\|')]
+    ratios = [f"\\|g\\| / (\\|g+\\| + \\|g-\\|) {w}" for w in ('theta', 'h')]
+    return rows and md_table(['run', 'phase'] + header + ratios, rows)
 
 
 def bucket_md_table(runs, cell):
@@ -1009,7 +1026,8 @@ def bucket_dissent_cell(r, k):
     if not len(steps):
         return 'n/a'
     a, b = steps[0], steps[-1]
-    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} (at {a} -> {b})"
+    return (f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} "
+            f"(at {a} -> {b})")
 
 
 def basis_cell(r, k):
@@ -1019,7 +1037,8 @@ def basis_cell(r, k):
     if not len(steps):
         return 'n/a'
     best, last = steps[np.nanargmin(loss[steps, k])], steps[-1]
-    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> ({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
+    return (f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> "
+            f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})")
 
 
 def paper_column(p, key):
@@ -1043,11 +1062,11 @@ def paper_table(runs):
                 cells += [f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} "
                           f"({p[f'loss_D_{w}_null'][i].mean():.4f})" for w in ('batch', 'heldout')]
                 rows.append([int(t)] + cells + [f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})"])
+            header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
+                      'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)',
+                      'dt=t D held-out (null)']
             parts += [f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
-                      f"k = {s['batches']} fresh batches.", '', md_table(
-                          ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
-                           'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)',
-                           'dt=t D held-out (null)'], rows), '']
+                      f"k = {s['batches']} fresh batches.", '', md_table(header, rows), '']
     return '\n'.join(parts)
 
 
@@ -1063,11 +1082,14 @@ def matched_steps_table(runs):
         for t in sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members])):
             cells = []
             for r, p in members:
-                i, (mean, null, _), t_d = list(p['steps']).index(t), paper_column(p, 'blocks'), r['fit'].get('t_d')
+                i, (mean, null, _) = list(p['steps']).index(t), paper_column(p, 'blocks')
+                t_d = r['fit'].get('t_d')
                 side = '' if t_d is None else ' <' if t < t_d else ' >'
-                cells.append(f"{mean[i]:.4f} ({null[i]:.4f}), {metrics.scale_free_opposition(mean[i], N):.2f}{side}")
+                scaled = metrics.scale_free_opposition(mean[i], N)
+                cells.append(f"{mean[i]:.4f} ({null[i]:.4f}), {scaled:.2f}{side}")
             rows.append([t] + cells)
-        parts += [f"N = {N:,} held-out tokens.", '', md_table(['step t'] + [r['name'] for r, _ in members], rows), '']
+        header = ['step t'] + [r['name'] for r, _ in members]
+        parts += [f"N = {N:,} held-out tokens.", '', md_table(header, rows), '']
     return '\n'.join(parts)
 
 
@@ -1077,34 +1099,42 @@ def with_records(name, cell):
 
 
 NEEDS = {f['name']: f['needs'] for f in FIGURES + PAPER_FIGURES}
-# the report's sections: title, what its table holds (docs/figures.md says more), the table (or '')
+# the report's sections: title, the table (or ''), what it holds (docs/figures.md says more)
 REPORT = [
-    ('Deceleration and validation loss', "t_d, L_d, r_d of the 1-break BNSL fit (bnsl.py) with 95% intervals, and "
-     "t_d in the published convention; validation = the probe set; D = probe-set interference (null beside it).",
-     deceleration_table),
-    ('The break in other units', "t_d in training tokens, per parameter and over the warmup; L_d over H_1, the "
-     "training split's unigram entropy (the loss of a model that ignores the context).", units_table),
-    ('Gradient opposition', "Mean D_j of the blocks' matrices and of every coordinate (null beside it), and the "
-     "update-weighted terms, at the grad steps nearest t_d and the last.", opposition_table),
-    ('Saturation per token-frequency bucket', "Best and final loss of the probe tokens whose target is in the "
-     "bucket, plateau and rise onsets of the smoothed curve; the training windows' where recorded.", bucket_table),
-    ('Dissent by phase', "Means over the recorded steps of each phase (t_d, the saturation onset); theta: all "
-     "parameters, training batch; h: per probe token; ratio 1: no dissent, 0: total.", dissent_table),
-    ('Dissent in h per frequency bucket', "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|) over the "
-     "bucket's probe tokens, at the first -> last recorded step.", with_records('fig8_dissent', bucket_dissent_cell)),
-    ('The 2D basis per frequency bucket', "(cos(h, grad_h+), cos(h, grad_h-)) over the bucket's probe tokens, at "
-     "its best validation loss -> at the last step; the collapse is (-1, +1).", with_records('fig7_basis', basis_cell)),
-    ('The published checkpoint protocol (measure.py)', "At each kept checkpoint: D_j, the loss D over one step "
-     "(dt = 1, mean +- sd over k batches) and from t to 2t; in brackets the null.", paper_table),
-    ('The runs at matched checkpoints (measure.py)', "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where "
-     "every run measured at one N; < before the run's t_d, > at or after it.", matched_steps_table),
+    ('Deceleration and validation loss', deceleration_table,
+     "t_d, L_d, r_d of the 1-break BNSL fit (bnsl.py) with 95% intervals, and t_d in the published "
+     "convention; validation = the probe set; D = probe-set interference (null beside it)."),
+    ('The break in other units', units_table,
+     "t_d in training tokens, per parameter and over the warmup; L_d over H_1, the training split's unigram "
+     "entropy (the loss of a model that ignores the context)."),
+    ('Gradient opposition', opposition_table,
+     "Mean D_j of the blocks' matrices and of every coordinate (null beside it), and the update-weighted "
+     "terms, at the grad steps nearest t_d and the last."),
+    ('Saturation per token-frequency bucket', bucket_table,
+     "Best and final loss of the probe tokens whose target is in the bucket, plateau and rise onsets of the "
+     "smoothed curve; the training windows' where recorded."),
+    ('Dissent by phase', dissent_table,
+     "Means over the recorded steps of each phase (t_d, the saturation onset); theta: all parameters, "
+     "training batch; h: per probe token; ratio 1: no dissent, 0: total."),
+    ('Dissent in h per frequency bucket', with_records('fig8_dissent', bucket_dissent_cell),
+     "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|) over the bucket's probe tokens, at the "
+     "first -> last recorded step."),
+    ('The 2D basis per frequency bucket', with_records('fig7_basis', basis_cell),
+     "(cos(h, grad_h+), cos(h, grad_h-)) over the bucket's probe tokens, at its best validation loss -> at "
+     "the last step; the collapse is (-1, +1)."),
+    ('The published checkpoint protocol (measure.py)', paper_table,
+     "At each kept checkpoint: D_j, the loss D over one step (dt = 1, mean +- sd over k batches) and from t "
+     "to 2t; in brackets the null."),
+    ('The runs at matched checkpoints (measure.py)', matched_steps_table,
+     "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where every run measured at one N; < before the "
+     "run's t_d, > at or after it."),
 ]
 
 
 def report_text(runs, drawn, notes, ext):
     parts = ['# Training dynamics report', '', "Runs (ordered and coloured by parameter count): "
              f"{', '.join(r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
-    for title, what, table in REPORT:
+    for title, table, what in REPORT:
         text = table(runs)
         if text:
             parts += [f"## {title}", '', what, '', text, '']
@@ -1154,13 +1184,15 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = fail
     p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
-    p.add_argument('--out', default=None, help='folder for the figures and report.md (default: FIRST_PATH/figures)')
-    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='file format(s) of the figures')
+    p.add_argument('--out', default=None,
+                   help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'],
+                   help='file format(s) of the figures')
     p.add_argument('--min_step', type=at_least(float, 0), default=bnsl.MIN_STEP,
                    help='BNSL fit: drop the transient steps t <= min_step')
     p.add_argument('--dpi', type=at_least(int, 1), default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
-    runs = sorted([load_run(r) for r in find_runs(args.paths)], key=lambda r: (r['config']['n_params'], r['path']))
+    runs = sorted(map(load_run, find_runs(args.paths)), key=lambda r: (r['config']['n_params'], r['path']))
     for r, c in zip(runs, plt.cm.viridis(np.linspace(0.05, 0.85, len(runs)) if len(runs) > 1 else [0.3])):
         r.update(color=c, fit=fit_run(r, args.min_step))
     # the folder whose manifest lists the figures: FIRST_PATH (figures/ in it), or --out itself
@@ -1177,8 +1209,8 @@ def main(argv=None):
     names = [f"{f['name']}.{ext}" for f in FIGURES + PAPER_FIGURES for ext in args.format] + ['report.md']
     for path in [os.path.join(out, n) for n in names if os.path.isdir(os.path.join(out, n))][:1]:
         fail(f"{path}: a folder where plot.py writes a file; move it or choose another --out")
-    notes = [f"{r['name']} was recorded with --record {r['config']['record']}: what that level does not record "
-             "is left out" for r in runs if r['config']['record'] != 'all']
+    notes = [f"{r['name']} was recorded with --record {r['config']['record']}: what that level does not "
+             "record is left out" for r in runs if r['config']['record'] != 'all']
     notes += [f"{r['name']} lacks {', '.join(r['missing'])} (listed in its config.json, not in the directory)"
               for r in runs if r['missing']]
     files = {}
@@ -1188,8 +1220,8 @@ def main(argv=None):
                             for r in runs if r not in have)
         drawn = render(f['name'], have, args.format, args.dpi) if have else None
         if have and drawn is None:
-            lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a log step " \
-                      "axis cannot show"
+            lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a " \
+                      "log step axis cannot show"
         if drawn is None:
             notes.append(f"{f['name']}: not drawn ({lacking})")
             continue
@@ -1206,7 +1238,8 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
-    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} in {os.path.normpath(out)}")
+    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} "
+          f"in {os.path.normpath(out)}")
     for n in notes:
         print(f"  note: {n}")
 
