@@ -57,6 +57,7 @@ OLDER = "{}: made by an older version of {}; rerun it"
 
 
 def read_json(path):
+    """A JSON file (UTF-8, whatever the locale), or one line naming it and exit status 2."""
     try:
         with open(path, encoding='utf-8') as f:
             return json.load(f)
@@ -861,12 +862,14 @@ def saturation_reading(held, train):
 
 
 def md_table(header, rows):
+    """A markdown table."""
     cell = lambda c: str(c).replace('|', r'\|')  # a run name with a bar must not split a cell
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] +
                      ['| ' + ' | '.join(map(cell, row)) + ' |' for row in rows])
 
 
 def fmt(v, spec, none='n/a'):
+    """v in format spec, or `none` for None or a value that is not finite."""
     return none if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
@@ -905,13 +908,13 @@ def units_table(runs):
     rows = []
     for r in runs:
         c, t_d, L_d = r['config'], r['fit'].get('t_d'), r['fit'].get('L_d')
-        H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(r['rec']['train_counts'])))) \
-            if 'train_counts' in r['rec'] else None
+        counts = r['rec'].get('train_counts')
+        H1 = None if counts is None else float(metrics.unigram_entropy(torch.from_numpy(np.array(counts))))
         tokens = None if t_d is None else t_d * c['batch_tokens']
         rows.append([r['name'], f"{c['n_params']:,}", c['warmup_iters'], f"{c['learning_rate']:.3g}",
-                     fmt(tokens, ',.0f'), fmt(tokens and tokens / c['n_params'], '.3g'),
-                     fmt(t_d and c['warmup_iters'] and t_d / c['warmup_iters'], '.2f'), fmt(H1, '.4f'),
-                     fmt(L_d and H1 and L_d / H1, '.3f')])
+                     fmt(tokens, ',.0f'), fmt(None if t_d is None else tokens / c['n_params'], '.3g'),
+                     fmt(t_d / c['warmup_iters'] if t_d is not None and c['warmup_iters'] else None, '.2f'),
+                     fmt(H1, '.4f'), fmt(None if L_d is None or H1 is None else L_d / H1, '.3f')])
     return md_table(['run', 'params', 'warmup', 'peak lr', 't_d tokens', 't_d tokens / param', 't_d / warmup',
                      'H_1 (nats)', 'L_d / H_1'], rows)
 
@@ -1132,6 +1135,7 @@ REPORT = [
 
 
 def report_text(runs, drawn, notes, ext):
+    """report.md: the runs, each section of REPORT that has a table, the drawn figures, the notes."""
     parts = ['# Training dynamics report', '', "Runs (ordered and coloured by parameter count): "
              f"{', '.join(r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
     for title, table, what in REPORT:
