@@ -1169,18 +1169,27 @@ def at_least(kind, low):
     return parse
 
 
-def render(name, runs, formats, dpi):
-    """{format: bytes} of figure `name` for these runs, or None when it has nothing to show."""
-    with np.errstate(all='ignore'), warnings.catch_warnings():
-        warnings.filterwarnings('ignore', 'Data has no positive values')  # finish() makes such an axis linear
-        fig = draw_figure(name, runs)
-        shown = finish(fig, runs)
-        files = {}
-        for ext in formats if shown else []:
-            files[ext] = io.BytesIO()
-            fig.savefig(files[ext], format=ext, dpi=dpi)
-    plt.close(fig)
-    return {ext: f.getvalue() for ext, f in files.items()} if shown else None
+def render(spec, runs, formats, dpi, notes):
+    """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs
+    it leaves out, or why it has nothing to show, go to notes."""
+    have = [r for r in runs if all(k in r['rec'] for k in spec['needs'])]
+    lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in spec['needs'] if k not in r['rec'])}"
+                        for r in runs if r not in have)
+    files = {}
+    if have:
+        with np.errstate(all='ignore'), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', 'Data has no positive values')  # finish() makes it linear
+            fig = draw_figure(spec['name'], have)
+            for ext in formats if finish(fig, have) else []:
+                files[f"{spec['name']}.{ext}"] = io.BytesIO()
+                fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
+        plt.close(fig)
+        if not files:
+            lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a log " \
+                      "step axis cannot show"
+    if lacking:
+        notes.append(f"{spec['name']}: {'leaves out runs' if files else 'not drawn'} ({lacking})")
+    return {name: f.getvalue() for name, f in files.items()}
 
 
 def main(argv=None):
@@ -1219,19 +1228,7 @@ def main(argv=None):
               for r in runs if r['missing']]
     files = {}
     for f in figures_for(runs):
-        have = [r for r in runs if all(k in r['rec'] for k in f['needs'])]
-        lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in f['needs'] if k not in r['rec'])}"
-                            for r in runs if r not in have)
-        drawn = render(f['name'], have, args.format, args.dpi) if have else None
-        if have and drawn is None:
-            lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a " \
-                      "log step axis cannot show"
-        if drawn is None:
-            notes.append(f"{f['name']}: not drawn ({lacking})")
-            continue
-        if lacking:
-            notes.append(f"{f['name']}: leaves out runs ({lacking})")
-        files.update({f"{f['name']}.{ext}": data for ext, data in drawn.items()})
+        files.update(render(f, runs, args.format, args.dpi, notes))
     if not files:
         fail(f"nothing to plot: {', '.join(r['name'] for r in runs)} recorded nothing that a figure can draw "
              "(too few steps, or none after step 0, which a log step axis cannot show)")
