@@ -156,7 +156,8 @@ def bad_inputs(tmp, sweep):
     return [([str(tmp / 'missing')], 'no such directory'), ([str(empty)], 'no run directories'),
             ([str(truncated)], 'probe_loss.npy'), ([str(garbage)], 'train_D.npy'),
             ([str(config)], 'config.json'), ([str(wrong)], 'train_M.npy'),
-            ([str(sweep / 'runs'), '--format', 'gif'], 'invalid choice'), ([str(sweep / 'runs'), '--dpi', '0'], '--dpi'),
+            ([str(sweep / 'runs'), '--format', 'gif'], 'invalid choice'),
+            ([str(sweep / 'runs'), '--dpi', '0'], '--dpi'),
             ([str(sweep / 'runs'), '--min_step', 'nan'], '--min_step'),
             ([str(older)], f"{older}: made by an older version of train.py; rerun it")]
 
