@@ -298,7 +298,8 @@ def drawn_and_noted(folder, out=False):
     files = [n + '.png' for n in drawn] + ['report.md']
     assert sorted(os.listdir(folder)) == sorted(files + [runs.MANIFEST] * out)
     root, under = (folder, '') if out else (folder.parent, 'figures')
-    assert {p for p in runs.owned(str(root)) if p.startswith(under)} == {os.path.join(under, f) for f in files}
+    listed = {p for p in runs.owned(str(root)) if p.startswith(under)}
+    assert listed == {os.path.join(under, f) for f in files}
     assert_figures(folder, drawn)
     for name in NAMES:
         assert (name in drawn) != (f"{name}: not drawn" in report), name
@@ -372,9 +373,11 @@ def test_plot_writes_only_its_own_files_and_never_through_a_link(sweep, tmp_path
     os.symlink(user, out / 'fig2_deceleration.png')
     proc = run_plot(run, '--out', str(out))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert 'did not write' in proc.stderr and 'fig1_loss.svg' in proc.stderr and 'Traceback' not in proc.stderr
+    assert 'did not write' in proc.stderr and 'fig1_loss.svg' in proc.stderr
+    assert 'Traceback' not in proc.stderr
     assert sorted(os.listdir(out)) == ['fig1_loss.svg', 'fig2_deceleration.png', 'notes.md', 'report.md']
-    assert (out / 'notes.md').read_text() == 'my notes' and (out / 'fig1_loss.svg').read_text() == 'my drawing'
+    assert (out / 'notes.md').read_text() == 'my notes'
+    assert (out / 'fig1_loss.svg').read_text() == 'my drawing'
     assert (out / 'report.md').read_text() == 'old report' and (out / 'fig2_deceleration.png').is_symlink()
     assert user.read_text() == 'mine'
     # its own folder: plot.py's files replaced, and those of an earlier time that it no longer draws deleted
