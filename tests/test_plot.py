@@ -8,14 +8,16 @@ import subprocess
 import sys
 
 import matplotlib.image as mpimg
+import matplotlib.text
 import numpy as np
 import pytest
 
+import runs
 from conftest import ROOT, TINY, run_train
 from plot import FIGURES, N_BUCKETS, plt  # pyplot on plot.py's backend (Agg)
 
 pytestmark = pytest.mark.slow  # every test trains tiny runs and runs plot.py in subprocesses
-NAMES = [name for name, _, _, _ in FIGURES]
+NAMES = [f['name'] for f in FIGURES]
 IGNORE = shutil.ignore_patterns('figures')  # a copied run starts without the figures of earlier tests
 SHORT = ['--max_iters', '30', '--grad_every', '10', '--ckpt_interval', '30']
 
@@ -146,10 +148,18 @@ def bad_inputs(tmp, sweep):
     wrong = tmp / 'wrong'
     shutil.copytree(sweep / 'runs' / 'small', wrong, ignore=IGNORE)
     np.save(wrong / 'train_M.npy', np.zeros(7))
+    older = tmp / 'older'
+    shutil.copytree(sweep / 'runs' / 'small', older, ignore=IGNORE)
+    settings = json.loads((older / 'config.json').read_text())
+    del settings['opposition_tokens']  # a key that train.py wrote only from a later version on
+    (older / 'config.json').write_text(json.dumps(settings))
     return [([str(tmp / 'missing')], 'no such directory'), ([str(empty)], 'no run directories'),
             ([str(truncated)], 'probe_loss.npy'), ([str(garbage)], 'train_D.npy'),
             ([str(config)], 'config.json'), ([str(wrong)], 'train_M.npy'),
-            ([str(sweep / 'runs'), '--format', 'gif'], 'invalid choice')]
+            ([str(sweep / 'runs'), '--format', 'gif'], 'invalid choice'),
+            ([str(sweep / 'runs'), '--dpi', '0'], '--dpi'),
+            ([str(sweep / 'runs'), '--min_step', 'nan'], '--min_step'),
+            ([str(older)], f"{older}: made by an older version of train.py; rerun it")]
 
 
 def test_bad_input_is_one_line_and_exit_2(sweep, tmp_path):
@@ -172,7 +182,7 @@ def test_a_light_run_draws_its_scheduled_rows_unsmoothed_and_complete(tmp_path, 
     assert_figures(out / 'figures', NAMES)
     run = plot.load_run(str(out))
     run.update(color='k', fit=plot.fit_run(run, plot.bnsl.MIN_STEP))
-    fig = plot.fig_zero_sum([run])
+    fig = plot.draw_figure('fig3_zero_sum', [run])
     raw, smoothed, null = fig.axes[0].lines[:3]  # training batch: per step, "smoothed", sign-flip null
     D = np.load(out / 'train_D.npy')
     steps = np.flatnonzero(np.isfinite(D) & (np.arange(len(D)) > 0))
@@ -278,12 +288,18 @@ def first_grad_step_only(run):
     (run / 'config.json').write_text(json.dumps(config))
 
 
-def drawn_and_noted(folder):
+def drawn_and_noted(folder, out=False):
     """(figure names in report.md, the report), after checking that the folder holds exactly
-    those figures and the report, each figure non-blank, and every other figure noted as not drawn."""
+    those figures and the report (and, under --out, the manifest), that the manifest of the folder
+    plot.py wrote into (the run folder, or --out itself) lists exactly them, each figure non-blank,
+    and every other figure noted as not drawn."""
     report = (folder / 'report.md').read_text()
     drawn = [n for n in NAMES if f"]({n}.png)" in report]
-    assert sorted(os.listdir(folder)) == sorted([n + '.png' for n in drawn] + ['report.md'])
+    files = [n + '.png' for n in drawn] + ['report.md']
+    assert sorted(os.listdir(folder)) == sorted(files + [runs.MANIFEST] * out)
+    root, under = (folder, '') if out else (folder.parent, 'figures')
+    listed = {p for p in runs.owned(str(root)) if p.startswith(under)}
+    assert listed == {os.path.join(under, f) for f in files}
     assert_figures(folder, drawn)
     for name in NAMES:
         assert (name in drawn) != (f"{name}: not drawn" in report), name
@@ -306,7 +322,7 @@ def test_one_and_two_step_runs_plot_what_they_can_and_say_what_they_cannot(tmp_p
         assert ('fig1_loss' in drawn) == (run.name == 'steps2'), run.name  # step 1 is the first on a log axis
     proc = run_plot(*map(str, runs), '--out', str(tmp_path / 'together'))
     assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
-    assert 'fig1_loss' in drawn_and_noted(tmp_path / 'together')[0]
+    assert 'fig1_loss' in drawn_and_noted(tmp_path / 'together', out=True)[0]
 
 
 def unwritten(run, rows):
@@ -348,7 +364,7 @@ def test_plot_writes_only_its_own_files_and_never_through_a_link(sweep, tmp_path
     proc = run_plot(run, '--out', str(user))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert 'not a folder' in proc.stderr and user.read_text() == 'mine'
-    # an existing folder: plot.py's files replaced, the user's kept, a link replaced, its target kept
+    # a folder holding files plot.py did not write, or a link: one line, nothing touched
     out = tmp_path / 'figs'
     out.mkdir()
     (out / 'notes.md').write_text('my notes')
@@ -356,14 +372,26 @@ def test_plot_writes_only_its_own_files_and_never_through_a_link(sweep, tmp_path
     (out / 'report.md').write_text('old report')
     os.symlink(user, out / 'fig2_deceleration.png')
     proc = run_plot(run, '--out', str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert 'did not write' in proc.stderr and 'fig1_loss.svg' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert sorted(os.listdir(out)) == ['fig1_loss.svg', 'fig2_deceleration.png', 'notes.md', 'report.md']
     assert (out / 'notes.md').read_text() == 'my notes'
     assert (out / 'fig1_loss.svg').read_text() == 'my drawing'
-    assert user.read_text() == 'mine' and not (out / 'fig2_deceleration.png').is_symlink()
+    assert (out / 'report.md').read_text() == 'old report' and (out / 'fig2_deceleration.png').is_symlink()
+    assert user.read_text() == 'mine'
+    # its own folder: plot.py's files replaced, and those of an earlier time that it no longer draws deleted
+    for name in os.listdir(out):
+        os.remove(out / name)
+    assert run_plot(run, '--out', str(out)).returncode == 0
+    (out / 'report.md').write_text('old report')
+    runs.write_atomic(str(out), 'fig10_paper_protocol.png', lambda f: f.write(b'an old figure'))
+    proc = run_plot(run, '--out', str(out))
+    assert proc.returncode == 0, proc.stderr
     assert 'old report' not in (out / 'report.md').read_text()
     assert_figures(out, NAMES)
-    mine = ['report.md', 'notes.md', 'fig1_loss.svg']
-    assert sorted(os.listdir(out)) == sorted([n + '.png' for n in NAMES] + mine)
+    assert sorted(os.listdir(out)) == sorted([n + '.png' for n in NAMES] + ['report.md', runs.MANIFEST])
+    assert runs.owned(str(out)) == {n + '.png' for n in NAMES} | {'report.md'}
     # a folder where a figure goes is not plot.py's: one line, nothing written
     out = tmp_path / 'blocked'
     (out / 'fig9_geometry.png').mkdir(parents=True)
@@ -396,7 +424,7 @@ def test_bucket_labels_are_each_runs_own(tmp_path, cache_dir):
     # bucket k is ranks a-b of one vocabulary, c-d of the other: 'a-b | c-d'
     both = [' | '.join(lab[k].split(' ')[1] if k < len(lab) else '-' for lab in labels)
             for k in range(max(map(len, labels)))]
-    fig = plot.fig_saturation(runs)
+    fig = plot.draw_figure('fig6_saturation', runs)
     fig.canvas.draw()
     assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == both
     assert fig.axes[1].get_xlabel() == 'ranks of V = 300 | V = 400'
@@ -404,7 +432,7 @@ def test_bucket_labels_are_each_runs_own(tmp_path, cache_dir):
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         assert legend and legend == [name for name in lab if name in legend]
     # one vocabulary: the labels as they were
-    fig = plot.fig_saturation(runs[:1])
+    fig = plot.draw_figure('fig6_saturation', runs[:1])
     fig.canvas.draw()
     assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == labels[0]
     plt.close('all')
@@ -446,18 +474,23 @@ def test_log_axes_under_a_decade_have_plain_tick_labels(sweep, tmp_path, monkeyp
 
 
 def test_the_run_legend_lies_inside_the_figure(sweep, tmp_path, monkeypatch):
-    """Four runs with long names: the legend of every figure lies inside it, above the panels."""
-    for k in range(4):
-        shutil.copytree(sweep / 'runs' / ['small', 'large'][k % 2],
-                        tmp_path / 'runs' / f'a_rather_long_run_name_{k}', ignore=IGNORE)
+    """Four runs with long names: the legend of every figure lies inside it, above the panels. A name
+    with '$' or brackets is found, and drawn as written (never as math text)."""
+    names = [f'a_rather_long_run_name_{k}' for k in range(3)] + ['a $rather$ long [run] name_3']
+    for k, name in enumerate(names):
+        shutil.copytree(sweep / 'runs' / ['small', 'large'][k % 2], tmp_path / 'runs' / name, ignore=IGNORE)
     figs = figures_of(monkeypatch, str(tmp_path / 'runs'), '--out', str(tmp_path / 'f'))
     assert len(figs) == len(NAMES)
+    assert '| a $rather$ long [run] name_3 |' in (tmp_path / 'f' / 'report.md').read_text()
     for fig in figs:
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()
         box = fig.legends[0].get_window_extent(renderer)
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, (box, fig.bbox)
         assert len(fig.legends[0].get_texts()) == 4
+        assert any('rather' in t.get_text() for t in fig.legends[0].get_texts())
+        for text in [t for t in fig.findobj(matplotlib.text.Text) if 'rather' in t.get_text()]:
+            assert not text._preprocess_math(text.get_text())[1], text.get_text()  # not math text
         for ax in fig.axes:  # the panels and their titles stay below it
             assert ax.get_tightbbox(renderer).y1 <= box.y0 + 1, ax.get_title()
     plt.close('all')
@@ -541,7 +574,7 @@ def test_bucket_onsets_and_the_training_window_probe(tmp_path, cache_dir):
     # fig6: a held-out and a training-window panel, each bucket's onsets marked on its curve
     r = plot.load_run(str(run))
     r.update(color='k', fit=plot.fit_run(r, plot.bnsl.MIN_STEP))
-    fig = plot.fig_saturation([r])
+    fig = plot.draw_figure('fig6_saturation', [r])
     assert len(fig.axes) == 4 and 'training windows' in fig.axes[3].get_title()
     for ax, name in [(fig.axes[2], 'probe_loss'), (fig.axes[3], 'train_probe_loss')]:
         marks = {m: [tuple(line.get_xydata()[0]) for line in ax.lines if line.get_marker() == m]
@@ -572,7 +605,7 @@ def test_dissent_figure_and_tables_are_the_records(sweep):
     path = sweep / 'runs' / 'large'
     run = plot.load_run(str(path))
     run.update(color='k', fit=plot.fit_run(run, plot.bnsl.MIN_STEP))
-    fig = plot.fig_dissent([run])
+    fig = plot.draw_figure('fig8_dissent', [run])
     assert len(fig.axes) == 8 and 'batch-level' in fig.axes[1].get_title()
     j = json.loads((path / 'config.json').read_text())['theta_names'].index('model')
     norms = {n: np.load(path / f'theta_{n}.npy')[:, j] for n in ['norm_grad', 'norm_plus', 'norm_minus']}
