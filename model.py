@@ -148,6 +148,13 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
+def build_gpt(settings, vocab_size):
+    """The GPT of a run's settings (train.py's flags, or the config.json of a run) and vocabulary size
+    V, its parameters initialised from torch's current random state."""
+    return GPT(GPTConfig(block_size=settings['block_size'], vocab_size=vocab_size, n_layer=settings['n_layer'],
+                         n_head=settings['n_head'], n_embd=settings['n_embd'], bias=settings['bias'],
+                         tie_weights=settings['tie_weights']))
+
 def per_token_loss(logits, targets):
     """l_i = -log p_i[y_i], computed in fp32 whatever the logits' dtype: (B, T, V), (B, T) -> (B, T).
 

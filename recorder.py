@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 import data
 import metrics
+import runs
 
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
@@ -182,12 +183,11 @@ def log_schedule(last, every=0, points=LOG_POINTS):
 
 class Recorder:
     """The records of one run and everything needed to fill them: the memmaps (process 0 only),
-    the schedules, the probe set, the null's random signs. One method per moment of a step."""
+    the schedules, the probe sets, the null's random signs. One method per moment of a step."""
 
-    def __init__(self, args, model, corpus, probe_x, probe_y, dtype, rank=0, world=1,
-                 train_probe=(None, None)):
+    def __init__(self, args, model, corpus, probe, dtype, rank=0, world=1, train_probe=(None, None)):
         self.args, self.model, self.corpus = args, model, corpus  # model: the plain fp32 module
-        self.px, self.py = probe_x, probe_y  # (P, T) inputs and targets of the held-out probe set
+        self.px, self.py = probe  # (P, T) inputs and targets of the held-out probe set
         self.tx, self.ty = train_probe  # (Q, T) fixed training windows; None: --train_probe_seqs 0
         self.dtype = dtype  # training precision; recording passes are fp32 whatever it is
         self.master, self.world = rank == 0, world  # only process 0 writes
@@ -204,35 +204,28 @@ class Recorder:
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
         # the columns of the parameter-space records
-        local_names = [f"{m}.{n}" for m, module in self.local_modules.items()
-                       for n, _ in module.named_parameters()]
+        local_names = [f"{m}.{n}" for m, module in self.local_modules.items() for n, _ in module.named_parameters()]
         self.theta_names = list(self.params) + ['model']
         self.local_keys = metrics.opposition_keys(local_names, total='local')
         self.all_keys = metrics.opposition_keys(list(self.params))
+        # name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every' records
+        # under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)
+        sizes = dict(S=S, B=args.batch_size, T=args.block_size, P=args.probe_seqs, d=args.n_embd,
+                     R=min(args.n_embd, corpus['vocab_size']), K=len(self.hidden_steps), G=len(self.grad_steps),
+                     H=HIST_BINS, Q=args.train_probe_seqs, n_theta=len(self.theta_names),
+                     n_local=len(self.local_keys), n_all=len(self.all_keys))
+        self.specs = {name: (record_shape(shape, sizes), np.dtype(dtype)) for name, shape, dtype, when, _ in RECORDS
+                      if (self.recording or when == 'every') and 0 not in record_shape(shape, sizes)}
         self.records = {}  # name -> memmap (process 0, after open)
         self.probe_loss = self.train_loss = float('nan')  # the last values, for the progress line
-        self.loss_pre = None  # (B, T) the batch's losses at theta_t, from batch() to after_update()
-        self.theta_t = None  # a copy of theta_t, from keep_theta() to after_update()
-
-    def specs(self):
-        """name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every'
-        records under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)."""
-        a, V = self.args, self.corpus['vocab_size']
-        sizes = dict(S=a.max_iters, B=a.batch_size, T=a.block_size, P=a.probe_seqs, d=a.n_embd,
-                     R=min(a.n_embd, V), K=len(self.hidden_steps), G=len(self.grad_steps), H=HIST_BINS,
-                     Q=a.train_probe_seqs,
-                     n_theta=len(self.theta_names), n_local=len(self.local_keys), n_all=len(self.all_keys))
-        specs = {name: (record_shape(shape, sizes), np.dtype(dtype))
-                 for name, shape, dtype, when, _ in RECORDS if self.recording or when == 'every'}
-        return {name: spec for name, spec in specs.items() if 0 not in spec[0]}  # Q = 0: no file
+        self.loss_pre = self.theta_t = None  # the batch's losses and theta_t, until after_update()
 
     def open(self, out_dir, create):
-        """The records as .npy memmaps in out_dir (process 0): created for the whole run (float rows
-        NaN, integer rows -1, so a row not yet written is visible), or opened to continue a run.
-        A missing, corrupt or misshapen record raises ValueError naming the file."""
-        if not self.master:
-            return
-        for name, (shape, dtype) in self.specs().items():
+        """The records as .npy memmaps in out_dir, listed in its manifest: created for the whole run
+        (float rows NaN, integer rows -1, so a row not yet written is visible), or opened to continue a
+        run. A missing, corrupt or misshapen record is one line naming the file, and exit status 2."""
+        runs.own(out_dir, *(name + '.npy' for name in self.specs))
+        for name, (shape, dtype) in self.specs.items():
             path = os.path.join(out_dir, name + '.npy')
             if create:
                 self.records[name] = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
@@ -241,17 +234,17 @@ class Recorder:
             try:
                 self.records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
-                raise ValueError(f"{path}: corrupt or truncated record ({e})") from None
-            if self.records[name].shape != shape or self.records[name].dtype != dtype:
-                raise ValueError(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
-                                 f"expected {shape} {dtype}")
+                runs.fail(f"{path}: corrupt or truncated record ({e})")
+            if (self.records[name].shape, self.records[name].dtype) != (shape, dtype):
+                runs.fail(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
+                          f"expected {shape} {dtype}")
 
     def write(self, name, row, value):
         """Row `row` of record `name` := value (a tensor, moved to the CPU, or a number). Only process
         0 writes, and only the records this --record level keeps; a name not in RECORDS is an error."""
         if name not in RECORD_NAMES:
             raise KeyError(f"record {name} is not declared in recorder.RECORDS")
-        if self.master and name in self.records:
+        if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
     def flush(self):
@@ -267,8 +260,7 @@ class Recorder:
     def probe(self, step):
         """Probe measures at theta_step (probe row `step`; step S is the final model): per-token
         losses and their change since step - 1, the output-layer decomposition of every token, the
-        anisotropy of h; on schedule h itself and U's spectrum.
-        Process 0 alone: nothing here is collective."""
+        anisotropy of h; on schedule h itself and U's spectrum. Process 0 alone: nothing is collective."""
         if not (self.master and self.recording):
             return
         (P, T), d = self.px.shape, self.args.n_embd
@@ -279,21 +271,13 @@ class Recorder:
         if self.tx is not None:  # the fixed training windows, measured as the probe set
             self.write('train_probe_loss', step, metrics.fp32_forward(self.model, self.tx, self.ty)[0])
         if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows (as a resumed run)
-            change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
-            D, M, null = metrics.loss_change_interference(change, self.null_signs(step))
-            self.write('probe_D', step - 1, D)
-            self.write('probe_M', step - 1, M)
-            self.write('probe_D_null', step - 1, null)
+            change = self.records['probe_loss'][step] - self.records['probe_loss'][step - 1]
+            self.write_interference('probe', step - 1, torch.from_numpy(change), step)
         U = self.model.lm_head.weight.detach()  # (V, d)
         with torch.no_grad():
             out = metrics.output_decomposition(h.view(-1, d), U, self.py.flatten(), probs=p)
-            self.write('probe_p_y', step, out['p_y'].view(P, T))
-            self.write('probe_cos_h_plus', step, out['cos_h_plus'].view(P, T))
-            self.write('probe_cos_h_minus', step, out['cos_h_minus'].view(P, T))
-            self.write('probe_cos_plus_minus', step, out['cos_plus_minus'].view(P, T))
-            self.write('probe_norm_plus', step, out['norm_plus'].view(P, T))
-            self.write('probe_norm_minus', step, out['norm_minus'].view(P, T))
-            self.write('probe_norm_grad', step, out['norm_grad'].view(P, T))
+            for name, value in out.items():  # p_y, the 2D basis, dissent in h, the norms
+                self.write('probe_' + name, step, value.view(P, T))
             self.write('probe_anisotropy', step, metrics.anisotropy(h.view(-1, d)))
             if step in self.hidden_row:
                 self.write('probe_hidden', self.hidden_row[step], h)
@@ -316,16 +300,13 @@ class Recorder:
             # grad_h+, grad- = grad - grad+
             dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
                                                   losses)
-            self.write('theta_cos', step, [dissent[n]['cos'] for n in self.theta_names])
-            self.write('theta_norm_plus', step, [dissent[n]['norm_plus'] for n in self.theta_names])
-            self.write('theta_norm_minus', step, [dissent[n]['norm_minus'] for n in self.theta_names])
-            self.write('theta_norm_grad', step, [dissent[n]['norm_grad'] for n in self.theta_names])
+            for stat in ('cos', 'norm_plus', 'norm_minus', 'norm_grad'):
+                self.write('theta_' + stat, step, [dissent[n][stat] for n in self.theta_names])
             # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
             # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
             sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel(), grads)
-            for triple in sums.values() if self.world > 1 else []:
-                for total in triple:
-                    dist.all_reduce(total)  # sums over tokens add up across processes
+            for total in [t for triple in sums.values() for t in triple] if self.world > 1 else []:
+                dist.all_reduce(total)  # sums over tokens add up across processes
             self.write_opposition('local_opposition', step,
                                   metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys)
         if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
@@ -350,47 +331,44 @@ class Recorder:
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
             update_norm = torch.stack([v.pow(2).sum() for v in delta.values()]).double().sum().sqrt().item()
-        self.write('lr', step, lr)
-        self.write('grad_norm', step, grad_norm)
-        self.write('update_norm', step, update_norm)
-        self.write('train_offsets', step, offsets)
+        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm, train_offsets=offsets).items():
+            self.write(name, step, value)
         if self.full(step):
             loss_post = self.gather(metrics.fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)
-            D, M, null = metrics.loss_change_interference(loss_post - self.loss_pre, self.null_signs(step))
-            self.write('train_D', step, D)
-            self.write('train_M', step, M)
-            self.write('train_D_null', step, null)
+            self.write_interference('train', step, loss_post - self.loss_pre, step)
         if self.master and self.recording and step in self.grad_row:
             row = self.grad_row[step]
             # at theta_t along the real delta, on the global batch (rebuilt from all the offsets)
             windows = data.get_windows(self.corpus['train'], offsets, self.args.block_size)
             xg, yg = (torch.from_numpy(a).to(x.device) for a in windows)
-            pred = metrics.predicted_loss_change(self.model, xg, yg, delta, params=self.theta_t)
-            self.write('train_loss_pred', row, pred)
+            self.write('train_loss_pred', row, metrics.predicted_loss_change(self.model, xg, yg, delta,
+                                                                             params=self.theta_t))
             # exact all-parameter opposition between the tokens of the first probe sequences at theta_t,
             # and the update-weighted terms of the same tokens along delta (their per-token g_i exist
             # only inside per_token_gradient_sums, and delta only now)
             px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
             with metrics.parameters_at(self.params, self.theta_t):
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
-            opposition = metrics.opposition_summary(sums, HIST_BINS)
-            self.write_opposition('opposition', row, opposition, self.all_keys)
+            self.write_opposition('opposition', row, metrics.opposition_summary(sums, HIST_BINS), self.all_keys)
             terms = metrics.update_weighted_terms(sums, delta, dots)
             for term in UPDATE_TERMS:
                 self.write('update_' + term, row, [terms[k][term] for k in self.all_keys])
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def write_interference(self, prefix, row, change, step):
+        """Row `row` of prefix_D, prefix_M and prefix_D_null: D and M of the per-token loss changes and
+        the sign-flip null, its signs a function of (seed, step), so that a resumed run redraws them."""
+        signs = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        for stat, value in zip(('D', 'M', 'D_null'), metrics.loss_change_interference(change, signs)):
+            self.write(f"{prefix}_{stat}", row, value)
+
     def write_opposition(self, prefix, row, opposition, keys):
         """Row `row` of the records prefix_mean, _weighted, _null and _hist, columns `keys`."""
         for stat in ('mean', 'weighted', 'null'):
             self.write(f"{prefix}_{stat}", row, [opposition[k][stat] for k in keys])
         self.write(f"{prefix}_hist", row, torch.stack([opposition[k]['hist'] for k in keys]))
-
-    def null_signs(self, step):
-        """The sign-flip null's random signs, a function of (seed, step): a resumed run redraws them."""
-        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
 
     def gather(self, t):
         """Concatenate a per-process (B/world, ...) tensor into the global (B, ...) one."""
