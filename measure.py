@@ -28,11 +28,7 @@ measured.
 
 import argparse
 import copy
-import fcntl
-import glob
-import json
 import os
-import re
 import sys
 import time
 
@@ -41,10 +37,11 @@ import torch
 
 import data
 import metrics
-import train
-from model import GPT, GPTConfig, per_token_loss
+import runs
 from metrics import fp32_forward, loss_change_interference, parameters_at
-from recorder import HIST_BINS, UPDATE_TERMS
+from model import build_gpt, per_token_loss
+from runs import fail
+from train import get_lr
 
 MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
 
@@ -82,23 +79,16 @@ PAPER_RECORDS = [
     ('update_M_i_dli', 'C, n_keys', 'float64', "M_i_dli, same"),
 ]
 DTT = ['loss_D_dtt', 'loss_M_dtt', 'loss_D_dtt_null']  # derived from heldout_loss at every write
-
-
-def fail(msg):
-    """Bad input: one line naming the problem and exit status 2, never a traceback."""
-    print(f"\nmeasure.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
+UPDATE_TERMS = [name[len('update_'):] for name, *_ in PAPER_RECORDS if name.startswith('update_')]
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = fail
+    p = runs.parser(__doc__)
     p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
-    p.add_argument('--tokens', type=int, default=0,
+    p.add_argument('--tokens', type=runs.count, default=0,
                    help='held-out tokens N, rounded down to whole block_size windows (0: the whole '
                         'validation split)')
-    p.add_argument('--batches', type=int, default=5, help='fresh training batches k of the dt = 1 step')
+    p.add_argument('--batches', type=runs.positive, default=5, help='fresh training batches k of the dt = 1 step')
     p.add_argument('--steps', default='',
                    help='measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
                         'a later call can add others')
@@ -106,49 +96,37 @@ def get_args(argv=None):
                    help='the dt = 1 loss D and M (b)')
     p.add_argument('--opposition', action=argparse.BooleanOptionalAction, default=True,
                    help='gradient opposition and the update-weighted terms (a, d): one backward per token')
-    p.add_argument('--chunk_seqs', type=int, default=16,
+    p.add_argument('--chunk_seqs', type=runs.positive, default=16,
                    help='held-out sequences per forward or per-token-gradient pass (memory)')
     p.add_argument('--cache_dir', default=None, help="token cache (default: the run's)")
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
-    p.add_argument('--threads', type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument('--threads', type=runs.count, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument('--overwrite', action='store_true',
                    help="measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)")
     args = p.parse_args(argv)
-    for name in ['batches', 'chunk_seqs']:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ['tokens', 'threads']:
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
-    problem = train.check_device(args.device, 'float32')
-    if problem:
-        fail(problem)
+    if runs.check_device(args.device):
+        fail(runs.check_device(args.device))
     return args
 
 
 def load_run(args):
-    """(config, run settings for train.get_lr, corpus, kept checkpoint paths by step) of args.run."""
-    config_path = os.path.join(args.run, 'config.json')
+    """(config, corpus, kept checkpoint paths by step) of args.run: the checkpoints train.py listed in
+    the run's manifest as ckpts/step_NNNNNN.pt and has finished writing."""
     if not os.path.isdir(args.run):
         fail(f"{args.run}: no such folder")
-    if not train.written_by_train(config_path):
-        fail(f"{args.run}: not a run of train.py (no config.json written by it)")
-    with open(config_path) as f:
-        config = json.load(f)
-    kept = {}
-    for path in glob.glob(os.path.join(args.run, train.KEPT_DIR, 'step_*.pt')):
-        if re.fullmatch(r'step_\d{6,}\.pt', os.path.basename(path)):
-            kept[int(os.path.basename(path)[5:-3])] = path
+    config = runs.read_json(args.run, 'config.json', 'train.py') or \
+        fail(f"{args.run}: not a run of train.py (no config.json)")
+    kept = {int(rel[11:-3]): os.path.join(args.run, rel) for rel in runs.owned(args.run)
+            if rel.startswith('ckpts/step_') and rel.endswith('.pt') and os.path.isfile(os.path.join(args.run, rel))}
     if not kept:
-        fail(f"{args.run}: no kept checkpoints in {train.KEPT_DIR}/ "
-             "(train.py --keep_ckpts log2 keeps them)")
+        fail(f"{args.run}: no kept checkpoints in ckpts/ (train.py --keep_ckpts log2 keeps them)")
     try:
         corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
     except (ValueError, OSError) as e:
         fail(e)
     if corpus['key'] != config['data_key']:
         fail(f"{args.run}: the corpus at {config['data']} is not the one the run was trained on")
-    return config, argparse.Namespace(**config), corpus, dict(sorted(kept.items()))
+    return config, corpus, dict(sorted(kept.items()))
 
 
 def heldout_windows(val, T, tokens):
@@ -214,14 +192,14 @@ def gradient_sums(model, x, y, delta, chunk, device, show):
     return sums, {n: torch.cat([q[n] for q in dots]) for n in dots[0]}
 
 
-def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show):
+def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show):
     """The row of one kept checkpoint (record name -> value; see PAPER_RECORDS)."""
     t, K, seed = int(ckpt['step']), args.batches, config['seed']
     model.load_state_dict(ckpt['model'])
     before = heldout_losses(model, hx, hy, args.chunk_seqs, device)  # (W, T) at theta_t
     row = {'steps': t, 'heldout_loss': before.flatten().numpy()}
     row.update({name: np.full(K, np.nan) for name, *_ in PAPER_RECORDS[2:8]})
-    lr, delta = train.get_lr(t, run_args), None
+    lr, delta = get_lr(t, argparse.Namespace(**config)), None  # the run's learning rate of step t
     for k in range(K if args.dt1 else 1 if args.opposition else 0):
         show(f"dt = 1, batch {k + 1}/{K}")
         x, y = fresh_batch(seed, t, k, config, corpus, device)
@@ -241,7 +219,7 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys
                opposition_n=np.full(len(keys), -1), **{'update_' + term: nan for term in UPDATE_TERMS})
     if args.opposition:
         sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device, show)
-        summary = metrics.opposition_summary(sums, bins=HIST_BINS, total='model')
+        summary = metrics.opposition_summary(sums, total='model')
         terms = metrics.update_weighted_terms(sums, delta, dots, total='model')
         for name in ['mean', 'weighted', 'null', 'near_total', 'n']:
             row['opposition_' + name] = np.array([float(summary[key][name]) for key in keys])
@@ -263,30 +241,23 @@ def dtt_rows(rows, seed):
     return dict(zip(DTT, out))
 
 
-def write_rows(out, rows, settings, seed):
-    """Every record of the finished rows, each .npy by a temporary file renamed into place, then
-    progress.json, which makes them count: a row not listed there is measured again."""
+def write_rows(run, rel, rows, settings, seed):
+    """Every record of the finished rows into RUN/rel, each written whole, then progress.json, which
+    makes them count: a row not listed there is measured again."""
     arrays = {name: np.array([r[name] for r in rows], dtype=dtype)
               for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
     arrays.update(dtt_rows(rows, seed))
     for name, array in arrays.items():
-        path = os.path.join(out, name + '.npy')
-        with open(path + '.tmp', 'wb') as f:
-            np.save(f, array)
-        os.replace(path + '.tmp', path)
-    train.write_json(os.path.join(out, 'progress.json'), dict(settings, steps=[r['steps'] for r in rows]))
+        runs.write_atomic(run, f"{rel}/{name}.npy", lambda f: np.save(f, array))
+    runs.write_json(run, f"{rel}/progress.json", dict(settings, steps=[r['steps'] for r in rows]))
 
 
-def read_rows(out, settings):
-    """The rows that progress.json lists as finished (none for a new folder). A folder measured with
-    other settings, or a record shorter than progress.json says, is one line and exit 2."""
-    try:
-        with open(os.path.join(out, 'progress.json')) as f:
-            progress = json.load(f)
-    except FileNotFoundError:
+def read_rows(run, rel, settings):
+    """The rows that RUN/rel/progress.json lists as finished (none for a new folder). A folder measured
+    with other settings, or a record shorter than progress.json says, is one line and exit 2."""
+    out, progress = os.path.join(run, rel), runs.read_json(run, f"{rel}/progress.json", 'measure.py')
+    if progress is None:
         return []
-    except (OSError, ValueError) as e:
-        fail(f"{out}/progress.json: cannot read it ({e}); --overwrite measures again")
     steps = progress.pop('steps', None)
     if progress != settings:
         changed = sorted(k for k in set(progress) | set(settings) if progress.get(k) != settings.get(k))
@@ -311,31 +282,26 @@ def read_rows(out, settings):
 def out_folder(run, tokens, n_tokens):
     """Where the records of N = n_tokens held-out tokens go: RUN/paper/ for the whole split (--tokens 0),
     RUN/paper_N<n_tokens>/ for --tokens."""
-    return os.path.join(run, train.MEASURE_DIR + (f"_N{n_tokens}" if tokens else ''))
+    return os.path.join(run, 'paper' + (f"_N{n_tokens}" if tokens else ''))
 
 
-def open_out(out, overwrite):
-    """The records' folder out, created if needed, locked for this process (a second measure.py on it
-    is refused); with --overwrite emptied of measure.py's files first. Anything else in it is refused."""
+def open_out(run, rel, overwrite):
+    """RUN/rel, the records' folder, created if needed and locked for this process (a second measure.py
+    on it is refused); with --overwrite emptied first of the files listed for it in the run's manifest.
+    A folder holding anything no program wrote is refused."""
+    out = os.path.join(run, rel)
     if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
         fail(f"{out}: not a folder")
-    foreign = [n for n in sorted(os.listdir(out)) if not re.fullmatch(train.MEASURE_FILES, n)
-               or not os.path.isfile(os.path.join(out, n))] if os.path.isdir(out) else []
-    if foreign:
-        fail(f"{out} holds files measure.py did not write ({', '.join(foreign[:4])})")
+    if runs.foreign(run, rel):
+        fail(f"{out} holds files measure.py did not write ({', '.join(runs.foreign(run, rel)[:4])})")
     try:
         os.makedirs(out, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
     except OSError as e:
         fail(f"{out}: {e.strerror or e}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fail(f"{out} is in use by another measure.py")
+    lock = runs.lock(out)
     if overwrite:
-        for name in os.listdir(out):
-            os.remove(os.path.join(out, name))
-    return out, fd
+        runs.remove_owned(run, rel)
+    return lock
 
 
 def main(argv=None):
@@ -344,28 +310,26 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cpu':
-        train.keep_freed_memory()  # large tensors reused rather than page-faulted in again
-    config, run_args, corpus, kept = load_run(args)
+        runs.keep_freed_memory()  # large tensors reused rather than page-faulted in again
+    config, corpus, kept = load_run(args)
     if args.steps:
         try:
             wanted = [int(s) for s in args.steps.split(',')]
         except ValueError:
             fail(f"--steps {args.steps}: not a comma-separated list of steps")
-        absent = [t for t in wanted if t not in kept]
-        if absent:
-            fail(f"--steps: no kept checkpoint of step {', '.join(map(str, absent))} "
+        if [t for t in wanted if t not in kept]:
+            fail(f"--steps: no kept checkpoint of step {', '.join(str(t) for t in wanted if t not in kept)} "
                  f"(kept: {', '.join(map(str, kept))})")
         kept = {t: kept[t] for t in sorted(set(wanted))}
     hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
-    model = GPT(GPTConfig(block_size=config['block_size'], vocab_size=config['vocab_size_actual'],
-                          n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
-                          bias=config['bias'], tie_weights=config['tie_weights'])).to(device)
+    model = build_gpt(config, config['vocab_size_actual']).to(device)
     keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
     settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
                     batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
                     data_key=config['data_key'], seed_stream=MEASURE_STREAM)
-    out, lock = open_out(out_folder(args.run, args.tokens, hx.numel()), args.overwrite)
-    rows = read_rows(out, settings)
+    out = out_folder(args.run, args.tokens, hx.numel())
+    lock = open_out(args.run, os.path.basename(out), args.overwrite)
+    rows = read_rows(args.run, os.path.basename(out), settings)
     todo = [t for t in kept if t not in {r['steps'] for r in rows}]
     print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
           f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
@@ -381,9 +345,8 @@ def main(argv=None):
                 raise ValueError(f"it holds step {ckpt['step']}")
         except Exception as e:  # a torn or foreign file: say so, never trust it
             fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        row = measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show)
-        rows.append(row)
-        write_rows(out, rows, settings, config['seed'])
+        rows.append(measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show))
+        write_rows(args.run, os.path.basename(out), rows, settings, config['seed'])
     if todo:
         print(file=sys.stderr)
     os.close(lock)
