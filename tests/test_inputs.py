@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import train
 from conftest import ROOT, TINY, run_train
 from test_resume import assert_identical_runs, snapshot
@@ -79,6 +80,7 @@ def test_overwrite_replaces_a_run_and_its_figures(tiny_run, tmp_path, cache_dir)
     (run / 'figures').mkdir()
     (run / 'figures' / 'fig1_loss.png').write_bytes(b'png')
     (run / 'figures' / 'report.md').write_text('# report')
+    runs.own(str(run), 'figures/fig1_loss.png', 'figures/report.md')  # as plot.py lists its figures
     run_train(*SHORT, '--overwrite', '--cache_dir', cache_dir, '--out_dir', str(run))
     assert not (run / 'figures').exists()
     assert json.load(open(run / 'progress.json'))['steps_done'] == 3

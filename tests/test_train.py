@@ -15,7 +15,8 @@ from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
 import recorder
 from recorder import RECORDS, log_schedule, record_shape
-from train import get_args, get_lr, keep_freed_memory
+from runs import keep_freed_memory
+from train import get_args, get_lr
 
 
 def load(run, name):
@@ -332,9 +333,8 @@ def test_training_window_probe_matches_a_recomputation(tmp_path, cache_dir):
     corpus = data.prepare(None, 300, cache_dir)
     offsets = np.array(cfg['train_probe_offsets'])
     assert len(offsets) == 3 and np.all(offsets % 17 == 0) and np.all(np.diff(offsets) >= 17)  # disjoint
-    again, _, _ = train.train_probe_windows(get_args([*TINY, '--train_probe_seqs', '3']), corpus, 'cpu')
-    other, _, _ = train.train_probe_windows(get_args([*TINY, '--train_probe_seqs', '3', '--seed', '7']),
-                                            corpus, 'cpu')
+    again, _, _ = train.fixed_windows(corpus['train'], 3, 16, [cfg['seed'], 2 ** 32], '--train_probe_seqs')
+    other, _, _ = train.fixed_windows(corpus['train'], 3, 16, [7, 2 ** 32], '--train_probe_seqs')
     assert np.array_equal(again, offsets) and not np.array_equal(other, offsets)  # a function of the seed
     tokens = load(out, 'train_probe_tokens')  # (Q, T + 1), from the training split
     assert np.array_equal(tokens, np.stack([corpus['train'][o:o + 17] for o in offsets]).astype(np.int64))
