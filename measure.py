@@ -82,36 +82,70 @@ DTT = ['loss_D_dtt', 'loss_M_dtt', 'loss_D_dtt_null']  # derived from heldout_lo
 UPDATE_TERMS = [name[len('update_'):] for name, *_ in PAPER_RECORDS if name.startswith('update_')]
 
 
-def get_args(argv=None):
-    p = runs.parser(__doc__)
+SETTINGS = [  # (name, default, type or choices, help): a flag --name each, after the run folder
+    ('tokens', 0, runs.count, 'held-out tokens N, rounded down to whole block_size windows (0: the whole '
+     'validation split)'),
+    ('batches', 5, runs.positive, 'fresh training batches k of the dt = 1 step'),
+    ('steps', '', str, 'measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); a later '
+     'call can add others'),
+    ('dt1', True, bool, 'the dt = 1 loss D and M (b)'),
+    ('opposition', True, bool, 'gradient opposition and the update-weighted terms (a, d): one backward per token'),
+    ('chunk_seqs', 16, runs.positive, 'held-out sequences per forward or per-token-gradient pass (memory)'),
+    ('cache_dir', None, str, "token cache (default: the run's)"),
+    ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
+    ('threads', 0, runs.count, "CPU threads for torch (0: torch's default)"),
+    ('overwrite', False, bool, 'measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)'),
+]
+
+
+def main(argv=None):
+    p = runs.parser(__doc__, SETTINGS)
     p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
-    p.add_argument('--tokens', type=runs.count, default=0,
-                   help='held-out tokens N, rounded down to whole block_size windows (0: the whole '
-                        'validation split)')
-    p.add_argument('--batches', type=runs.positive, default=5, help='fresh training batches k of the dt = 1 step')
-    p.add_argument('--steps', default='',
-                   help='measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
-                        'a later call can add others')
-    p.add_argument('--dt1', action=argparse.BooleanOptionalAction, default=True,
-                   help='the dt = 1 loss D and M (b)')
-    p.add_argument('--opposition', action=argparse.BooleanOptionalAction, default=True,
-                   help='gradient opposition and the update-weighted terms (a, d): one backward per token')
-    p.add_argument('--chunk_seqs', type=runs.positive, default=16,
-                   help='held-out sequences per forward or per-token-gradient pass (memory)')
-    p.add_argument('--cache_dir', default=None, help="token cache (default: the run's)")
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
-    p.add_argument('--threads', type=runs.count, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument('--overwrite', action='store_true',
-                   help="measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)")
     args = p.parse_args(argv)
     if runs.check_device(args.device):
         fail(runs.check_device(args.device))
-    return args
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu':
+        runs.keep_freed_memory()  # large tensors reused rather than page-faulted in again
+    config, corpus, kept = load_run(args)
+    hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
+    model = build_gpt(config, config['vocab_size_actual']).to(device)
+    keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
+    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
+                    batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
+                    data_key=config['data_key'], seed_stream=MEASURE_STREAM)
+    rel = out_folder(args.tokens, hx.numel())
+    lock = open_out(args.run, rel, args.overwrite)
+    rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
+    todo = [t for t in kept if t not in rows['steps']]
+    print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
+          f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
+          f"k = {args.batches} batches", flush=True)
+    t0 = time.time()
+    for i, t in enumerate(todo):
+        def show(what):  # a one-line progress counter on stderr
+            print(f"\r  checkpoint {i + 1}/{len(todo)} (step {t}): {what} [{time.time() - t0:.0f} s]\033[K",
+                  end='', file=sys.stderr, flush=True)
+        try:
+            ckpt = torch.load(kept[t], map_location=device, weights_only=True)
+            if int(ckpt['step']) != t:
+                raise ValueError(f"it holds step {ckpt['step']}")
+        except Exception as e:  # a torn or foreign file: say so, never trust it
+            fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
+        for name, value in measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show).items():
+            rows[name].append(value)
+        write_rows(args.run, rel, rows, settings, config['seed'])
+    print('\n' * bool(todo), end='', file=sys.stderr)
+    os.close(lock)
+    print(f"measure.py: {len(rows['steps'])} checkpoints measured in {os.path.join(args.run, rel)} "
+          f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
 
 
 def load_run(args):
-    """(config, corpus, kept checkpoint paths by step) of args.run: the checkpoints train.py listed in
-    the run's manifest as ckpts/step_NNNNNN.pt and has finished writing."""
+    """(config, corpus, the kept checkpoints to measure: path by step) of args.run. The kept checkpoints
+    are the ckpts/step_NNNNNN.pt that train.py listed in the run's manifest and finished writing."""
     if not os.path.isdir(args.run):
         fail(f"{args.run}: no such folder")
     config = runs.read_json(args.run, 'config.json', 'train.py') or \
@@ -120,13 +154,16 @@ def load_run(args):
             if rel.startswith('ckpts/step_') and rel.endswith('.pt') and os.path.isfile(os.path.join(args.run, rel))}
     if not kept:
         fail(f"{args.run}: no kept checkpoints in ckpts/ (train.py --keep_ckpts log2 keeps them)")
+    wanted = args.steps.split(',') if args.steps else kept
+    if not all(str(t).isdigit() and int(t) in kept for t in wanted):
+        fail(f"--steps {args.steps}: not a list of kept checkpoints (kept: {', '.join(map(str, sorted(kept)))})")
     try:
         corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
     except (ValueError, OSError) as e:
         fail(e)
     if corpus['key'] != config['data_key']:
         fail(f"{args.run}: the corpus at {config['data']} is not the one the run was trained on")
-    return config, corpus, dict(sorted(kept.items()))
+    return config, corpus, {t: kept[t] for t in sorted({int(t) for t in wanted})}
 
 
 def heldout_windows(val, T, tokens):
@@ -198,7 +235,8 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
     model.load_state_dict(ckpt['model'])
     before = heldout_losses(model, hx, hy, args.chunk_seqs, device)  # (W, T) at theta_t
     row = {'steps': t, 'heldout_loss': before.flatten().numpy()}
-    row.update({name: np.full(K, np.nan) for name, *_ in PAPER_RECORDS[2:8]})
+    for name, shape, dtype, _ in [r for r in PAPER_RECORDS[2:] if r[0] not in DTT]:  # NaN (or -1): not measured
+        row[name] = np.full(K if shape.endswith('K') else len(keys), -1 if dtype == 'int64' else np.nan)
     lr, delta = get_lr(t, argparse.Namespace(**config)), None  # the run's learning rate of step t
     for k in range(K if args.dt1 else 1 if args.opposition else 0):
         show(f"dt = 1, batch {k + 1}/{K}")
@@ -214,9 +252,6 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
                     D, M, null = loss_change_interference(change, null_generator(seed, t, k, which))
                     row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
                     row[f'loss_D_{where}_null'][k] = null
-    nan = np.full(len(keys), np.nan)
-    row.update(opposition_mean=nan, opposition_weighted=nan, opposition_null=nan, opposition_near_total=nan,
-               opposition_n=np.full(len(keys), -1), **{'update_' + term: nan for term in UPDATE_TERMS})
     if args.opposition:
         sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device, show)
         summary = metrics.opposition_summary(sums, total='model')
@@ -229,60 +264,51 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
     return row
 
 
-def dtt_rows(rows, seed):
-    """loss_D_dtt, loss_M_dtt, loss_D_dtt_null of every row: the change of the held-out losses from
-    its step t to the row of step 2t (NaN where 2t is not measured)."""
-    by_step = {r['steps']: r['heldout_loss'] for r in rows}
-    out = np.full((3, len(rows)), np.nan)
-    for i, r in enumerate(rows):
-        if 2 * r['steps'] in by_step:
-            change = torch.from_numpy(by_step[2 * r['steps']].astype(np.float64) - r['heldout_loss'])
-            out[:, i] = loss_change_interference(change, null_generator(seed, r['steps'], 0, 2))
-    return dict(zip(DTT, out))
+def read_rows(run, rel, settings):
+    """The finished rows of RUN/rel, record name -> list of rows (none for a new folder): those its
+    progress.json lists. A folder measured with other settings, or a record shorter than progress.json
+    says, is one line and exit 2."""
+    progress = runs.read_json(run, f"{rel}/progress.json", 'measure.py') or dict(settings, steps=[])
+    steps = progress.pop('steps')
+    if progress != settings:
+        changed = sorted(k for k in set(progress) | set(settings) if progress.get(k) != settings.get(k))
+        fail(f"{run}/{rel} was measured with other settings ({', '.join(changed)}): the same flags continue "
+             "it, --overwrite measures again")
+    rows = {name: [] for name, *_ in PAPER_RECORDS if name not in DTT}
+    for name, _, dtype, _ in [r for r in PAPER_RECORDS if r[0] in rows] if steps else []:
+        try:
+            a = np.load(os.path.join(run, rel, name + '.npy'), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            fail(f"{run}/{rel}/{name}.npy: missing or corrupt ({e}); --overwrite measures again")
+        if len(a) < len(steps) or a.dtype != np.dtype(dtype):
+            fail(f"{run}/{rel}/{name}.npy: {len(a)} rows of {a.dtype}, progress.json lists {len(steps)}; "
+                 "--overwrite measures again")
+        rows[name] = list(a[:len(steps)])  # rows past progress.json's: an interrupted write
+    return rows
 
 
 def write_rows(run, rel, rows, settings, seed):
     """Every record of the finished rows into RUN/rel, each written whole, then progress.json, which
-    makes them count: a row not listed there is measured again."""
-    arrays = {name: np.array([r[name] for r in rows], dtype=dtype)
-              for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
-    arrays.update(dtt_rows(rows, seed))
+    makes them count: a row not listed there is measured again. dt = t is derived here: the change of
+    the held-out losses from a row's step t to the row of step 2t (NaN where 2t is not measured)."""
+    steps = [int(t) for t in rows['steps']]
+    arrays = {name: np.array(rows[name], dtype=dtype) for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
+    arrays.update(zip(DTT, np.full((3, len(steps)), np.nan)))
+    for i, t in enumerate(steps):
+        if 2 * t in steps:
+            loss = rows['heldout_loss']
+            change = torch.from_numpy(loss[steps.index(2 * t)].astype(np.float64) - loss[i])
+            for name, value in zip(DTT, loss_change_interference(change, null_generator(seed, t, 0, 2))):
+                arrays[name][i] = value
     for name, array in arrays.items():
         runs.write_atomic(run, f"{rel}/{name}.npy", lambda f: np.save(f, array))
-    runs.write_json(run, f"{rel}/progress.json", dict(settings, steps=[r['steps'] for r in rows]))
+    runs.write_json(run, f"{rel}/progress.json", dict(settings, steps=steps))
 
 
-def read_rows(run, rel, settings):
-    """The rows that RUN/rel/progress.json lists as finished (none for a new folder). A folder measured
-    with other settings, or a record shorter than progress.json says, is one line and exit 2."""
-    out, progress = os.path.join(run, rel), runs.read_json(run, f"{rel}/progress.json", 'measure.py')
-    if progress is None:
-        return []
-    steps = progress.pop('steps', None)
-    if progress != settings:
-        changed = sorted(k for k in set(progress) | set(settings) if progress.get(k) != settings.get(k))
-        fail(f"{out} was measured with other settings ({', '.join(changed)}): the same flags continue it, "
-             "--overwrite measures again")
-    rows = [{} for _ in steps]
-    for name, _, dtype, _ in PAPER_RECORDS:
-        if name in DTT:
-            continue
-        try:
-            a = np.load(os.path.join(out, name + '.npy'), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            fail(f"{out}/{name}.npy: missing or corrupt ({e}); --overwrite measures again")
-        if len(a) < len(steps) or a.dtype != np.dtype(dtype):
-            fail(f"{out}/{name}.npy: {len(a)} rows of {a.dtype}, progress.json lists {len(steps)}; "
-                 "--overwrite measures again")
-        for r, value in zip(rows, a[:len(steps)]):  # rows past progress.json's: an interrupted write
-            r[name] = value
-    return [dict(r, steps=int(r['steps'])) for r in rows]
-
-
-def out_folder(run, tokens, n_tokens):
-    """Where the records of N = n_tokens held-out tokens go: RUN/paper/ for the whole split (--tokens 0),
-    RUN/paper_N<n_tokens>/ for --tokens."""
-    return os.path.join(run, 'paper' + (f"_N{n_tokens}" if tokens else ''))
+def out_folder(tokens, n_tokens):
+    """The run's folder for the records of N = n_tokens held-out tokens: paper/ for the whole split
+    (--tokens 0), paper_N<n_tokens>/ for --tokens."""
+    return 'paper' + (f"_N{n_tokens}" if tokens else '')
 
 
 def open_out(run, rel, overwrite):
@@ -290,10 +316,9 @@ def open_out(run, rel, overwrite):
     on it is refused); with --overwrite emptied first of the files listed for it in the run's manifest.
     A folder holding anything no program wrote is refused."""
     out = os.path.join(run, rel)
-    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
-        fail(f"{out}: not a folder")
-    if runs.foreign(run, rel):
-        fail(f"{out} holds files measure.py did not write ({', '.join(runs.foreign(run, rel)[:4])})")
+    foreign = [rel] if os.path.islink(out) else runs.foreign(run, rel)  # a link is never followed
+    if foreign:
+        fail(f"{out} holds files measure.py did not write ({', '.join(foreign[:4])})")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -302,56 +327,6 @@ def open_out(run, rel, overwrite):
     if overwrite:
         runs.remove_owned(run, rel)
     return lock
-
-
-def main(argv=None):
-    args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cpu':
-        runs.keep_freed_memory()  # large tensors reused rather than page-faulted in again
-    config, corpus, kept = load_run(args)
-    if args.steps:
-        try:
-            wanted = [int(s) for s in args.steps.split(',')]
-        except ValueError:
-            fail(f"--steps {args.steps}: not a comma-separated list of steps")
-        if [t for t in wanted if t not in kept]:
-            fail(f"--steps: no kept checkpoint of step {', '.join(str(t) for t in wanted if t not in kept)} "
-                 f"(kept: {', '.join(map(str, kept))})")
-        kept = {t: kept[t] for t in sorted(set(wanted))}
-    hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
-    model = build_gpt(config, config['vocab_size_actual']).to(device)
-    keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
-    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
-                    batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
-                    data_key=config['data_key'], seed_stream=MEASURE_STREAM)
-    out = out_folder(args.run, args.tokens, hx.numel())
-    lock = open_out(args.run, os.path.basename(out), args.overwrite)
-    rows = read_rows(args.run, os.path.basename(out), settings)
-    todo = [t for t in kept if t not in {r['steps'] for r in rows}]
-    print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
-          f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
-          f"k = {args.batches} batches", flush=True)
-    t0 = time.time()
-    for i, t in enumerate(todo):
-        def show(what):  # a one-line progress counter on stderr
-            print(f"\r  checkpoint {i + 1}/{len(todo)} (step {t}): {what} [{time.time() - t0:.0f} s]\033[K",
-                  end='', file=sys.stderr, flush=True)
-        try:
-            ckpt = torch.load(kept[t], map_location=device, weights_only=True)
-            if int(ckpt['step']) != t:
-                raise ValueError(f"it holds step {ckpt['step']}")
-        except Exception as e:  # a torn or foreign file: say so, never trust it
-            fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        rows.append(measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show))
-        write_rows(args.run, os.path.basename(out), rows, settings, config['seed'])
-    if todo:
-        print(file=sys.stderr)
-    os.close(lock)
-    print(f"measure.py: {len(rows)} checkpoints measured in {out} "
-          f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
 
 
 if __name__ == '__main__':

@@ -33,11 +33,16 @@ def fail(msg):
     sys.exit(2)
 
 
-def parser(doc):
-    """An argparse parser whose errors are one line: 'error: --flag must be ...'."""
+def parser(doc, settings=()):
+    """An argparse parser whose errors are one line ('error: --flag must be ...'), with a flag --name
+    for each (name, default, type or choices, help) of settings; type bool: --name and --no-name."""
     p = argparse.ArgumentParser(description=doc.strip().split('\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: fail(re.sub(r'^argument (\S+): ', r'\1 ', msg))
+    for name, default, kind, help in settings:
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        p.add_argument('--' + name, default=default, help=help, **how)
     return p
 
 

@@ -12,7 +12,6 @@ update, the update itself. Everything is written to .npy files in --out_dir, one
 docs/records.md describes every file.
 """
 
-import argparse
 import collections
 import gc
 import json
@@ -106,12 +105,7 @@ RESUME_SAME = [name for name, *_ in SETTINGS if name not in RESUME_MAY_CHANGE + 
 
 
 def get_args(argv=None):
-    p = runs.parser(__doc__)
-    for name, default, kind, help in SETTINGS:
-        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
-            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        p.add_argument('--' + name, default=default, help=help, **how)
-    args = p.parse_args(argv)
+    args = runs.parser(__doc__, SETTINGS).parse_args(argv)
     args.opposition_seqs = args.opposition_seqs or args.probe_seqs
     if args.n_embd % args.n_head:
         fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")

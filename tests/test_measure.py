@@ -101,9 +101,8 @@ def adamw_step64(model, ckpt, cfg, x, y):
 def test_records_of_each_N_go_to_their_own_folder(tmp_path):
     """The whole split to RUN/paper/, --tokens N to RUN/paper_N<N>/ (N the tokens measured), so that
     several N of one run sit side by side."""
-    run = str(tmp_path)
-    assert measure.out_folder(run, 0, 92160) == os.path.join(run, 'paper')
-    assert measure.out_folder(run, 40, 32) == os.path.join(run, 'paper_N32')
+    assert measure.out_folder(0, 92160) == 'paper'
+    assert measure.out_folder(40, 32) == 'paper_N32'
 
 
 def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
