@@ -117,7 +117,7 @@ def main(argv=None):
                     batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
                     data_key=config['data_key'], seed_stream=MEASURE_STREAM)
     rel = out_folder(args.tokens, hx.numel())
-    lock = open_out(args.run, rel, args.overwrite)
+    lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
     rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
     todo = [t for t in kept if t not in rows['steps']]
     print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
@@ -309,24 +309,6 @@ def out_folder(tokens, n_tokens):
     """The run's folder for the records of N = n_tokens held-out tokens: paper/ for the whole split
     (--tokens 0), paper_N<n_tokens>/ for --tokens."""
     return 'paper' + (f"_N{n_tokens}" if tokens else '')
-
-
-def open_out(run, rel, overwrite):
-    """RUN/rel, the records' folder, created if needed and locked for this process (a second measure.py
-    on it is refused); with --overwrite emptied first of the files listed for it in the run's manifest.
-    A folder holding anything no program wrote is refused."""
-    out = os.path.join(run, rel)
-    foreign = [rel] if os.path.islink(out) else runs.foreign(run, rel)  # a link is never followed
-    if foreign:
-        fail(f"{out} holds files measure.py did not write ({', '.join(foreign[:4])})")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        fail(f"{out}: {e.strerror or e}")
-    lock = runs.lock(out)
-    if overwrite:
-        runs.remove_owned(run, rel)
-    return lock
 
 
 if __name__ == '__main__':

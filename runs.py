@@ -129,6 +129,30 @@ def remove_owned(root, under=''):
         os.fsync(f.fileno())
 
 
+def open_folder(root, under='', overwrite=False, taken=None):
+    """root/under, created if absent and locked for this program, ready to write into. Refused (one line,
+    exit 2, nothing changed) if it holds anything no program listed in root's manifest, whatever the
+    flags; and, unless overwrite, if it holds anything at all and `taken` says why that is refused.
+    With overwrite, the files listed below it are deleted first. Returns the lock."""
+    folder, program = os.path.join(root, under), os.path.basename(sys.argv[0])
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"{folder}: {e}")
+    lock_fd = lock(folder)  # then nothing changes in it while we look
+    foreign_entries = [under] if under and os.path.islink(folder) else foreign(root, under)
+    if foreign_entries:
+        older = '' if os.path.exists(os.path.join(root, MANIFEST)) else \
+            f'; a folder without {MANIFEST} may hold a run of an older version: rerun it'
+        fail(f"{folder} holds files {program} did not write ({', '.join(foreign_entries[:4])}"
+             f"{', ...' if len(foreign_entries) > 4 else ''}){older}")
+    if taken and not overwrite and os.listdir(folder):
+        fail(f"{folder} {taken}")
+    if overwrite and owned(root):
+        remove_owned(root, under)
+    return lock_fd
+
+
 def write_atomic(root, rel, write):
     """root/rel := what write(f) writes to a binary file, listed in root's manifest first: a
     temporary file, fsync, rename."""

@@ -344,26 +344,10 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
             fail(f"--resume: the run in {out} was made with other settings: {', '.join(changed)} "
                  f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
         return load_checkpoint(out, model, optimizer, device), runs.lock(out) if master else None
-    if not master:  # process 0 alone looks at and prepares the folder
+    if not master:  # process 0 alone prepares the folder
         return 0, None
-    existing = os.path.isdir(out) and os.listdir(out)
-    if existing and runs.foreign(out):
-        older = '' if os.path.exists(os.path.join(out, runs.MANIFEST)) else \
-            '; a run without manifest.txt was made by an older version of train.py: rerun it'
-        fail(f"{out} holds files train.py did not write ({', '.join(runs.foreign(out)[:4])}"
-             f"{', ...' if len(runs.foreign(out)) > 4 else ''}): a new run needs a new or empty folder{older}")
-    if existing and not args.overwrite:
-        fail(f"{out} already holds a run: --resume to continue it, --overwrite to replace it")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        fail(e)
-    lock = runs.lock(out)
-    if existing:  # --overwrite: the listed files only, checked again under the lock
-        if runs.foreign(out):
-            fail(f"{out} changed while train.py was starting: nothing was deleted")
-        runs.remove_owned(out)
-    return 0, lock
+    return 0, runs.open_folder(out, overwrite=args.overwrite,
+                               taken='already holds a run: --resume to continue it, --overwrite to replace it')
 
 
 def load_checkpoint(out, model, optimizer, device):

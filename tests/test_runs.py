@@ -136,3 +136,29 @@ def test_a_signal_stops_with_one_line_and_128_plus_the_signal(capsys):
 def test_check_device():
     assert runs.check_device('cpu') is None and runs.check_device('auto', 'bfloat16') is None
     assert 'not one of auto, cpu, cuda' in runs.check_device('tpu')
+
+
+def open_folder(*args, **kwargs):
+    """runs.open_folder in a program of its own, as train.py and measure.py call it: (exit status, stderr)."""
+    proc = subprocess.run([sys.executable, '-c', f"import sys; sys.path.insert(0, {ROOT!r}); import runs; "
+                           f"runs.open_folder(*{args!r}, **{kwargs!r})"], capture_output=True, text=True)
+    return proc.returncode, proc.stderr
+
+
+def test_open_folder_refuses_foreign_files_and_overwrites_only_the_listed(tmp_path):
+    root = str(tmp_path / 'run')
+    assert open_folder(root) == (0, '') and os.path.isdir(root)  # created
+    runs.write_atomic(root, 'rec.npy', lambda f: f.write(b'x'))
+    runs.write_atomic(root, 'paper/steps.npy', lambda f: f.write(b'x'))
+    code, err = open_folder(root, taken='already holds a run')  # a run there: refused unless overwritten
+    assert code == 2 and 'already holds a run' in err
+    (tmp_path / 'run' / 'paper' / 'mine.txt').write_text('x')
+    for under in ['', 'paper']:  # a file of one's own: refused even with overwrite, nothing deleted
+        code, err = open_folder(root, under, overwrite=True)
+        assert code == 2 and 'paper/mine.txt' in err and len(err.strip().splitlines()) == 1
+        assert (tmp_path / 'run' / 'rec.npy').exists() and (tmp_path / 'run' / 'paper' / 'steps.npy').exists()
+    os.remove(tmp_path / 'run' / 'paper' / 'mine.txt')
+    assert open_folder(root, 'paper', overwrite=True)[0] == 0  # measure.py --overwrite: its folder only
+    assert (tmp_path / 'run' / 'rec.npy').exists() and os.listdir(tmp_path / 'run' / 'paper') == []
+    assert open_folder(root, overwrite=True, taken='already holds a run')[0] == 0
+    assert sorted(os.listdir(tmp_path / 'run')) == [runs.MANIFEST, 'paper']
