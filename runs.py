@@ -3,9 +3,9 @@ Run folders: the machinery train.py, measure.py and plot.py share, written once.
 
 - fail(msg) and parser(): bad input is one line naming the problem and exit status 2, never a
   traceback; checked() makes the argparse types that refuse a bad value that way.
-- A folder a program writes into keeps a manifest (MANIFEST, one relative path a line). A program
-  adds a path to it *before* it first writes the file, so the manifest says which files the
-  programs wrote; any other file is the user's. --overwrite deletes listed files only, and refuses a
+- A folder a program writes into keeps a manifest (MANIFEST, one relative path a line; 'a/' lists the
+  folder a). A program adds a path to it *before* it first writes the file, so the manifest says
+  which files the programs wrote; any other file is the user's. --overwrite deletes listed files only, and refuses a
   folder holding anything else. A listed file's temporary twin (name + '.tmp') counts as listed.
 - Files are written whole: a temporary file, fsync, rename (a reader never sees half a file).
 - lock(folder): one program at a time on a folder, released by the kernel however the process ends.
@@ -84,7 +84,7 @@ def foreign(root, under=''):
     anything that is not a plain file or folder, and empty folders no listed path lies in. Links are
     never followed."""
     listed = owned(root)
-    folders = {f for p in listed for f in ancestors(p)}
+    folders = {f for p in listed for f in ancestors(p)}  # 'a/b/' lists the folder a/b itself too
     listed |= {p + '.tmp' for p in listed} | {MANIFEST}
     out = []
     for folder, dirs, files in os.walk(os.path.join(root, under)):
@@ -102,20 +102,20 @@ def foreign(root, under=''):
 
 
 def ancestors(rel):
-    """The folders a relative path lies in: 'a/b/c' -> ['a', 'a/b']."""
+    """The folders a relative path lies in: 'a/b/c' -> ['a', 'a/b'] (a listed folder 'a/b/': the same)."""
     parts = rel.split('/')[:-1]
     return ['/'.join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def remove_owned(root, under=''):
-    """Delete the listed files below root/under (and their temporary twins), then the folders they
-    were in, below root/under, if left empty; the manifest keeps the other paths. Call it after
-    foreign() found nothing."""
+    """Delete the listed files below root/under (and their temporary twins), then the listed folders
+    and the folders of the listed files, below root/under, left empty; the manifest keeps the other
+    paths. Call it after foreign() found nothing."""
     base = os.path.join(under, '') if under else ''
     with open(os.path.join(root, MANIFEST), 'r+') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         listed = sorted(owned(root))
-        mine = [p for p in listed if p.startswith(base)]
+        mine = [p for p in listed if p.startswith(base) and p != base]  # root/under itself stays
         for path in (os.path.join(root, p) + tmp for p in mine for tmp in ('', '.tmp')):
             if os.path.isfile(path):
                 os.remove(path)
@@ -150,6 +150,8 @@ def open_folder(root, under='', overwrite=False, taken=None):
         fail(f"{folder} {taken}")
     if overwrite and owned(root):
         remove_owned(root, under)
+    if under:
+        own(root, under + '/')  # the folder itself, so that an empty one is the program's too
     return lock_fd
 
 

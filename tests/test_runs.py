@@ -160,5 +160,6 @@ def test_open_folder_refuses_foreign_files_and_overwrites_only_the_listed(tmp_pa
     os.remove(tmp_path / 'run' / 'paper' / 'mine.txt')
     assert open_folder(root, 'paper', overwrite=True)[0] == 0  # measure.py --overwrite: its folder only
     assert (tmp_path / 'run' / 'rec.npy').exists() and os.listdir(tmp_path / 'run' / 'paper') == []
+    assert 'paper/' in runs.owned(root) and runs.foreign(root) == []  # the empty folder is measure.py's
     assert open_folder(root, overwrite=True, taken='already holds a run')[0] == 0
-    assert sorted(os.listdir(tmp_path / 'run')) == [runs.MANIFEST, 'paper']
+    assert os.listdir(tmp_path / 'run') == [runs.MANIFEST] and runs.owned(root) == set()
