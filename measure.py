@@ -29,6 +29,7 @@ measured.
 import argparse
 import copy
 import os
+import re
 import sys
 import time
 
@@ -86,10 +87,10 @@ SETTINGS = [  # (name, default, type or choices, help): a flag --name each, afte
     ('tokens', 0, runs.count, 'held-out tokens N, rounded down to whole block_size windows (0: the whole '
      'validation split)'),
     ('batches', 5, runs.positive, 'fresh training batches k of the dt = 1 step'),
-    ('steps', '', str, 'measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); a later '
-     'call can add others'),
+    ('steps', '', str, 'measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
+     'a later call can add others'),
     ('dt1', True, bool, 'the dt = 1 loss D and M (b)'),
-    ('opposition', True, bool, 'gradient opposition and the update-weighted terms (a, d): one backward per token'),
+    ('opposition', True, bool, 'gradient opposition and update-weighted terms (a, d): a backward per token'),
     ('chunk_seqs', 16, runs.positive, 'held-out sequences per forward or per-token-gradient pass (memory)'),
     ('cache_dir', None, str, "token cache (default: the run's)"),
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
@@ -134,7 +135,8 @@ def main(argv=None):
                 raise ValueError(f"it holds step {ckpt['step']}")
         except Exception as e:  # a torn or foreign file: say so, never trust it
             fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        for name, value in measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show).items():
+        row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show)
+        for name, value in row.items():
             rows[name].append(value)
         write_rows(args.run, rel, rows, settings, config['seed'])
     print('\n' * bool(todo), end='', file=sys.stderr)
@@ -151,12 +153,13 @@ def load_run(args):
     config = runs.read_json(args.run, 'config.json', 'train.py') or \
         fail(f"{args.run}: not a run of train.py (no config.json)")
     kept = {int(rel[11:-3]): os.path.join(args.run, rel) for rel in runs.owned(args.run)
-            if rel.startswith('ckpts/step_') and rel.endswith('.pt') and os.path.isfile(os.path.join(args.run, rel))}
+            if re.fullmatch(r'ckpts/step_\d+\.pt', rel) and os.path.isfile(os.path.join(args.run, rel))}
     if not kept:
         fail(f"{args.run}: no kept checkpoints in ckpts/ (train.py --keep_ckpts log2 keeps them)")
     wanted = args.steps.split(',') if args.steps else kept
     if not all(str(t).isdigit() and int(t) in kept for t in wanted):
-        fail(f"--steps {args.steps}: not a list of kept checkpoints (kept: {', '.join(map(str, sorted(kept)))})")
+        fail(f"--steps {args.steps}: not a list of kept checkpoints "
+             f"(kept: {', '.join(map(str, sorted(kept)))})")
     try:
         corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
     except (ValueError, OSError) as e:
@@ -235,7 +238,7 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
     model.load_state_dict(ckpt['model'])
     before = heldout_losses(model, hx, hy, args.chunk_seqs, device)  # (W, T) at theta_t
     row = {'steps': t, 'heldout_loss': before.flatten().numpy()}
-    for name, shape, dtype, _ in [r for r in PAPER_RECORDS[2:] if r[0] not in DTT]:  # NaN (or -1): not measured
+    for name, shape, dtype, _ in [r for r in PAPER_RECORDS[2:] if r[0] not in DTT]:  # NaN, -1: not measured
         row[name] = np.full(K if shape.endswith('K') else len(keys), -1 if dtype == 'int64' else np.nan)
     lr, delta = get_lr(t, argparse.Namespace(**config)), None  # the run's learning rate of step t
     for k in range(K if args.dt1 else 1 if args.opposition else 0):
@@ -292,7 +295,7 @@ def write_rows(run, rel, rows, settings, seed):
     makes them count: a row not listed there is measured again. dt = t is derived here: the change of
     the held-out losses from a row's step t to the row of step 2t (NaN where 2t is not measured)."""
     steps = [int(t) for t in rows['steps']]
-    arrays = {name: np.array(rows[name], dtype=dtype) for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
+    arrays = {name: np.array(rows[name], dtype) for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
     arrays.update(zip(DTT, np.full((3, len(steps)), np.nan)))
     for i, t in enumerate(steps):
         if 2 * t in steps:

@@ -151,9 +151,8 @@ class GPT(nn.Module):
 def build_gpt(settings, vocab_size):
     """The GPT of a run's settings (train.py's flags, or the config.json of a run) and vocabulary size
     V, its parameters initialised from torch's current random state."""
-    return GPT(GPTConfig(block_size=settings['block_size'], vocab_size=vocab_size, n_layer=settings['n_layer'],
-                         n_head=settings['n_head'], n_embd=settings['n_embd'], bias=settings['bias'],
-                         tie_weights=settings['tie_weights']))
+    names = ['block_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'tie_weights']
+    return GPT(GPTConfig(vocab_size=vocab_size, **{name: settings[name] for name in names}))
 
 def per_token_loss(logits, targets):
     """l_i = -log p_i[y_i], computed in fp32 whatever the logits' dtype: (B, T, V), (B, T) -> (B, T).

@@ -55,7 +55,7 @@ GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training
 # when: 'every' step at every --record level; 'step': every step unless --record none;
 #   'full': on full steps (every step under --record all, a log-spaced schedule under light);
 #   'hidden' / 'grad': one row per step of hidden_steps.npy / grad_steps.npy.
-# docs/records.md shows this table (records_markdown); a test keeps the two the same.
+# docs/records.md shows this table; a test (tests/test_train.py) keeps the two the same.
 RECORDS = [
     # the training step
     ('lr', 'S', 'float64', 'every', "learning rate of step t"),
@@ -160,16 +160,6 @@ def record_shape(shape, sizes):
     return tuple(sizes[name] + int(extra or 0) for name, _, extra in dims)
 
 
-def records_markdown():
-    """RECORDS as the markdown table of docs/records.md."""
-    lines = ['| file | shape | dtype | when | meaning |', '|---|---|---|---|---|']
-    for name, shape, dtype, when, meaning in RECORDS:
-        meaning = meaning.replace('|', '\\|')  # a bar inside a markdown table cell
-        shape = shape if ',' in shape else shape + ','  # (S,) as numpy writes a 1-D shape
-        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning} |")
-    return '\n'.join(lines) + '\n'
-
-
 def log_schedule(last, every=0, points=LOG_POINTS):
     """Steps 0..last at which a scheduled record is written: every `every` steps, or (every=0)
     `points` log-spaced steps (fewer after rounding). The first and the last step are always included."""
@@ -203,17 +193,18 @@ class Recorder:
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
         # the columns of the parameter-space records
-        local_names = [f"{m}.{n}" for m, module in self.local_modules.items() for n, _ in module.named_parameters()]
+        local_names = [f"{m}.{n}" for m, mod in self.local_modules.items() for n, _ in mod.named_parameters()]
         self.theta_names = list(self.params) + ['model']
         self.local_keys = metrics.opposition_keys(local_names, total='local')
         self.all_keys = metrics.opposition_keys(list(self.params))
         # name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every' records
         # under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)
         sizes = dict(S=S, B=args.batch_size, T=args.block_size, P=args.probe_seqs, d=args.n_embd,
-                     R=min(args.n_embd, corpus['vocab_size']), K=len(self.hidden_steps), G=len(self.grad_steps),
-                     H=HIST_BINS, Q=args.train_probe_seqs, n_theta=len(self.theta_names),
+                     R=min(args.n_embd, corpus['vocab_size']), K=len(self.hidden_steps), H=HIST_BINS,
+                     G=len(self.grad_steps), Q=args.train_probe_seqs, n_theta=len(self.theta_names),
                      n_local=len(self.local_keys), n_all=len(self.all_keys))
-        self.specs = {name: (record_shape(shape, sizes), np.dtype(dtype)) for name, shape, dtype, when, _ in RECORDS
+        self.specs = {name: (record_shape(shape, sizes), np.dtype(dtype))
+                      for name, shape, dtype, when, _ in RECORDS
                       if (self.recording or when == 'every') and 0 not in record_shape(shape, sizes)}
         self.records = {}  # name -> memmap (process 0, after open)
         self.probe_loss = self.train_loss = float('nan')  # the last values, for the progress line
@@ -309,7 +300,7 @@ class Recorder:
             self.write_opposition('local_opposition', step,
                                   metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys)
         if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
-            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
+            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # from here on losses, logits are fp32
         # per-token rows of the batch at theta_t: gathered from every process into (B, T)
         self.loss_pre = self.gather(losses.detach())
         self.write('train_loss_pre', step, self.loss_pre)
@@ -330,8 +321,9 @@ class Recorder:
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
             update_norm = torch.stack([v.pow(2).sum() for v in delta.values()]).double().sum().sqrt().item()
-        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm, train_offsets=offsets).items():
+        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm).items():
             self.write(name, step, value)
+        self.write('train_offsets', step, offsets)
         if self.full(step):
             loss_post = self.gather(metrics.fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)
@@ -349,7 +341,8 @@ class Recorder:
             px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
             with metrics.parameters_at(self.params, self.theta_t):
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
-            self.write_opposition('opposition', row, metrics.opposition_summary(sums, HIST_BINS), self.all_keys)
+            opposition = metrics.opposition_summary(sums, HIST_BINS)
+            self.write_opposition('opposition', row, opposition, self.all_keys)
             terms = metrics.update_weighted_terms(sums, delta, dots)
             for term in UPDATE_TERMS:
                 self.write('update_' + term, row, [terms[k][term] for k in self.all_keys])

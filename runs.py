@@ -5,8 +5,9 @@ Run folders: the machinery train.py, measure.py and plot.py share, written once.
   traceback; checked() makes the argparse types that refuse a bad value that way.
 - A folder a program writes into keeps a manifest (MANIFEST, one relative path a line; 'a/' lists the
   folder a). A program adds a path to it *before* it first writes the file, so the manifest says
-  which files the programs wrote; any other file is the user's. --overwrite deletes listed files only, and refuses a
-  folder holding anything else. A listed file's temporary twin (name + '.tmp') counts as listed.
+  which files the programs wrote; any other file is the user's. --overwrite deletes listed files
+  only, and refuses a folder holding anything else. A listed file's temporary twin (name + '.tmp')
+  counts as listed.
 - Files are written whole: a temporary file, fsync, rename (a reader never sees half a file).
 - lock(folder): one program at a time on a folder, released by the kernel however the process ends.
 - on_signals(message): SIGTERM and Ctrl-C stop with one line and exit status 128 + the signal.

@@ -57,7 +57,7 @@ SETTINGS = [
     # optimizer and schedule
     ('max_iters', 500, positive, 'number of optimizer steps'),
     ('learning_rate', 1e-3, nonnegative, 'peak learning rate'),
-    ('decay_lr', False, bool, 'cosine decay to --min_lr after warmup (nanoGPT); default: constant, as published'),
+    ('decay_lr', False, bool, 'cosine decay to --min_lr after warmup (nanoGPT); default: constant'),
     ('min_lr', 1e-4, nonnegative, 'learning rate at the end of the cosine decay (0 is allowed)'),
     ('warmup_iters', 50, count, 'steps of linear warmup'),
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
@@ -77,7 +77,7 @@ SETTINGS = [
      'every step, the rest on the log schedule; none: scalars only'),
     ('probe_seqs', 16, positive, 'held-out probe sequences of block_size tokens, chosen once'),
     ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
-    ('grad_every', 0, count, 'exact all-parameter opposition and JVP prediction every N steps (0: log-spaced)'),
+    ('grad_every', 0, count, 'exact opposition and JVP prediction every N steps (0: log-spaced)'),
     ('opposition_seqs', None, positive, 'the first N probe sequences give the tokens of the exact opposition '
      '(default: all; one backward per token)'),
     ('train_probe_seqs', 0, count, 'fixed training windows whose per-token loss is recorded like the probe '
@@ -85,16 +85,16 @@ SETTINGS = [
     ('log_interval', 10, positive, 'steps between progress lines'),
     ('log_seconds', 30.0, seconds, 'a progress line at least this often, whatever --log_interval says'),
     ('ckpt_interval', 250, positive, 'steps between checkpoints (and at the end)'),
-    ('keep_ckpts', 'none', ['none', 'log2'], 'log2: also keep theta_t and its optimizer state at t = 1, 2, 4, '
-     '... in ckpts/, for measure.py'),
+    ('keep_ckpts', 'none', ['none', 'log2'], 'log2: also keep theta_t, AdamW state at t = 1, 2, 4, ...'),
     ('resume', False, bool, 'continue the run in --out_dir from its checkpoint'),
     ('overwrite', False, bool, 'replace a run already in --out_dir'),
 ]
 # A resumed run continues ONE trajectory, which config.json describes: these settings only say where
 # and how fast it runs, and may change (config.json's `resumed` lists their values at each resume);
 # every other setting shapes the records or what the run computes, and must stay the same.
-RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds', 'ckpt_interval']
-RESUME_SAME = [name for name, *_ in SETTINGS if name not in RESUME_MAY_CHANGE + ['out_dir', 'resume', 'overwrite']]
+RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
+                     'ckpt_interval']
+RESUME_SAME = [s[0] for s in SETTINGS if s[0] not in RESUME_MAY_CHANGE + ['out_dir', 'resume', 'overwrite']]
 
 
 def get_args(argv=None):
@@ -128,8 +128,8 @@ def main(argv=None):
 
     # the model, its optimizer and the recorder; then the run directory, once the run can start
     raw_model = build_gpt(vars(args), corpus['vocab_size']).to(device)  # parameters stay fp32
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
-                                               device.split(':')[0])
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
+                                               (args.beta1, args.beta2), device.split(':')[0])
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
     start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
@@ -139,11 +139,10 @@ def main(argv=None):
             write_run_files(args, corpus, raw_model, rec, probe[0], train_probe[0], device, dtype, world)
         else:
             note_resume(args, start, device)
-    model = raw_model
-    if ddp:  # the backward averages the gradients over the processes
-        model = DDP(raw_model, device_ids=[int(os.environ['LOCAL_RANK'])] if device.startswith('cuda') else None)
-    eager = model  # steps that capture activations run eagerly: a compiled graph would skip the hooks
-    model = torch.compile(model) if args.compile else model
+    # DDP: the backward averages the gradients; steps that capture activations run eagerly (hooks)
+    devices = [torch.cuda.current_device()] if device.startswith('cuda') else None
+    eager = DDP(raw_model, device_ids=devices) if ddp else raw_model
+    model = torch.compile(eager) if args.compile else eager
     if master:
         print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters "
               f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocabulary "
@@ -170,9 +169,10 @@ def main(argv=None):
                 loss = losses.mean()
             if not torch.isfinite(loss):  # stop, with the records complete up to the step before
                 rec.flush()
-                ckpt = os.path.join(args.out_dir, 'ckpt.pt')
-                last = f"the last checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was written yet"
-                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, {last}")
+                last = os.path.join(args.out_dir, 'ckpt.pt')
+                last = f"the last checkpoint is {last}" if os.path.exists(last) else "no checkpoint yet"
+                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, "
+                     f"{last}")
             loss.backward(retain_graph=full)  # full steps: the graph is kept for the grad+ backward
 
         # training-batch measures at theta_t, from this forward and backward
@@ -203,21 +203,15 @@ def main(argv=None):
             rec.flush()
             save_checkpoint(args, 'ckpt.pt', raw_model, optimizer, step + 1)
             runs.write_json(args.out_dir, 'progress.json', {'steps_done': step + 1, 'max_iters': S})
-        if master and (step % args.log_interval == 0 or step + 1 == S or time.time() - t_last > args.log_seconds):
+        due = step % args.log_interval == 0 or step + 1 == S or time.time() - t_last >= args.log_seconds
+        if master and due:
             print(progress_line(step, S, rec, lr, recent_ms), flush=True)
             t_last = time.time()
 
     if master:
         print(f"done: {S - start} steps in {(time.time() - t0) / 60:.1f} min; records in {args.out_dir}")
-    for sig, handler in handlers.items():  # as they were (bench.py calls main in its own process)
-        signal.signal(sig, handler)
-    if lock is not None:
-        os.close(lock)  # releases the folder
-    if ddp:  # release DDP (its reducer holds gloo work objects) while the interpreter is fully alive, wait
-        del model, eager  # for rank 0's last records and checkpoint, then leave together: gloo can abort
-        gc.collect()  # at exit otherwise
-        dist.barrier()
-        dist.destroy_process_group()
+    model = eager = None  # release DDP (its reducer holds gloo work objects) while all is alive
+    finish(ddp, lock, handlers)
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +331,7 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
     are the run's (step 0 if the run was stopped before its first checkpoint)."""
     out = args.out_dir
     if args.resume:
-        config = runs.read_json(out, 'config.json', 'train.py') or fail(f"--resume: no run in {out} (no config.json)")
+        config = runs.read_json(out, 'config.json', 'train.py') or fail(f"--resume: no run in {out}")
         changed = [k for k in RESUME_SAME if config.get(k) != getattr(args, k)]
         changed += ['the corpus content'] if config.get('data_key') != corpus['key'] else []
         if changed:
@@ -346,8 +340,8 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
         return load_checkpoint(out, model, optimizer, device), runs.lock(out) if master else None
     if not master:  # process 0 alone prepares the folder
         return 0, None
-    return 0, runs.open_folder(out, overwrite=args.overwrite,
-                               taken='already holds a run: --resume to continue it, --overwrite to replace it')
+    taken = 'already holds a run: --resume to continue it, --overwrite to replace it'
+    return 0, runs.open_folder(out, overwrite=args.overwrite, taken=taken)
 
 
 def load_checkpoint(out, model, optimizer, device):
@@ -368,8 +362,8 @@ def load_checkpoint(out, model, optimizer, device):
 def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets, device, dtype, world):
     """The one-off files of a new run: tokenizer, training counts, probe sets, schedules and
     config.json (every setting, the run's facts, the column names and the shape of every record)."""
-    arrays = {'train_counts.npy': corpus['counts'], 'hidden_steps.npy': np.array(rec.hidden_steps, dtype=np.int64),
-              'grad_steps.npy': np.array(rec.grad_steps, dtype=np.int64),
+    arrays = {'train_counts.npy': corpus['counts'], 'grad_steps.npy': np.array(rec.grad_steps, np.int64),
+              'hidden_steps.npy': np.array(rec.hidden_steps, np.int64),
               'probe_tokens.npy': torch.cat([rec.px, rec.py[:, -1:]], 1).cpu().numpy()}  # (P, T + 1)
     if rec.tx is not None:  # the training-window probe, as the probe set: (Q, T + 1)
         arrays['train_probe_tokens.npy'] = torch.cat([rec.tx, rec.ty[:, -1:]], 1).cpu().numpy()
@@ -381,7 +375,8 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
     runs.write_json(args.out_dir, 'config.json', dict(
         vars(args), n_params=model.num_params(), n_params_nonembedding=model.num_params(non_embedding=True),
         vocab_size_actual=corpus['vocab_size'], corpus=corpus['corpus'], data_key=corpus['key'],
-        train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'], probe_offsets=probe_offsets.tolist(),
+        train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'],
+        probe_offsets=probe_offsets.tolist(),
         train_probe_offsets=None if train_probe_offsets is None else train_probe_offsets.tolist(),
         device_used=device, dtype_used=dtype, world_size=world,
         theta_names=rec.theta_names, local_opposition_keys=rec.local_keys, opposition_keys=rec.all_keys,
@@ -389,6 +384,20 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
         probe_tokens=args.probe_seqs * args.block_size, batch_tokens=args.batch_size * args.block_size,
         torch_version=torch.__version__,
         records={k: [list(shape), dtype.name] for k, (shape, dtype) in rec.specs.items()}))
+
+
+def finish(ddp, lock, handlers):
+    """Leave as main came: the signal handlers as they were (bench.py calls main in its own process),
+    the folder unlocked; under DDP, wait for rank 0's last records and checkpoint, then leave together
+    (gloo can abort at exit otherwise)."""
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if lock is not None:
+        os.close(lock)  # releases the folder
+    if ddp:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def note_resume(args, start, device):

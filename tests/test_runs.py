@@ -109,7 +109,8 @@ def test_read_json_needs_the_manifest(tmp_path, capsys):
 
 
 def test_a_locked_folder_is_refused_until_its_holder_ends(tmp_path):
-    holder = subprocess.Popen([sys.executable, '-c', f"import sys; sys.path.insert(0, {ROOT!r}); import runs; "
+    holder = subprocess.Popen([sys.executable, '-c', f"import sys; sys.path.insert(0, {ROOT!r}); "
+                               "import runs; "
                                f"runs.lock({str(tmp_path)!r}); print('locked', flush=True); input()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'locked'

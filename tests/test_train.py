@@ -62,14 +62,23 @@ def test_run_writes_every_record_with_the_right_shape(tiny_run):
     assert json.load(open(os.path.join(tiny_run, 'progress.json')))['steps_done'] == S
 
 
+def records_markdown():
+    """recorder.RECORDS as the markdown table of docs/records.md."""
+    lines = ['| file | shape | dtype | when | meaning |', '|---|---|---|---|---|']
+    for name, shape, dtype, when, meaning in RECORDS:
+        meaning = meaning.replace('|', '\\|')  # a bar inside a markdown table cell
+        shape = shape if ',' in shape else shape + ','  # (S,) as numpy writes a 1-D shape
+        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning} |")
+    return '\n'.join(lines) + '\n'
+
+
 def test_the_record_reference_is_the_record_table(tiny_run):
     """docs/records.md shows recorder.RECORDS as records_markdown() writes it, and names every file
     a run directory holds, so the reference cannot drift from the code."""
     with open(os.path.join(ROOT, 'docs', 'records.md')) as f:
         doc = f.read()
-    assert recorder.records_markdown() in doc, (
-        "docs/records.md's table differs from recorder.RECORDS: paste the output of "
-        "python -c 'import recorder; print(recorder.records_markdown())' in its place")
+    assert records_markdown() in doc, \
+        "docs/records.md's table differs from recorder.RECORDS; put this in its place:\n" + records_markdown()
     for file in os.listdir(tiny_run):
         assert f"`{file}`" in doc, f"{file} is written by train.py but not described in docs/records.md"
 
