@@ -19,11 +19,9 @@ split, the first ones; every token a target once):
   c. dt = t: D and M of the held-out per-token loss changes from theta_t to theta_2t;
   d. the update-weighted terms of metrics.update_weighted_terms, with delta = the simulated update
      of the first fresh batch.
-Every pass is fp32 (metrics.fp32_forward). Records go to RUN/paper/ for the whole split and to
-RUN/paper_N<N>/ for --tokens (N the tokens measured, whole windows), so that several N sit side by
-side; one row per checkpoint (docs/records.md); each finished row is written whole, then listed in
-progress.json, so an interrupted measure.py continues where it stopped. A run still training can be
-measured.
+Every pass is fp32. Records go to RUN/paper/ (the whole split) or RUN/paper_N<N>/ (--tokens), one row
+per checkpoint (docs/records.md), each written whole, then listed in progress.json: an interrupted
+measure.py continues where it stopped. A run still training can be measured.
 """
 
 import argparse

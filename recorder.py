@@ -23,11 +23,9 @@ which measures and writes them at each moment of a training step. train.py's loo
 Notation (the README's): token i, target y_i, h_i the output-layer hidden state, U the LM head,
 l_i = -log p_i[y_i]; theta_t the parameters before step t, delta = theta_{t+1} - theta_t.
 
-Records are .npy memmaps, preallocated for the whole run and written by process 0 only. Under
-DistributedDataParallel every process runs every moment, because the training-batch measures are
-collective: per-token rows are gathered from the processes, gradient sums added, gradients averaged.
-Every recording pass runs in fp32 (weights, logits, log-softmax), even when training uses bf16:
-the loss changes of one step are small, and bf16 rounding would bury them.
+Records are .npy memmaps, preallocated for the whole run and written by process 0 only; under DDP
+every process runs every moment (the training-batch measures are collective). Every recording pass
+is fp32, even when training uses bf16: one step's loss changes are small, bf16 rounding buries them.
 """
 
 import os

@@ -220,8 +220,7 @@ def main(argv=None):
 def setup_system(args):
     """(ddp, rank, world size, device, training dtype, its autocast context). Under torchrun every
     process takes one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device (auto:
-    cuda, mps or cpu). --dtype auto is bf16 autocast on GPUs that support it, fp32 elsewhere; parameters,
-    optimizer state and the recording passes stay fp32."""
+    cuda, mps or cpu)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
@@ -242,7 +241,8 @@ def setup_system(args):
 
 
 def precision(dtype, device_type):
-    """(training dtype, its autocast context): --dtype auto is bf16 on GPUs that support it, else fp32."""
+    """(training dtype, its autocast context): --dtype auto is bf16 autocast on GPUs that support it,
+    fp32 elsewhere. Parameters, optimizer state and the recording passes stay fp32."""
     if dtype == 'auto':
         dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     return dtype, nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
@@ -420,15 +420,14 @@ def save_checkpoint(args, rel, model, optimizer, step):
 
 
 def how_to_continue(out_dir):
-    """What a stopped run's one line says: --resume, from the last checkpoint."""
-    if not os.path.exists(os.path.join(out_dir, 'config.json')):
-        return "no run had been written yet"
+    """What a stopped run's one line says: --resume continues from the last checkpoint."""
     try:
         with open(os.path.join(out_dir, 'progress.json')) as f:
             done = json.load(f)['steps_done']
     except (OSError, ValueError, KeyError):
         done = 0
-    return f"continue it with the same command and --resume (from step {done}, its last checkpoint)"
+    return f"continue it with the same command and --resume (from step {done}, its last checkpoint)" \
+        if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet"
 
 
 def progress_line(step, S, rec, lr, recent_ms):
