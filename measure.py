@@ -19,18 +19,13 @@ split, the first ones; every token a target once):
   c. dt = t: D and M of the held-out per-token loss changes from theta_t to theta_2t;
   d. the update-weighted terms of metrics.update_weighted_terms, with delta = the simulated update
      of the first fresh batch.
-Every pass is fp32 (metrics.fp32_forward). Records go to RUN/paper/ for the whole split and to
-RUN/paper_N<N>/ for --tokens (N the tokens measured, whole windows), so that several N sit side by
-side; one row per checkpoint (docs/records.md); each finished row is written whole, then listed in
-progress.json, so an interrupted measure.py continues where it stopped. A run still training can be
-measured.
+Every pass is fp32. Records go to RUN/paper/ (the whole split) or RUN/paper_N<N>/ (--tokens), one row
+per checkpoint (docs/records.md), each written whole, then listed in progress.json: an interrupted
+measure.py continues where it stopped. A run still training can be measured.
 """
 
 import argparse
 import copy
-import fcntl
-import glob
-import json
 import os
 import re
 import sys
@@ -41,10 +36,11 @@ import torch
 
 import data
 import metrics
-import train
-from model import GPT, GPTConfig, per_token_loss
+import runs
 from metrics import fp32_forward, loss_change_interference, parameters_at
-from recorder import HIST_BINS, UPDATE_TERMS
+from model import build_gpt, per_token_loss
+from runs import fail
+from train import get_lr
 
 MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
 
@@ -82,73 +78,93 @@ PAPER_RECORDS = [
     ('update_M_i_dli', 'C, n_keys', 'float64', "M_i_dli, same"),
 ]
 DTT = ['loss_D_dtt', 'loss_M_dtt', 'loss_D_dtt_null']  # derived from heldout_loss at every write
+UPDATE_TERMS = [name[len('update_'):] for name, *_ in PAPER_RECORDS if name.startswith('update_')]
 
 
-def fail(msg):
-    """Bad input: one line naming the problem and exit status 2, never a traceback."""
-    print(f"\nmeasure.py: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    sys.exit(2)
+SETTINGS = [  # (name, default, type or choices, help): a flag --name each, after the run folder
+    ('tokens', 0, runs.count, 'held-out tokens N, rounded down to whole block_size windows (0: the whole '
+     'validation split)'),
+    ('batches', 5, runs.positive, 'fresh training batches k of the dt = 1 step'),
+    ('steps', '', str, 'measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
+     'a later call can add others'),
+    ('dt1', True, bool, 'the dt = 1 loss D and M (b)'),
+    ('opposition', True, bool, 'gradient opposition and update-weighted terms (a, d): a backward per token'),
+    ('chunk_seqs', 16, runs.positive, 'held-out sequences per forward or per-token-gradient pass (memory)'),
+    ('cache_dir', None, str, "token cache (default: the run's)"),
+    ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
+    ('threads', 0, runs.count, "CPU threads for torch (0: torch's default)"),
+    ('overwrite', False, bool, 'measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)'),
+]
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = fail
+def main(argv=None):
+    p = runs.parser(__doc__, SETTINGS)
     p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
-    p.add_argument('--tokens', type=int, default=0,
-                   help='held-out tokens N, rounded down to whole block_size windows (0: the whole '
-                        'validation split)')
-    p.add_argument('--batches', type=int, default=5, help='fresh training batches k of the dt = 1 step')
-    p.add_argument('--steps', default='',
-                   help='measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
-                        'a later call can add others')
-    p.add_argument('--dt1', action=argparse.BooleanOptionalAction, default=True,
-                   help='the dt = 1 loss D and M (b)')
-    p.add_argument('--opposition', action=argparse.BooleanOptionalAction, default=True,
-                   help='gradient opposition and the update-weighted terms (a, d): one backward per token')
-    p.add_argument('--chunk_seqs', type=int, default=16,
-                   help='held-out sequences per forward or per-token-gradient pass (memory)')
-    p.add_argument('--cache_dir', default=None, help="token cache (default: the run's)")
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N or mps')
-    p.add_argument('--threads', type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument('--overwrite', action='store_true',
-                   help="measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)")
     args = p.parse_args(argv)
-    for name in ['batches', 'chunk_seqs']:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ['tokens', 'threads']:
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
-    problem = train.check_device(args.device, 'float32')
-    if problem:
-        fail(problem)
-    return args
+    if runs.check_device(args.device):
+        fail(runs.check_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu':
+        runs.keep_freed_memory()  # large tensors reused rather than page-faulted in again
+    config, corpus, kept = load_run(args)
+    hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
+    model = build_gpt(config, config['vocab_size_actual']).to(device)
+    keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
+    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
+                    batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
+                    data_key=config['data_key'], seed_stream=MEASURE_STREAM)
+    rel = out_folder(args.tokens, hx.numel())
+    lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
+    rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
+    todo = [t for t in kept if t not in rows['steps']]
+    print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
+          f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
+          f"k = {args.batches} batches", flush=True)
+    t0 = time.time()
+    for i, t in enumerate(todo):
+        def show(what):  # a one-line progress counter on stderr
+            print(f"\r  checkpoint {i + 1}/{len(todo)} (step {t}): {what} [{time.time() - t0:.0f} s]\033[K",
+                  end='', file=sys.stderr, flush=True)
+        try:
+            ckpt = torch.load(kept[t], map_location=device, weights_only=True)
+            if int(ckpt['step']) != t:
+                raise ValueError(f"it holds step {ckpt['step']}")
+        except Exception as e:  # a torn or foreign file: say so, never trust it
+            fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
+        row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show)
+        for name, value in row.items():
+            rows[name].append(value)
+        write_rows(args.run, rel, rows, settings, config['seed'])
+    print('\n' * bool(todo), end='', file=sys.stderr)
+    os.close(lock)
+    print(f"measure.py: {len(rows['steps'])} checkpoints measured in {os.path.join(args.run, rel)} "
+          f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
 
 
 def load_run(args):
-    """(config, run settings for train.get_lr, corpus, kept checkpoint paths by step) of args.run."""
-    config_path = os.path.join(args.run, 'config.json')
+    """(config, corpus, the kept checkpoints to measure: path by step) of args.run. The kept checkpoints
+    are the ckpts/step_NNNNNN.pt that train.py listed in the run's manifest and finished writing."""
     if not os.path.isdir(args.run):
         fail(f"{args.run}: no such folder")
-    if not train.written_by_train(config_path):
-        fail(f"{args.run}: not a run of train.py (no config.json written by it)")
-    with open(config_path) as f:
-        config = json.load(f)
-    kept = {}
-    for path in glob.glob(os.path.join(args.run, train.KEPT_DIR, 'step_*.pt')):
-        if re.fullmatch(r'step_\d{6,}\.pt', os.path.basename(path)):
-            kept[int(os.path.basename(path)[5:-3])] = path
+    config = runs.read_json(args.run, 'config.json', 'train.py') or \
+        fail(f"{args.run}: not a run of train.py (no config.json)")
+    kept = {int(rel[11:-3]): os.path.join(args.run, rel) for rel in runs.owned(args.run)
+            if re.fullmatch(r'ckpts/step_\d+\.pt', rel) and os.path.isfile(os.path.join(args.run, rel))}
     if not kept:
-        fail(f"{args.run}: no kept checkpoints in {train.KEPT_DIR}/ "
-             "(train.py --keep_ckpts log2 keeps them)")
+        fail(f"{args.run}: no kept checkpoints in ckpts/ (train.py --keep_ckpts log2 keeps them)")
+    wanted = args.steps.split(',') if args.steps else kept
+    if not all(str(t).isdigit() and int(t) in kept for t in wanted):
+        fail(f"--steps {args.steps}: not a list of kept checkpoints "
+             f"(kept: {', '.join(map(str, sorted(kept)))})")
     try:
         corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
     except (ValueError, OSError) as e:
         fail(e)
     if corpus['key'] != config['data_key']:
         fail(f"{args.run}: the corpus at {config['data']} is not the one the run was trained on")
-    return config, argparse.Namespace(**config), corpus, dict(sorted(kept.items()))
+    return config, corpus, {t: kept[t] for t in sorted({int(t) for t in wanted})}
 
 
 def heldout_windows(val, T, tokens):
@@ -214,14 +230,15 @@ def gradient_sums(model, x, y, delta, chunk, device, show):
     return sums, {n: torch.cat([q[n] for q in dots]) for n in dots[0]}
 
 
-def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show):
+def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show):
     """The row of one kept checkpoint (record name -> value; see PAPER_RECORDS)."""
     t, K, seed = int(ckpt['step']), args.batches, config['seed']
     model.load_state_dict(ckpt['model'])
     before = heldout_losses(model, hx, hy, args.chunk_seqs, device)  # (W, T) at theta_t
     row = {'steps': t, 'heldout_loss': before.flatten().numpy()}
-    row.update({name: np.full(K, np.nan) for name, *_ in PAPER_RECORDS[2:8]})
-    lr, delta = train.get_lr(t, run_args), None
+    for name, shape, dtype, _ in [r for r in PAPER_RECORDS[2:] if r[0] not in DTT]:  # NaN, -1: not measured
+        row[name] = np.full(K if shape.endswith('K') else len(keys), -1 if dtype == 'int64' else np.nan)
+    lr, delta = get_lr(t, argparse.Namespace(**config)), None  # the run's learning rate of step t
     for k in range(K if args.dt1 else 1 if args.opposition else 0):
         show(f"dt = 1, batch {k + 1}/{K}")
         x, y = fresh_batch(seed, t, k, config, corpus, device)
@@ -236,12 +253,9 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys
                     D, M, null = loss_change_interference(change, null_generator(seed, t, k, which))
                     row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
                     row[f'loss_D_{where}_null'][k] = null
-    nan = np.full(len(keys), np.nan)
-    row.update(opposition_mean=nan, opposition_weighted=nan, opposition_null=nan, opposition_near_total=nan,
-               opposition_n=np.full(len(keys), -1), **{'update_' + term: nan for term in UPDATE_TERMS})
     if args.opposition:
         sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device, show)
-        summary = metrics.opposition_summary(sums, bins=HIST_BINS, total='model')
+        summary = metrics.opposition_summary(sums, total='model')
         terms = metrics.update_weighted_terms(sums, delta, dots, total='model')
         for name in ['mean', 'weighted', 'null', 'near_total', 'n']:
             row['opposition_' + name] = np.array([float(summary[key][name]) for key in keys])
@@ -251,144 +265,51 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys
     return row
 
 
-def dtt_rows(rows, seed):
-    """loss_D_dtt, loss_M_dtt, loss_D_dtt_null of every row: the change of the held-out losses from
-    its step t to the row of step 2t (NaN where 2t is not measured)."""
-    by_step = {r['steps']: r['heldout_loss'] for r in rows}
-    out = np.full((3, len(rows)), np.nan)
-    for i, r in enumerate(rows):
-        if 2 * r['steps'] in by_step:
-            change = torch.from_numpy(by_step[2 * r['steps']].astype(np.float64) - r['heldout_loss'])
-            out[:, i] = loss_change_interference(change, null_generator(seed, r['steps'], 0, 2))
-    return dict(zip(DTT, out))
-
-
-def write_rows(out, rows, settings, seed):
-    """Every record of the finished rows, each .npy by a temporary file renamed into place, then
-    progress.json, which makes them count: a row not listed there is measured again."""
-    arrays = {name: np.array([r[name] for r in rows], dtype=dtype)
-              for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
-    arrays.update(dtt_rows(rows, seed))
-    for name, array in arrays.items():
-        path = os.path.join(out, name + '.npy')
-        with open(path + '.tmp', 'wb') as f:
-            np.save(f, array)
-        os.replace(path + '.tmp', path)
-    train.write_json(os.path.join(out, 'progress.json'), dict(settings, steps=[r['steps'] for r in rows]))
-
-
-def read_rows(out, settings):
-    """The rows that progress.json lists as finished (none for a new folder). A folder measured with
-    other settings, or a record shorter than progress.json says, is one line and exit 2."""
-    try:
-        with open(os.path.join(out, 'progress.json')) as f:
-            progress = json.load(f)
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as e:
-        fail(f"{out}/progress.json: cannot read it ({e}); --overwrite measures again")
-    steps = progress.pop('steps', None)
+def read_rows(run, rel, settings):
+    """The finished rows of RUN/rel, record name -> list of rows (none for a new folder): those its
+    progress.json lists. A folder measured with other settings, or a record shorter than progress.json
+    says, is one line and exit 2."""
+    progress = runs.read_json(run, f"{rel}/progress.json", 'measure.py') or dict(settings, steps=[])
+    steps = progress.pop('steps')
     if progress != settings:
         changed = sorted(k for k in set(progress) | set(settings) if progress.get(k) != settings.get(k))
-        fail(f"{out} was measured with other settings ({', '.join(changed)}): the same flags continue it, "
-             "--overwrite measures again")
-    rows = [{} for _ in steps]
-    for name, _, dtype, _ in PAPER_RECORDS:
-        if name in DTT:
-            continue
+        fail(f"{run}/{rel} was measured with other settings ({', '.join(changed)}): the same flags continue "
+             "it, --overwrite measures again")
+    rows = {name: [] for name, *_ in PAPER_RECORDS if name not in DTT}
+    for name, _, dtype, _ in [r for r in PAPER_RECORDS if r[0] in rows] if steps else []:
         try:
-            a = np.load(os.path.join(out, name + '.npy'), allow_pickle=False)
+            a = np.load(os.path.join(run, rel, name + '.npy'), allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
-            fail(f"{out}/{name}.npy: missing or corrupt ({e}); --overwrite measures again")
+            fail(f"{run}/{rel}/{name}.npy: missing or corrupt ({e}); --overwrite measures again")
         if len(a) < len(steps) or a.dtype != np.dtype(dtype):
-            fail(f"{out}/{name}.npy: {len(a)} rows of {a.dtype}, progress.json lists {len(steps)}; "
+            fail(f"{run}/{rel}/{name}.npy: {len(a)} rows of {a.dtype}, progress.json lists {len(steps)}; "
                  "--overwrite measures again")
-        for r, value in zip(rows, a[:len(steps)]):  # rows past progress.json's: an interrupted write
-            r[name] = value
-    return [dict(r, steps=int(r['steps'])) for r in rows]
+        rows[name] = list(a[:len(steps)])  # rows past progress.json's: an interrupted write
+    return rows
 
 
-def out_folder(run, tokens, n_tokens):
-    """Where the records of N = n_tokens held-out tokens go: RUN/paper/ for the whole split (--tokens 0),
-    RUN/paper_N<n_tokens>/ for --tokens."""
-    return os.path.join(run, train.MEASURE_DIR + (f"_N{n_tokens}" if tokens else ''))
+def write_rows(run, rel, rows, settings, seed):
+    """Every record of the finished rows into RUN/rel, each written whole, then progress.json, which
+    makes them count: a row not listed there is measured again. dt = t is derived here: the change of
+    the held-out losses from a row's step t to the row of step 2t (NaN where 2t is not measured)."""
+    steps = [int(t) for t in rows['steps']]
+    arrays = {name: np.array(rows[name], dtype) for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
+    arrays.update(zip(DTT, np.full((3, len(steps)), np.nan)))
+    for i, t in enumerate(steps):
+        if 2 * t in steps:
+            loss = rows['heldout_loss']
+            change = torch.from_numpy(loss[steps.index(2 * t)].astype(np.float64) - loss[i])
+            for name, value in zip(DTT, loss_change_interference(change, null_generator(seed, t, 0, 2))):
+                arrays[name][i] = value
+    for name, array in arrays.items():
+        runs.write_atomic(run, f"{rel}/{name}.npy", lambda f: np.save(f, array))
+    runs.write_json(run, f"{rel}/progress.json", dict(settings, steps=steps))
 
 
-def open_out(out, overwrite):
-    """The records' folder out, created if needed, locked for this process (a second measure.py on it
-    is refused); with --overwrite emptied of measure.py's files first. Anything else in it is refused."""
-    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
-        fail(f"{out}: not a folder")
-    foreign = [n for n in sorted(os.listdir(out)) if not re.fullmatch(train.MEASURE_FILES, n)
-               or not os.path.isfile(os.path.join(out, n))] if os.path.isdir(out) else []
-    if foreign:
-        fail(f"{out} holds files measure.py did not write ({', '.join(foreign[:4])})")
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY)
-    except OSError as e:
-        fail(f"{out}: {e.strerror or e}")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fail(f"{out} is in use by another measure.py")
-    if overwrite:
-        for name in os.listdir(out):
-            os.remove(os.path.join(out, name))
-    return out, fd
-
-
-def main(argv=None):
-    args = get_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cpu':
-        train.keep_freed_memory()  # large tensors reused rather than page-faulted in again
-    config, run_args, corpus, kept = load_run(args)
-    if args.steps:
-        try:
-            wanted = [int(s) for s in args.steps.split(',')]
-        except ValueError:
-            fail(f"--steps {args.steps}: not a comma-separated list of steps")
-        absent = [t for t in wanted if t not in kept]
-        if absent:
-            fail(f"--steps: no kept checkpoint of step {', '.join(map(str, absent))} "
-                 f"(kept: {', '.join(map(str, kept))})")
-        kept = {t: kept[t] for t in sorted(set(wanted))}
-    hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
-    model = GPT(GPTConfig(block_size=config['block_size'], vocab_size=config['vocab_size_actual'],
-                          n_layer=config['n_layer'], n_head=config['n_head'], n_embd=config['n_embd'],
-                          bias=config['bias'], tie_weights=config['tie_weights'])).to(device)
-    keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
-    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
-                    batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
-                    data_key=config['data_key'], seed_stream=MEASURE_STREAM)
-    out, lock = open_out(out_folder(args.run, args.tokens, hx.numel()), args.overwrite)
-    rows = read_rows(out, settings)
-    todo = [t for t in kept if t not in {r['steps'] for r in rows}]
-    print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
-          f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
-          f"k = {args.batches} batches", flush=True)
-    t0 = time.time()
-    for i, t in enumerate(todo):
-        def show(what):  # a one-line progress counter on stderr
-            print(f"\r  checkpoint {i + 1}/{len(todo)} (step {t}): {what} [{time.time() - t0:.0f} s]\033[K",
-                  end='', file=sys.stderr, flush=True)
-        try:
-            ckpt = torch.load(kept[t], map_location=device, weights_only=True)
-            if int(ckpt['step']) != t:
-                raise ValueError(f"it holds step {ckpt['step']}")
-        except Exception as e:  # a torn or foreign file: say so, never trust it
-            fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        row = measure_checkpoint(model, ckpt, hx, hy, args, config, run_args, corpus, keys, device, show)
-        rows.append(row)
-        write_rows(out, rows, settings, config['seed'])
-    if todo:
-        print(file=sys.stderr)
-    os.close(lock)
-    print(f"measure.py: {len(rows)} checkpoints measured in {out} "
-          f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
+def out_folder(tokens, n_tokens):
+    """The run's folder for the records of N = n_tokens held-out tokens: paper/ for the whole split
+    (--tokens 0), paper_N<n_tokens>/ for --tokens."""
+    return 'paper' + (f"_N{n_tokens}" if tokens else '')
 
 
 if __name__ == '__main__':

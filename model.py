@@ -148,6 +148,12 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 
+def build_gpt(settings, vocab_size):
+    """The GPT of a run's settings (train.py's flags, or the config.json of a run) and vocabulary size
+    V, its parameters initialised from torch's current random state."""
+    names = ['block_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'tie_weights']
+    return GPT(GPTConfig(vocab_size=vocab_size, **{name: settings[name] for name in names}))
+
 def per_token_loss(logits, targets):
     """l_i = -log p_i[y_i], computed in fp32 whatever the logits' dtype: (B, T, V), (B, T) -> (B, T).
 

@@ -23,11 +23,9 @@ which measures and writes them at each moment of a training step. train.py's loo
 Notation (the README's): token i, target y_i, h_i the output-layer hidden state, U the LM head,
 l_i = -log p_i[y_i]; theta_t the parameters before step t, delta = theta_{t+1} - theta_t.
 
-Records are .npy memmaps, preallocated for the whole run and written by process 0 only. Under
-DistributedDataParallel every process runs every moment, because the training-batch measures are
-collective: per-token rows are gathered from the processes, gradient sums added, gradients averaged.
-Every recording pass runs in fp32 (weights, logits, log-softmax), even when training uses bf16:
-the loss changes of one step are small, and bf16 rounding would bury them.
+Records are .npy memmaps, preallocated for the whole run and written by process 0 only; under DDP
+every process runs every moment (the training-batch measures are collective). Every recording pass
+is fp32, even when training uses bf16: one step's loss changes are small, bf16 rounding buries them.
 """
 
 import os
@@ -39,6 +37,7 @@ import torch.distributed as dist
 
 import data
 import metrics
+import runs
 
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
@@ -54,7 +53,7 @@ GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training
 # when: 'every' step at every --record level; 'step': every step unless --record none;
 #   'full': on full steps (every step under --record all, a log-spaced schedule under light);
 #   'hidden' / 'grad': one row per step of hidden_steps.npy / grad_steps.npy.
-# docs/records.md shows this table (records_markdown); a test keeps the two the same.
+# docs/records.md shows this table; a test (tests/test_train.py) keeps the two the same.
 RECORDS = [
     # the training step
     ('lr', 'S', 'float64', 'every', "learning rate of step t"),
@@ -62,13 +61,13 @@ RECORDS = [
      "mean training loss at theta_t on the batch of step t (= mean of train_loss_pre[t])"),
     ('grad_norm', 'S', 'float64', 'every', "global gradient norm, before clipping"),
     ('update_norm', 'S', 'float64', 'every',
-     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); "
-     "NaN under --record none"),
+     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); NaN under "
+     "--record none"),
     ('step_ms', 'S', 'float64', 'every',
      "wall time of step t in ms, its recording included, the checkpoint excluded"),
     ('train_offsets', 'S, B', 'int64', 'every',
-     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], "
-     "targets train[o+1 : o+T+1]"),
+     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], targets "
+     "train[o+1 : o+T+1]"),
     # zero-sum learning on the training batch: the same tokens before and after their own update
     ('train_loss_pre', 'S, B, T', 'float32', 'step',
      "per-token loss l_i(theta_t) of step t's batch, before its update"),
@@ -79,11 +78,11 @@ RECORDS = [
      "train_loss_pre[t], all N = B*T tokens as one vector"),
     ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x; |mean_i x_i| = (1 - D) M"),
     ('train_D_null', 'S', 'float64', 'full',
-     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed "
-     "and step), the D of N changes whose signs carry no structure: compare train_D with it"),
+     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed and "
+     "step), the D of N changes whose signs carry no structure: compare train_D with it"),
     ('train_loss_pred', 'G, B, T', 'float32', 'grad',
-     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step "
-     "grad_steps[k], at theta_t along the real update (one JVP); compare with post - pre"),
+     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step grad_steps[k], "
+     "at theta_t along the real update (one JVP); compare with post - pre"),
     # the fixed held-out probe set
     ('probe_loss', 'S+1, P, T', 'float32', 'step', "per-token probe loss at theta_t; row S: the final model"),
     ('train_probe_loss', 'S+1, Q, T', 'float32', 'step',
@@ -112,39 +111,38 @@ RECORDS = [
     # dissent in parameter space, on the training batch at theta_t
     ('theta_cos', 'S, n_theta', 'float64', 'full',
      "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
-     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N "
-     "(N = B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - "
-     "grad+; columns: each parameter tensor, then model = all parameters as one vector"),
+     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N (N = "
+     "B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - grad+; "
+     "columns: each parameter tensor, then model = all parameters as one vector"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
     ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
      "|grad_theta| (column model: grad_norm[t] up to the rounding of clipping's fp32 norms, ~1e-4)"),
     # gradient opposition between tokens, per parameter coordinate j
     ('local_opposition_mean', 'S, n_local', 'float64', 'full',
-     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, "
-     "between the B*T tokens of step t's batch at theta_t, for the position-local layers, from the "
-     "training backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, "
-     "its layer, blocks (the last block's local weight matrices), local (every local tensor)"),
+     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, between "
+     "the B*T tokens of step t's batch at theta_t, for the position-local layers, from the training "
+     "backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, "
+     "blocks (the last block's local weight matrices), local (every local tensor)"),
     ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
      "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
     ('local_opposition_null', 'S, n_local', 'float64', 'full',
-     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value "
-     "under random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
+     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value under "
+     "random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
     ('opposition_mean', 'G, n_all', 'float64', 'grad',
-     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of "
-     "the first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
-     "gradients, one backward per position batched over the sequences); columns: each tensor, each "
-     "layer, blocks (the Transformer blocks' weight matrices: the published headline), model (every "
-     "coordinate)"),
+     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of the "
+     "first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
+     "gradients, one backward per position batched over the sequences); columns: each tensor, each layer, "
+     "blocks (the Transformer blocks' weight matrices: the published headline), model (every coordinate)"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
     ('opposition_null', 'G, n_all', 'float64', 'grad',
      "the null of opposition_mean, as local_opposition_null"),
     ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
     # update-weighted interference, p_ij = g_ij delta_j: the same tokens at theta_t and the real update
     ('update_Cg', 'G, n_all', 'float64', 'grad',
-     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, "
-     "t = grad_steps[k]), over the opposition's tokens and each column's coordinates"),
+     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, t "
+     "= grad_steps[k]), over the opposition's tokens and each column's coordinates"),
     ('update_CuG', 'G, n_all', 'float64', 'grad', "CuG = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|"),
     ('update_Cug', 'G, n_all', 'float64', 'grad', "Cug = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|"),
     ('update_C_i_dli', 'G, n_all', 'float64', 'grad',
@@ -160,16 +158,6 @@ def record_shape(shape, sizes):
     return tuple(sizes[name] + int(extra or 0) for name, _, extra in dims)
 
 
-def records_markdown():
-    """RECORDS as the markdown table of docs/records.md."""
-    lines = ['| file | shape | dtype | when | meaning |', '|---|---|---|---|---|']
-    for name, shape, dtype, when, meaning in RECORDS:
-        meaning = meaning.replace('|', '\\|')  # a bar inside a markdown table cell
-        shape = shape if ',' in shape else shape + ','  # (S,) as numpy writes a 1-D shape
-        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning} |")
-    return '\n'.join(lines) + '\n'
-
-
 def log_schedule(last, every=0, points=LOG_POINTS):
     """Steps 0..last at which a scheduled record is written: every `every` steps, or (every=0)
     `points` log-spaced steps (fewer after rounding). The first and the last step are always included."""
@@ -182,12 +170,11 @@ def log_schedule(last, every=0, points=LOG_POINTS):
 
 class Recorder:
     """The records of one run and everything needed to fill them: the memmaps (process 0 only),
-    the schedules, the probe set, the null's random signs. One method per moment of a step."""
+    the schedules, the probe sets, the null's random signs. One method per moment of a step."""
 
-    def __init__(self, args, model, corpus, probe_x, probe_y, dtype, rank=0, world=1,
-                 train_probe=(None, None)):
+    def __init__(self, args, model, corpus, probe, dtype, rank=0, world=1, train_probe=(None, None)):
         self.args, self.model, self.corpus = args, model, corpus  # model: the plain fp32 module
-        self.px, self.py = probe_x, probe_y  # (P, T) inputs and targets of the held-out probe set
+        self.px, self.py = probe  # (P, T) inputs and targets of the held-out probe set
         self.tx, self.ty = train_probe  # (Q, T) fixed training windows; None: --train_probe_seqs 0
         self.dtype = dtype  # training precision; recording passes are fp32 whatever it is
         self.master, self.world = rank == 0, world  # only process 0 writes
@@ -204,35 +191,29 @@ class Recorder:
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
         # the columns of the parameter-space records
-        local_names = [f"{m}.{n}" for m, module in self.local_modules.items()
-                       for n, _ in module.named_parameters()]
+        local_names = [f"{m}.{n}" for m, mod in self.local_modules.items() for n, _ in mod.named_parameters()]
         self.theta_names = list(self.params) + ['model']
         self.local_keys = metrics.opposition_keys(local_names, total='local')
         self.all_keys = metrics.opposition_keys(list(self.params))
+        # name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every' records
+        # under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)
+        sizes = dict(S=S, B=args.batch_size, T=args.block_size, P=args.probe_seqs, d=args.n_embd,
+                     R=min(args.n_embd, corpus['vocab_size']), K=len(self.hidden_steps), H=HIST_BINS,
+                     G=len(self.grad_steps), Q=args.train_probe_seqs, n_theta=len(self.theta_names),
+                     n_local=len(self.local_keys), n_all=len(self.all_keys))
+        self.specs = {name: (record_shape(shape, sizes), np.dtype(dtype))
+                      for name, shape, dtype, when, _ in RECORDS
+                      if (self.recording or when == 'every') and 0 not in record_shape(shape, sizes)}
         self.records = {}  # name -> memmap (process 0, after open)
         self.probe_loss = self.train_loss = float('nan')  # the last values, for the progress line
-        self.loss_pre = None  # (B, T) the batch's losses at theta_t, from batch() to after_update()
-        self.theta_t = None  # a copy of theta_t, from keep_theta() to after_update()
-
-    def specs(self):
-        """name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every'
-        records under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)."""
-        a, V = self.args, self.corpus['vocab_size']
-        sizes = dict(S=a.max_iters, B=a.batch_size, T=a.block_size, P=a.probe_seqs, d=a.n_embd,
-                     R=min(a.n_embd, V), K=len(self.hidden_steps), G=len(self.grad_steps), H=HIST_BINS,
-                     Q=a.train_probe_seqs,
-                     n_theta=len(self.theta_names), n_local=len(self.local_keys), n_all=len(self.all_keys))
-        specs = {name: (record_shape(shape, sizes), np.dtype(dtype))
-                 for name, shape, dtype, when, _ in RECORDS if self.recording or when == 'every'}
-        return {name: spec for name, spec in specs.items() if 0 not in spec[0]}  # Q = 0: no file
+        self.loss_pre = self.theta_t = None  # the batch's losses and theta_t, until after_update()
 
     def open(self, out_dir, create):
-        """The records as .npy memmaps in out_dir (process 0): created for the whole run (float rows
-        NaN, integer rows -1, so a row not yet written is visible), or opened to continue a run.
-        A missing, corrupt or misshapen record raises ValueError naming the file."""
-        if not self.master:
-            return
-        for name, (shape, dtype) in self.specs().items():
+        """The records as .npy memmaps in out_dir, listed in its manifest: created for the whole run
+        (float rows NaN, integer rows -1, so a row not yet written is visible), or opened to continue a
+        run. A missing, corrupt or misshapen record is one line naming the file, and exit status 2."""
+        runs.own(out_dir, *(name + '.npy' for name in self.specs))
+        for name, (shape, dtype) in self.specs.items():
             path = os.path.join(out_dir, name + '.npy')
             if create:
                 self.records[name] = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
@@ -241,17 +222,17 @@ class Recorder:
             try:
                 self.records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
-                raise ValueError(f"{path}: corrupt or truncated record ({e})") from None
-            if self.records[name].shape != shape or self.records[name].dtype != dtype:
-                raise ValueError(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
-                                 f"expected {shape} {dtype}")
+                runs.fail(f"{path}: corrupt or truncated record ({e})")
+            if (self.records[name].shape, self.records[name].dtype) != (shape, dtype):
+                runs.fail(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
+                          f"expected {shape} {dtype}")
 
     def write(self, name, row, value):
         """Row `row` of record `name` := value (a tensor, moved to the CPU, or a number). Only process
         0 writes, and only the records this --record level keeps; a name not in RECORDS is an error."""
         if name not in RECORD_NAMES:
             raise KeyError(f"record {name} is not declared in recorder.RECORDS")
-        if self.master and name in self.records:
+        if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
     def flush(self):
@@ -267,8 +248,7 @@ class Recorder:
     def probe(self, step):
         """Probe measures at theta_step (probe row `step`; step S is the final model): per-token
         losses and their change since step - 1, the output-layer decomposition of every token, the
-        anisotropy of h; on schedule h itself and U's spectrum.
-        Process 0 alone: nothing here is collective."""
+        anisotropy of h; on schedule h itself and U's spectrum. Process 0 alone: nothing is collective."""
         if not (self.master and self.recording):
             return
         (P, T), d = self.px.shape, self.args.n_embd
@@ -279,21 +259,13 @@ class Recorder:
         if self.tx is not None:  # the fixed training windows, measured as the probe set
             self.write('train_probe_loss', step, metrics.fp32_forward(self.model, self.tx, self.ty)[0])
         if step > 0:  # the change theta_{step-1} -> theta_step, from the stored rows (as a resumed run)
-            change = torch.from_numpy(self.records['probe_loss'][step] - self.records['probe_loss'][step - 1])
-            D, M, null = metrics.loss_change_interference(change, self.null_signs(step))
-            self.write('probe_D', step - 1, D)
-            self.write('probe_M', step - 1, M)
-            self.write('probe_D_null', step - 1, null)
+            change = self.records['probe_loss'][step] - self.records['probe_loss'][step - 1]
+            self.write_interference('probe', step - 1, torch.from_numpy(change), step)
         U = self.model.lm_head.weight.detach()  # (V, d)
         with torch.no_grad():
             out = metrics.output_decomposition(h.view(-1, d), U, self.py.flatten(), probs=p)
-            self.write('probe_p_y', step, out['p_y'].view(P, T))
-            self.write('probe_cos_h_plus', step, out['cos_h_plus'].view(P, T))
-            self.write('probe_cos_h_minus', step, out['cos_h_minus'].view(P, T))
-            self.write('probe_cos_plus_minus', step, out['cos_plus_minus'].view(P, T))
-            self.write('probe_norm_plus', step, out['norm_plus'].view(P, T))
-            self.write('probe_norm_minus', step, out['norm_minus'].view(P, T))
-            self.write('probe_norm_grad', step, out['norm_grad'].view(P, T))
+            for name, value in out.items():  # p_y, the 2D basis, dissent in h, the norms
+                self.write('probe_' + name, step, value.view(P, T))
             self.write('probe_anisotropy', step, metrics.anisotropy(h.view(-1, d)))
             if step in self.hidden_row:
                 self.write('probe_hidden', self.hidden_row[step], h)
@@ -316,20 +288,17 @@ class Recorder:
             # grad_h+, grad- = grad - grad+
             dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
                                                   losses)
-            self.write('theta_cos', step, [dissent[n]['cos'] for n in self.theta_names])
-            self.write('theta_norm_plus', step, [dissent[n]['norm_plus'] for n in self.theta_names])
-            self.write('theta_norm_minus', step, [dissent[n]['norm_minus'] for n in self.theta_names])
-            self.write('theta_norm_grad', step, [dissent[n]['norm_grad'] for n in self.theta_names])
+            for stat in ('cos', 'norm_plus', 'norm_minus', 'norm_grad'):
+                self.write('theta_' + stat, step, [dissent[n][stat] for n in self.theta_names])
             # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
             # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
             sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel(), grads)
-            for triple in sums.values() if self.world > 1 else []:
-                for total in triple:
-                    dist.all_reduce(total)  # sums over tokens add up across processes
+            for total in [t for triple in sums.values() for t in triple] if self.world > 1 else []:
+                dist.all_reduce(total)  # sums over tokens add up across processes
             self.write_opposition('local_opposition', step,
                                   metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys)
         if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
-            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # from here on losses and logits are fp32
+            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # from here on losses, logits are fp32
         # per-token rows of the batch at theta_t: gathered from every process into (B, T)
         self.loss_pre = self.gather(losses.detach())
         self.write('train_loss_pre', step, self.loss_pre)
@@ -350,24 +319,20 @@ class Recorder:
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
             update_norm = torch.stack([v.pow(2).sum() for v in delta.values()]).double().sum().sqrt().item()
-        self.write('lr', step, lr)
-        self.write('grad_norm', step, grad_norm)
-        self.write('update_norm', step, update_norm)
+        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm).items():
+            self.write(name, step, value)
         self.write('train_offsets', step, offsets)
         if self.full(step):
             loss_post = self.gather(metrics.fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)
-            D, M, null = metrics.loss_change_interference(loss_post - self.loss_pre, self.null_signs(step))
-            self.write('train_D', step, D)
-            self.write('train_M', step, M)
-            self.write('train_D_null', step, null)
+            self.write_interference('train', step, loss_post - self.loss_pre, step)
         if self.master and self.recording and step in self.grad_row:
             row = self.grad_row[step]
             # at theta_t along the real delta, on the global batch (rebuilt from all the offsets)
             windows = data.get_windows(self.corpus['train'], offsets, self.args.block_size)
             xg, yg = (torch.from_numpy(a).to(x.device) for a in windows)
-            pred = metrics.predicted_loss_change(self.model, xg, yg, delta, params=self.theta_t)
-            self.write('train_loss_pred', row, pred)
+            self.write('train_loss_pred', row, metrics.predicted_loss_change(self.model, xg, yg, delta,
+                                                                             params=self.theta_t))
             # exact all-parameter opposition between the tokens of the first probe sequences at theta_t,
             # and the update-weighted terms of the same tokens along delta (their per-token g_i exist
             # only inside per_token_gradient_sums, and delta only now)
@@ -382,15 +347,18 @@ class Recorder:
 
     # --- helpers ------------------------------------------------------------------------------
 
+    def write_interference(self, prefix, row, change, step):
+        """Row `row` of prefix_D, prefix_M and prefix_D_null: D and M of the per-token loss changes and
+        the sign-flip null, its signs a function of (seed, step), so that a resumed run redraws them."""
+        signs = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        for stat, value in zip(('D', 'M', 'D_null'), metrics.loss_change_interference(change, signs)):
+            self.write(f"{prefix}_{stat}", row, value)
+
     def write_opposition(self, prefix, row, opposition, keys):
         """Row `row` of the records prefix_mean, _weighted, _null and _hist, columns `keys`."""
         for stat in ('mean', 'weighted', 'null'):
             self.write(f"{prefix}_{stat}", row, [opposition[k][stat] for k in keys])
         self.write(f"{prefix}_hist", row, torch.stack([opposition[k]['hist'] for k in keys]))
-
-    def null_signs(self, step):
-        """The sign-flip null's random signs, a function of (seed, step): a resumed run redraws them."""
-        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
 
     def gather(self, t):
         """Concatenate a per-process (B/world, ...) tensor into the global (B, ...) one."""

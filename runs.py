@@ -1,21 +1,29 @@
 """
 Run folders: the machinery train.py, measure.py and plot.py share, written once.
 
-- fail(msg): bad input is one line naming the problem and exit status 2, never a traceback.
-- A folder a program writes into keeps a manifest (MANIFEST, one relative path a line). A program
-  adds a path to it *before* it first writes the file, so the manifest says which files the
-  programs wrote; any other file is the user's. --overwrite deletes listed files only, and refuses a
-  folder holding anything else. A listed file's temporary twin (name + '.tmp') counts as listed.
+- fail(msg) and parser(): bad input is one line naming the problem and exit status 2, never a
+  traceback; checked() makes the argparse types that refuse a bad value that way.
+- A folder a program writes into keeps a manifest (MANIFEST, one relative path a line; 'a/' lists the
+  folder a). A program adds a path to it *before* it first writes the file, so the manifest says
+  which files the programs wrote; any other file is the user's. --overwrite deletes listed files
+  only, and refuses a folder holding anything else. A listed file's temporary twin (name + '.tmp')
+  counts as listed.
 - Files are written whole: a temporary file, fsync, rename (a reader never sees half a file).
 - lock(folder): one program at a time on a folder, released by the kernel however the process ends.
 - on_signals(message): SIGTERM and Ctrl-C stop with one line and exit status 128 + the signal.
+- keep_freed_memory() and check_device(): the CPU's allocator and the device, for every program.
 """
 
+import argparse
+import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import sys
+
+import torch
 
 MANIFEST = 'manifest.txt'
 
@@ -24,6 +32,35 @@ def fail(msg):
     """Bad input: one line naming the problem and exit status 2, never a traceback."""
     print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(msg).split())}", file=sys.stderr)
     sys.exit(2)
+
+
+def parser(doc, settings=()):
+    """An argparse parser whose errors are one line ('error: --flag must be ...'), with a flag --name
+    for each (name, default, type or choices, help) of settings; type bool: --name and --no-name."""
+    p = argparse.ArgumentParser(description=doc.strip().split('\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: fail(re.sub(r'^argument (\S+): ', r'\1 ', msg))
+    for name, default, kind, help in settings:
+        how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        p.add_argument('--' + name, default=default, help=help, **how)
+    return p
+
+
+def checked(kind, ok, what):
+    """An argparse type: kind(text), refused with '--flag must be <what>, got <text>' unless ok(value)."""
+    def convert(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+positive = checked(int, lambda v: v > 0, 'positive')
+count = checked(int, lambda v: v >= 0, 'a finite number >= 0')
+nonnegative = checked(float, lambda v: 0 <= v < float('inf'), 'a finite number >= 0')
 
 
 def owned(root):
@@ -37,16 +74,18 @@ def owned(root):
 
 def own(root, *paths):
     """List paths (relative to root) in root's manifest, before they are written."""
-    new = [p for p in dict.fromkeys(paths) if p not in owned(root)]
-    if new:
-        with open(os.path.join(root, MANIFEST), 'a') as f:  # appends of a few lines do not interleave
-            f.write(''.join(p + '\n' for p in new))
+    with open(os.path.join(root, MANIFEST), 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # one program at a time reads and changes the list
+        new = [p for p in dict.fromkeys(paths) if p not in owned(root)]
+        f.write(''.join(p + '\n' for p in new))
 
 
 def foreign(root, under=''):
-    """The entries below root/under that no program wrote: files not in root's manifest, links, and
-    anything that is not a plain file or folder. Links are never followed."""
+    """The entries below root/under that no program wrote: files not in root's manifest, links,
+    anything that is not a plain file or folder, and empty folders no listed path lies in. Links are
+    never followed."""
     listed = owned(root)
+    folders = {f for p in listed for f in ancestors(p)}  # 'a/b/' lists the folder a/b itself too
     listed |= {p + '.tmp' for p in listed} | {MANIFEST}
     out = []
     for folder, dirs, files in os.walk(os.path.join(root, under)):
@@ -55,34 +94,74 @@ def foreign(root, under=''):
             rel = os.path.relpath(path, root)
             if os.path.islink(path) or not (os.path.isfile(path) or os.path.isdir(path)):
                 out.append(rel)
-            elif os.path.isfile(path) and rel not in listed:
+            elif os.path.isdir(path):  # a folder holding entries: they tell
+                out += [rel] if rel not in folders and not os.listdir(path) else []
+            elif rel not in listed:
                 out.append(rel)
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
     return out
 
 
+def ancestors(rel):
+    """The folders a relative path lies in: 'a/b/c' -> ['a', 'a/b'] (a listed folder 'a/b/': the same)."""
+    parts = rel.split('/')[:-1]
+    return ['/'.join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def remove_owned(root, under=''):
-    """Delete the listed files below root/under (and their temporary twins), then the folders left
-    empty there. Call it after foreign() found nothing."""
-    listed = owned(root)
+    """Delete the listed files below root/under (and their temporary twins), then the listed folders
+    and the folders of the listed files, below root/under, left empty; the manifest keeps the other
+    paths. Call it after foreign() found nothing."""
     base = os.path.join(under, '') if under else ''
-    for rel in sorted(listed):
-        if rel.startswith(base):
-            for path in (os.path.join(root, rel), os.path.join(root, rel) + '.tmp'):
-                if os.path.isfile(path):
-                    os.remove(path)
-    for folder, _, _ in sorted(os.walk(os.path.join(root, under)), reverse=True):  # deepest first
-        if folder != root and not os.listdir(folder):
-            os.rmdir(folder)
-    keep = [p for p in sorted(listed) if not p.startswith(base)]
-    write_atomic(root, MANIFEST, lambda f: f.write(''.join(p + '\n' for p in keep).encode()), own_it=False)
+    with open(os.path.join(root, MANIFEST), 'r+') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        listed = sorted(owned(root))
+        mine = [p for p in listed if p.startswith(base) and p != base]  # root/under itself stays
+        for path in (os.path.join(root, p) + tmp for p in mine for tmp in ('', '.tmp')):
+            if os.path.isfile(path):
+                os.remove(path)
+        for folder in sorted({a for p in mine for a in ancestors(p) if a.startswith(base)}, reverse=True):
+            if os.path.isdir(os.path.join(root, folder)) and not os.listdir(os.path.join(root, folder)):
+                os.rmdir(os.path.join(root, folder))  # deepest first
+        f.seek(0)
+        f.truncate()
+        f.write(''.join(p + '\n' for p in listed if p not in mine))
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def write_atomic(root, rel, write, own_it=True):
-    """root/rel := what write(f) writes to a binary file: a temporary file, fsync, rename."""
-    if own_it:
-        own(root, rel)
+def open_folder(root, under='', overwrite=False, taken=None):
+    """root/under, created if absent and locked for this program, ready to write into. Refused (one line,
+    exit 2, nothing changed) if it holds anything no program listed in root's manifest, whatever the
+    flags; and, unless overwrite, if it holds anything at all and `taken` says why that is refused.
+    With overwrite, the files listed below it are deleted first. Returns the lock."""
+    folder, program = os.path.join(root, under), os.path.basename(sys.argv[0])
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"{folder}: {e}")
+    lock_fd = lock(folder)  # then nothing changes in it while we look
+    foreign_entries = [under] if under and os.path.islink(folder) else foreign(root, under)
+    if foreign_entries:
+        older = '' if os.path.exists(os.path.join(root, MANIFEST)) else \
+            f'; a folder without {MANIFEST} may hold a run of an older version: rerun it'
+        fail(f"{folder} holds files {program} did not write ({', '.join(foreign_entries[:4])}"
+             f"{', ...' if len(foreign_entries) > 4 else ''}){older}")
+    if taken and not overwrite and os.listdir(folder):
+        fail(f"{folder} {taken}")
+    if overwrite and owned(root):
+        remove_owned(root, under)
+    if under:
+        own(root, under + '/')  # the folder itself, so that an empty one is the program's too
+    return lock_fd
+
+
+def write_atomic(root, rel, write):
+    """root/rel := what write(f) writes to a binary file, listed in root's manifest first: a
+    temporary file, fsync, rename."""
+    own(root, rel)
     path = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + '.tmp', 'wb') as f:
         write(f)
         f.flush()
@@ -95,6 +174,21 @@ def write_json(root, rel, obj):
     write_atomic(root, rel, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+def read_json(root, rel, by):
+    """The JSON file root/rel that program `by` wrote, or None if there is none. One that root's
+    manifest does not list (no program of this version wrote it), or a torn one: one line, exit 2."""
+    path = os.path.join(root, rel)
+    if not os.path.exists(path):
+        return None
+    if rel not in owned(root):
+        fail(f"{path} was made by an older version of {by} (it is not in {MANIFEST}), or not by it; rerun it")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
+
+
 def lock(folder):
     """An exclusive lock on the folder, held as long as this process lives; a second program on the
     same folder is refused. No file is written for it, so a killed program never blocks the next."""
@@ -102,7 +196,7 @@ def lock(folder):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        fail(f"{folder} is in use by another program (it holds the folder's lock)")
+        fail(f"{folder} is in use by another {os.path.basename(sys.argv[0])} (it holds the folder's lock)")
     return fd
 
 
@@ -114,3 +208,37 @@ def on_signals(message):
               file=sys.stderr, flush=True)
         sys.exit(128 + signum)
     return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def check_device(device, dtype='float32'):
+    """What is wrong with --device and --dtype on this machine (None if nothing): an unknown device,
+    one this machine does not have, or bf16 on a GPU without it."""
+    if device in ('auto', 'cpu'):
+        return None
+    if device == 'mps':
+        return None if torch.backends.mps.is_available() else "--device mps: this machine has no MPS device"
+    if not re.fullmatch(r'cuda(:\d+)?', device):
+        return f"--device {device}: not one of auto, cpu, cuda, cuda:N, mps"
+    index = int(device[5:] or 0)
+    if index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
+    if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
+        return f"--dtype bfloat16: {torch.cuda.get_device_name(index)} does not support it"
+    return None
+
+
+def keep_freed_memory():
+    """On the CPU, keep the memory a step frees for the next step. A step allocates and frees the
+    same large tensors every time (the (B*T, V) logits, their log-softmax and gradient: 32 MiB each
+    at the default sizes). glibc's malloc serves a block that large by its own mmap and returns it
+    to the system when it is freed, so that the next step writes to fresh pages and pays a page
+    fault for every 4 KiB: about a fifth of a training step's time at the default sizes on a 2-core
+    CPU (results/bench.md). With malloc's mmap and trim thresholds at 1 GiB, freed blocks stay in
+    the process and are reused. The values computed are the same; only where the memory comes from
+    changes. glibc (Linux) only: elsewhere nothing changes. Returns whether both settings were taken."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -48,11 +48,11 @@ def main():
             return out
         setattr(owner, name, patched)
 
-    def torn_save(obj, path, save=torch.save):
-        save(obj, path)
+    def torn_save(obj, f, save=torch.save):  # f: the checkpoint's temporary file, open for writing
+        save(obj, f)
         if reach():  # half the checkpoint's temporary file on disk, then death
-            with open(path, 'r+b') as f:
-                f.truncate(os.path.getsize(path) // 2)
+            f.flush()
+            f.truncate(f.tell() // 2)
             os.kill(os.getpid(), signal.SIGKILL)
 
     if point == 'ckpt':

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import runs
 import train
 from conftest import ROOT, TINY, run_train
 from test_resume import assert_identical_runs, snapshot
@@ -79,6 +80,7 @@ def test_overwrite_replaces_a_run_and_its_figures(tiny_run, tmp_path, cache_dir)
     (run / 'figures').mkdir()
     (run / 'figures' / 'fig1_loss.png').write_bytes(b'png')
     (run / 'figures' / 'report.md').write_text('# report')
+    runs.own(str(run), 'figures/fig1_loss.png', 'figures/report.md')  # as plot.py lists its figures
     run_train(*SHORT, '--overwrite', '--cache_dir', cache_dir, '--out_dir', str(run))
     assert not (run / 'figures').exists()
     assert json.load(open(run / 'progress.json'))['steps_done'] == 3
@@ -254,3 +256,17 @@ def test_the_eta_comes_from_recent_ordinary_steps():
     assert 'ETA ?' in train.progress_line(0, 100, Rec, 1e-3, [])  # step 0 alone says nothing
     line = train.progress_line(9, 100, Rec, 1e-3, [100.0, 120.0, 110.0, 5000.0, 105.0])
     assert '110.0 ms/step' in line and 'ETA 0.2 min' in line  # the median: the 5000 ms step does not count
+
+
+def test_a_run_without_a_manifest_is_one_line_saying_rerun(tiny_run, tmp_path, cache_dir):
+    """A run folder of an older version (no manifest.txt): no program trusts or deletes its files."""
+    import shutil
+    run = tmp_path / 'old'
+    shutil.copytree(tiny_run, run)
+    os.remove(run / 'manifest.txt')
+    before = snapshot(run)
+    for flags in [['--resume'], ['--overwrite']]:
+        proc = run_train(*TINY, '--max_iters', '12', '--ckpt_interval', '6', *flags, '--cache_dir', cache_dir,
+                         '--out_dir', str(run), check=False)
+        assert_one_line(proc, 'older version')
+    assert snapshot(run) == before

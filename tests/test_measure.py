@@ -16,6 +16,7 @@ import data
 import measure
 import metrics
 import plot
+import runs
 import train
 from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
@@ -100,9 +101,8 @@ def adamw_step64(model, ckpt, cfg, x, y):
 def test_records_of_each_N_go_to_their_own_folder(tmp_path):
     """The whole split to RUN/paper/, --tokens N to RUN/paper_N<N>/ (N the tokens measured), so that
     several N of one run sit side by side."""
-    run = str(tmp_path)
-    assert measure.out_folder(run, 0, 92160) == os.path.join(run, 'paper')
-    assert measure.out_folder(run, 40, 32) == os.path.join(run, 'paper_N32')
+    assert measure.out_folder(0, 92160) == 'paper'
+    assert measure.out_folder(40, 32) == 'paper_N32'
 
 
 def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
@@ -195,17 +195,17 @@ def test_an_interrupted_measure_resumes_to_the_same_records(measured, tmp_path):
     mtimes = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
     assert '0 now' in run_measure(*measure_args(run)).stdout
     assert mtimes == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
-    assert train.foreign_entries(run) == []  # ckpts/ and paper/ are the run's own files
+    assert runs.foreign(run) == []  # ckpts/ and paper/ are the run's own files
 
 
 def test_overwrite_of_train_removes_kept_checkpoints_and_measurements(measured, tmp_path, cache_dir):
     run = str(tmp_path / 'run')
     shutil.copytree(measured, run)
     open(os.path.join(run, PAPER, 'notes.txt'), 'w').close()  # a user's file: the folder is not train's
-    assert train.foreign_entries(run) == [f'{PAPER}/notes.txt']
+    assert runs.foreign(run) == [f'{PAPER}/notes.txt']
     os.remove(os.path.join(run, PAPER, 'notes.txt'))
     os.makedirs(os.path.join(run, 'paper_x'))  # not a name measure.py writes
-    assert train.foreign_entries(run) == ['paper_x']
+    assert runs.foreign(run) == ['paper_x']
     os.rmdir(os.path.join(run, 'paper_x'))
     run_train(*TINY, '--max_iters', '2', '--threads', '1', '--cache_dir', cache_dir, '--out_dir', run,
               '--overwrite')

@@ -15,7 +15,8 @@ from conftest import ROOT, TINY, run_train
 from model import GPT, GPTConfig, per_token_loss
 import recorder
 from recorder import RECORDS, log_schedule, record_shape
-from train import get_args, get_lr, keep_freed_memory
+from runs import keep_freed_memory
+from train import get_args, get_lr
 
 
 def load(run, name):
@@ -61,14 +62,23 @@ def test_run_writes_every_record_with_the_right_shape(tiny_run):
     assert json.load(open(os.path.join(tiny_run, 'progress.json')))['steps_done'] == S
 
 
+def records_markdown():
+    """recorder.RECORDS as the markdown table of docs/records.md."""
+    lines = ['| file | shape | dtype | when | meaning |', '|---|---|---|---|---|']
+    for name, shape, dtype, when, meaning in RECORDS:
+        meaning = meaning.replace('|', '\\|')  # a bar inside a markdown table cell
+        shape = shape if ',' in shape else shape + ','  # (S,) as numpy writes a 1-D shape
+        lines.append(f"| `{name}.npy` | ({shape}) | {dtype} | {when} | {meaning} |")
+    return '\n'.join(lines) + '\n'
+
+
 def test_the_record_reference_is_the_record_table(tiny_run):
     """docs/records.md shows recorder.RECORDS as records_markdown() writes it, and names every file
     a run directory holds, so the reference cannot drift from the code."""
     with open(os.path.join(ROOT, 'docs', 'records.md')) as f:
         doc = f.read()
-    assert recorder.records_markdown() in doc, (
-        "docs/records.md's table differs from recorder.RECORDS: paste the output of "
-        "python -c 'import recorder; print(recorder.records_markdown())' in its place")
+    assert records_markdown() in doc, \
+        "docs/records.md's table differs from recorder.RECORDS; put this in its place:\n" + records_markdown()
     for file in os.listdir(tiny_run):
         assert f"`{file}`" in doc, f"{file} is written by train.py but not described in docs/records.md"
 
@@ -332,9 +342,8 @@ def test_training_window_probe_matches_a_recomputation(tmp_path, cache_dir):
     corpus = data.prepare(None, 300, cache_dir)
     offsets = np.array(cfg['train_probe_offsets'])
     assert len(offsets) == 3 and np.all(offsets % 17 == 0) and np.all(np.diff(offsets) >= 17)  # disjoint
-    again, _, _ = train.train_probe_windows(get_args([*TINY, '--train_probe_seqs', '3']), corpus, 'cpu')
-    other, _, _ = train.train_probe_windows(get_args([*TINY, '--train_probe_seqs', '3', '--seed', '7']),
-                                            corpus, 'cpu')
+    again, _, _ = train.fixed_windows(corpus['train'], 3, 16, [cfg['seed'], 2 ** 32], '--train_probe_seqs')
+    other, _, _ = train.fixed_windows(corpus['train'], 3, 16, [7, 2 ** 32], '--train_probe_seqs')
     assert np.array_equal(again, offsets) and not np.array_equal(other, offsets)  # a function of the seed
     tokens = load(out, 'train_probe_tokens')  # (Q, T + 1), from the training split
     assert np.array_equal(tokens, np.stack([corpus['train'][o:o + 17] for o in offsets]).astype(np.int64))

@@ -4,19 +4,19 @@
 # and the log2 checkpoints measured offline. Every run uses the same seed, hence the same data order
 # and probe set for a given vocabulary.
 #
-#   bash sweep.sh              # all three parts, one after the other
-#   bash sweep.sh sizes        # 4 sizes, 900 steps: loss deceleration, gradient opposition, zero-sum
+#   bash studies/sweep.sh              # all three parts, one after the other
+#   bash studies/sweep.sh sizes        # 4 sizes, 900 steps: loss deceleration, gradient opposition, zero-sum
 #                              # learning, recorded online
-#   bash sweep.sh measure      # measure.py on the size sweep's checkpoints at N = 128, 2048, 16384
-#   bash sweep.sh warmup       # 4L/128d with 10, 40, 50 and 100 warmup steps: does t_d track warmup?
-#   bash sweep.sh saturation   # 2 layers at widths 8 to 64, vocabulary 2048, 10-20M tokens each
+#   bash studies/sweep.sh measure      # measure.py on the size sweep's checkpoints at N = 128, 2048, 16384
+#   bash studies/sweep.sh warmup       # 4L/128d with 10, 40, 50 and 100 warmup steps: does t_d track warmup?
+#   bash studies/sweep.sh saturation   # 2 layers at widths 8 to 64, vocabulary 2048, 10-20M tokens each
 #
 # The parts are independent: on a machine with cores to spare, run them side by side. Runs go to
 # $OUT (default out/sweep), each part's figures and report.md to $OUT/<part>/figures. Each run and
 # part prints how long it took.
 set -euo pipefail
-cd "$(dirname "$0")"
-OUT=${OUT:-out/sweep}
+cd "$(dirname "$0")/.."  # the repository root, wherever it is called from
+OUT=${OUT:-out/sweep}  # relative to the repository root
 what=${1:-all}
 THREADS=${THREADS:-0}  # torch threads per run (0: its default); 1 when parts run side by side
 export PYTHONUNBUFFERED=1
