@@ -377,8 +377,8 @@ def test_compile_records_what_eager_records(tmp_path, cache_dir):
                                    rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-# The two worked examples of the README's "Adding a measurement": (file, the line after which the
-# lines go (None: at the end), the lines). The test below checks that the README shows exactly these
+# The two worked examples of docs/adding-a-measurement.md: (file, the line after which the
+# lines go (None: at the end), the lines). The test below checks that the page shows exactly these
 # lines, applies them to a copy of the code, trains, and checks the new records.
 ENTROPY = '''def prediction_entropy(logits):
     """H_i = -sum_v p_iv log p_iv with p_i = softmax(z_i), in nats: (..., V) -> (...)."""
@@ -401,7 +401,7 @@ ADDING_A_MEASUREMENT = [
 
 @pytest.mark.slow
 def test_adding_a_measurement_as_the_readme_shows(tmp_path, cache_dir):
-    with open(os.path.join(ROOT, 'README.md')) as f:
+    with open(os.path.join(ROOT, 'docs', 'adding-a-measurement.md')) as f:
         readme = f.read()
     code = tmp_path / 'code'
     code.mkdir()
