@@ -6,19 +6,11 @@ What recording costs: train.py at each recording level against a plain loop, and
     python bench/bench.py --device cuda --dtype bfloat16 --compile --steps_only \
         --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8   # MFU, GPT-2-small-like
 
-In one process, the variants interleaved round by round so that machine noise hits them alike;
-prints medians and ratios (results/bench.md says more and keeps the measurements):
-1. training steps: a plain nanoGPT loop written here (its own GPT, not model.py's), and train.py at
-   --record none / light / all (its step_ms record; light: its unscheduled steps); warm-up dropped;
-2. each recorded quantity on its own, on the same model, batch and probe set;
-3. exact all-parameter opposition: the project's method against a port of the published one (on 1, 4
-   and 16 probe sequences, with their FLOPs) and against the definition, one backward per token;
-4. position-local opposition: |G|^T |X| against one backward per token (sections 3 and 4 also check
-   that both give the same sums);
-5. bytes written per step and per default run, the BNSL fit, plot.py on the runs made here;
-6. model FLOPs of the training steps: TFLOP/s, MFU against a known or given peak, and on the CPU
-   against this machine's measured fp32 matmul throughput.
---dtype and --compile apply to the training steps; the recording passes are fp32, as in train.py.
+The variants run in one process, interleaved round by round so that machine noise hits them alike.
+Sections: 1. training steps, a plain nanoGPT loop written here against train.py at each --record level;
+2. each recorded quantity on its own; 3. and 4. exact opposition, the project's method against a port of
+the published one and against one backward per token; 5. bytes written, the BNSL fit, plot.py;
+6. model FLOPs and MFU. results/bench.md describes them and keeps the measurements.
 """
 
 import contextlib
@@ -48,8 +40,7 @@ import train
 from model import build_gpt, per_token_loss
 
 WARMUP = 3  # first steps of every run left out of the medians
-# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets, by device name;
-# the first name found in torch.cuda.get_device_name() is used
+# dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's datasheets): the first name in the device's name
 PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
                     'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
@@ -58,6 +49,7 @@ LOOPED_SEQS = 1  # probe sequences on which the project's and the looped opposit
 MATMUL_N, MATMUL_REPS = 2048, 3  # on the CPU: the (n, n) @ (n, n) fp32 matmul timed, times a round
 LABELS = {'plain': 'plain nanoGPT step (written in bench.py)', 'none': 'train.py --record none (bare)',
           'light': 'train.py --record light (unscheduled steps)', 'all': 'train.py --record all'}
+LEVELS = ['none', 'light', 'all']  # train.py's --record levels
 SETTINGS = [s for s in train.SETTINGS if s[0] in (
     'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs', 'cache_dir')] + [
     ('device', 'cpu', str, 'cpu, cuda, cuda:N or mps'),
@@ -85,24 +77,18 @@ def get_args(argv=None):
     return args
 
 
-def sync(device):
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 def timed(fn, device, setup=None):
     """Milliseconds of one call fn(state), state = setup() (untimed, e.g. a fresh autograd graph)."""
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     state = setup() if setup else None
-    sync(device)
+    sync()
     start = time.perf_counter()
     fn(state)
-    sync(device)
+    sync()
     return 1000 * (time.perf_counter() - start)
 
 
-# -----------------------------------------------------------------------------
-# section 1: the plain loop (the baseline, written here) and train.py
-
+# --- section 1: the plain loop (the baseline, written here) and train.py
 class PlainGPT(nn.Module):
     """The plain loop's GPT, written here and not imported from model.py, so that a slowdown in the
     project's model or loss shows up against it: token + position embeddings, pre-LayerNorm blocks
@@ -163,8 +149,7 @@ def plain_model(args, corpus):
 
 
 def plain_step(model, step_model, opt, x, y, autocast, grad_clip):
-    """One plain nanoGPT step: forward, nanoGPT's mean cross-entropy, backward, clip, AdamW. Returns
-    the loss."""
+    """One plain nanoGPT step: forward, nanoGPT's mean cross-entropy, backward, clip, AdamW; the loss."""
     with autocast:
         logits = step_model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
@@ -176,7 +161,7 @@ def plain_step(model, step_model, opt, x, y, autocast, grad_clip):
 
 
 def plain_loop(args, corpus):
-    """ms per step of the plain loop on train.py's batches and learning-rate schedule, no recording."""
+    """ms per step of the plain loop on train.py's batches and learning-rate schedule."""
     defaults, model, opt = plain_model(args, corpus)
     autocast = train.precision(args.dtype, args.device.split(':')[0])[1]
     step_model = torch.compile(model) if args.compile else model
@@ -187,7 +172,7 @@ def plain_loop(args, corpus):
         x, y = (t.contiguous() for t in batch(args, corpus, defaults, step))
         for group in opt.param_groups:
             group['lr'] = train.get_lr(step, defaults)
-        plain_step(model, step_model, opt, x, y, autocast, defaults.grad_clip).item()  # as train.py's log
+        plain_step(model, step_model, opt, x, y, autocast, defaults.grad_clip).item()  # train.py reads it too
         times.append(1000 * (time.perf_counter() - start))
     return times[WARMUP:]
 
@@ -195,89 +180,48 @@ def plain_loop(args, corpus):
 def batch(args, corpus, defaults, step):
     """(x, y) of train.py's training batch at `step`, each (batch_size, block_size), on the device."""
     offsets = data.batch_offsets(defaults.seed, step, args.batch_size, args.block_size, len(corpus['train']))
-    return (torch.from_numpy(a).to(args.device)
-            for a in data.get_windows(corpus['train'], offsets, args.block_size))
+    windows = data.get_windows(corpus['train'], offsets, args.block_size)
+    return (torch.from_numpy(a).to(args.device) for a in windows)
 
 
 def train_py(args, level, out_dir):
     """ms per step of train.py itself at a recording level (its step_ms record)."""
     every = str(args.steps)  # the periodic passes once, at the end
-    argv = ['--record', level, '--max_iters', every, '--out_dir', out_dir, '--overwrite', '--grad_every', every,
-            '--hidden_every', every, '--ckpt_interval', every, '--log_interval', every, '--device', args.device,
-            '--dtype', args.dtype, '--cache_dir', args.cache_dir] + ['--compile'] * args.compile
-    for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs']:
+    argv = ['--record', level, '--out_dir', out_dir, '--overwrite'] + ['--compile'] * args.compile
+    for name in ['max_iters', 'grad_every', 'hidden_every', 'ckpt_interval', 'log_interval']:
+        argv += ['--' + name, every]
+    for name in ['n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs',
+                 'device', 'dtype', 'cache_dir']:
         argv += ['--' + name, str(getattr(args, name))]
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(argv)
     ms = np.load(os.path.join(out_dir, 'step_ms.npy'))
-    # the first steps warm up; the last runs the scheduled passes
-    keep = (np.arange(len(ms)) >= WARMUP) & (np.arange(len(ms)) < len(ms) - 1)
+    keep = (np.arange(len(ms)) >= WARMUP) & (np.arange(len(ms)) < len(ms) - 1)  # the last: scheduled passes
     if level == 'light':  # its unscheduled steps: no post-update pass recorded
         keep &= np.isnan(np.load(os.path.join(out_dir, 'train_loss_post.npy'))[:, 0, 0])
     return list(ms[keep])
 
 
-def fewest_steps_for_light():
-    """The fewest --steps at which train_py times a --record light step: its post-update pass runs on
-    the log schedule, which covers every step of a short run, and a scheduled step is not timed."""
-    steps = WARMUP + 2
-    while not set(range(WARMUP, steps - 1)) - set(recorder.log_schedule(steps - 1)):
-        steps += 1
-    return steps
-
-
 def print_steps(args, median_ms):
     """Section 1: each variant's median ms per step, its ratio to train.py's bare step, tokens/s."""
-    tokens = args.batch_size * args.block_size
+    tokens, fewest = args.batch_size * args.block_size, WARMUP + 2
+    while not set(range(WARMUP, fewest - 1)) - set(recorder.log_schedule(fewest - 1)):  # no light step timed
+        fewest += 1
     print("\n1. training step                                       median ms   ratio to bare   tokens/s")
     for variant, ms in median_ms.items():
-        if ms is None:  # light in a short run: every timed step is scheduled
+        if ms is None:  # light in a short run: the log schedule covers every step, and those are not timed
             print(f"   {LABELS[variant]:50s}  n/a: no unscheduled step among the timed steps; "
-                  f"use --steps {fewest_steps_for_light()} or more")
+                  f"use --steps {fewest} or more")
         else:
-            print(f"   {LABELS[variant]:50s}{ms:10.1f}{ms / median_ms['none']:14.2f}{tokens / ms * 1000:12.0f}")
+            ratio = ms / median_ms['none']
+            print(f"   {LABELS[variant]:50s}{ms:10.1f}{ratio:14.2f}{tokens / ms * 1000:12.0f}")
 
 
-# -----------------------------------------------------------------------------
-# sections 2 to 4: each quantity on its own, and the opposition by each method
-
-def project_step(model, step_model, opt, x, y, autocast, grad_clip):
-    """One training step of the project's model (model.GPT, its per_token_loss) without recording:
-    section 2's unit of cost."""
-    with autocast:
-        _, loss = step_model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def seeded_model(args, corpus):
-    """(train.py's default settings, the model initialised as train.py does, its AdamW)."""
-    defaults = train.get_args([])
-    torch.manual_seed(defaults.seed)
-    model = reference_gpt(args, corpus).to(args.device)
-    opt = model.configure_optimizers(defaults.weight_decay, defaults.learning_rate,
-                                     (defaults.beta1, defaults.beta2), args.device.split(':')[0])
-    return defaults, model, opt
-
-
-def training_graph(model, local, x, y, autocast):
-    """(logits, X and G of the position-local layers, h, losses) of the training forward and backward,
-    the graph kept."""
-    with metrics.capture_activations(local) as acts:
-        with autocast:
-            logits, _, h = model(x, return_hidden=True)
-            losses = per_token_loss(logits, y)
-        losses.mean().backward(retain_graph=True)
-    return logits, acts, h, losses
-
-
+# --- sections 2 to 4: each quantity on its own, and the opposition by each method
 def subset_graph(model, local, x, y):
     """X and G of the position-local layers, G of the losses of the first LOCAL_SUBSET tokens only."""
     with metrics.capture_activations(local) as acts:
-        losses = per_token_loss(model(x)[0], y).reshape(-1)
-        losses[:LOCAL_SUBSET].sum().backward()  # the other rows of G: 0
+        per_token_loss(model(x)[0], y).reshape(-1)[:LOCAL_SUBSET].sum().backward()  # the other rows of G: 0
     return acts
 
 
@@ -288,8 +232,7 @@ def looped_local(model, local, x, y):
 
 
 def method_sizes(args):
-    """The numbers of probe sequences on which section 3 compares the methods: METHOD_SEQS, at most
-    --probe_seqs."""
+    """The numbers of probe sequences on which section 3 compares the methods: at most --probe_seqs."""
     return sorted({min(n, args.probe_seqs) for n in METHOD_SEQS})
 
 
@@ -304,40 +247,49 @@ def quantities(args, model, opt, defaults, x, y, px, py):
     h, head = h.reshape(-1, args.n_embd), model.lm_head.weight.detach()
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(x.numel(), dtype=torch.float64, device=args.device)  # stands for post - pre
-    lx, ly = px[:LOOPED_SEQS], py[:LOOPED_SEQS]
+    lx, ly, N = px[:LOOPED_SEQS], py[:LOOPED_SEQS], x.numel()
 
-    def graph():
-        return training_graph(model, local, x, y, autocast)
+    def step(_):  # the project's training step (model.GPT, per_token_loss), no recording: the unit
+        with autocast:
+            loss = step_model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip or float('inf'))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    def theta(state):  # from the training gradient, as the recorder takes it from p.grad
-        logits, _, h, losses = state
-        return m.theta_decomposition(logits, y, params, {n: p.grad for n, p in params.items()}, h=h,
-                                     head=head_name, losses=losses)
+    def graph():  # the training forward and backward, graph kept, the local layers' X and G captured
+        with m.capture_activations(local) as acts:
+            with autocast:
+                logits, _, h = model(x, return_hidden=True)
+                losses = per_token_loss(logits, y)
+            losses.mean().backward(retain_graph=True)
+        return logits, acts, h, losses, {n: p.grad for n, p in params.items()}  # p.grad, as the recorder's
 
     def scheduled_opposition(_):  # as train.py records it at a grad step: sums, dots, summary, terms
         sums, dots = m.per_token_gradient_sums(model, px, py, delta=delta)
         return m.opposition_summary(sums), m.update_weighted_terms(sums, delta, dots)
     variants = {
-        'training step (forward, backward, clip, AdamW)':
-            lambda _: project_step(model, step_model, opt, x, y, autocast, defaults.grad_clip),
+        'training step (forward, backward, clip, AdamW)': step,
         'probe pass (fp32 forward, P sequences)': lambda _: m.fp32_probe_forward(model, px, py),
         'h-space decomposition of the probe tokens':
             lambda _: m.output_decomposition(h, head, py.reshape(-1), probs=probe_p),
         'post-update pass (fp32 forward, batch)': lambda _: m.fp32_forward(model, x, y),
-        'theta+/- (second backward, from h) and norms': (theta, graph),
-        'position-local opposition, |G|^T |X|': (lambda state: m.opposition_summary(m.position_local_gradient_sums(
-            local, state[1], x.numel(), {n: p.grad for n, p in params.items()})), graph),
+        'theta+/- (second backward, from h) and norms': (lambda g: m.theta_decomposition(
+            g[0], y, params, g[4], h=g[2], head=head_name, losses=g[3]), graph),
+        'position-local opposition, |G|^T |X|': (
+            lambda g: m.opposition_summary(m.position_local_gradient_sums(local, g[1], N, g[4])), graph),
         'D, M and null of the batch changes': lambda _: [f(change) for f in (
             m.destructive_interference, m.interference_magnitude, m.sign_flip_null)],
         f'scheduled: opposition, nulls, update-weighted terms ({px.numel()} tokens)': scheduled_opposition,
         f'all-parameter opposition, looped ({LOOPED_SEQS} probe seq)':
             lambda _: m.opposition_summary(m.per_token_gradient_sums_looped(model, lx, ly)),
         'scheduled: JVP prediction of the batch': lambda _: m.predicted_loss_change(model, x, y, delta),
-        f'position-local, one backward per token ({LOCAL_SUBSET} tokens)': lambda _: looped_local(model, local, x, y),
-        f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)': (
-            lambda acts: m.position_local_gradient_sums(local, acts, 1), lambda: subset_graph(model, local, x, y)),
+        f'position-local, one backward per token ({LOCAL_SUBSET} tokens)':
+            lambda _: looped_local(model, local, x, y),
+        f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)': (lambda acts: m.position_local_gradient_sums(
+            local, acts, 1), lambda: subset_graph(model, local, x, y)),
     }
-    for n in method_sizes(args):  # the same sums (and their summary) by the project's method and the published one
+    for n in method_sizes(args):  # the same sums and summary by the project's and the published method
         variants[f'all-parameter opposition, project method ({n} probe seq)'] = \
             lambda _, n=n: m.opposition_summary(m.per_token_gradient_sums(model, px[:n], py[:n]))
         variants[f'all-parameter opposition, published method port ({n} probe seq)'] = \
@@ -352,9 +304,28 @@ def max_rel_diff(fast, slow, skip=()):
                for n in slow if n not in skip for k in (0, 1))
 
 
-def method_checks(args, model, x, y, px, py):
-    """The largest relative difference of each pair of methods' sums, and the GFLOP of the project's
-    and the published method on each size (PyTorch's counter, around untimed calls)."""
+def components(args, corpus):
+    """(name -> ms of each timed call, checks) on train.py's initial model, its first batch and the
+    first --probe_seqs validation windows: every quantity once a round, --reps times; then, untimed,
+    the largest relative difference of each pair of methods' sums and the GFLOP of section 3's."""
+    defaults = train.get_args([])
+    torch.manual_seed(defaults.seed)  # the model initialised as train.py does, its AdamW
+    model = reference_gpt(args, corpus).to(args.device)
+    opt = model.configure_optimizers(defaults.weight_decay, defaults.learning_rate,
+                                     (defaults.beta1, defaults.beta2), args.device.split(':')[0])
+    x, y = batch(args, corpus, defaults, 0)
+    offsets = np.arange(args.probe_seqs) * (args.block_size + 1)  # the first --probe_seqs windows
+    windows = data.get_windows(corpus['val'], offsets, args.block_size)
+    px, py = (torch.from_numpy(a).to(args.device) for a in windows)
+    variants = quantities(args, model, opt, defaults, x, y, px, py)
+    times = {name: [] for name in variants}
+    if args.compile:
+        variants['training step (forward, backward, clip, AdamW)'](None)  # compiles, outside the timings
+    for _ in range(args.rounds):
+        for name, entry in variants.items():
+            fn, setup = entry if isinstance(entry, tuple) else (entry, None)
+            times[name] += [timed(fn, args.device, setup) for _ in range(args.reps)]
+            model.zero_grad(set_to_none=True)
     local, lx, ly = metrics.position_local_modules(model), px[:LOOPED_SEQS], py[:LOOPED_SEQS]
     # the attention biases hold the key biases: exact zeros in the project's sums, rounding noise elsewhere
     key_biases = [f"transformer.h.{i}.attn.c_attn.bias" for i in range(args.n_layer)]
@@ -367,28 +338,9 @@ def method_checks(args, model, x, y, px, py):
             project = metrics.per_token_gradient_sums(model, px[:n], py[:n])
         with FlopCounterMode(display=False) as theirs:
             published = published_gradient_sums(model, px[:n], py[:n])
-        checks[f'all-parameter: project vs published ({n})'] = max_rel_diff(project, published, skip=key_biases)
-        checks[f'GFLOP: project, published ({n})'] = (ours.get_total_flops() / 1e9, theirs.get_total_flops() / 1e9)
-    return checks
-
-
-def components(args, corpus):
-    """(name -> ms of each timed call, checks) on train.py's initial model, its first batch and the first
-    --probe_seqs validation windows: every quantity once a round, --reps times."""
-    defaults, model, opt = seeded_model(args, corpus)
-    x, y = batch(args, corpus, defaults, 0)
-    offsets = np.arange(args.probe_seqs) * (args.block_size + 1)
-    px, py = (torch.from_numpy(a).to(args.device) for a in data.get_windows(corpus['val'], offsets, args.block_size))
-    variants = quantities(args, model, opt, defaults, x, y, px, py)
-    times = {name: [] for name in variants}
-    if args.compile:
-        variants['training step (forward, backward, clip, AdamW)'](None)  # compiles, outside the timings
-    for _ in range(args.rounds):
-        for name, entry in variants.items():
-            fn, setup = entry if isinstance(entry, tuple) else (entry, None)
-            times[name] += [timed(fn, args.device, setup) for _ in range(args.reps)]
-            model.zero_grad(set_to_none=True)
-    return times, method_checks(args, model, x, y, px, py)
+        checks[f'all-parameter: project vs published ({n})'] = max_rel_diff(project, published, key_biases)
+        checks[f'GFLOP: project, published ({n})'] = [c.get_total_flops() / 1e9 for c in (ours, theirs)]
+    return times, checks
 
 
 def published_slots(idx):
@@ -405,17 +357,12 @@ def published_slots(idx):
 
 def published_gradient_sums(model, idx, targets):
     """The exact per-token gradient sums as the published analysis computes them (github.com/mirandrom/zsl,
-    analyses/02-interference/grad_intrf_true.py with zsl_utils/grad_analysis), ported to this model as
-    the baseline of metrics.per_token_gradient_sums, with which it shares no code. One forward, its graph
-    kept; for each position j one backward of sum_n l_nj (the B tokens at j) through the whole graph, in
-    which each layer turns its input X and output gradient G at positions 0..j into each sequence's,
-    i.e. token (n, j)'s, gradient and adds up g, |g|, g^2 per coordinate:
-        Linear weight  g_n = sum_{s<=j} outer(G_ns, X_ns)   (their einsum 'Bsd,Bsp->Bpd')
-        Embedding      g_n = the rows of sequence n's tokens, row r = sum of G_ns over the s holding r
-    Hooks keep X and receive G; autograd is asked for the embedding output's gradient only, so no weight
-    gradient is formed, as in theirs. The same rule gives the biases (sum_s G_ns), LayerNorm weights
-    (sum_s G_ns * xhat_ns) and position embedding; their norms are left out. Untied heads only.
-    Returns name -> (sum g, sum |g|, sum g^2), as per_token_gradient_sums."""
+    analyses/02-interference/grad_intrf_true.py, zsl_utils/grad_analysis), ported to this model as the
+    baseline of metrics.per_token_gradient_sums, sharing no code with it. One forward, its graph kept;
+    per position j one backward of sum_n l_nj through the whole graph, in which each layer turns its input
+    X and output gradient G at positions <= j into each sequence's gradient (Linear: their einsum
+    'Bsd,Bsp->Bpd'; embedding: the rows of its tokens) and adds up g, |g|, g^2 per coordinate; no
+    weight gradient is formed. Untied heads only. Returns name -> (sum g, sum |g|, sum g^2)."""
     assert model.transformer.wte.weight is not model.lm_head.weight, "the port needs an untied LM head"
     sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in model.named_parameters()}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}
@@ -429,8 +376,8 @@ def published_gradient_sums(model, idx, targets):
         def per_sequence_gradients(G):  # G (B, T, out): the output gradient of sum_n l_nj
             j = position[0]
             G, X = G[:, :j + 1], saved[name][:, :j + 1]  # positions after j: no gradient
-            is_linear = isinstance(module, nn.Linear)
-            accumulate(name + '.weight', torch.einsum('bso,bsi->boi', G, X) if is_linear else (G * X).sum(1))
+            linear = isinstance(module, nn.Linear)
+            accumulate(name + '.weight', torch.einsum('bso,bsi->boi', G, X) if linear else (G * X).sum(1))
             if module.bias is not None:
                 accumulate(name + '.bias', G.sum(1))
 
@@ -464,8 +411,10 @@ def published_gradient_sums(model, idx, targets):
 def print_components(args, times, checks):
     """Sections 2 to 4: each quantity's median ms and its ratio to a training step; the methods compared."""
     median_ms = {name: statistics.median(ms) for name, ms in times.items()}
-    step_ms, N = median_ms['training step (forward, backward, clip, AdamW)'], args.batch_size * args.block_size
-    print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   ratio to a training step")
+    N = args.batch_size * args.block_size
+    step_ms = median_ms['training step (forward, backward, clip, AdamW)']
+    print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   "
+          "ratio to a training step")
     for name, ms in median_ms.items():
         print(f"   {name:60s}{ms:10.2f}{ms / step_ms:10.3f}")
     scheduled = [name for name in median_ms if name.startswith('scheduled: opposition')][0]
@@ -485,8 +434,8 @@ def print_components(args, times, checks):
               f"   max relative difference {checks[f'all-parameter: project vs published ({n})']:.1e}")
     ours = median_ms[f'all-parameter opposition, project method ({LOOPED_SEQS} probe seq)']
     looped_ms = median_ms[f'all-parameter opposition, looped ({LOOPED_SEQS} probe seq)']
-    print(f"   and one plain backward per token (the definition), {LOOPED_SEQS} sequence: {looped_ms:.0f} ms, "
-          f"{looped_ms / ours:.1f}x the project's; max relative difference "
+    print(f"   and one plain backward per token (the definition), {LOOPED_SEQS} sequence: "
+          f"{looped_ms:.0f} ms, {looped_ms / ours:.1f}x the project's; max relative difference "
           f"{checks['all-parameter: project vs looped']:.1e}")
     loop_ms = median_ms[f'position-local, one backward per token ({LOCAL_SUBSET} tokens)']
     matmul_ms = median_ms[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
@@ -498,44 +447,33 @@ def print_components(args, times, checks):
           f"{checks['position-local: |G|^T|X| vs looped']:.1e}")
 
 
-# -----------------------------------------------------------------------------
-# section 5: bytes, BNSL, plot.py
-
-def record_bytes(run_dir, default_steps):
-    """(bytes of one step's rows, bytes of a default-length run) from a run's config.json."""
-    with open(os.path.join(run_dir, 'config.json')) as f:
-        cfg = json.load(f)
-    scheduled = {'hidden': len(recorder.log_schedule(default_steps)),  # rows of the scheduled records
-                 'grad': len(recorder.log_schedule(default_steps - 1, points=recorder.GRAD_POINTS))}
-    rows = {name: scheduled[when] for name, _, _, when, _ in recorder.RECORDS if when in scheduled}
-    per_step, total = 0, 0
-    for name, (shape, dtype) in cfg['records'].items():
-        row = math.prod(shape[1:]) * np.dtype(dtype).itemsize
-        per_step += 0 if name in rows else row
-        total += row * rows.get(name, default_steps + 1)  # + 1: the probe records' final row
-    return per_step, total
-
-
+# --- section 5: bytes written, BNSL, plot.py
 def print_outputs(args, tmp, n_runs):
-    """Section 5: bytes written, the BNSL fit, plot.py on the n_runs train.py runs in tmp."""
-    S = train.get_args([]).max_iters
-    per_step, total = record_bytes(os.path.join(tmp, 'all'), S)
+    """Section 5: bytes written (from the --record all run's config.json), the BNSL fit, plot.py on
+    the n_runs train.py runs in tmp."""
+    S = train.get_args([]).max_iters  # a default run
+    with open(os.path.join(tmp, 'all', 'config.json')) as f:
+        records = json.load(f)['records'].items()
+    scheduled = {'hidden': len(recorder.log_schedule(S)),  # rows of the scheduled records
+                 'grad': len(recorder.log_schedule(S - 1, points=recorder.GRAD_POINTS))}
+    rows = {name: scheduled[when] for name, _, _, when, _ in recorder.RECORDS if when in scheduled}
+    row_bytes = {name: math.prod(shape[1:]) * np.dtype(dtype).itemsize for name, (shape, dtype) in records}
+    per_step = sum(b for name, b in row_bytes.items() if name not in rows)
+    total = sum(b * rows.get(name, S + 1) for name, b in row_bytes.items())  # + 1: the probe's final row
     print(f"\n5. --record all writes {per_step / 1e6:.2f} MB per step, {total / 1e9:.2f} GB for a run of "
           f"{S} steps of this model (hidden states and spectra on the default log schedule)")
     steps = np.arange(1, S + 1.0)
-    noise = np.exp(0.01 * np.random.default_rng(0).standard_normal(len(steps)))
-    loss = bnsl.bnsl_1break(steps, 20.0, 0.3, -0.2, 90.0, 0.1) * noise
+    loss = bnsl.bnsl_1break(steps, 20.0, 0.3, -0.2, 90.0, 0.1) * np.exp(
+        0.01 * np.random.default_rng(0).standard_normal(len(steps)))  # with 1 % noise
     fit_ms = [timed(lambda _: bnsl.fit_bnsl(*bnsl.preprocess(steps, loss)), 'cpu') for _ in range(3)]
     print(f"   BNSL fit of a {S}-step curve (preprocessed, 100 bootstrap resamples): "
           f"{statistics.median(fit_ms) / 1000:.2f} s")
     with contextlib.redirect_stdout(io.StringIO()):
-        ms = timed(lambda _: plot.main([tmp, '--out', os.path.join(tmp, 'figures')]), 'cpu')
+        ms = timed(lambda _: plot.main([os.path.join(tmp, level) for level in LEVELS]), 'cpu')
     print(f"   plot.py on the {n_runs} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
 
 
-# -----------------------------------------------------------------------------
-# section 6: model FLOPs
-
+# --- section 6: model FLOPs
 def matmul_ms(n=MATMUL_N, reps=MATMUL_REPS):
     """ms of each of `reps` fp32 (n, n) @ (n, n) matmuls on the CPU, after one untimed."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -544,54 +482,33 @@ def matmul_ms(n=MATMUL_N, reps=MATMUL_REPS):
 
 
 def matmul_tflops(ms, n=MATMUL_N):
-    """The matmul throughput in TFLOP/s from the ms of (n, n) @ (n, n) matmuls: 2 n^3 FLOPs over the
-    median time."""
+    """TFLOP/s of (n, n) @ (n, n) matmuls taking `ms` each: 2 n^3 FLOPs over the median time."""
     return 2 * n ** 3 / (statistics.median(ms) / 1000) / 1e12
 
 
 def flops_per_token(config):
-    """Model FLOPs of one training token, forward and backward, counting a multiply-add as 2 FLOPs
-    and the backward as twice the forward (the PaLM paper's appendix B, as nanoGPT's MFU):
-
+    """Model FLOPs of one training token, forward and backward, counting a multiply-add as 2 FLOPs and
+    the backward as twice the forward (the PaLM paper's appendix B, as nanoGPT's MFU):
         F = 6 (12 L d^2 + V d) + 12 L T d
-
-    12 L d^2 + V d: the weights that multiply activations (per block 4 d^2 in attention, 8 d^2 in the
-    MLP; the LM head V d); 12 L T d: attention over a context of T, the causal mask not subtracted
-    (kernels compute whole tiles). Embedding lookups, biases, LayerNorm, GELU, softmax left out."""
+    over the weights that multiply activations and attention over the full context of T."""
     L, d, V, T = config.n_layer, config.n_embd, config.vocab_size, config.block_size
     return 6 * (12 * L * d * d + V * d) + 12 * L * T * d
 
 
-def mfu(flops, tokens, ms, peak):
-    """(achieved TFLOP/s, model FLOPs utilisation) of a step of `tokens` tokens taking `ms`:
-    TFLOP/s = F * tokens / seconds / 1e12, MFU = TFLOP/s / peak (None without a peak)."""
-    tflops = flops * tokens / (ms / 1000) / 1e12
-    return tflops, (tflops / peak if peak else None)
-
-
-def peak_tflops(args):
-    """The device's peak TFLOP/s for the MFU: --peak_tflops, else the datasheet bf16 peak of a known
-    GPU when training in bf16, else None (no MFU printed)."""
-    if args.peak_tflops > 0:
-        return args.peak_tflops
-    if args.device.startswith('cuda') and args.dtype == 'bfloat16':
-        name = torch.cuda.get_device_name(args.device)
-        return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
-    return None
-
-
 def print_flops(args, corpus, median_ms, matmuls):
-    """Section 6: each variant's model TFLOP/s, its MFU against a peak, on the CPU its share of the
+    """Section 6: each variant's model TFLOP/s, its MFU (TFLOP/s / peak), on the CPU its share of the
     measured matmul throughput (matmuls: ms of each, timed in the rounds)."""
     with torch.device('meta'):
         flops = flops_per_token(reference_gpt(args, corpus).config)
-    peak, tokens = peak_tflops(args), args.batch_size * args.block_size
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else args.device
+    # the peak: --peak_tflops, else the datasheet's of a known GPU in bf16
+    peak = args.peak_tflops or (next((p for key, p in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+                                if args.device.startswith('cuda') and args.dtype == 'bfloat16' else None)
+    matmul_peak = matmul_tflops(matmuls) if matmuls else None
     print(f"\n6. model FLOPs of the training step: {flops / 1e6:.2f} MFLOP per token "
           f"(the recording's work not counted), {args.dtype} on {device_name}; "
           + (f"MFU against a peak of {peak:.4g} TFLOP/s" if peak else "no peak known for this device "
              "(--peak_tflops), no MFU"))
-    matmul_peak = matmul_tflops(matmuls) if matmuls else None
     if matmul_peak:
         print(f"   an MFU analogue: achieved model FLOP/s / measured matmul FLOP/s (fp32 {MATMUL_N} x "
               f"{MATMUL_N} @ {MATMUL_N} x {MATMUL_N}, median of {len(matmuls)}, timed in the rounds: "
@@ -600,9 +517,9 @@ def print_flops(args, corpus, median_ms, matmuls):
         if ms is None:
             print(f"   {LABELS[variant]:50s}  n/a (no timed step, see section 1)")
             continue
-        tflops, utilisation = mfu(flops, tokens, ms, peak)
-        print(f"   {LABELS[variant]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * utilisation:5.1f}%" if peak else "")
-              + (f"   {100 * tflops / matmul_peak:5.1f}% of matmul" if matmul_peak else ""))
+        tflops = flops * args.batch_size * args.block_size / (ms / 1000) / 1e12
+        print(f"   {LABELS[variant]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * tflops / peak:5.1f}%"
+              if peak else "") + (f"   {100 * tflops / matmul_peak:5.1f}% of matmul" if matmul_peak else ""))
 
 
 def main(argv=None):
@@ -613,12 +530,13 @@ def main(argv=None):
     print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, "
           f"vocabulary {corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, "
           f"{args.device} ({args.dtype}{', compiled' if args.compile else ''}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.rounds} rounds of {args.steps} steps per variant", flush=True)
+          f"{torch.get_num_threads()} threads; {args.rounds} rounds of {args.steps} steps per variant",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix='bench-') as tmp:  # the runs made here, removed at the end
         steps, matmuls = {variant: [] for variant in LABELS}, []  # ms of every timed step; of each matmul
         for round_no in range(1, args.rounds + 1):  # interleaved: every variant once a round
             steps['plain'] += plain_loop(args, corpus)
-            for level in ['none', 'light', 'all']:
+            for level in LEVELS:
                 steps[level] += train_py(args, level, os.path.join(tmp, level))
             matmuls += matmul_ms() if args.device == 'cpu' else []  # on the CPU, timed as the steps are
             print(f"  round {round_no}/{args.rounds} done", file=sys.stderr, flush=True)
