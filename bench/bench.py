@@ -2,20 +2,17 @@
 What recording costs: train.py at each recording level against a plain loop, and each measurement on its own.
 
     python bench/bench.py                          # train.py's default model and batch, on the CPU
-    python bench/bench.py --rounds 5 --steps 60    # more samples; --n_layer, --n_embd, ... other sizes
+    python bench/bench.py --rounds 5 --steps 60 --n_layer 2    # more samples, another size
     python bench/bench.py --device cuda --dtype bfloat16 --compile --steps_only \
         --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8   # MFU, GPT-2-small-like
 
-The variants run in one process, interleaved round by round so that machine noise hits them alike.
-Sections: 1. training steps, a plain nanoGPT loop written here against train.py at each --record level;
-2. each recorded quantity on its own; 3. and 4. exact opposition, the project's method against a port of
-the published one and against one backward per token; 5. bytes written, the BNSL fit, plot.py;
-6. model FLOPs and MFU. results/bench.md describes them and keeps the measurements.
+In one process, the variants interleaved round by round so that machine noise hits them alike.
+results/bench.md describes the six sections printed and keeps the measurements.
 """
 
+import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import statistics
@@ -74,7 +71,9 @@ def get_args(argv=None):
     if problem or args.device == 'auto':
         runs.fail(problem or "--device auto: name the device to measure (cpu, cuda, cuda:N or mps)")
     args.dtype = train.precision(args.dtype, args.device.split(':')[0])[0]  # 'auto' resolved once
-    return args
+    args.method_seqs = sorted({min(n, args.probe_seqs) for n in METHOD_SEQS})  # section 3's sizes
+    # bench.py's flags over train.py's default settings (seed, optimizer, schedule, a default run)
+    return argparse.Namespace(**vars(train.get_args([])) | vars(args))
 
 
 def timed(fn, device, setup=None):
@@ -88,7 +87,6 @@ def timed(fn, device, setup=None):
     return 1000 * (time.perf_counter() - start)
 
 
-# --- section 1: the plain loop (the baseline, written here) and train.py
 class PlainGPT(nn.Module):
     """The plain loop's GPT, written here and not imported from model.py, so that a slowdown in the
     project's model or loss shows up against it: token + position embeddings, pre-LayerNorm blocks
@@ -102,8 +100,7 @@ class PlainGPT(nn.Module):
             ln1=nn.LayerNorm(d, bias=bias), qkv=nn.Linear(d, 3 * d, bias), proj=nn.Linear(d, d, bias),
             ln2=nn.LayerNorm(d, bias=bias), fc=nn.Linear(d, 4 * d, bias), out=nn.Linear(4 * d, d, bias),
         )) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d, bias=bias)
-        self.head = nn.Linear(d, vocab_size, bias=False)
+        self.ln_f, self.head = nn.LayerNorm(d, bias=bias), nn.Linear(d, vocab_size, bias=False)
         for name, p in self.named_parameters():
             if p.dim() == 2:  # matrices N(0, 0.02); the two that write into the residual stream smaller
                 residual = name.endswith(('proj.weight', 'out.weight'))
@@ -116,28 +113,21 @@ class PlainGPT(nn.Module):
         B, T = idx.shape
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
         for b in self.blocks:
-            # q, k, v, each (B, heads, T, head size)
-            q, k, v = b.qkv(b.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = b.qkv(b.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, d)
             x = x + b.out(F.gelu(b.fc(b.ln2(x))))
         return self.head(self.ln_f(x))
 
 
-def reference_gpt(args, corpus):
-    """model.GPT of the benchmarked size, train.py's other settings, from torch's random state."""
-    return build_gpt(vars(train.get_args([])) | vars(args), corpus['vocab_size'])
-
-
 def plain_model(args, corpus):
-    """(train.py's default settings, a PlainGPT of the benchmarked size, its AdamW as train.py's:
-    weight decay on the 2-D tensors only, the same betas, fused on GPUs)."""
+    """(train.py's settings, a PlainGPT of the benchmarked size, its AdamW as train.py's, decay on 2-D)."""
     defaults = train.get_args([])
     torch.manual_seed(defaults.seed)
     model = PlainGPT(corpus['vocab_size'], args.block_size, args.n_layer, args.n_head, args.n_embd,
                      defaults.bias).to(args.device)
     with torch.device('meta'):  # model.GPT's count without filling its weights
-        reference = reference_gpt(args, corpus).num_params()
+        reference = build_gpt(vars(defaults) | vars(args), corpus['vocab_size']).num_params()
     n = sum(p.numel() for p in model.parameters())
     assert n == reference, f"PlainGPT has {n} parameters, model.GPT {reference}"
     params = list(model.parameters())
@@ -162,26 +152,19 @@ def plain_step(model, step_model, opt, x, y, autocast, grad_clip):
 
 def plain_loop(args, corpus):
     """ms per step of the plain loop on train.py's batches and learning-rate schedule."""
-    defaults, model, opt = plain_model(args, corpus)
+    _, model, opt = plain_model(args, corpus)
     autocast = train.precision(args.dtype, args.device.split(':')[0])[1]
     step_model = torch.compile(model) if args.compile else model
     times = []
     for step in range(args.steps):
         start = time.perf_counter()
         # train.py's batch, as contiguous tensors, as nanoGPT's get_batch stacks them (view needs it)
-        x, y = (t.contiguous() for t in batch(args, corpus, defaults, step))
+        x, y = (t.contiguous() for t in train.get_batch(args, corpus, step, device=args.device)[1:])
         for group in opt.param_groups:
-            group['lr'] = train.get_lr(step, defaults)
-        plain_step(model, step_model, opt, x, y, autocast, defaults.grad_clip).item()  # train.py reads it too
+            group['lr'] = train.get_lr(step, args)
+        plain_step(model, step_model, opt, x, y, autocast, args.grad_clip).item()  # train.py reads it too
         times.append(1000 * (time.perf_counter() - start))
     return times[WARMUP:]
-
-
-def batch(args, corpus, defaults, step):
-    """(x, y) of train.py's training batch at `step`, each (batch_size, block_size), on the device."""
-    offsets = data.batch_offsets(defaults.seed, step, args.batch_size, args.block_size, len(corpus['train']))
-    windows = data.get_windows(corpus['train'], offsets, args.block_size)
-    return (torch.from_numpy(a).to(args.device) for a in windows)
 
 
 def train_py(args, level, out_dir):
@@ -202,22 +185,6 @@ def train_py(args, level, out_dir):
     return list(ms[keep])
 
 
-def print_steps(args, median_ms):
-    """Section 1: each variant's median ms per step, its ratio to train.py's bare step, tokens/s."""
-    tokens, fewest = args.batch_size * args.block_size, WARMUP + 2
-    while not set(range(WARMUP, fewest - 1)) - set(recorder.log_schedule(fewest - 1)):  # no light step timed
-        fewest += 1
-    print("\n1. training step                                       median ms   ratio to bare   tokens/s")
-    for variant, ms in median_ms.items():
-        if ms is None:  # light in a short run: the log schedule covers every step, and those are not timed
-            print(f"   {LABELS[variant]:50s}  n/a: no unscheduled step among the timed steps; "
-                  f"use --steps {fewest} or more")
-        else:
-            ratio = ms / median_ms['none']
-            print(f"   {LABELS[variant]:50s}{ms:10.1f}{ratio:14.2f}{tokens / ms * 1000:12.0f}")
-
-
-# --- sections 2 to 4: each quantity on its own, and the opposition by each method
 def subset_graph(model, local, x, y):
     """X and G of the position-local layers, G of the losses of the first LOCAL_SUBSET tokens only."""
     with metrics.capture_activations(local) as acts:
@@ -225,18 +192,7 @@ def subset_graph(model, local, x, y):
     return acts
 
 
-def looped_local(model, local, x, y):
-    """The definition for the position-local layers, one backward per token, on the first LOCAL_SUBSET."""
-    names = [f"{m}.{n}" for m, module in local.items() for n, _ in module.named_parameters()]
-    return metrics.per_token_gradient_sums_looped(model, x, y, names=names, n_tokens=LOCAL_SUBSET)
-
-
-def method_sizes(args):
-    """The numbers of probe sequences on which section 3 compares the methods: at most --probe_seqs."""
-    return sorted({min(n, args.probe_seqs) for n in METHOD_SEQS})
-
-
-def quantities(args, model, opt, defaults, x, y, px, py):
+def quantities(args, model, opt, x, y, px, py):
     """name -> fn(state), or (fn(state), setup() giving the state, untimed): each recorded quantity as
     train.py computes it, and the opposition by each method."""
     m, params, local = metrics, dict(model.named_parameters()), metrics.position_local_modules(model)
@@ -248,12 +204,13 @@ def quantities(args, model, opt, defaults, x, y, px, py):
     delta = {n: 1e-3 * torch.randn_like(p) for n, p in params.items()}
     change = torch.randn(x.numel(), dtype=torch.float64, device=args.device)  # stands for post - pre
     lx, ly, N = px[:LOOPED_SEQS], py[:LOOPED_SEQS], x.numel()
+    local_names = [f"{name}.{n}" for name, module in local.items() for n, _ in module.named_parameters()]
 
     def step(_):  # the project's training step (model.GPT, per_token_loss), no recording: the unit
         with autocast:
             loss = step_model(x, y)[1]
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip or float('inf'))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float('inf'))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -278,18 +235,17 @@ def quantities(args, model, opt, defaults, x, y, px, py):
             g[0], y, params, g[4], h=g[2], head=head_name, losses=g[3]), graph),
         'position-local opposition, |G|^T |X|': (
             lambda g: m.opposition_summary(m.position_local_gradient_sums(local, g[1], N, g[4])), graph),
-        'D, M and null of the batch changes': lambda _: [f(change) for f in (
-            m.destructive_interference, m.interference_magnitude, m.sign_flip_null)],
+        'D, M and null of the batch changes': lambda _: m.loss_change_interference(change, None),
         f'scheduled: opposition, nulls, update-weighted terms ({px.numel()} tokens)': scheduled_opposition,
         f'all-parameter opposition, looped ({LOOPED_SEQS} probe seq)':
             lambda _: m.opposition_summary(m.per_token_gradient_sums_looped(model, lx, ly)),
         'scheduled: JVP prediction of the batch': lambda _: m.predicted_loss_change(model, x, y, delta),
-        f'position-local, one backward per token ({LOCAL_SUBSET} tokens)':
-            lambda _: looped_local(model, local, x, y),
+        f'position-local, one backward per token ({LOCAL_SUBSET} tokens)':  # the definition, on those layers
+            lambda _: m.per_token_gradient_sums_looped(model, x, y, names=local_names, n_tokens=LOCAL_SUBSET),
         f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)': (lambda acts: m.position_local_gradient_sums(
             local, acts, 1), lambda: subset_graph(model, local, x, y)),
     }
-    for n in method_sizes(args):  # the same sums and summary by the project's and the published method
+    for n in args.method_seqs:  # the same sums and summary by the project's and the published method
         variants[f'all-parameter opposition, project method ({n} probe seq)'] = \
             lambda _, n=n: m.opposition_summary(m.per_token_gradient_sums(model, px[:n], py[:n]))
         variants[f'all-parameter opposition, published method port ({n} probe seq)'] = \
@@ -297,27 +253,17 @@ def quantities(args, model, opt, defaults, x, y, px, py):
     return variants
 
 
-def max_rel_diff(fast, slow, skip=()):
-    """Largest relative difference between two sets of sums, tensor by tensor: max |fast - slow| /
-    max |slow| of each tensor (so an error in a small tensor is not hidden by a large one)."""
-    return max(float((fast[n][k] - slow[n][k]).abs().max() / slow[n][k].abs().max().clamp_min(1e-30))
-               for n in slow if n not in skip for k in (0, 1))
-
-
 def components(args, corpus):
-    """(name -> ms of each timed call, checks) on train.py's initial model, its first batch and the
-    first --probe_seqs validation windows: every quantity once a round, --reps times; then, untimed,
-    the largest relative difference of each pair of methods' sums and the GFLOP of section 3's."""
-    defaults = train.get_args([])
-    torch.manual_seed(defaults.seed)  # the model initialised as train.py does, its AdamW
-    model = reference_gpt(args, corpus).to(args.device)
-    opt = model.configure_optimizers(defaults.weight_decay, defaults.learning_rate,
-                                     (defaults.beta1, defaults.beta2), args.device.split(':')[0])
-    x, y = batch(args, corpus, defaults, 0)
-    offsets = np.arange(args.probe_seqs) * (args.block_size + 1)  # the first --probe_seqs windows
-    windows = data.get_windows(corpus['val'], offsets, args.block_size)
-    px, py = (torch.from_numpy(a).to(args.device) for a in windows)
-    variants = quantities(args, model, opt, defaults, x, y, px, py)
+    """(name -> ms of each timed call, checks) on train.py's initial model, first batch and probe set:
+    every quantity once a round, --reps times; then, untimed, each pair of methods' sums compared."""
+    torch.manual_seed(args.seed)  # the model initialised as train.py does, its AdamW
+    model = build_gpt(vars(args), corpus['vocab_size']).to(args.device)
+    opt = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
+                                     args.device.split(':')[0])
+    x, y = train.get_batch(args, corpus, 0, device=args.device)[1:]
+    px, py = train.fixed_windows(corpus['val'], args.probe_seqs, args.block_size, args.seed, '--probe_seqs',
+                                 args.device)[1:]  # train.py's probe set
+    variants = quantities(args, model, opt, x, y, px, py)
     times = {name: [] for name in variants}
     if args.compile:
         variants['training step (forward, backward, clip, AdamW)'](None)  # compiles, outside the timings
@@ -327,13 +273,18 @@ def components(args, corpus):
             times[name] += [timed(fn, args.device, setup) for _ in range(args.reps)]
             model.zero_grad(set_to_none=True)
     local, lx, ly = metrics.position_local_modules(model), px[:LOOPED_SEQS], py[:LOOPED_SEQS]
+    looped_local = f'position-local, one backward per token ({LOCAL_SUBSET} tokens)'
+
+    def max_rel_diff(fast, slow, skip=()):  # the largest max |fast - slow| / max |slow| of a tensor
+        return max(float((fast[n][k] - slow[n][k]).abs().max() / slow[n][k].abs().max().clamp_min(1e-30))
+                   for n in slow if n not in skip for k in (0, 1))
     # the attention biases hold the key biases: exact zeros in the project's sums, rounding noise elsewhere
     key_biases = [f"transformer.h.{i}.attn.c_attn.bias" for i in range(args.n_layer)]
     checks = {'all-parameter: project vs looped': max_rel_diff(metrics.per_token_gradient_sums(model, lx, ly),
               metrics.per_token_gradient_sums_looped(model, lx, ly), skip=key_biases),
               'position-local: |G|^T|X| vs looped': max_rel_diff(metrics.position_local_gradient_sums(
-                  local, subset_graph(model, local, x, y), 1), looped_local(model, local, x, y))}
-    for n in method_sizes(args):
+                  local, subset_graph(model, local, x, y), 1), variants[looped_local](None))}
+    for n in args.method_seqs:
         with FlopCounterMode(display=False) as ours:
             project = metrics.per_token_gradient_sums(model, px[:n], py[:n])
         with FlopCounterMode(display=False) as theirs:
@@ -343,43 +294,27 @@ def components(args, corpus):
     return times, checks
 
 
-def published_slots(idx):
-    """The published reindexing: slot[n, s] numbers the distinct ids of sequence n in order of first
-    appearance, ids[n, slot] maps back (0 where unused); a token at position s sits in a slot <= s."""
-    slot, ids = torch.zeros(idx.shape, dtype=torch.long), torch.zeros(idx.shape, dtype=torch.long)
-    for n, row in enumerate(idx.tolist()):
-        first = {}
-        for s, token in enumerate(row):
-            slot[n, s] = first.setdefault(token, len(first))
-            ids[n, slot[n, s]] = token
-    return slot.to(idx.device), ids.to(idx.device)
-
-
 def published_gradient_sums(model, idx, targets):
-    """The exact per-token gradient sums as the published analysis computes them (github.com/mirandrom/zsl,
-    analyses/02-interference/grad_intrf_true.py, zsl_utils/grad_analysis), ported to this model as the
-    baseline of metrics.per_token_gradient_sums, sharing no code with it. One forward, its graph kept;
-    per position j one backward of sum_n l_nj through the whole graph, in which each layer turns its input
-    X and output gradient G at positions <= j into each sequence's gradient (Linear: their einsum
-    'Bsd,Bsp->Bpd'; embedding: the rows of its tokens) and adds up g, |g|, g^2 per coordinate; no
-    weight gradient is formed. Untied heads only. Returns name -> (sum g, sum |g|, sum g^2)."""
+    """name -> (sum g, sum |g|, sum g^2) over the tokens, as the published analysis computes them
+    (github.com/mirandrom/zsl, grad_intrf_true.py), ported as the baseline of per_token_gradient_sums,
+    sharing no code with it: one forward; per position j one backward of sum_n l_nj, in which each layer
+    turns its X and G at positions <= j into each sequence's gradient (their einsum 'Bsd,Bsp->Bpd';
+    embeddings: the rows of its tokens) and adds it up. No weight gradient formed; untied heads only."""
     assert model.transformer.wte.weight is not model.lm_head.weight, "the port needs an untied LM head"
     sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in model.named_parameters()}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}
     saved, embedded, position = {}, [], [0]  # X of each layer; the embedding output; j
-
-    def accumulate(name, g):  # g (B, *shape): the gradient of each sequence's token at position j
-        for total, part in zip(sums[name], (g, g.abs(), g.pow(2))):
-            total.add_(part.sum(0))
 
     def hooks(name, module):
         def per_sequence_gradients(G):  # G (B, T, out): the output gradient of sum_n l_nj
             j = position[0]
             G, X = G[:, :j + 1], saved[name][:, :j + 1]  # positions after j: no gradient
             linear = isinstance(module, nn.Linear)
-            accumulate(name + '.weight', torch.einsum('bso,bsi->boi', G, X) if linear else (G * X).sum(1))
-            if module.bias is not None:
-                accumulate(name + '.bias', G.sum(1))
+            grads = {'.weight': torch.einsum('bso,bsi->boi', G, X) if linear else (G * X).sum(1)}
+            grads.update({'.bias': G.sum(1)} if module.bias is not None else {})
+            for suffix, g in grads.items():  # g (B, *shape): the gradient of each sequence's token at j
+                for total, part in zip(sums[name + suffix], (g, g.abs(), g.pow(2))):
+                    total.add_(part.sum(0))
 
         def keep_input(module, inputs, output):
             X = inputs[0].detach()
@@ -394,7 +329,15 @@ def published_gradient_sums(model, idx, targets):
     finally:
         for handle in handles:
             handle.remove()
-    slot, ids = published_slots(idx)
+    # their reindexing: slot[n, s] numbers sequence n's distinct ids by first appearance (a slot <= s),
+    # ids[n, slot] maps back (0 where unused)
+    slot, ids = torch.zeros(idx.shape, dtype=torch.long), torch.zeros(idx.shape, dtype=torch.long)
+    for n, row in enumerate(idx.tolist()):
+        first = {}
+        for s, token in enumerate(row):
+            slot[n, s] = first.setdefault(token, len(first))
+            ids[n, slot[n, s]] = token
+    slot, ids = slot.to(idx.device), ids.to(idx.device)
     for j in range(idx.shape[1]):
         position[0] = j
         loss = F.cross_entropy(logits[:, j], targets[:, j], reduction='sum')  # the B tokens at position j
@@ -410,22 +353,21 @@ def published_gradient_sums(model, idx, targets):
 
 def print_components(args, times, checks):
     """Sections 2 to 4: each quantity's median ms and its ratio to a training step; the methods compared."""
-    median_ms = {name: statistics.median(ms) for name, ms in times.items()}
-    N = args.batch_size * args.block_size
+    median_ms, N = {k: statistics.median(t) for k, t in times.items()}, args.batch_size * args.block_size
     step_ms = median_ms['training step (forward, backward, clip, AdamW)']
     print(f"\n2. each quantity on its own (batch of {N} tokens)           median ms   "
           "ratio to a training step")
     for name, ms in median_ms.items():
         print(f"   {name:60s}{ms:10.2f}{ms / step_ms:10.3f}")
     scheduled = [name for name in median_ms if name.startswith('scheduled: opposition')][0]
-    S = train.get_args([]).max_iters
+    S = args.max_iters  # train.py's default run
     n_grad = len(recorder.log_schedule(S - 1, points=recorder.GRAD_POINTS))
     print(f"   over a default run ({S} steps, {n_grad} scheduled steps) the scheduled opposition adds "
           f"{n_grad * median_ms[scheduled] / (S * step_ms):.2f} training steps' time per step")
     print("\n3. all-parameter exact opposition (attention key biases left out of the checks): the project's "
           "method against the published one (a port)\n   sequences  tokens   project ms  published ms   "
           "published / project   GFLOP project  published")
-    for n in method_sizes(args):
+    for n in args.method_seqs:
         ours = median_ms[f'all-parameter opposition, project method ({n} probe seq)']
         theirs = median_ms[f'all-parameter opposition, published method port ({n} probe seq)']
         flops_ours, flops_theirs = checks[f'GFLOP: project, published ({n})']
@@ -438,22 +380,19 @@ def print_components(args, times, checks):
           f"{looped_ms:.0f} ms, {looped_ms / ours:.1f}x the project's; max relative difference "
           f"{checks['all-parameter: project vs looped']:.1e}")
     loop_ms = median_ms[f'position-local, one backward per token ({LOCAL_SUBSET} tokens)']
-    matmul_ms = median_ms[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
+    local_ms = median_ms[f'position-local, |G|^T |X| ({LOCAL_SUBSET} tokens)']
     loop_batch_ms = loop_ms * N / LOCAL_SUBSET  # extrapolated to the N tokens of the batch
     matmul_batch_ms = median_ms['position-local opposition, |G|^T |X|']
-    print(f"4. position-local opposition: one backward per token / |G|^T|X| = {loop_ms / matmul_ms:.0f}x "
+    print(f"4. position-local opposition: one backward per token / |G|^T|X| = {loop_ms / local_ms:.0f}x "
           f"on {LOCAL_SUBSET} tokens; extrapolated to the batch of {N}: {loop_batch_ms:.0f} ms "
           f"vs {matmul_batch_ms:.1f} ms ({loop_batch_ms / matmul_batch_ms:.0f}x); max relative difference "
           f"{checks['position-local: |G|^T|X| vs looped']:.1e}")
 
 
-# --- section 5: bytes written, BNSL, plot.py
-def print_outputs(args, tmp, n_runs):
-    """Section 5: bytes written (from the --record all run's config.json), the BNSL fit, plot.py on
-    the n_runs train.py runs in tmp."""
-    S = train.get_args([]).max_iters  # a default run
-    with open(os.path.join(tmp, 'all', 'config.json')) as f:
-        records = json.load(f)['records'].items()
+def print_outputs(args, tmp):
+    """Section 5: bytes written (the --record all run's config.json), the BNSL fit, plot.py on tmp's runs."""
+    S = args.max_iters  # train.py's default run
+    records = runs.read_json(os.path.join(tmp, 'all'), 'config.json', 'train.py')['records'].items()
     scheduled = {'hidden': len(recorder.log_schedule(S)),  # rows of the scheduled records
                  'grad': len(recorder.log_schedule(S - 1, points=recorder.GRAD_POINTS))}
     rows = {name: scheduled[when] for name, _, _, when, _ in recorder.RECORDS if when in scheduled}
@@ -470,10 +409,9 @@ def print_outputs(args, tmp, n_runs):
           f"{statistics.median(fit_ms) / 1000:.2f} s")
     with contextlib.redirect_stdout(io.StringIO()):
         ms = timed(lambda _: plot.main([os.path.join(tmp, level) for level in LEVELS]), 'cpu')
-    print(f"   plot.py on the {n_runs} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
+    print(f"   plot.py on the {len(LEVELS)} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
 
 
-# --- section 6: model FLOPs
 def matmul_ms(n=MATMUL_N, reps=MATMUL_REPS):
     """ms of each of `reps` fp32 (n, n) @ (n, n) matmuls on the CPU, after one untimed."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -496,10 +434,9 @@ def flops_per_token(config):
 
 
 def print_flops(args, corpus, median_ms, matmuls):
-    """Section 6: each variant's model TFLOP/s, its MFU (TFLOP/s / peak), on the CPU its share of the
-    measured matmul throughput (matmuls: ms of each, timed in the rounds)."""
+    """Section 6: model TFLOP/s, MFU (TFLOP/s / peak), on the CPU the share of matmuls' (ms of each)."""
     with torch.device('meta'):
-        flops = flops_per_token(reference_gpt(args, corpus).config)
+        flops = flops_per_token(build_gpt(vars(args), corpus['vocab_size']).config)
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else args.device
     # the peak: --peak_tflops, else the datasheet's of a known GPU in bf16
     peak = args.peak_tflops or (next((p for key, p in PEAK_BF16_TFLOPS.items() if key in device_name), None)
@@ -519,7 +456,7 @@ def print_flops(args, corpus, median_ms, matmuls):
             continue
         tflops = flops * args.batch_size * args.block_size / (ms / 1000) / 1e12
         print(f"   {LABELS[variant]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * tflops / peak:5.1f}%"
-              if peak else "") + (f"   {100 * tflops / matmul_peak:5.1f}% of matmul" if matmul_peak else ""))
+              if peak else "") + (f"   {100 * tflops / matmul_peak:5.3g}% of matmul" if matmul_peak else ""))
 
 
 def main(argv=None):
@@ -542,10 +479,20 @@ def main(argv=None):
             print(f"  round {round_no}/{args.rounds} done", file=sys.stderr, flush=True)
         # None where there are no steps (light: none unscheduled in a short run)
         median_ms = {variant: statistics.median(ms) if ms else None for variant, ms in steps.items()}
-        print_steps(args, median_ms)
+        fewest, tokens = WARMUP + 2, args.batch_size * args.block_size  # fewest: --steps timing a light step
+        while not set(range(WARMUP, fewest - 1)) - set(recorder.log_schedule(fewest - 1)):
+            fewest += 1
+        print("\n1. training step                                       median ms   ratio to bare   tokens/s")
+        for variant, ms in median_ms.items():
+            if ms is None:  # light in a short run: the log schedule covers every step, not timed then
+                print(f"   {LABELS[variant]:50s}  n/a: no unscheduled step among the timed steps; "
+                      f"use --steps {fewest} or more")
+            else:
+                ratio = ms / median_ms['none']
+                print(f"   {LABELS[variant]:50s}{ms:10.1f}{ratio:14.2f}{tokens / ms * 1000:12.0f}")
         if not args.steps_only:
             print_components(args, *components(args, corpus))
-            print_outputs(args, tmp, len(steps) - 1)
+            print_outputs(args, tmp)
     print_flops(args, corpus, median_ms, matmuls)
 
 
