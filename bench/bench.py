@@ -2,7 +2,7 @@
 What recording costs: train.py at each recording level against a plain loop, and each measurement on its own.
 
     python bench/bench.py                          # train.py's default model and batch, on the CPU
-    python bench/bench.py --rounds 5 --steps 60 --n_layer 2    # more samples, another size
+    python bench/bench.py --rounds 5 --steps 60    # more samples; --n_layer, --n_embd, ... other sizes
     python bench/bench.py --device cuda --dtype bfloat16 --compile --steps_only \
         --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8   # MFU, GPT-2-small-like
 
@@ -37,7 +37,7 @@ import train
 from model import build_gpt, per_token_loss
 
 WARMUP = 3  # first steps of every run left out of the medians
-# dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's datasheets): the first name in the device's name
+# dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's datasheets), of the first key in the device's name
 PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H100': 989.4, 'H200': 989.4,
                     'A100': 312.0}
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
