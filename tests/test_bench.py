@@ -13,7 +13,7 @@ TINY_BENCH = ['--n_layer', '2', '--n_head', '2', '--n_embd', '16', '--block_size
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench.py'), *args],
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 
@@ -52,7 +52,7 @@ def test_flops_per_token_counts_every_matmul_of_a_training_step():
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    import bench
+    from bench import bench
     from model import GPT, GPTConfig
     torch.manual_seed(0)
     for tie in (False, True):
@@ -94,7 +94,7 @@ def test_bench_unknown_or_absent_device_is_one_line(device, cache_dir):
 
 def tiny_plain(bias=True):
     """A PlainGPT of a tiny size and model.GPT's config of the same size."""
-    import bench
+    from bench import bench
     from model import GPTConfig
     config = GPTConfig(block_size=16, vocab_size=300, n_layer=2, n_head=2, n_embd=32, bias=bias)
     plain = bench.PlainGPT(config.vocab_size, config.block_size, config.n_layer, config.n_head,
@@ -131,7 +131,7 @@ def test_plain_steps_lower_the_loss():
     import argparse
     from contextlib import nullcontext
     import torch
-    import bench
+    from bench import bench
     args = argparse.Namespace(block_size=16, n_layer=2, n_head=2, n_embd=32, device='cpu')
     defaults, model, opt = bench.plain_model(args, {'vocab_size': 300})
     assert [g['weight_decay'] for g in opt.param_groups] == [defaults.weight_decay, 0.0]
@@ -142,7 +142,7 @@ def test_plain_steps_lower_the_loss():
 
 
 def test_matmul_tflops_is_positive():
-    import bench
+    from bench import bench
     ms = bench.matmul_ms(n=64, reps=2)
     assert len(ms) == 2 and bench.matmul_tflops(ms, n=64) > 0
     # 2 n^3 = 2e9 FLOPs in the median 2 ms: 1 TFLOP/s
@@ -155,7 +155,7 @@ def test_the_published_port_gives_the_sums_of_the_definition(bias):
     gradients inside each layer) against the definition, one plain backward per token, on a tiny
     float64 model whose sequences repeat token ids (the embedding rows sum over positions)."""
     import torch
-    import bench
+    from bench import bench
     import metrics
     from model import GPT, GPTConfig
     torch.manual_seed(0)
