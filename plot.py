@@ -28,23 +28,22 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no screen
 import matplotlib.pyplot as plt
 from matplotlib.collections import PathCollection
-from matplotlib.colors import LogNorm
 from matplotlib.lines import Line2D
 
 import bnsl
 import metrics
 from runs import fail, foreign, remove_owned, write_atomic
 
-plt.rcParams['axes.formatter.min_exponent'] = 7  # log ticks as plain numbers (8.3, not 8.3x10^0) up to 1e7
+plt.rcParams.update({'axes.formatter.min_exponent': 7,  # log ticks as plain numbers (8.3, not 8.3x10^0)
+                     'lines.markersize': 3})  # a point per recorded row
 N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
-MAX_TRAJ = 150  # points per trajectory in the 2D-basis figure (log-spaced steps)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
 GUIDE = 'guide'  # gid of reference lines (y = x, the collapse star, contours): not data
 # what plot.py reads in config.json and in measure.py's folders; files without them are older
-CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'learning_rate', 'theta_names',
-               'local_opposition_keys', 'opposition_keys', 'batch_tokens', 'probe_tokens', 'opposition_tokens']
+CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'theta_names', 'local_opposition_keys',
+               'opposition_keys', 'batch_tokens', 'probe_tokens', 'opposition_tokens']
 PAPER_KEYS = ['steps', 'tokens', 'windows', 'batches', 'opposition_keys']
 PAPER_RECORDS = ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
                  'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
@@ -121,7 +120,7 @@ def load_paper(folder):
             any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
         fail(OLDER.format(folder, 'measure.py'))
     n = len(settings['steps'])
-    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], dtype=float) for k in PAPER_RECORDS}
+    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], float) for k in PAPER_RECORDS}
     if any(len(a) < n for a in paper.values()):
         fail(f"{folder}: fewer rows than progress.json lists")
     order = np.argsort(paper['steps'])
@@ -185,6 +184,12 @@ def bucket_labels(run):
     return [f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
 
 
+def bucket_colors(run):
+    """(colour, label) of each of a run's buckets, the same in every figure."""
+    labels = bucket_labels(run)
+    return list(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels))
+
+
 def shared_bucket_labels(runs, sep=' | '):
     """(labels, what they list or None) of a column per bucket of several runs: each distinct set of
     ranks once, `sep` between sets, named by vocabulary size where that tells them apart."""
@@ -218,7 +223,7 @@ def layer_names(run):
 def dissent_ratio(run, prefix):
     """metrics.dissent_ratio per probe token ('probe_', (S + 1, P, T)) or of all parameters on the
     training batch ('theta_', (S,))."""
-    norms = [np.asarray(run['rec'][prefix + n], dtype=np.float64) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
+    norms = [np.asarray(run['rec'][prefix + n], float) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
     if prefix == 'theta_':
         norms = [np.ascontiguousarray(a[:, column(run, 'theta_', 'model')]) for a in norms]
     return metrics.dissent_ratio(*map(torch.from_numpy, norms)).numpy()
@@ -323,13 +328,13 @@ def tex_safe(text):
     return str(text).replace('$', r'\$')
 
 
-def draw_line(ax, run, name, col, smooth, style):
+def draw_line(ax, run, name, col, smooth, fmt):
     """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or
     'both' (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
     steps, v = line_data(run, name, col)
     if col == 'k':  # measure.py's k fresh batches: their mean +- sd
         ok = np.isfinite(v).all(1) & (steps > 0)
-        ax.errorbar(steps[ok], v[ok].mean(1), yerr=v[ok].std(1), color=run['color'], capsize=2, **style)
+        ax.errorbar(steps[ok], v[ok].mean(1), yerr=v[ok].std(1), fmt=fmt, color=run['color'], capsize=2)
         return
     lines = [(run['color'], None, v)]
     if v.ndim == 2:
@@ -340,7 +345,7 @@ def draw_line(ax, run, name, col, smooth, style):
             ax.plot(*series(values, steps), color=color, alpha=0.25, lw=0.5)
         x, y = series(values, steps, smoothed=smooth != 'raw')
         if len(y) or label is None:
-            ax.plot(x, y, color=color, label=label, **style)
+            ax.plot(x, y, fmt, color=color, label=label)
 
 
 def draw_panel(ax, runs, panel, everyone):
@@ -367,15 +372,16 @@ def draw_panel(ax, runs, panel, everyone):
     n = lambda what: 'N = ' + '/'.join(f"{v:,}" for v in dict.fromkeys(r['config'][what] for r in everyone))
     papers = [r['rec']['paper']['settings'] for r in everyone if 'paper' in r['rec']]
     ax.set_title(panel['title'].format(
-        run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'), N_probe=n('probe_tokens'),
-        N_opposition=n('opposition_tokens'), N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
+        run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'),
+        N_probe=n('probe_tokens'), N_opposition=n('opposition_tokens'),
+        N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
         k_paper=', '.join(sorted({str(s['batches']) for s in papers}))), fontsize=8)
 
 
 def loss_panel(ax, runs):
     """fig1: the training loss, its 1-break BNSL fit, the fit's two power laws and (t_d, L_d)."""
     for r in runs:
-        draw_line(ax, r, 'train_loss', None, 'both', dict(lw=1.5))
+        draw_line(ax, r, 'train_loss', None, 'both', '-')
         fit, c = r['fit'], r['color']
         if fit.get('t_d') is None:
             continue
@@ -511,8 +517,8 @@ def bucket_loss_panel(ax, runs):
 def bucket_curves(ax, runs, name):
     """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau
     onset and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
-    loss, names = bucket_series(runs[0], name), bucket_labels(runs[0])
-    for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(names))), names)):
+    loss = bucket_series(runs[0], name)
+    for k, (c, label) in enumerate(bucket_colors(runs[0])):
         steps, v = series(loss[:, k])
         if len(v):
             ax.plot(steps, v, color=c, lw=1, label=label)
@@ -538,42 +544,26 @@ def singular_values(ax, runs):
     ax.set_xlabel('index k')
 
 
-def fig_basis(runs):
-    """fig7: per run (rows) and bucket (columns), (cos(h, grad_h+), cos(h, grad_h-)) over the probe
-    tokens of the bucket, at most MAX_TRAJ log-spaced steps, coloured by step; red star: the collapse."""
-    n_b = max(len(buckets(r)[1]) - 1 for r in runs)
-    fig, axes = grid(n_b * len(runs), n_b, 2.4, 2.4)
-    norm = LogNorm(1, max(len(r['rec']['probe_cos_h_plus']) for r in runs))
-    for i, r in enumerate(runs):
-        plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
-        present = set(buckets(r)[0][targets(r, 'probe')].unique().tolist())  # buckets of the probe targets
-        for k, name in enumerate(bucket_labels(r)):
-            ax = axes[i * n_b + k]
-            steps = np.flatnonzero(np.isfinite(plus[:, k]) & np.isfinite(minus[:, k]))  # recorded rows
-            if len(steps):
-                steps = steps[np.unique(np.round(np.geomspace(1, len(steps), MAX_TRAJ)).astype(int) - 1)]
-                ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
-                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm, s=6)
-            elif k not in present:  # else not recorded yet: finish() says so
-                ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
-            ax.plot([-1], [1], marker='*', color='r', ms=8, gid=GUIDE)
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05))
-            ax.set_title(tex_safe(f"{r['name']}, {name}"), fontsize=7, color=r['color'])
-            ax.tick_params(labelsize=6)
-            ax.set_ylabel('cos(h, grad_h-)' if k == 0 else '', fontsize=7)
-            ax.set_xlabel('cos(h, grad_h+)' if i == len(runs) - 1 else '', fontsize=7)
-    fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'), cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]),
-                 label='step (log)')
-    return fig
+def basis_panel(ax, runs):
+    """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) over the probe tokens of each bucket, a line per
+    bucket through the recorded steps, a dot at the last; red star: the collapse (-1, +1)."""
+    plus, minus = bucket_series(runs[0], 'probe_cos_h_plus'), bucket_series(runs[0], 'probe_cos_h_minus')
+    for k, (c, label) in enumerate(bucket_colors(runs[0])):
+        ok = np.isfinite(plus[:, k]) & np.isfinite(minus[:, k])  # recorded rows
+        if ok.any():
+            ax.plot(plus[ok, k], minus[ok, k], color=c, lw=0.8, label=label)
+            ax.plot(plus[ok, k][-1], minus[ok, k][-1], 'o', color=c, ms=4)
+    ax.plot([-1], [1], marker='*', color='r', ms=10, gid=GUIDE)
+    ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel='cos(h, grad_h+)')
+    ax.legend(fontsize=6)
 
 
-W, GRAD, NULL = dict(lw=1.3), dict(marker='o', ms=3, lw=1), dict(ls=':', lw=1)  # GRAD: a point per row
-DASH, DOT, DASHDOT = dict(ls='--'), dict(ls=':'), dict(ls='-.', lw=0.7)
 P = 'checkpoint step t'  # the step axis of measure.py's records
 # Every figure: name, the records it needs (runs without them are left out), its grid (columns, and width
 # and height of a panel in inches), a one-line caption and its panels; docs/figures.md explains each
 # figure and its line styles. A panel is an own function ('draw') or lines (record, column, smoothing,
-# style) against the step; 'per_run': one such panel for each run (that holds its 'needs').
+# matplotlib format: 'o-' a point per row) against the step; 'per_run': a panel for each run (that holds
+# its 'needs').
 FIGURES = [
     dict(name='fig1_loss', needs=['train_loss'], grid=(1, 7, 5), panels=[
         dict(draw=loss_panel, log=True, y='training loss (nats/token, log)',
@@ -588,33 +578,32 @@ FIGURES = [
          caption="t_d, L_d, r_d (95% intervals) and the best and last validation loss against model size."),
     dict(name='fig3_zero_sum', grid=(2, 5.5, 3.6), panels=[
         dict(title='training batch ({N_batch}), before vs after its update', y='D of per-token loss changes',
-             lines=[('train_D', None, 'both', dict(lw=1.5)), ('train_D_null', None, 'smooth', dict(lw=0.8, **DASH))]),
+             lines=[('train_D', None, 'both', '-'), ('train_D_null', None, 'smooth', '--')]),
         dict(title='probe set ({N_probe}), t to t+1 and t to t+{dt}', y='D of per-token loss changes',
-             lines=[('probe_D', None, 'both', dict(lw=1.5)), ('probe_D_null', None, 'smooth', dict(lw=0.8, **DASH)),
-                    ('probe_D_long', None, 'smooth', dict(lw=1, ls='-.')),
-                    ('probe_D_long_null', None, 'smooth', dict(lw=0.6, **DOT))]),
+             lines=[('probe_D', None, 'both', '-'), ('probe_D_null', None, 'smooth', '--'),
+                    ('probe_D_long', None, 'smooth', '-.'), ('probe_D_long_null', None, 'smooth', ':')]),
         dict(title='magnitude: training batch, probe (dashed)', log=True, y='M = mean |Delta l_i| (nats)',
-             lines=[('train_M', None, 'smooth', dict(lw=1.2)), ('probe_M', None, 'smooth', dict(lw=1.2, **DASH))]),
+             lines=[('train_M', None, 'smooth', '-'), ('probe_M', None, 'smooth', '--')]),
         dict(draw=dm_plane, y='M (nats, log)', title='D-M plane'),
         dict(draw=change_histogram, y='probe tokens', title='{run}: the per-token loss changes')],
          needs=['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'],
-         caption="Zero-sum learning: interference D of the per-token loss changes, its null, M, and the changes."),
+         caption="Zero-sum learning: interference D of the per-token loss changes, its null, M and x_i."),
     dict(name='fig4_opposition', grid=(4, 3.8, 3.2), panels=[
         dict(title="position-local layers, training batch ({N_batch})", y='gradient opposition D_j',
-             lines=[('local_opposition_mean', 'blocks', 'smooth', W),
-                    ('local_opposition_weighted', 'blocks', 'smooth', dict(W, **DASH)),
-                    ('local_opposition_null', 'blocks', 'smooth', DASHDOT),
-                    ('local_opposition_mean', 'local', 'smooth', dict(W, **DOT))]),
+             lines=[('local_opposition_mean', 'blocks', 'smooth', '-'),
+                    ('local_opposition_weighted', 'blocks', 'smooth', '--'),
+                    ('local_opposition_null', 'blocks', 'smooth', '-.'),
+                    ('local_opposition_mean', 'local', 'smooth', ':')]),
         dict(title="all parameters, probe tokens ({N_opposition})", y='gradient opposition D_j',
-             lines=[('opposition_mean', 'blocks', 'raw', GRAD),
-                    ('opposition_weighted', 'blocks', 'raw', dict(GRAD, **DASH)),
-                    ('opposition_null', 'blocks', 'raw', dict(GRAD, **DASHDOT)),
-                    ('opposition_mean', 'model', 'raw', dict(GRAD, **DOT))]),
+             lines=[('opposition_mean', 'blocks', 'raw', 'o-'),
+                    ('opposition_weighted', 'blocks', 'raw', 'o--'),
+                    ('opposition_null', 'blocks', 'raw', 'o-.'),
+                    ('opposition_mean', 'model', 'raw', 'o:')]),
         dict(title="update-weighted terms ({N_opposition})", y='Cg, Cug (dashed), C_i_dli (dotted)',
-             lines=[('update_Cg', 'blocks', 'raw', GRAD), ('update_Cug', 'blocks', 'raw', dict(GRAD, **DASH)),
-                    ('update_C_i_dli', 'blocks', 'raw', dict(GRAD, **DOT))]),
+             lines=[('update_Cg', 'blocks', 'raw', 'o-'), ('update_Cug', 'blocks', 'raw', 'o--'),
+                    ('update_C_i_dli', 'blocks', 'raw', 'o:')]),
         dict(per_run=True, title='{run}: per layer', y='gradient opposition D_j',
-             lines=[('opposition_mean', 'layers', 'raw', dict(marker='.', lw=1))])],
+             lines=[('opposition_mean', 'layers', 'raw', 'o-')])],
          needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
                 'opposition_mean', 'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug',
                 'update_C_i_dli', 'grad_steps'],
@@ -622,9 +611,9 @@ FIGURES = [
     dict(name='fig5_first_order', grid=(3, 4.3, 3.8),
          needs=['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], panels=[
         dict(draw=first_order_scatter, y='true Delta l_i (nats, symlog)', title='per token, training batch'),
-        dict(title='', y='correlation(predicted, true)', lines=[('first_order_corr', None, 'raw', GRAD)]),
+        dict(title='', y='correlation(predicted, true)', lines=[('first_order_corr', None, 'raw', 'o-')]),
         dict(title='', y='slope of true on predicted', hline=lambda r: 1,
-             lines=[('first_order_slope', None, 'raw', GRAD)])],
+             lines=[('first_order_slope', None, 'raw', 'o-')])],
          caption="First-order prediction <grad l_i, delta> of each token's loss change against the true."),
     dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2),
          panels=[
@@ -637,55 +626,57 @@ FIGURES = [
              y='training-window loss (nats/token)', title='{run}: training windows, per bucket')],
          caption="Saturation per token-frequency bucket: where the loss stops falling or rises again."),
     dict(name='fig7_basis', needs=['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'],
-         figure=fig_basis,
+         grid=(3, 4, 4), panels=[dict(per_run=True, draw=basis_panel, y='cos(h, grad_h-)', title='{run}')],
          caption="The shared 2D basis (cos(h, grad_h+), cos(h, grad_h-)) per bucket; star: the collapse."),
     dict(name='fig8_dissent', grid=(2, 5.5, 3.2),
          needs=['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad', 'theta_cos',
                 'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], panels=[
         dict(title='h, mean over probe tokens', y='cos(grad_h+, grad_h-)',
-             lines=[('probe_cos_plus_minus', 'tokens', 'raw', W)]),
+             lines=[('probe_cos_plus_minus', 'tokens', 'raw', '-')]),
         dict(title='theta, training batch: batch-level cosine', y='cos(grad+, grad-)',
-             lines=[('theta_cos', 'model', 'both', W)]),
+             lines=[('theta_cos', 'model', 'both', '-')]),
         dict(title='h, mean over probe tokens', y='|grad_h| / (|grad_h+| + |grad_h-|)',
-             lines=[('probe_dissent_ratio', 'tokens', 'raw', W)]),
+             lines=[('probe_dissent_ratio', 'tokens', 'raw', '-')]),
         dict(title='theta, training batch', y='|grad| / (|grad+| + |grad-|)',
-             lines=[('theta_dissent_ratio', None, 'both', W)]),
+             lines=[('theta_dissent_ratio', None, 'both', '-')]),
         dict(title='h: |grad_h|, |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)', log=True,
-             lines=[('probe_norm_grad', 'tokens', 'raw', W), ('probe_norm_plus', 'tokens', 'raw', dict(W, **DASH)),
-                    ('probe_norm_minus', 'tokens', 'raw', dict(W, **DOT))]),
+             lines=[('probe_norm_grad', 'tokens', 'raw', '-'), ('probe_norm_plus', 'tokens', 'raw', '--'),
+                    ('probe_norm_minus', 'tokens', 'raw', ':')]),
         dict(title='theta: |grad|, |grad+| (dashed), |grad-| (dotted)', y='norm (log)', log=True,
-             lines=[('theta_norm_grad', 'model', 'smooth', W), ('theta_norm_plus', 'model', 'smooth', dict(W, **DASH)),
-                    ('theta_norm_minus', 'model', 'smooth', dict(W, **DOT))]),
+             lines=[('theta_norm_grad', 'model', 'smooth', '-'), ('theta_norm_plus', 'model', 'smooth', '--'),
+                    ('theta_norm_minus', 'model', 'smooth', ':')]),
         dict(per_run=True, title='{run}: h, per bucket', y='cos(grad_h+, grad_h-)',
-             lines=[('probe_cos_plus_minus', 'buckets', 'raw', dict(lw=1))]),
+             lines=[('probe_cos_plus_minus', 'buckets', 'raw', '-')]),
         dict(per_run=True, title='{run}: h, per bucket', y='|grad_h| / (|grad_h+| + |grad_h-|)',
-             lines=[('probe_dissent_ratio', 'buckets', 'raw', dict(lw=1))])],
+             lines=[('probe_dissent_ratio', 'buckets', 'raw', '-')])],
          caption="Gradient dissent: the attractive and repulsive parts of the gradient, in h and in theta."),
     dict(name='fig9_geometry', needs=['head_singular_values', 'hidden_steps', 'probe_anisotropy'],
          grid=(3, 4.3, 3.6), panels=[
         dict(draw=singular_values, y='s_k / s_1 (log)', title='LM-head singular values, first and last'),
         dict(title='spectral entropy; dashed: its maximum', y='spectral entropy (nats)',
              hline=lambda r: math.log(r['rec']['head_singular_values'].shape[1]),
-             lines=[('spectral_entropy', None, 'raw', dict(marker='.'))]),
+             lines=[('spectral_entropy', None, 'raw', '.-')]),
         dict(title='anisotropy of h over the probe tokens', y='mean pairwise cos(h_i, h_j)',
-             lines=[('probe_anisotropy', None, 'raw', {})]),
-        dict(per_run=True, needs=['probe_hidden', 'train_counts', 'probe_tokens'], title='{run}: h per bucket',
-             y='mean |h|', lines=[('hidden_norm', 'buckets', 'raw', dict(marker='.', lw=1))])],
+             lines=[('probe_anisotropy', None, 'raw', '-')]),
+        dict(per_run=True, needs=['probe_hidden', 'train_counts', 'probe_tokens'], y='mean |h|, probe tokens',
+             title='{run}: |h| per bucket', lines=[('hidden_norm', 'buckets', 'raw', '.-')])],
          caption="Geometry of the output layer: the LM head's spectrum, the anisotropy and the size of h."),
 ]
 # drawn only when a run holds measure.py's records, and otherwise not listed as missing
 PAPER_FIGURES = [
     dict(name='fig10_paper_protocol', needs=['paper'], grid=(3, 4.2, 3.4), panels=[
         dict(x=P, title="opposition, N = {N_paper} held-out tokens", y='gradient opposition D_j',
-             lines=[('paper.opposition_mean', 'blocks', 'raw', GRAD), ('paper.opposition_null', 'blocks', 'raw', NULL),
-                    ('paper.opposition_mean', 'model', 'raw', dict(GRAD, **DASH)),
-                    ('paper.opposition_null', 'model', 'raw', NULL)]),
-        dict(x=P, title="dt = 1, k = {k_paper} batches: batch, held-out (dashed)", y='D of per-token loss changes',
-             lines=[('paper.loss_D_batch', 'k', 'raw', GRAD), ('paper.loss_D_heldout', 'k', 'raw', dict(GRAD, **DASH)),
-                    ('paper.loss_D_batch_null', 'k mean', 'raw', NULL),
-                    ('paper.loss_D_heldout_null', 'k mean', 'raw', NULL)]),
+             lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-'),
+                    ('paper.opposition_null', 'blocks', 'raw', ':'),
+                    ('paper.opposition_mean', 'model', 'raw', 'o--'),
+                    ('paper.opposition_null', 'model', 'raw', ':')]),
+        dict(x=P, title="dt = 1, k = {k_paper} batches: batch, held-out (dashed)",
+             y='D of per-token loss changes',
+             lines=[('paper.loss_D_batch', 'k', 'raw', 'o-'), ('paper.loss_D_heldout', 'k', 'raw', 'o--'),
+                    ('paper.loss_D_batch_null', 'k mean', 'raw', ':'),
+                    ('paper.loss_D_heldout_null', 'k mean', 'raw', ':')]),
         dict(x=P, title="dt = t: theta_t to theta_2t, held-out", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', GRAD), ('paper.loss_D_dtt_null', None, 'raw', NULL)])],
+             lines=[('paper.loss_D_dtt', None, 'raw', 'o-'), ('paper.loss_D_dtt_null', None, 'raw', ':')])],
          caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
 
@@ -693,8 +684,6 @@ PAPER_FIGURES = [
 def draw_figure(name, runs):
     """Figure `name` for these runs: its panels in a grid, the per-run ones once per run, run by run."""
     spec = next(f for f in FIGURES + PAPER_FIGURES if f['name'] == name)
-    if 'figure' in spec:
-        return spec['figure'](runs)
     todo = [(p, runs) for p in spec['panels'] if not p.get('per_run')]
     todo += [(p, [r]) for r in runs for p in spec['panels']
              if p.get('per_run') and all(k in r['rec'] for k in p.get('needs', []))]
@@ -732,9 +721,9 @@ def finish(fig, runs):
     for ax in fig.axes:
         if len(panel_points(ax)):
             shown = True
-            for line in ax.lines:  # a line of one point is invisible
-                if np.isfinite(line.get_xydata()).all(1).sum() == 1 and line.get_marker() in ('None', '', ' ', None):
-                    line.set(marker='o', markersize=3)
+            for line in ax.lines:  # a line of one point is invisible without a marker
+                if line.get_marker() in ('None', '') and np.isfinite(line.get_xydata()).all(1).sum() == 1:
+                    line.set(marker='o')
             continue
         shown |= any(t.get_gid() != GUIDE for t in ax.texts)  # a result, e.g. 'no identifiable break'
         for a in ax.lines + ax.collections:
@@ -823,10 +812,11 @@ def deceleration_table(runs):
             if 'train_counts' in rec else None
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
                      ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
-                     ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'), fmt(fit.get('rsle'), '.3g'),
-                     'yes' if fit['identifiable'] else f"no: {fit['reason']}"] + cells[:3] +
+                     ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
+                     fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}"] +
+                    cells[:3] +
                     [f"{r['config']['probe_tokens']:,}"] + cells[3:] +
-                    [fmt(H1, '.4f'), fmt(None if fit.get('L_d') is None or H1 is None else fit['L_d'] / H1, '.3f')])
+                    [fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')])
     return md_table(['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
                      'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d',
                      'D after t_d', 'H_1 (nats)', 'L_d / H_1'], rows)
@@ -925,7 +915,8 @@ def bucket_dissent_cell(r, k):
     if not len(steps):
         return 'n/a'
     a, b = steps[0], steps[-1]
-    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} (at {a} -> {b})"
+    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} " \
+        f"(at {a} -> {b})"
 
 
 def basis_cell(r, k):
@@ -935,7 +926,8 @@ def basis_cell(r, k):
     if not len(steps):
         return 'n/a'
     best, last = steps[np.nanargmin(loss[steps, k])], steps[-1]
-    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> ({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
+    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> " \
+        f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
 
 
 def paper_table(runs):
@@ -944,14 +936,14 @@ def paper_table(runs):
     parts = []
     for r in runs:
         for p in r['rec'].get('papers', []):
-            s, keys = p['settings'], p['settings']['opposition_keys']
-            blocks, model = ([p['opposition_' + k][:, keys.index(c)] for k in ('mean', 'null')] for c in ('blocks', 'model'))
+            s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
+            blocks, model = ([p['opposition_' + k][:, c] for k in ('mean', 'null')] for c in j)
             scaled = [metrics.scale_free_opposition(v, s['tokens']) for v in blocks]
             rows = []
             for i, t in enumerate(p['steps']):
                 cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
                 cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})",
-                          f"{p['opposition_near_total'][i, keys.index('blocks')]:.4f}"]
+                          f"{p['opposition_near_total'][i, j[0]]:.4f}"]
                 cells += [f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} "
                           f"({p[f'loss_D_{w}_null'][i].mean():.4f})" for w in ('batch', 'heldout')]
                 rows.append([int(t)] + cells + [f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})"])
@@ -975,12 +967,14 @@ def matched_steps_table(runs):
         for t in sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members])):
             cells = []
             for r, p in members:
-                i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), r['fit'].get('t_d')
+                i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), \
+                    r['fit'].get('t_d')
                 mean, null = p['opposition_mean'][i, j], p['opposition_null'][i, j]
                 side = '' if t_d is None else ' <' if t < t_d else ' >'
                 cells.append(f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}")
             rows.append([t] + cells)
-        parts += [f"N = {N:,} held-out tokens.", '', md_table(['step t'] + [r['name'] for r, _ in members], rows), '']
+        header = ['step t'] + [r['name'] for r, _ in members]
+        parts += [f"N = {N:,} held-out tokens.", '', md_table(header, rows), '']
     return '\n'.join(parts)
 
 
@@ -1026,13 +1020,12 @@ def report_text(runs, drawn, notes, ext):
 # main
 
 def at_least(kind, low):
-    """An argparse type: a number of `kind` >= low."""
+    """An argparse type: a number of `kind` >= low (NaN is not)."""
     def parse(text):
-        value = kind(text)
-        if not value >= low:
+        if not kind(text) >= low:
             raise argparse.ArgumentTypeError(f"{text} is not >= {low}")
-        return value
-    parse.__name__ = kind.__name__
+        return kind(text)
+    parse.__name__ = kind.__name__  # argparse names it in its message
     return parse
 
 
@@ -1044,12 +1037,10 @@ def render(spec, runs, formats, dpi, notes):
                         for r in runs if r not in have)
     files = {}
     if have:
-        with np.errstate(all='ignore'), warnings.catch_warnings():
-            warnings.filterwarnings('ignore', 'Data has no positive values')  # finish() makes it linear
-            fig = draw_figure(spec['name'], have)
-            for ext in formats if finish(fig, have) else []:
-                files[f"{spec['name']}.{ext}"] = io.BytesIO()
-                fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
+        fig = draw_figure(spec['name'], have)
+        for ext in formats if finish(fig, have) else []:
+            files[f"{spec['name']}.{ext}"] = io.BytesIO()
+            fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
         plt.close(fig)
         if not files:
             lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a log " \
@@ -1064,14 +1055,14 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = fail
     p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
-    p.add_argument('--out', default=None,
-                   help='folder for the figures and report.md (default: FIRST_PATH/figures)')
-    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'],
-                   help='file format(s) of the figures')
+    p.add_argument('--out', help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='figure file formats')
     p.add_argument('--min_step', type=at_least(float, 0), default=bnsl.MIN_STEP,
                    help='BNSL fit: drop the transient steps t <= min_step')
     p.add_argument('--dpi', type=at_least(int, 1), default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
+    np.seterr(all='ignore')  # NaN rows not yet recorded: NaN, not a warning
+    warnings.simplefilter('ignore')  # ... and log axes without a positive value, which finish() makes linear
     runs = sorted(map(load_run, find_runs(args.paths)), key=lambda r: (r['config']['n_params'], r['path']))
     for r, c in zip(runs, plt.cm.viridis(np.linspace(0.05, 0.85, len(runs)) if len(runs) > 1 else [0.3])):
         r.update(color=c, fit=fit_run(r, args.min_step))
@@ -1106,10 +1097,8 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
-    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} "
-          f"in {os.path.normpath(out)}")
-    for n in notes:
-        print(f"  note: {n}")
+    print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {os.path.normpath(out)}")
+    print(''.join(f"  note: {n}\n" for n in notes), end='')
 
 
 if __name__ == '__main__':
