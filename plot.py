@@ -249,8 +249,7 @@ def first_order(run):
                 np.asarray(rec['train_loss_pre'][s], dtype=float).ravel()
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
-                for key, v in dict(steps=int(s), pred=pred, true=true, corr=float(agree['corr']),
-                                   slope=float(agree['slope'])).items():
+                for key, v in zip(out, [int(s), pred, true, float(agree['corr']), float(agree['slope'])]):
                     out[key].append(v)
         run['first_order'] = out
     return run['first_order']
@@ -477,12 +476,8 @@ def first_order_scatter(ax, runs):
 
 def zipf_panel(ax, runs):
     """fig6: the Zipf plot of each distinct corpus and vocabulary, its fit, outliers, bucket edges."""
-    seen = set()
-    for r in runs:
-        key = (r['config'].get('data_key'), len(r['rec']['train_counts']))
-        if key in seen:
-            continue
-        seen.add(key)
+    distinct = {(r['config'].get('data_key'), len(r['rec']['train_counts'])): r for r in runs[::-1]}
+    for r in list(distinct.values())[::-1]:  # the first run of each
         counts = torch.from_numpy(np.array(r['rec']['train_counts']))
         zipf = metrics.zipf_fit(counts)
         c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()  # (V,) each, by id
@@ -983,10 +978,9 @@ NEEDS = {f['name']: f['needs'] for f in FIGURES + PAPER_FIGURES}
 REPORT = [
     ('Deceleration and validation loss', deceleration_table,
      "The 1-break BNSL fit (bnsl.py, 95% intervals; t_d also in the published convention); validation = the "
-     "probe set; D = its interference (null beside it); H_1: the unigram entropy of the training split."),
+     "probe set; D: its interference (null beside it); H_1: the training split's unigram entropy."),
     ('Saturation per token-frequency bucket', bucket_table,
-     "Best and final loss of the probe tokens whose target is in the bucket, and the onsets; the training "
-     "windows' where recorded."),
+     "Best and final loss of the probe tokens by bucket of their target, the onsets; the training windows'."),
     ('Dissent by phase', dissent_table,
      "Means over each phase's recorded steps; theta: all parameters, training batch; h: per probe token."),
     ('Dissent in h per frequency bucket', bucket_md_table('fig8_dissent', bucket_dissent_cell),
@@ -994,8 +988,7 @@ REPORT = [
     ('The 2D basis per frequency bucket', bucket_md_table('fig7_basis', basis_cell),
      "(cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best validation loss -> at the last step."),
     ('The published checkpoint protocol (measure.py)', paper_table,
-     "At each kept checkpoint: D_j, the loss D over one step (mean +- sd over k batches) and from t to 2t; "
-     "in brackets the null."),
+     "At each kept checkpoint: D_j, the loss D over one step (mean +- sd over k batches) and from t to 2t."),
     ('The runs at matched checkpoints (measure.py)', matched_steps_table,
      "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where every run measured at one N; < before t_d."),
 ]
