@@ -690,6 +690,7 @@ def draw_figure(name, runs):
 
 def grid(n_panels, ncols, width, height):
     """A figure of n_panels axes (width x height inches each) in rows of ncols, space above for the legend."""
+    ncols = min(ncols, max(n_panels, 1))  # no empty columns
     nrows = math.ceil(n_panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4), squeeze=False)
     for ax in axes.flat[n_panels:]:
