@@ -1013,16 +1013,6 @@ def report_text(runs, drawn, notes, ext):
 # -----------------------------------------------------------------------------
 # main
 
-def at_least(kind, low):
-    """An argparse type: a number of `kind` >= low (NaN is not)."""
-    def parse(text):
-        if not kind(text) >= low:
-            raise argparse.ArgumentTypeError(f"{text} is not >= {low}")
-        return kind(text)
-    parse.__name__ = kind.__name__  # argparse names it in its message
-    return parse
-
-
 def render(spec, runs, formats, dpi, notes):
     """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs
     it leaves out, or why it has nothing to show, go to notes."""
@@ -1051,10 +1041,13 @@ def main(argv=None):
     p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
     p.add_argument('--out', help='folder for the figures and report.md (default: FIRST_PATH/figures)')
     p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='figure file formats')
-    p.add_argument('--min_step', type=at_least(float, 0), default=bnsl.MIN_STEP,
+    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP,
                    help='BNSL fit: drop the transient steps t <= min_step')
-    p.add_argument('--dpi', type=at_least(int, 1), default=110, help='resolution of PNG figures')
+    p.add_argument('--dpi', type=int, default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
+    for flag, value, low in [('--min_step', args.min_step, 0), ('--dpi', args.dpi, 1)]:
+        if not value >= low:  # NaN is not
+            fail(f"argument {flag}: {value} is not >= {low}")
     np.seterr(all='ignore')  # NaN rows not yet recorded: NaN, not a warning
     warnings.simplefilter('ignore')  # ... and log axes without a positive value, which finish() makes linear
     runs = sorted(map(load_run, find_runs(args.paths)), key=lambda r: (r['config']['n_params'], r['path']))
