@@ -27,25 +27,23 @@ import torch
 import matplotlib
 matplotlib.use('Agg')  # files only, no screen
 import matplotlib.pyplot as plt
-from matplotlib import ticker
 from matplotlib.collections import PathCollection
-from matplotlib.colors import LogNorm
 from matplotlib.lines import Line2D
 
 import bnsl
 import metrics
 from runs import fail, foreign, remove_owned, write_atomic
 
+plt.rcParams.update({'axes.formatter.min_exponent': 7,  # log ticks as plain numbers (8.3, not 8.3x10^0)
+                     'lines.markersize': 3})  # a point per recorded row
 N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
-MAX_TRAJ = 150  # points per trajectory in the 2D-basis figure (log-spaced steps)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
 GUIDE = 'guide'  # gid of reference lines (y = x, the collapse star, contours): not data
 # what plot.py reads in config.json and in measure.py's folders; files without them are older
-CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'warmup_iters', 'learning_rate',
-               'theta_names', 'local_opposition_keys', 'opposition_keys', 'batch_tokens', 'probe_tokens',
-               'opposition_tokens']
+CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'theta_names', 'local_opposition_keys',
+               'opposition_keys', 'batch_tokens', 'probe_tokens', 'opposition_tokens']
 PAPER_KEYS = ['steps', 'tokens', 'windows', 'batches', 'opposition_keys']
 PAPER_RECORDS = ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
                  'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
@@ -122,10 +120,9 @@ def load_paper(folder):
             any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
         fail(OLDER.format(folder, 'measure.py'))
     n = len(settings['steps'])
-    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], dtype=float)
-             for k in PAPER_RECORDS}
-    for name in [k for k, a in paper.items() if len(a) < n][:1]:
-        fail(f"{folder}/{name}.npy: fewer rows than progress.json lists")
+    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], float) for k in PAPER_RECORDS}
+    if any(len(a) < n for a in paper.values()):
+        fail(f"{folder}: fewer rows than progress.json lists")
     order = np.argsort(paper['steps'])
     return dict({k: v[order] for k, v in paper.items()}, settings=settings)
 
@@ -153,7 +150,7 @@ def series(values, steps=None, smoothed=False):
 def token_mean(run, name, values=None):
     """(rows,): a per-token record (rows, P, T), or `values` of that shape, averaged over the tokens."""
     a = np.asarray(run['rec'][name] if values is None else values, dtype=np.float64)
-    return np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in a.reshape(len(a), -1)])
+    return np.nanmean(a.reshape(len(a), -1), axis=1)  # NaN for a row not yet recorded
 
 
 def buckets(run):
@@ -172,7 +169,7 @@ def targets(run, name):
 
 def bucket_series(run, name, values=None):
     """(rows, n_buckets): a per-token record (or `values` named `name`) averaged per frequency bucket
-    of its tokens' targets, computed once per run and name."""
+    of its tokens' targets (metrics.bucket_mean), computed once per run and name."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
         (bucket, edges), v = buckets(run), run['rec'][name] if values is None else values
@@ -185,6 +182,12 @@ def bucket_labels(run):
     """A run's own bucket labels, by rank counted from 1 (its vocabulary and counts set the edges)."""
     edges = buckets(run)[1]
     return [f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
+
+
+def bucket_colors(run):
+    """(colour, label) of each of a run's buckets, the same in every figure."""
+    labels = bucket_labels(run)
+    return list(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels))
 
 
 def shared_bucket_labels(runs, sep=' | '):
@@ -211,16 +214,16 @@ def column(run, name, key):
     return keys.index(key)
 
 
-def layer_names(keys):
-    """The per-layer columns of an opposition record (metrics.opposition_keys)."""
+def layer_names(run):
+    """The per-layer columns of the opposition records (metrics.opposition_keys)."""
+    keys = run['config']['opposition_keys']
     return list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
 
 
 def dissent_ratio(run, prefix):
-    """|grad| / (|grad+| + |grad-|) (metrics.dissent_ratio) per probe token ('probe_', (S + 1, P, T))
-    or of all parameters on the training batch ('theta_', (S,))."""
-    norms = [np.asarray(run['rec'][prefix + n], dtype=np.float64)
-             for n in ('norm_grad', 'norm_plus', 'norm_minus')]
+    """metrics.dissent_ratio per probe token ('probe_', (S + 1, P, T)) or of all parameters on the
+    training batch ('theta_', (S,))."""
+    norms = [np.asarray(run['rec'][prefix + n], float) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
     if prefix == 'theta_':
         norms = [np.ascontiguousarray(a[:, column(run, 'theta_', 'model')]) for a in norms]
     return metrics.dissent_ratio(*map(torch.from_numpy, norms)).numpy()
@@ -235,7 +238,7 @@ def probe_interference(run, null):
     return metrics.destructive_interference(change).numpy()
 
 
-def first_order(run, key):
+def first_order(run):
     """Over the grad steps whose records are complete: steps, pred and true (the predicted and true
     loss changes of the training batch, (B T,) each), corr and slope (metrics.first_order_agreement)."""
     if 'first_order' not in run:
@@ -246,18 +249,20 @@ def first_order(run, key):
                 np.asarray(rec['train_loss_pre'][s], dtype=float).ravel()
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
-                for k_, v in dict(steps=int(s), pred=pred, true=true, corr=float(agree['corr']),
-                                  slope=float(agree['slope'])).items():
-                    out[k_].append(v)
+                for key, v in zip(out, [int(s), pred, true, float(agree['corr']), float(agree['slope'])]):
+                    out[key].append(v)
         run['first_order'] = out
-    return run['first_order'][key]
+    return run['first_order']
 
 
-def spectral_entropy(run):
-    """(K,): metrics.spectral_entropy of the LM head's singular values at each hidden step."""
-    s = np.asarray(run['rec']['head_singular_values'], dtype=float)  # (K, R)
-    return np.array([float(metrics.spectral_entropy(torch.from_numpy(r))) if np.isfinite(r).all() else np.nan
-                     for r in s])
+def loss_changes(run):
+    """{step t: x (P T,)}, x_i = probe_loss[t+1] - probe_loss[t], at a step before t_d and the last
+    (without a fit: the first and the last) whose change is recorded."""
+    loss = np.asarray(run['rec']['probe_loss'], dtype=np.float64).reshape(len(run['rec']['probe_loss']), -1)
+    x = loss[1:] - loss[:-1]  # (S, P T)
+    done = np.flatnonzero(np.isfinite(x).all(1))
+    early = done[done < run['fit']['t_d'] / 2] if run['fit'].get('t_d') is not None else done[:0]
+    return {int(t): x[t] for t in ([early[-1] if len(early) else done[0], done[-1]] if len(done) else [])}
 
 
 # quantities computed from records, by name: run -> (steps, or None for 0, 1, ..., values)
@@ -266,9 +271,11 @@ DERIVED = {
     'theta_dissent_ratio': lambda r: (None, dissent_ratio(r, 'theta_')),
     'probe_D_long': lambda r: (None, probe_interference(r, null=False)),
     'probe_D_long_null': lambda r: (None, probe_interference(r, null=True)),
-    'spectral_entropy': lambda r: (r['rec']['hidden_steps'], spectral_entropy(r)),
-    'first_order_corr': lambda r: (first_order(r, 'steps'), first_order(r, 'corr')),
-    'first_order_slope': lambda r: (first_order(r, 'steps'), first_order(r, 'slope')),
+    'spectral_entropy': lambda r: (r['rec']['hidden_steps'], [float(metrics.spectral_entropy(torch.from_numpy(
+        np.asarray(s, dtype=float)))) for s in r['rec']['head_singular_values']]),  # NaN: not recorded
+    'hidden_norm': lambda r: (r['rec']['hidden_steps'], np.linalg.norm(r['rec']['probe_hidden'], axis=-1)),
+    'first_order_corr': lambda r: (first_order(r)['steps'], first_order(r)['corr']),
+    'first_order_slope': lambda r: (first_order(r)['steps'], first_order(r)['slope']),
 }
 
 
@@ -290,7 +297,7 @@ def line_data(run, name, col):
     elif col == 'buckets':
         v = bucket_series(run, name, v)
     elif col == 'layers':
-        v = np.asarray(v)[:, [column(run, name, k) for k in layer_names(run['config']['opposition_keys'])]]
+        v = np.asarray(v)[:, [column(run, name, k) for k in layer_names(run)]]
     elif col == 'k mean':
         v = np.asarray(v).mean(1)
     elif col not in (None, 'k'):
@@ -311,14 +318,6 @@ def interval(fit, key):
     return fit.get(key + '_ci_boot') or fit.get(key + '_ci_cov')
 
 
-def ci_text(fit, key, fmt):
-    """'value [lo, hi]' (an end that is None as '?'), or 'n/a' without a value."""
-    if fit.get(key) is None:
-        return 'n/a'
-    ci, end = interval(fit, key), lambda v: '?' if v is None else fmt.format(v)
-    return fmt.format(fit[key]) + (f" [{end(ci[0])}, {end(ci[1])}]" if ci else '')
-
-
 # -----------------------------------------------------------------------------
 # figures: a table of panels, one function that draws a time-series panel
 
@@ -328,29 +327,30 @@ def tex_safe(text):
     return str(text).replace('$', r'\$')
 
 
-def draw_line(ax, run, name, col, smooth, style):
+def draw_line(ax, run, name, col, smooth, fmt):
     """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or
     'both' (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
     steps, v = line_data(run, name, col)
     if col == 'k':  # measure.py's k fresh batches: their mean +- sd
         ok = np.isfinite(v).all(1) & (steps > 0)
-        ax.errorbar(steps[ok], v[ok].mean(1), yerr=v[ok].std(1), color=run['color'], capsize=2, **style)
+        ax.errorbar(steps[ok], v[ok].mean(1), yerr=v[ok].std(1), fmt=fmt, color=run['color'], capsize=2)
         return
     lines = [(run['color'], None, v)]
     if v.ndim == 2:
-        labels = bucket_labels(run) if col == 'buckets' else layer_names(run['config']['opposition_keys'])
+        labels = bucket_labels(run) if col == 'buckets' else layer_names(run)
         lines = zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels, v.T)
     for color, label, values in lines:
         if smooth == 'both':
             ax.plot(*series(values, steps), color=color, alpha=0.25, lw=0.5)
         x, y = series(values, steps, smoothed=smooth != 'raw')
         if len(y) or label is None:
-            ax.plot(x, y, color=color, label=label, **style)
+            ax.plot(x, y, fmt, color=color, label=label)
 
 
 def draw_panel(ax, runs, panel, everyone):
     """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log),
-    t_d dotted; its title and axis labels from the table (title fields: see `title_fields`)."""
+    t_d dotted; its title (fields: {run}, {N_batch}, {N_probe}, {N_opposition}, {N_paper}, {k_paper})
+    and axis labels from the table."""
     if 'draw' in panel:
         panel['draw'](ax, runs)
     else:
@@ -368,39 +368,31 @@ def draw_panel(ax, runs, panel, everyone):
     if panel.get('log'):
         ax.set_yscale('log')
     ax.set_ylabel(panel.get('y', ''))
-    ax.set_title(panel['title'].format(**title_fields(runs, everyone)), fontsize=8)
-
-
-def title_fields(runs, everyone):
-    """What a panel title may name: {run} (a per-run panel's), N of each kind of D ({N_batch},
-    {N_probe}, {N_opposition}) and measure.py's ({N_paper}, {k_paper})."""
-    n = lambda what: 'N = ' + ' / '.join(f"{v:,}" for v in
-                                         dict.fromkeys(r['config'][what + '_tokens'] for r in everyone))
+    n = lambda what: 'N = ' + '/'.join(f"{v:,}" for v in dict.fromkeys(r['config'][what] for r in everyone))
     papers = [r['rec']['paper']['settings'] for r in everyone if 'paper' in r['rec']]
-    return dict(run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch'),
-                N_probe=n('probe'), N_opposition=n('opposition'),
-                N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
-                k_paper=', '.join(sorted({str(s['batches']) for s in papers})))
+    ax.set_title(panel['title'].format(
+        run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'),
+        N_probe=n('probe_tokens'), N_opposition=n('opposition_tokens'),
+        N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
+        k_paper=', '.join(sorted({str(s['batches']) for s in papers}))), fontsize=8)
 
 
 def loss_panel(ax, runs):
     """fig1: the training loss, its 1-break BNSL fit, the fit's two power laws and (t_d, L_d)."""
     for r in runs:
-        draw_line(ax, r, 'train_loss', None, 'both', dict(lw=1.5))
-        fit = r['fit']
+        draw_line(ax, r, 'train_loss', None, 'both', '-')
+        fit, c = r['fit'], r['color']
         if fit.get('t_d') is None:
             continue
         t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
-        L = bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1'])
-        ax.plot(t, L, color='k', lw=1, ls='--')
+        ax.plot(t, bnsl.bnsl_1break(t, fit['b'], fit['c0'], fit['c1'], fit['t_d'], fit['f1']), 'k--', lw=1)
         pre, post = t[t <= fit['t_d'] * 3], t[t >= fit['t_d'] / 3]
-        ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=r['color'], lw=1, ls=':')  # b t^-c0
-        ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=r['color'], lw=1,
-                ls=':')
-        ax.plot([fit['t_d']], [fit['L_d']], 'o', color=r['color'], mec='k', ms=7, zorder=5)
+        ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=c, lw=1, ls=':')  # b t^-c0
+        ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=c, lw=1, ls=':')
+        ax.plot([fit['t_d']], [fit['L_d']], 'o', color=c, mec='k', ms=7, zorder=5)
         published = fit.get('published') or {}
         if published.get('t_d') is not None:  # the published convention's break, lagged by smoothing
-            ax.plot([published['t_d']], [published['L_d']], 'o', mfc='none', mec=r['color'], ms=7, zorder=5)
+            ax.plot([published['t_d']], [published['L_d']], 'o', mfc='none', mec=c, ms=7, zorder=5)
     ax.set_xscale('log')
     ax.set_xlabel('step t (log)')
 
@@ -432,6 +424,21 @@ def size_panel(ax, runs, key):
     ax.set_xlabel('parameters (log)')
 
 
+def change_histogram(ax, runs):
+    """fig3: the histogram of the per-token probe-loss changes x_i of the first run (loss_changes), at a
+    step before t_d and at the last: symmetric around 0 is zero-sum learning."""
+    x = loss_changes(runs[0])
+    lim = max([np.abs(v).max() for v in x.values()] + [1e-12])
+    edges = np.linspace(-lim, lim, 41)
+    for (t, v), color in zip(x.items(), ['0.6', runs[0]['color']]):
+        ax.plot((edges[:-1] + edges[1:]) / 2, np.histogram(v, edges)[0], drawstyle='steps-mid', color=color,
+                label=f"t = {t}")
+    ax.axvline(0, color='k', lw=0.6, gid=GUIDE)
+    ax.set_xlabel('x_i = l_i(t+1) - l_i(t), probe tokens (nats)')
+    if x:
+        ax.legend(fontsize=7)
+
+
 def dm_plane(ax, runs):
     """fig3: every probe step in the D-M plane, over contours of |mean Delta l| = (1 - D) M."""
     for r in runs:
@@ -455,12 +462,11 @@ def dm_plane(ax, runs):
 def first_order_scatter(ax, runs):
     """fig5: predicted against true per-token loss change (a random subset per run), y = x."""
     lim = 0
-    for r in runs:
-        if first_order(r, 'steps'):
-            pred, true = np.concatenate(first_order(r, 'pred')), np.concatenate(first_order(r, 'true'))
-            pick = np.random.default_rng(0).choice(len(pred), min(len(pred), MAX_SCATTER), replace=False)
-            ax.scatter(pred[pick], true[pick], s=2, color=r['color'], alpha=0.4)
-            lim = max(lim, np.abs(true).max(), np.abs(pred).max())
+    for r in [r for r in runs if first_order(r)['steps']]:
+        pred, true = np.concatenate(first_order(r)['pred']), np.concatenate(first_order(r)['true'])
+        pick = np.random.default_rng(0).choice(len(pred), min(len(pred), MAX_SCATTER), replace=False)
+        ax.scatter(pred[pick], true[pick], s=2, color=r['color'], alpha=0.4)
+        lim = max(lim, np.abs(true).max(), np.abs(pred).max())
     ax.set_xscale('symlog', linthresh=1e-3)
     ax.set_yscale('symlog', linthresh=1e-3)
     if lim > 0:
@@ -470,12 +476,8 @@ def first_order_scatter(ax, runs):
 
 def zipf_panel(ax, runs):
     """fig6: the Zipf plot of each distinct corpus and vocabulary, its fit, outliers, bucket edges."""
-    seen = set()
-    for r in runs:
-        key = (r['config'].get('data_key'), len(r['rec']['train_counts']))
-        if key in seen:
-            continue
-        seen.add(key)
+    distinct = {(r['config'].get('data_key'), len(r['rec']['train_counts'])): r for r in runs[::-1]}
+    for r in list(distinct.values())[::-1]:  # the first run of each
         counts = torch.from_numpy(np.array(r['rec']['train_counts']))
         zipf = metrics.zipf_fit(counts)
         c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()  # (V,) each, by id
@@ -495,12 +497,11 @@ def bucket_loss_panel(ax, runs):
     """fig6: best (o) and last (x) validation loss per bucket, the training windows' dotted."""
     for r in runs:
         names = ['probe_loss'] + (['train_probe_loss'] if 'train_probe_loss' in r['rec'] else [])
-        for name, (best, last) in zip(names, [(dict(ls='-'), dict(ls='--')), (dict(ls=':', mfc='none'),
-                                                                             dict(ls=':', alpha=0.6))]):
-            b, l = zip(*[(v.min(), v[-1]) if len(v) else (np.nan, np.nan)  # best and last, per bucket
-                         for v in (recorded(c)[1] for c in bucket_series(r, name).T)])
-            ax.plot(b, color=r['color'], marker='o', **best)
-            ax.plot(l, color=r['color'], marker='x', **last)
+        for name, ls in zip(names, ['-', ':']):
+            best, last = zip(*[(v.min(), v[-1]) if len(v) else (np.nan, np.nan)
+                               for v in (recorded(c)[1] for c in bucket_series(r, name).T)])
+            ax.plot(best, color=r['color'], marker='o', ls=ls, mfc='none' if ls == ':' else None)
+            ax.plot(last, color=r['color'], marker='x', ls='--' if ls == '-' else ls)
     ticks, label = shared_bucket_labels(runs)  # each run's own ranks: vocabularies may differ
     ax.set_xticks(range(len(ticks)))
     ax.set_xticklabels(ticks, rotation=30, fontsize=6)
@@ -512,8 +513,7 @@ def bucket_curves(ax, runs, name):
     """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau
     onset and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
     loss = bucket_series(runs[0], name)
-    names = bucket_labels(runs[0])
-    for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(names))), names)):
+    for k, (c, label) in enumerate(bucket_colors(runs[0])):
         steps, v = series(loss[:, k])
         if len(v):
             ax.plot(steps, v, color=c, lw=1, label=label)
@@ -539,187 +539,139 @@ def singular_values(ax, runs):
     ax.set_xlabel('index k')
 
 
-def fig_basis(runs):
-    """fig7: per run (rows) and bucket (columns), (cos(h, grad_h+), cos(h, grad_h-)) over the probe
-    tokens of the bucket, at most MAX_TRAJ log-spaced steps, coloured by step; red star: the collapse."""
-    n_b = max(len(buckets(r)[1]) - 1 for r in runs)
-    fig, axes = grid(n_b * len(runs), n_b, 2.4, 2.4)
-    norm = LogNorm(1, max(len(r['rec']['probe_cos_h_plus']) for r in runs))
-    for i, r in enumerate(runs):
-        plus, minus = bucket_series(r, 'probe_cos_h_plus'), bucket_series(r, 'probe_cos_h_minus')
-        present = set(buckets(r)[0][targets(r, 'probe')].unique().tolist())  # buckets of the probe targets
-        for k, name in enumerate(bucket_labels(r)):
-            ax = axes[i * n_b + k]
-            steps = np.flatnonzero(np.isfinite(plus[:, k]) & np.isfinite(minus[:, k]))  # recorded rows
-            if len(steps):
-                steps = steps[np.unique(np.round(np.geomspace(1, len(steps), MAX_TRAJ)).astype(int) - 1)]
-                ax.plot(plus[steps, k], minus[steps, k], color='0.7', lw=0.6)
-                ax.scatter(plus[steps, k], minus[steps, k], c=np.maximum(steps, 1), cmap='viridis', norm=norm,
-                           s=6)
-            elif k not in present:  # else not recorded yet: finish() says so
-                ax.text(0, 0, 'no probe token\nin this bucket', ha='center', va='center', fontsize=7)
-            ax.plot([-1], [1], marker='*', color='r', ms=8, gid=GUIDE)
-            ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05))
-            ax.set_title(tex_safe(f"{r['name']}, {name}"), fontsize=7, color=r['color'])
-            ax.tick_params(labelsize=6)
-            ax.set_ylabel('cos(h, grad_h-)' if k == 0 else '', fontsize=7)
-            ax.set_xlabel('cos(h, grad_h+)' if i == len(runs) - 1 else '', fontsize=7)
-    cbar = fig.colorbar(plt.cm.ScalarMappable(norm, 'viridis'),
-                        cax=axes[n_b - 1].inset_axes([1.05, 0, 0.05, 1]))
-    cbar.set_label('step (log)', fontsize=7)
-    return fig
+def basis_panel(ax, runs):
+    """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) over the probe tokens of each bucket, a line per
+    bucket through the recorded steps, a dot at the last; red star: the collapse (-1, +1)."""
+    plus, minus = bucket_series(runs[0], 'probe_cos_h_plus'), bucket_series(runs[0], 'probe_cos_h_minus')
+    for k, (c, label) in enumerate(bucket_colors(runs[0])):
+        ok = np.isfinite(plus[:, k]) & np.isfinite(minus[:, k])  # recorded rows
+        if ok.any():
+            ax.plot(plus[ok, k], minus[ok, k], color=c, lw=0.8, label=label)
+            ax.plot(plus[ok, k][-1], minus[ok, k][-1], 'o', color=c, ms=4)
+    ax.plot([-1], [1], marker='*', color='r', ms=10, gid=GUIDE)
+    ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel='cos(h, grad_h+)')
+    ax.legend(fontsize=6)
 
 
-W, GRAD, NULL = dict(lw=1.3), dict(marker='o', ms=3, lw=1), dict(ls=':', lw=1)  # GRAD: a point per row
 P = 'checkpoint step t'  # the step axis of measure.py's records
 # Every figure: name, the records it needs (runs without them are left out), its grid (columns, and width
-# and height of a panel in inches), a one-line caption (docs/figures.md explains the figure) and its
-# panels. A panel is an own function ('draw') or lines (record, column, smoothing, style) against the step;
-# 'per_run': one such panel for each run (that holds its 'needs'). Title fields: see title_fields.
+# and height of a panel in inches), a one-line caption and its panels; docs/figures.md explains each
+# figure and its line styles. A panel is an own function ('draw') or lines (record, column, smoothing,
+# matplotlib format: 'o-' a point per row) against the step; 'per_run': a panel for each run (that holds
+# its 'needs').
 FIGURES = [
     dict(name='fig1_loss', needs=['train_loss'], grid=(1, 7, 5), panels=[
         dict(draw=loss_panel, log=True, y='training loss (nats/token, log)',
-             title='Loss deceleration: 1-break BNSL fit (dashed), its two power laws (dotted), t_d (dot; '
-                   'open: the published convention)')],
+             title='Loss deceleration: 1-break BNSL fit and its break t_d')],
          caption="Training loss, its 1-break BNSL fit and the break (t_d, L_d): look for the bend."),
     dict(name='fig2_deceleration', needs=['train_loss'], grid=(4, 3.4, 3.2), panels=[
-        dict(draw=lambda ax, runs: size_panel(ax, runs, 't_d'), y='t_d (steps)',
-             title='95% block-bootstrap intervals (covariance if none)'),
+        dict(draw=lambda ax, runs: size_panel(ax, runs, 't_d'), y='t_d (steps)', title='95% intervals'),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'L_d'), y='L_d (nats/token)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'r_d'), y='r_d (slope after t_d)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'validation'), title='validation = the probe set',
              y='validation loss: best (o), last (x)')],
          caption="t_d, L_d, r_d (95% intervals) and the best and last validation loss against model size."),
     dict(name='fig3_zero_sum', grid=(2, 5.5, 3.6), panels=[
-        dict(title='training batch ({N_batch}), before vs after its own update;\n'
-                   'dashed: sign-flip null (64 draws)', y='D of per-token loss changes',
-             lines=[('train_D', None, 'both', dict(lw=1.5)),
-                    ('train_D_null', None, 'smooth', dict(lw=0.8, ls='--'))]),
-        dict(title='probe set ({N_probe}), step t to t+1 (solid; dashed: null) and\n'
-                   't to t+{dt} (dash-dot; dotted: its analytic null)', y='D of per-token loss changes',
-             lines=[('probe_D', None, 'both', dict(lw=1.5)),
-                    ('probe_D_null', None, 'smooth', dict(lw=0.8, ls='--')),
-                    ('probe_D_long', None, 'smooth', dict(lw=1, ls='-.')),
-                    ('probe_D_long_null', None, 'smooth', dict(lw=0.6, ls=(0, (1, 3))))]),
-        dict(title='magnitude of per-token changes: training batch (solid), probe (dashed)', log=True,
-             y='M = mean |Delta l_i| (nats)',
-             lines=[('train_M', None, 'smooth', dict(lw=1.2)),
-                    ('probe_M', None, 'smooth', dict(lw=1.2, ls='--'))]),
-        dict(draw=dm_plane, y='M (nats, log)',
-             title='D-M plane; grey: contours of |mean Delta l| = (1 - D) M')],
+        dict(title='training batch ({N_batch}), before vs after its update', y='D of per-token loss changes',
+             lines=[('train_D', None, 'both', '-'), ('train_D_null', None, 'smooth', '--')]),
+        dict(title='probe set ({N_probe}), t to t+1 and t to t+{dt}', y='D of per-token loss changes',
+             lines=[('probe_D', None, 'both', '-'), ('probe_D_null', None, 'smooth', '--'),
+                    ('probe_D_long', None, 'smooth', '-.'), ('probe_D_long_null', None, 'smooth', ':')]),
+        dict(title='magnitude: training batch, probe (dashed)', log=True, y='M = mean |Delta l_i| (nats)',
+             lines=[('train_M', None, 'smooth', '-'), ('probe_M', None, 'smooth', '--')]),
+        dict(draw=dm_plane, y='M (nats, log)', title='D-M plane'),
+        dict(draw=change_histogram, y='probe tokens', title='{run}: the per-token loss changes')],
          needs=['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'],
-         caption="Zero-sum learning: interference D of the per-token loss changes, its null, and M."),
+         caption="Zero-sum learning: interference D of the per-token loss changes, its null, M and x_i."),
     dict(name='fig4_opposition', grid=(4, 3.8, 3.2), panels=[
-        dict(title="position-local layers, training batch\n({N_batch}), every step, smoothed:\n"
-                   "mean D_j over the last block's matrices (solid),\n"
-                   "|g|-weighted (dashed), null (dash-dot), all local (dotted)",
-             y='gradient opposition D_j',
-             lines=[('local_opposition_mean', 'blocks', 'smooth', W),
-                    ('local_opposition_weighted', 'blocks', 'smooth', dict(W, ls='--')),
-                    ('local_opposition_null', 'blocks', 'smooth', dict(lw=0.7, ls='-.')),
-                    ('local_opposition_mean', 'local', 'smooth', dict(W, ls=':'))]),
-        dict(title="all parameters, exact, probe tokens\n({N_opposition}): mean D_j over the blocks'\n"
-                   "matrices (solid), |g|-weighted (dashed), null\n(dash-dot), every coordinate (dotted)",
-             y='gradient opposition D_j',
-             lines=[('opposition_mean', 'blocks', 'raw', GRAD),
-                    ('opposition_weighted', 'blocks', 'raw', dict(GRAD, ls='--')),
-                    ('opposition_null', 'blocks', 'raw', dict(GRAD, lw=0.7, ls='-.')),
-                    ('opposition_mean', 'model', 'raw', dict(GRAD, ls=':'))]),
-        dict(title="update-weighted terms, blocks' matrices\n({N_opposition}): Cg (solid), Cug (dashed),\n"
-                   "C_i_dli (dotted); 1 = agreement", y='update-weighted term',
-             lines=[('update_Cg', 'blocks', 'raw', GRAD),
-                    ('update_Cug', 'blocks', 'raw', dict(GRAD, ls='--')),
-                    ('update_C_i_dli', 'blocks', 'raw', dict(GRAD, ls=':'))]),
+        dict(title="position-local layers, training batch ({N_batch})", y='gradient opposition D_j',
+             lines=[('local_opposition_mean', 'blocks', 'smooth', '-'),
+                    ('local_opposition_weighted', 'blocks', 'smooth', '--'),
+                    ('local_opposition_null', 'blocks', 'smooth', '-.'),
+                    ('local_opposition_mean', 'local', 'smooth', ':')]),
+        dict(title="all parameters, probe tokens ({N_opposition})", y='gradient opposition D_j',
+             lines=[('opposition_mean', 'blocks', 'raw', 'o-'),
+                    ('opposition_weighted', 'blocks', 'raw', 'o--'),
+                    ('opposition_null', 'blocks', 'raw', 'o-.'),
+                    ('opposition_mean', 'model', 'raw', 'o:')]),
+        dict(title="update-weighted terms ({N_opposition})", y='Cg, Cug (dashed), C_i_dli (dotted)',
+             lines=[('update_Cg', 'blocks', 'raw', 'o-'), ('update_Cug', 'blocks', 'raw', 'o--'),
+                    ('update_C_i_dli', 'blocks', 'raw', 'o:')]),
         dict(per_run=True, title='{run}: per layer', y='gradient opposition D_j',
-             lines=[('opposition_mean', 'layers', 'raw', dict(marker='.', lw=1))])],
+             lines=[('opposition_mean', 'layers', 'raw', 'o-')])],
          needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
                 'opposition_mean', 'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug',
                 'update_C_i_dli', 'grad_steps'],
          caption="Gradient opposition D_j between tokens per parameter coordinate, beside its null."),
     dict(name='fig5_first_order', grid=(3, 4.3, 3.8),
          needs=['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], panels=[
-        dict(draw=first_order_scatter, y='true Delta l_i (nats, symlog)',
-             title='per token, training batch, all scheduled steps'),
-        dict(title='', y='correlation(predicted, true)', lines=[('first_order_corr', None, 'raw', GRAD)]),
+        dict(draw=first_order_scatter, y='true Delta l_i (nats, symlog)', title='per token, training batch'),
+        dict(title='', y='correlation(predicted, true)', lines=[('first_order_corr', None, 'raw', 'o-')]),
         dict(title='', y='slope of true on predicted', hline=lambda r: 1,
-             lines=[('first_order_slope', None, 'raw', GRAD)])],
+             lines=[('first_order_slope', None, 'raw', 'o-')])],
          caption="First-order prediction <grad l_i, delta> of each token's loss change against the true."),
     dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2),
          panels=[
-        dict(draw=zipf_panel, y='count (log)',
-             title='Zipf plot; dashed: fit, x: outliers, grey: bucket edges'),
-        dict(draw=bucket_loss_panel, y='validation loss (nats/token)',
-             title='per frequency bucket: best (o, solid), last (x, dashed);\n'
-                   'dotted: training windows, where recorded'),
+        dict(draw=zipf_panel, y='count (log)', title='Zipf plot and the bucket edges'),
+        dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket'),
         dict(per_run=True, draw=lambda ax, runs: bucket_curves(ax, runs, 'probe_loss'),
-             y='validation loss (nats/token)',
-             title='{run}: held-out, per bucket\n(dot: best; v: plateau onset, ^: rise onset)'),
+             y='validation loss (nats/token)', title='{run}: held-out, per bucket'),
         dict(per_run=True, needs=['train_probe_loss', 'train_probe_tokens'],
              draw=lambda ax, runs: bucket_curves(ax, runs, 'train_probe_loss'),
-             y='training-window loss (nats/token)',
-             title='{run}: training windows, per bucket\n(dot: best; v: plateau onset, ^: rise onset)')],
+             y='training-window loss (nats/token)', title='{run}: training windows, per bucket')],
          caption="Saturation per token-frequency bucket: where the loss stops falling or rises again."),
     dict(name='fig7_basis', needs=['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'],
-         figure=fig_basis,
+         grid=(3, 4, 4), panels=[dict(per_run=True, draw=basis_panel, y='cos(h, grad_h-)', title='{run}')],
          caption="The shared 2D basis (cos(h, grad_h+), cos(h, grad_h-)) per bucket; star: the collapse."),
     dict(name='fig8_dissent', grid=(2, 5.5, 3.2),
          needs=['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad', 'theta_cos',
                 'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], panels=[
-        dict(title='h: mean over probe tokens of cos(grad_h+, grad_h-)', y='cosine',
-             lines=[('probe_cos_plus_minus', 'tokens', 'raw', W)]),
-        dict(title='theta, all parameters, training batch: batch-level cos(grad+, grad-)', y='cosine',
-             lines=[('theta_cos', 'model', 'both', W)]),
-        dict(title='h: mean over probe tokens of |grad_h| / (|grad_h+| + |grad_h-|)', y='dissent ratio',
-             lines=[('probe_dissent_ratio', 'tokens', 'raw', W)]),
-        dict(title='theta: |grad| / (|grad+| + |grad-|) (1: no dissent, 0: total)', y='dissent ratio',
-             lines=[('theta_dissent_ratio', None, 'both', W)]),
-        dict(title='h: mean |grad_h| (solid), |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)',
-             log=True, lines=[('probe_norm_grad', 'tokens', 'raw', W),
-                              ('probe_norm_plus', 'tokens', 'raw', dict(W, ls='--')),
-                              ('probe_norm_minus', 'tokens', 'raw', dict(W, ls=':'))]),
-        dict(title='theta: |grad| (solid), |grad+| (dashed), |grad-| (dotted), smoothed', y='norm (log)',
-             log=True,
-             lines=[('theta_norm_grad', 'model', 'smooth', W),
-                    ('theta_norm_plus', 'model', 'smooth', dict(W, ls='--')),
-                    ('theta_norm_minus', 'model', 'smooth', dict(W, ls=':'))]),
-        dict(per_run=True, title='{run}: h, mean per frequency bucket', y='cos(grad_h+, grad_h-)',
-             lines=[('probe_cos_plus_minus', 'buckets', 'raw', dict(lw=1))]),
-        dict(per_run=True, title='{run}: h, mean per frequency bucket',
-             y='|grad_h| / (|grad_h+| + |grad_h-|)',
-             lines=[('probe_dissent_ratio', 'buckets', 'raw', dict(lw=1))])],
+        dict(title='h, mean over probe tokens', y='cos(grad_h+, grad_h-)',
+             lines=[('probe_cos_plus_minus', 'tokens', 'raw', '-')]),
+        dict(title='theta, training batch: batch-level cosine', y='cos(grad+, grad-)',
+             lines=[('theta_cos', 'model', 'both', '-')]),
+        dict(title='h, mean over probe tokens', y='|grad_h| / (|grad_h+| + |grad_h-|)',
+             lines=[('probe_dissent_ratio', 'tokens', 'raw', '-')]),
+        dict(title='theta, training batch', y='|grad| / (|grad+| + |grad-|)',
+             lines=[('theta_dissent_ratio', None, 'both', '-')]),
+        dict(title='h: |grad_h|, |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)', log=True,
+             lines=[('probe_norm_grad', 'tokens', 'raw', '-'), ('probe_norm_plus', 'tokens', 'raw', '--'),
+                    ('probe_norm_minus', 'tokens', 'raw', ':')]),
+        dict(title='theta: |grad|, |grad+| (dashed), |grad-| (dotted)', y='norm (log)', log=True,
+             lines=[('theta_norm_grad', 'model', 'smooth', '-'), ('theta_norm_plus', 'model', 'smooth', '--'),
+                    ('theta_norm_minus', 'model', 'smooth', ':')]),
+        dict(per_run=True, title='{run}: h, per bucket', y='cos(grad_h+, grad_h-)',
+             lines=[('probe_cos_plus_minus', 'buckets', 'raw', '-')]),
+        dict(per_run=True, title='{run}: h, per bucket', y='|grad_h| / (|grad_h+| + |grad_h-|)',
+             lines=[('probe_dissent_ratio', 'buckets', 'raw', '-')])],
          caption="Gradient dissent: the attractive and repulsive parts of the gradient, in h and in theta."),
     dict(name='fig9_geometry', needs=['head_singular_values', 'hidden_steps', 'probe_anisotropy'],
          grid=(3, 4.3, 3.6), panels=[
-        dict(draw=singular_values, y='s_k / s_1 (log)',
-             title='LM-head singular values: first (dotted) and last (solid) recorded step'),
-        dict(title='entropy of s_k^2 / sum s^2; dashed: its maximum log(min(V, d))',
-             y='spectral entropy (nats)',
+        dict(draw=singular_values, y='s_k / s_1 (log)', title='LM-head singular values, first and last'),
+        dict(title='spectral entropy; dashed: its maximum', y='spectral entropy (nats)',
              hline=lambda r: math.log(r['rec']['head_singular_values'].shape[1]),
-             lines=[('spectral_entropy', None, 'raw', dict(marker='.'))]),
+             lines=[('spectral_entropy', None, 'raw', '.-')]),
         dict(title='anisotropy of h over the probe tokens', y='mean pairwise cos(h_i, h_j)',
-             lines=[('probe_anisotropy', None, 'raw', {})])],
-         caption="Geometry of the output layer: the LM head's spectrum and the anisotropy of h."),
+             lines=[('probe_anisotropy', None, 'raw', '-')]),
+        dict(per_run=True, needs=['probe_hidden', 'train_counts', 'probe_tokens'], y='mean |h|, probe tokens',
+             title='{run}: |h| per bucket', lines=[('hidden_norm', 'buckets', 'raw', '.-')])],
+         caption="Geometry of the output layer: the LM head's spectrum, the anisotropy and the size of h."),
 ]
 # drawn only when a run holds measure.py's records, and otherwise not listed as missing
 PAPER_FIGURES = [
     dict(name='fig10_paper_protocol', needs=['paper'], grid=(3, 4.2, 3.4), panels=[
-        dict(x=P, title="paper protocol, N = {N_paper} held-out tokens: mean D_j\nover the blocks' matrices "
-                        "(solid), every\ncoordinate (dashed); dotted: null", y='gradient opposition D_j',
-             lines=[('paper.opposition_mean', 'blocks', 'raw', GRAD),
-                    ('paper.opposition_null', 'blocks', 'raw', NULL),
-                    ('paper.opposition_mean', 'model', 'raw', dict(GRAD, ls='--')),
-                    ('paper.opposition_null', 'model', 'raw', NULL)]),
-        dict(x=P, title="paper protocol, dt = 1, k = {k_paper} fresh batches: loss D\n"
-                        "on the batch (solid) and on N = {N_paper} held-out\ntokens (dashed), mean +- sd; "
-                        "dotted: null",
+        dict(x=P, title="opposition, N = {N_paper} held-out tokens", y='gradient opposition D_j',
+             lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-'),
+                    ('paper.opposition_null', 'blocks', 'raw', ':'),
+                    ('paper.opposition_mean', 'model', 'raw', 'o--'),
+                    ('paper.opposition_null', 'model', 'raw', ':')]),
+        dict(x=P, title="dt = 1, k = {k_paper} batches: batch, held-out (dashed)",
              y='D of per-token loss changes',
-             lines=[('paper.loss_D_batch', 'k', 'raw', GRAD),
-                    ('paper.loss_D_heldout', 'k', 'raw', dict(GRAD, ls='--')),
-                    ('paper.loss_D_batch_null', 'k mean', 'raw', NULL),
-                    ('paper.loss_D_heldout_null', 'k mean', 'raw', NULL)]),
-        dict(x=P, title="paper protocol, dt = t, N = {N_paper} held-out tokens:\n"
-                        "loss D from theta_t to theta_2t; dotted: null", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', GRAD), ('paper.loss_D_dtt_null', None, 'raw', NULL)])],
+             lines=[('paper.loss_D_batch', 'k', 'raw', 'o-'), ('paper.loss_D_heldout', 'k', 'raw', 'o--'),
+                    ('paper.loss_D_batch_null', 'k mean', 'raw', ':'),
+                    ('paper.loss_D_heldout_null', 'k mean', 'raw', ':')]),
+        dict(x=P, title="dt = t: theta_t to theta_2t, held-out", y='D of per-token loss changes',
+             lines=[('paper.loss_D_dtt', None, 'raw', 'o-'), ('paper.loss_D_dtt_null', None, 'raw', ':')])],
          caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
 
@@ -727,8 +679,6 @@ PAPER_FIGURES = [
 def draw_figure(name, runs):
     """Figure `name` for these runs: its panels in a grid, the per-run ones once per run, run by run."""
     spec = next(f for f in FIGURES + PAPER_FIGURES if f['name'] == name)
-    if 'figure' in spec:
-        return spec['figure'](runs)
     todo = [(p, runs) for p in spec['panels'] if not p.get('per_run')]
     todo += [(p, [r]) for r in runs for p in spec['panels']
              if p.get('per_run') and all(k in r['rec'] for k in p.get('needs', []))]
@@ -740,6 +690,7 @@ def draw_figure(name, runs):
 
 def grid(n_panels, ncols, width, height):
     """A figure of n_panels axes (width x height inches each) in rows of ncols, space above for the legend."""
+    ncols = min(ncols, max(n_panels, 1))  # no empty columns
     nrows = math.ceil(n_panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4), squeeze=False)
     for ax in axes.flat[n_panels:]:
@@ -747,65 +698,28 @@ def grid(n_panels, ncols, width, height):
     return fig, list(axes.flat[:n_panels])
 
 
-def run_legend(fig, runs):
-    """One legend of the runs' colours at the top, in as many columns (at most 4) as the width holds
-    (the figure widens for a longer name). Its height in inches."""
-    handles = [Line2D([], [], color=r['color'], lw=2, label=tex_safe(r['label'])) for r in runs]
-    renderer = fig.canvas.get_renderer()
-    for ncol in range(min(len(runs), 4), 0, -1):
-        legend = fig.legend(handles=handles, loc='upper center', ncol=ncol, fontsize=8, frameon=False)
-        box = legend.get_window_extent(renderer)
-        if box.width <= fig.bbox.width or ncol == 1:
-            break
-        legend.remove()
-    fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.1))
-    return box.height / fig.dpi
-
-
 def panel_points(ax):
-    """(n, 2): the data points a panel shows (finite, positive on a log axis); guides and lines in axes
-    coordinates (t_d, bucket edges) aside."""
+    """(n, 2): the data points a panel shows (finite, positive on a log axis); guides aside."""
     xy = [a.get_xydata() for a in ax.lines if a.get_gid() != GUIDE and a.get_transform() == ax.transData]
     xy += [a.get_offsets() for a in ax.collections if isinstance(a, PathCollection) and a.get_gid() != GUIDE]
     xy = np.concatenate([np.asarray(a, dtype=float).reshape(-1, 2) for a in xy] + [np.zeros((0, 2))])
     ok = np.isfinite(xy).all(1)
     for k, axis in enumerate([ax.xaxis, ax.yaxis]):
-        if axis.get_scale() == 'log':
-            ok &= xy[:, k] > 0
+        ok &= (xy[:, k] > 0) | (axis.get_scale() != 'log')
     return xy[ok]
 
 
-class PlainLogFormatter(ticker.Formatter):
-    """The ticks that a log axis' own formatter labels, as plain numbers: 8.3, not 8.3x10^0."""
-
-    def __init__(self, default):
-        self.default = default
-
-    def set_axis(self, axis):
-        super().set_axis(axis)
-        self.default.set_axis(axis)
-
-    def set_locs(self, locs):
-        super().set_locs(locs)
-        self.default.set_locs(locs)  # it picks which ticks to label from the view
-
-    def __call__(self, x, pos=None):
-        plain = np.format_float_positional(x, precision=6, fractional=False, trim='-')
-        return plain if self.default(x, pos) else ''
-
-
 def finish(fig, runs):
-    """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A panel
-    without a point says so on linear axes; a lone point gets a marker; a log axis spanning under about
-    two decades gets plain tick labels; the run legend goes above the panels, inside the figure."""
+    """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A lone
+    point gets a marker; a panel without a point says so on linear axes; the run legend goes above the
+    panels, in as many columns (at most 4) as the width holds, the figure widened for a longer name."""
     shown = False
     for ax in fig.axes:
         if len(panel_points(ax)):
             shown = True
-            for line in ax.lines:  # a line of one point is invisible
-                lone = np.isfinite(line.get_xydata()).all(1).sum() == 1
-                if lone and line.get_marker() in ('None', '', ' ', None):
-                    line.set(marker='o', markersize=3)
+            for line in ax.lines:  # a line of one point is invisible without a marker
+                if line.get_marker() in ('None', '') and np.isfinite(line.get_xydata()).all(1).sum() == 1:
+                    line.set(marker='o')
             continue
         shown |= any(t.get_gid() != GUIDE for t in ax.texts)  # a result, e.g. 'no identifiable break'
         for a in ax.lines + ax.collections:
@@ -818,12 +732,15 @@ def finish(fig, runs):
             ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
                     ha='center', va='center', fontsize=8, color='0.4')
             ax.set(xticks=[], yticks=[])
-    for ax in fig.axes + [c for ax in fig.axes for c in ax.child_axes]:  # child: fig7's colour bar
-        for axis in [a for a in (ax.xaxis, ax.yaxis) if a.get_scale() == 'log']:
-            if any(axis.get_minor_formatter().format_ticks(axis.get_minorticklocs())):
-                axis.set_major_formatter(PlainLogFormatter(axis.get_major_formatter()))
-                axis.set_minor_formatter(PlainLogFormatter(axis.get_minor_formatter()))
-    top = max(0.35, run_legend(fig, runs) + 0.05)  # grid() leaves 0.4 inches above the panels
+    handles = [Line2D([], [], color=r['color'], lw=2, label=tex_safe(r['label'])) for r in runs]
+    for ncol in range(min(len(runs), 4), 0, -1):
+        legend = fig.legend(handles=handles, loc='upper center', ncol=ncol, fontsize=8, frameon=False)
+        box = legend.get_window_extent(fig.canvas.get_renderer())
+        if box.width <= fig.bbox.width or ncol == 1:
+            break
+        legend.remove()
+    fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.1))
+    top = max(0.35, box.height / fig.dpi + 0.05)  # grid() leaves 0.4 inches above the panels
     fig.set_figheight(fig.get_figheight() + top - 0.35)
     fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()))
     return shown
@@ -835,30 +752,17 @@ def finish(fig, runs):
 
 def onsets(values):
     """The saturation onsets of a loss series (NaN rows not recorded) on its trailing log moving
-    average (step 0 kept): steps, smoothed, never (metrics.never_improved), plateau and rise (steps of
+    average (step 0 kept): never (metrics.never_improved), plateau and rise (steps of
     metrics.plateau_onset and rise_onset, or None); None when no row is recorded."""
     steps, v = recorded(values)
     if not len(v):
         return None
     loss = torch.from_numpy(bnsl.log_moving_average(v) if np.all(np.diff(steps) == 1) else v)
-    never = metrics.never_improved(loss)
-    step = lambda i: None if never or i is None else int(steps[i])
-    if never:
+    if metrics.never_improved(loss):
         return dict(never=True, plateau=None, rise=None)
+    step = lambda i: None if i is None else int(steps[i])
     return dict(never=False, plateau=step(metrics.plateau_onset(loss, torch.from_numpy(steps))),
                 rise=step(metrics.rise_onset(loss)))
-
-
-def saturation_reading(held, train):
-    """What a bucket's held-out and training-window onsets say together: a held-out rise the training
-    windows do not share is overfitting, a plateau or rise in both capacity saturation, a held-out
-    plateau while the training windows improve a growing gap."""
-    h, t = [('never improved' if o['never'] else 'rises' if o['rise'] is not None else
-             'plateaus' if o['plateau'] is not None else 'improving') for o in (held, train)]
-    reading = 'overfitting' if h == 'rises' and t in ('plateaus', 'improving') else \
-        'capacity saturation' if h in ('plateaus', 'rises') and t in ('plateaus', 'rises') else \
-        'a growing gap' if h == 'plateaus' and t == 'improving' else None
-    return f"held-out {h}, training {t}" + (f": {reading}" if reading else '')
 
 
 def md_table(header, rows):
@@ -873,9 +777,18 @@ def fmt(v, spec, none='n/a'):
     return none if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
+def ci_text(fit, key, fmt):
+    """'value [lo, hi]' (an end that is None as '?'), or 'n/a' without a value."""
+    if fit.get(key) is None:
+        return 'n/a'
+    ci, end = interval(fit, key), lambda v: '?' if v is None else fmt.format(v)
+    return fmt.format(fit[key]) + (f" [{end(ci[0])}, {end(ci[1])}]" if ci else '')
+
+
 def deceleration_table(runs):
     """Per run: the BNSL fit (its t_d, and the published convention's), best and last validation loss,
-    the saturation onset of the validation loss, and probe D before and after t_d beside its null."""
+    the saturation onset of the validation loss, probe D before and after t_d beside its null, and L_d
+    over H_1, the unigram entropy of the training split (metrics.unigram_entropy)."""
     rows = []
     for r in runs:
         fit, rec = r['fit'], r['rec']
@@ -891,87 +804,58 @@ def deceleration_table(runs):
             null = np.asarray(rec['probe_D_null'], dtype=float)[s]
             cells[3:] = [f"{D[w].mean():.4f} (null {np.nanmean(null[w]):.4f})" if w.any() else 'n/a'
                          for w in (s < fit['t_d'], s >= fit['t_d'])]
+        H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts'])))) \
+            if 'train_counts' in rec else None
         rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
                      ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
                      ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
-                     fmt(fit.get('rsle'), '.3g'),
-                     'yes' if fit['identifiable'] else f"no: {fit['reason']}"] + cells[:3] +
-                    [f"{r['config']['probe_tokens']:,}"] + cells[3:])
+                     fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}"] +
+                    cells[:3] +
+                    [f"{r['config']['probe_tokens']:,}"] + cells[3:] +
+                    [fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')])
     return md_table(['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
                      'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d',
-                     'D after t_d'], rows)
+                     'D after t_d', 'H_1 (nats)', 'L_d / H_1'], rows)
 
 
-def units_table(runs):
-    """Per run: t_d in training tokens, per parameter and over the warmup; L_d over H_1 (the unigram
-    entropy of the training split, metrics.unigram_entropy)."""
-    rows = []
-    for r in runs:
-        c, t_d, L_d = r['config'], r['fit'].get('t_d'), r['fit'].get('L_d')
-        counts = r['rec'].get('train_counts')
-        H1 = None if counts is None else float(metrics.unigram_entropy(torch.from_numpy(np.array(counts))))
-        tokens = None if t_d is None else t_d * c['batch_tokens']
-        rows.append([r['name'], f"{c['n_params']:,}", c['warmup_iters'], f"{c['learning_rate']:.3g}",
-                     fmt(tokens, ',.0f'), fmt(None if t_d is None else tokens / c['n_params'], '.3g'),
-                     fmt(t_d / c['warmup_iters'] if t_d is not None and c['warmup_iters'] else None, '.2f'),
-                     fmt(H1, '.4f'), fmt(None if L_d is None or H1 is None else L_d / H1, '.3f')])
-    return md_table(['run', 'params', 'warmup', 'peak lr', 't_d tokens', 't_d tokens / param', 't_d / warmup',
-                     'H_1 (nats)', 'L_d / H_1'], rows)
-
-
-def opposition_table(runs):
-    """Per run, at the grad steps nearest t_d on either side and the last: the blocks' and every
-    coordinate's mean D_j (null) and the blocks' Cg, Cug, C_i_dli."""
-    rows = []
-    for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig4_opposition'])]:
-        rec, cols = r['rec'], [column(r, 'opposition_', k) for k in ('blocks', 'model')]
-        mean, null = (np.asarray(rec['opposition_' + k], dtype=float) for k in ('mean', 'null'))
-        done = np.flatnonzero(np.isfinite(mean[:, cols[1]]))
-        steps, t_d = np.asarray(rec['grad_steps'])[done], r['fit'].get('t_d')
-        picks = {len(done) - 1} if len(done) else set()
-        if t_d is not None:
-            picks |= set(np.flatnonzero(steps < t_d)[-1:]) | set(np.flatnonzero(steps >= t_d)[:1])
-        for i in sorted(int(i) for i in picks):
-            k = done[i]
-            where = '' if t_d is None else ' (before t_d)' if steps[i] < t_d else ' (after t_d)'
-            rows.append([r['name'], f"{r['config']['opposition_tokens']:,}", f"{steps[i]}{where}"] +
-                        [f"{mean[k, j]:.4f} (null {null[k, j]:.4f})" for j in cols] +
-                        [f"{rec['update_' + term][k, cols[0]]:.3g}" for term in ('Cg', 'Cug', 'C_i_dli')])
-    return rows and md_table(['run', 'N', 'step', "blocks' mean D_j", 'every coordinate', 'Cg (blocks)',
-                              'Cug (blocks)', 'C_i_dli (blocks)'], rows)
-
-
-def bucket_tokens(run, name):
-    """(n_buckets,): the tokens (probe set, or training windows) whose target is in each bucket."""
+def bucket_cells(run, name, k):
+    """Tokens, best (step), final, plateau onset and rise onset of bucket k's loss (`name`), and its
+    onsets (None: not recorded)."""
     bucket, edges = buckets(run)
-    return np.bincount(bucket[targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)
-
-
-def onset_cells(values):
-    """Best (step), final, plateau onset and rise onset of a bucket's loss (or never improved)."""
-    o = onsets(values)
+    n = np.bincount(bucket[targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)[k]
+    values = bucket_series(run, name)[:, k]
+    o, (steps, v) = onsets(values), recorded(values)
     if o is None:
-        return ['n/a'] * 4
-    steps, v = recorded(values)
-    best = f"{v.min():.3f} ({steps[np.argmin(v)]})"
+        return [n] + ['n/a'] * 4, None
+    cells = [n, f"{v.min():.3f} ({steps[np.argmin(v)]})", f"{v[-1]:.3f}"]
     if o['never']:
-        return [best, f"{v[-1]:.3f}", '-', 'never improved']
-    return [best, f"{v[-1]:.3f}"] + [str(o[k]) if o[k] is not None else 'none' for k in ('plateau', 'rise')]
+        return cells + ['-', 'never improved'], o
+    return cells + [str(o[key]) if o[key] is not None else 'none' for key in ('plateau', 'rise')], o
+
+
+def reading(o):
+    """What a bucket's onsets say: never improved, rises, plateaus or improving."""
+    return 'never improved' if o['never'] else 'rises' if o['rise'] is not None else \
+        'plateaus' if o['plateau'] is not None else 'improving'
 
 
 def bucket_table(runs):
-    """Per run and bucket: its probe tokens, best and final validation loss and onsets; the same for
-    the training windows where recorded, and what the two say together (saturation_reading)."""
+    """Per run and bucket: its probe tokens, best and final validation loss and onsets; the same for the
+    training windows where recorded, and what the two say together: a held-out rise the training windows
+    do not share is overfitting, a plateau or rise in both capacity saturation, a held-out plateau while
+    the training windows improve a growing gap."""
     rows, trained = [], any('train_probe_loss' in r['rec'] for r in runs)
     for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig6_saturation'])]:
-        held, n_held = bucket_series(r, 'probe_loss'), bucket_tokens(r, 'probe_loss')
         for k, label in enumerate(bucket_labels(r)):
-            row = [r['name'], label, n_held[k]] + onset_cells(held[:, k])
+            held, o_held = bucket_cells(r, 'probe_loss', k)
+            row = [r['name'], label] + held
             if 'train_probe_loss' in r['rec']:
-                train = bucket_series(r, 'train_probe_loss')[:, k]
-                o_held, o_train = onsets(held[:, k]), onsets(train)
-                row += [bucket_tokens(r, 'train_probe_loss')[k]] + onset_cells(train) + \
-                    [saturation_reading(o_held, o_train) if o_held and o_train else 'n/a']
+                train, o_train = bucket_cells(r, 'train_probe_loss', k)
+                h, t = (reading(o_held), reading(o_train)) if o_held and o_train else (None, None)
+                both = 'overfitting' if h == 'rises' and t in ('plateaus', 'improving') else \
+                    'capacity saturation' if h in ('plateaus', 'rises') and t in ('plateaus', 'rises') else \
+                    'a growing gap' if h == 'plateaus' and t == 'improving' else None
+                row += train + [f"held-out {h}, training {t}" + (f": {both}" if both else '') if h else 'n/a']
             rows.append(row + ['n/a'] * (13 - len(row)) * trained)
     header = ['run', 'bucket', 'probe tokens', 'best (step)', 'final', 'plateau onset', 'rise onset']
     header += trained * ['training-window tokens', 'train. best (step)', 'train. final',
@@ -979,18 +863,9 @@ def bucket_table(runs):
     return rows and md_table(header, rows)
 
 
-def windows(run):
-    """(label, first step, end step) of a run's phases: before t_d, from t_d to the saturation onset
-    of the validation loss, after it (those the run has; the whole run when it has neither)."""
-    S, t_d = len(run['rec']['train_loss']), run['fit'].get('t_d') if run['fit']['identifiable'] else None
-    o = onsets(token_mean(run, 'probe_loss')) if 'probe_loss' in run['rec'] else None
-    cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
-    cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
-    return [(f"{a_name} to {b_name}", a, b) for (a, a_name), (b, b_name) in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
 def dissent_table(runs):
-    """Per run and phase (windows): the mean of each dissent measurement over its recorded steps."""
+    """Per run and phase (before t_d, from t_d to the saturation onset of the validation loss, after it;
+    those the run has): the mean of each dissent measurement over the phase's recorded steps."""
     norms = ['norm_plus', 'norm_minus', 'norm_grad']
     lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
     lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
@@ -1002,24 +877,31 @@ def dissent_table(runs):
                 for name, col, needs in lines]
         if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
             continue
-        for label, a, b in windows(r):
+        S, t_d = len(r['rec']['train_loss']), r['fit'].get('t_d') if r['fit']['identifiable'] else None
+        o = onsets(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else None
+        cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
+        cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
+        for (a, a_name), (b, b_name) in [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b[0] > a[0]]:
             cells = ['n/a' if v is None or not np.isfinite(v[a:b]).any() else f"{np.nanmean(v[a:b]):.3g}"
                      for v in cols]
-            rows.append([r['name'], f"{label} (steps {a}-{b - 1})"] + cells)
+            rows.append([r['name'], f"{a_name} to {b_name} (steps {a}-{b - 1})"] + cells)
     header = [f"{q} {w}" for w in ('theta', 'h') for q in ('cos(g+, g-)', r'\|g+\|', r'\|g-\|', r'\|g\|')]
     ratios = [f"\\|g\\| / (\\|g+\\| + \\|g-\\|) {w}" for w in ('theta', 'h')]
     return rows and md_table(['run', 'phase'] + header + ratios, rows)
 
 
-def bucket_md_table(runs, cell):
-    """A row per run (that fig7 or fig8 can draw) and a column per bucket, cell(run, bucket) each;
-    the columns headed by the runs' own ranks (shared_bucket_labels)."""
-    if not runs:
-        return ''
-    labels, what = shared_bucket_labels(runs, sep=r' \| ')
-    rows = [[r['name']] + [cell(r, k) for k in range(len(bucket_labels(r)))] for r in runs]
-    rows = [row + [''] * (1 + len(labels) - len(row)) for row in rows]
-    return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
+def bucket_md_table(name, cell):
+    """A table function: a row per run that figure `name` draws and a column per bucket, cell(run,
+    bucket) each; the columns headed by the runs' own ranks (shared_bucket_labels)."""
+    def table(runs):
+        runs = [r for r in runs if all(k in r['rec'] for k in NEEDS[name])]
+        if not runs:
+            return ''
+        labels, what = shared_bucket_labels(runs, sep=r' \| ')
+        rows = [[r['name']] + [cell(r, k) for k in range(len(bucket_labels(r)))] for r in runs]
+        rows = [row + [''] * (1 + len(labels) - len(row)) for row in rows]
+        return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
+    return table
 
 
 def bucket_dissent_cell(r, k):
@@ -1029,8 +911,8 @@ def bucket_dissent_cell(r, k):
     if not len(steps):
         return 'n/a'
     a, b = steps[0], steps[-1]
-    return (f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} "
-            f"(at {a} -> {b})")
+    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} " \
+        f"(at {a} -> {b})"
 
 
 def basis_cell(r, k):
@@ -1040,14 +922,8 @@ def basis_cell(r, k):
     if not len(steps):
         return 'n/a'
     best, last = steps[np.nanargmin(loss[steps, k])], steps[-1]
-    return (f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> "
-            f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})")
-
-
-def paper_column(p, key):
-    """(mean, null, share of D_j > 0.99) of the opposition column `key` of measure.py's records p."""
-    j = p['settings']['opposition_keys'].index(key)
-    return tuple(p['opposition_' + k][:, j] for k in ('mean', 'null', 'near_total'))
+    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> " \
+        f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
 
 
 def paper_table(runs):
@@ -1056,12 +932,14 @@ def paper_table(runs):
     parts = []
     for r in runs:
         for p in r['rec'].get('papers', []):
-            s, blocks, model = p['settings'], paper_column(p, 'blocks'), paper_column(p, 'model')
-            scaled = [metrics.scale_free_opposition(v, s['tokens']) for v in blocks[:2]]
+            s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
+            blocks, model = ([p['opposition_' + k][:, c] for k in ('mean', 'null')] for c in j)
+            scaled = [metrics.scale_free_opposition(v, s['tokens']) for v in blocks]
             rows = []
             for i, t in enumerate(p['steps']):
                 cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
-                cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})", f"{blocks[2][i]:.4f}"]
+                cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})",
+                          f"{p['opposition_near_total'][i, j[0]]:.4f}"]
                 cells += [f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} "
                           f"({p[f'loss_D_{w}_null'][i].mean():.4f})" for w in ('batch', 'heldout')]
                 rows.append([int(t)] + cells + [f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})"])
@@ -1085,52 +963,35 @@ def matched_steps_table(runs):
         for t in sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members])):
             cells = []
             for r, p in members:
-                i, (mean, null, _) = list(p['steps']).index(t), paper_column(p, 'blocks')
-                t_d = r['fit'].get('t_d')
+                i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), \
+                    r['fit'].get('t_d')
+                mean, null = p['opposition_mean'][i, j], p['opposition_null'][i, j]
                 side = '' if t_d is None else ' <' if t < t_d else ' >'
-                scaled = metrics.scale_free_opposition(mean[i], N)
-                cells.append(f"{mean[i]:.4f} ({null[i]:.4f}), {scaled:.2f}{side}")
+                cells.append(f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}")
             rows.append([t] + cells)
         header = ['step t'] + [r['name'] for r, _ in members]
         parts += [f"N = {N:,} held-out tokens.", '', md_table(header, rows), '']
     return '\n'.join(parts)
 
 
-def with_records(name, cell):
-    """A per-bucket table over the runs that figure `name` draws."""
-    return lambda runs: bucket_md_table([r for r in runs if all(k in r['rec'] for k in NEEDS[name])], cell)
-
-
 NEEDS = {f['name']: f['needs'] for f in FIGURES + PAPER_FIGURES}
-# the report's sections: title, the table (or ''), what it holds (docs/figures.md says more)
+# the report's sections: title, the table, what it holds (docs/figures.md says more)
 REPORT = [
     ('Deceleration and validation loss', deceleration_table,
-     "t_d, L_d, r_d of the 1-break BNSL fit (bnsl.py) with 95% intervals, and t_d in the published "
-     "convention; validation = the probe set; D = probe-set interference (null beside it)."),
-    ('The break in other units', units_table,
-     "t_d in training tokens, per parameter and over the warmup; L_d over H_1, the training split's unigram "
-     "entropy (the loss of a model that ignores the context)."),
-    ('Gradient opposition', opposition_table,
-     "Mean D_j of the blocks' matrices and of every coordinate (null beside it), and the update-weighted "
-     "terms, at the grad steps nearest t_d and the last."),
+     "The 1-break BNSL fit (bnsl.py, 95% intervals; t_d also in the published convention); validation = the "
+     "probe set; D: its interference (null beside it); H_1: the training split's unigram entropy."),
     ('Saturation per token-frequency bucket', bucket_table,
-     "Best and final loss of the probe tokens whose target is in the bucket, plateau and rise onsets of the "
-     "smoothed curve; the training windows' where recorded."),
+     "Best and final loss of the probe tokens by bucket of their target, the onsets; the training windows'."),
     ('Dissent by phase', dissent_table,
-     "Means over the recorded steps of each phase (t_d, the saturation onset); theta: all parameters, "
-     "training batch; h: per probe token; ratio 1: no dissent, 0: total."),
-    ('Dissent in h per frequency bucket', with_records('fig8_dissent', bucket_dissent_cell),
-     "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|) over the bucket's probe tokens, at the "
-     "first -> last recorded step."),
-    ('The 2D basis per frequency bucket', with_records('fig7_basis', basis_cell),
-     "(cos(h, grad_h+), cos(h, grad_h-)) over the bucket's probe tokens, at its best validation loss -> at "
-     "the last step; the collapse is (-1, +1)."),
+     "Means over each phase's recorded steps; theta: all parameters, training batch; h: per probe token."),
+    ('Dissent in h per frequency bucket', bucket_md_table('fig8_dissent', bucket_dissent_cell),
+     "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|), at the first -> last recorded step."),
+    ('The 2D basis per frequency bucket', bucket_md_table('fig7_basis', basis_cell),
+     "(cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best validation loss -> at the last step."),
     ('The published checkpoint protocol (measure.py)', paper_table,
-     "At each kept checkpoint: D_j, the loss D over one step (dt = 1, mean +- sd over k batches) and from t "
-     "to 2t; in brackets the null."),
+     "At each kept checkpoint: D_j, the loss D over one step (mean +- sd over k batches) and from t to 2t."),
     ('The runs at matched checkpoints (measure.py)', matched_steps_table,
-     "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where every run measured at one N; < before the "
-     "run's t_d, > at or after it."),
+     "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where every run measured at one N; < before t_d."),
 ]
 
 
@@ -1143,31 +1004,14 @@ def report_text(runs, drawn, notes, ext):
         if text:
             parts += [f"## {title}", '', what, '', text, '']
     parts += ['## Figures', '']
-    for f in figures_for(runs):
+    for f in FIGURES + PAPER_FIGURES:
         if f['name'] in drawn:
             parts += [f"### {f['name']}", '', f"![{f['name']}]({f['name']}.{ext})", '', f['caption'], '']
     return '\n'.join(parts + (['## Not plotted', ''] + [f"- {n}" for n in notes] + [''] if notes else []))
 
 
-def figures_for(runs):
-    """FIGURES, and PAPER_FIGURES when a run holds measure.py's records."""
-    return FIGURES + (PAPER_FIGURES if any('paper' in r['rec'] for r in runs) else [])
-
-
 # -----------------------------------------------------------------------------
 # main
-
-
-def at_least(kind, low):
-    """An argparse type: a number of `kind` >= low."""
-    def parse(text):
-        value = kind(text)
-        if not value >= low:
-            raise argparse.ArgumentTypeError(f"{text} is not >= {low}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
 
 def render(spec, runs, formats, dpi, notes):
     """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs
@@ -1177,12 +1021,10 @@ def render(spec, runs, formats, dpi, notes):
                         for r in runs if r not in have)
     files = {}
     if have:
-        with np.errstate(all='ignore'), warnings.catch_warnings():
-            warnings.filterwarnings('ignore', 'Data has no positive values')  # finish() makes it linear
-            fig = draw_figure(spec['name'], have)
-            for ext in formats if finish(fig, have) else []:
-                files[f"{spec['name']}.{ext}"] = io.BytesIO()
-                fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
+        fig = draw_figure(spec['name'], have)
+        for ext in formats if finish(fig, have) else []:
+            files[f"{spec['name']}.{ext}"] = io.BytesIO()
+            fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
         plt.close(fig)
         if not files:
             lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a log " \
@@ -1197,14 +1039,17 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = fail
     p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
-    p.add_argument('--out', default=None,
-                   help='folder for the figures and report.md (default: FIRST_PATH/figures)')
-    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'],
-                   help='file format(s) of the figures')
-    p.add_argument('--min_step', type=at_least(float, 0), default=bnsl.MIN_STEP,
+    p.add_argument('--out', help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='figure file formats')
+    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP,
                    help='BNSL fit: drop the transient steps t <= min_step')
-    p.add_argument('--dpi', type=at_least(int, 1), default=110, help='resolution of PNG figures')
+    p.add_argument('--dpi', type=int, default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
+    for flag, value, low in [('--min_step', args.min_step, 0), ('--dpi', args.dpi, 1)]:
+        if not value >= low:  # NaN is not
+            fail(f"argument {flag}: {value} is not >= {low}")
+    np.seterr(all='ignore')  # NaN rows not yet recorded: NaN, not a warning
+    warnings.simplefilter('ignore')  # ... and log axes without a positive value, which finish() makes linear
     runs = sorted(map(load_run, find_runs(args.paths)), key=lambda r: (r['config']['n_params'], r['path']))
     for r, c in zip(runs, plt.cm.viridis(np.linspace(0.05, 0.85, len(runs)) if len(runs) > 1 else [0.3])):
         r.update(color=c, fit=fit_run(r, args.min_step))
@@ -1226,23 +1071,21 @@ def main(argv=None):
              "record is left out" for r in runs if r['config']['record'] != 'all']
     notes += [f"{r['name']} lacks {', '.join(r['missing'])} (listed in its config.json, not in the directory)"
               for r in runs if r['missing']]
-    files = {}
-    for f in figures_for(runs):
+    files, figures = {}, FIGURES + (PAPER_FIGURES if any('paper' in r['rec'] for r in runs) else [])
+    for f in figures:
         files.update(render(f, runs, args.format, args.dpi, notes))
     if not files:
         fail(f"nothing to plot: {', '.join(r['name'] for r in runs)} recorded nothing that a figure can draw "
              "(too few steps, or none after step 0, which a log step axis cannot show)")
-    drawn = [f['name'] for f in figures_for(runs) if f"{f['name']}.{args.format[0]}" in files]
+    drawn = [f['name'] for f in figures if f"{f['name']}.{args.format[0]}" in files]
     files['report.md'] = report_text(runs, drawn, notes, args.format[0]).encode('utf-8', 'surrogateescape')
     os.makedirs(root, exist_ok=True)
     remove_owned(root, under)  # the figures of the last time, then the new ones
     os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
-    print(f"{len(drawn)} figures and report.md for {len(runs)} run{'s' if len(runs) > 1 else ''} "
-          f"in {os.path.normpath(out)}")
-    for n in notes:
-        print(f"  note: {n}")
+    print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {os.path.normpath(out)}")
+    print(''.join(f"  note: {n}\n" for n in notes), end='')
 
 
 if __name__ == '__main__':

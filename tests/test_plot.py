@@ -639,3 +639,45 @@ def test_dissent_figure_and_tables_are_the_records(sweep):
         numbers = [float(x) for x in re.findall(r'[+-]?\d\.\d\d', cell)]
         want = [bucket_mean_brute(v, of_target, k)[s] for v in (h['cos_plus_minus'], h_ratio) for s in (0, S)]
         assert numbers == pytest.approx(want, abs=0.0051) and f"(at 0 -> {S})" in cell
+
+
+def test_loss_change_histogram_and_hidden_norms_are_the_records(sweep):
+    """fig3's last panel: the histograms of the first run's per-token probe-loss changes
+    x_i = probe_loss[t+1] - probe_loss[t] at the last step before t_d / 2 (the first without a fit) and
+    at the last step, on 40 shared bins symmetric around 0; fig9's per-run panel: the mean |h| of the
+    probe tokens per frequency bucket at the hidden steps, each against the records."""
+    import metrics
+    import plot
+    import torch
+    path = sweep / 'runs' / 'large'
+    run = plot.load_run(str(path))
+    run.update(color='k', fit=plot.fit_run(run, plot.bnsl.MIN_STEP))
+    probe = np.load(path / 'probe_loss.npy').astype(np.float64)
+    x = (probe[1:] - probe[:-1]).reshape(len(probe) - 1, -1)  # (S, P T)
+    t_d = run['fit'].get('t_d')
+    steps = [max(t for t in range(len(x)) if t < t_d / 2) if t_d is not None else 0, len(x) - 1]
+    fig = plot.draw_figure('fig3_zero_sum', [run])
+    lines = [line for line in fig.axes[4].lines if line.get_label().startswith('t = ')]
+    assert [line.get_label() for line in lines] == [f"t = {t}" for t in steps]
+    lim = np.abs(x[steps]).max()
+    edges = np.linspace(-lim, lim, 41)
+    for line, t in zip(lines, steps):
+        np.testing.assert_allclose(line.get_xdata(), (edges[:-1] + edges[1:]) / 2)
+        np.testing.assert_array_equal(line.get_ydata(), np.histogram(x[t], edges)[0])
+        assert line.get_ydata().sum() == x.shape[1]  # every probe token counted once
+    fig = plot.draw_figure('fig9_geometry', [run])
+    counts = torch.from_numpy(np.load(path / 'train_counts.npy'))
+    bucket, edges = metrics.frequency_buckets(counts, N_BUCKETS)
+    of_target = bucket.numpy()[np.load(path / 'probe_tokens.npy')[:, 1:]]  # (P, T)
+    norms = np.linalg.norm(np.load(path / 'probe_hidden.npy').astype(np.float64), axis=-1)  # (K, P, T)
+    hidden_steps = np.load(path / 'hidden_steps.npy')
+    present = [k for k in range(len(edges) - 1) if (of_target == k).any()]
+    lines = [line for line in fig.axes[3].lines if line.get_label() in plot.bucket_labels(run)]
+    assert 'h' in fig.axes[3].get_title() and len(lines) == len(present) > 0
+    assert [line.get_label() for line in lines] == [plot.bucket_labels(run)[k] for k in present]
+    for line, k in zip(lines, present):
+        rows = np.searchsorted(hidden_steps, line.get_xdata())
+        np.testing.assert_array_equal(hidden_steps[rows], line.get_xdata())
+        assert len(rows) == (hidden_steps > 0).sum()  # every hidden step after 0 (log step axis)
+        np.testing.assert_allclose(line.get_ydata(), bucket_mean_brute(norms, of_target, k)[rows], rtol=1e-5)
+    plt.close('all')
