@@ -1,31 +1,11 @@
 """
-What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder,
-which measures and writes them at each moment of a training step. train.py's loop calls it:
-
-    batch of step t
-    rec.probe(t)           theta_t on the fixed held-out probe set: per-token losses, their change
-                           since step t - 1 (D, M and the null), the output-layer decomposition, the
-                           geometry of h and U; on schedule h itself; with --train_probe_seqs, the
-                           per-token losses of fixed training windows too
-    forward, backward      inside rec.capture(t): on full steps, the inputs X and output gradients G
-                           of the position-local layers are kept
-    rec.batch(t, ...)      theta_t on the training batch: per-token losses, dissent in parameter space
-                           (a second backward), position-local opposition between tokens (|G|^T |X|)
-    clip
-    rec.keep_theta()       a copy of theta_t, so that the real update delta can be measured
-    optimizer.step()
-    rec.after_update(t)    theta_{t+1} on the same batch: per-token losses after its own update and
-                           their D, M and null; |delta|; on schedule the first-order prediction
-                           <grad l_i, delta> of every token's change, and (theta_t put back for it)
-                           the exact all-parameter opposition between probe tokens with its
-                           update-weighted terms
-
-Notation (the README's): token i, target y_i, h_i the output-layer hidden state, U the LM head,
-l_i = -log p_i[y_i]; theta_t the parameters before step t, delta = theta_{t+1} - theta_t.
-
-Records are .npy memmaps, preallocated for the whole run and written by process 0 only; under DDP
-every process runs every moment (the training-batch measures are collective). Every recording pass
-is fp32, even when training uses bf16: one step's loss changes are small, bf16 rounding buries them.
+What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder, which
+measures and writes them at each moment of a training step (README, "one recorded step"): probe(t) on
+the held-out probe set at theta_t; capture(t) around the forward and backward; batch(t) on the training
+batch at theta_t; keep_theta() before optimizer.step(); after_update(t) on the same batch at
+theta_{t+1}, with the update delta. Records are .npy memmaps preallocated for the whole run and
+written by process 0 only; every recording pass is fp32, even when training uses bf16 (one step's
+loss changes are small: bf16 rounding buries them).
 """
 
 import os
@@ -44,109 +24,58 @@ LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and l
 UPDATE_TERMS = ['Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli']  # metrics.update_weighted_terms, update_*.npy
 GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training steps' time (bench.py)
 
-# Every per-step record train.py writes: (name, shape, dtype, when, meaning); the file is name.npy.
-# shape, in the sizes of the run: S steps, B batch, T block size, P probe sequences, d width,
-#   Q training windows of the training-window probe (--train_probe_seqs; 0: those records absent),
-#   R = min(d, V), K = len(hidden_steps), G = len(grad_steps), H = HIST_BINS histogram bins, and the
-#   column counts n_theta, n_local, n_all (their names: config.json's theta_names,
-#   local_opposition_keys, opposition_keys). Row t belongs to step t; probe row t is theta_t.
-# when: 'every' step at every --record level; 'step': every step unless --record none;
-#   'full': on full steps (every step under --record all, a log-spaced schedule under light);
-#   'hidden' / 'grad': one row per step of hidden_steps.npy / grad_steps.npy.
-# docs/records.md shows this table; a test (tests/test_train.py) keeps the two the same.
+# Every per-step record: (name, shape, dtype, when, meaning); the file is name.npy. Shapes and 'when'
+# are explained in docs/records.md, which shows this table (tests/test_train.py keeps the two the same).
 RECORDS = [
     # the training step
     ('lr', 'S', 'float64', 'every', "learning rate of step t"),
-    ('train_loss', 'S', 'float64', 'every',
-     "mean training loss at theta_t on the batch of step t (= mean of train_loss_pre[t])"),
+    ('train_loss', 'S', 'float64', 'every', "mean training loss at theta_t on step t's batch"),
     ('grad_norm', 'S', 'float64', 'every', "global gradient norm, before clipping"),
-    ('update_norm', 'S', 'float64', 'every',
-     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); NaN under "
-     "--record none"),
-    ('step_ms', 'S', 'float64', 'every',
-     "wall time of step t in ms, its recording included, the checkpoint excluded"),
-    ('train_offsets', 'S, B', 'int64', 'every',
-     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], targets "
-     "train[o+1 : o+T+1]"),
+    ('update_norm', 'S', 'float64', 'every', "|theta_{t+1} - theta_t|, the real AdamW update"),
+    ('step_ms', 'S', 'float64', 'every', "wall time of step t in ms, its recording included"),
+    ('train_offsets', 'S, B', 'int64', 'every', "start of each window of step t's batch"),
     # zero-sum learning on the training batch: the same tokens before and after their own update
-    ('train_loss_pre', 'S, B, T', 'float32', 'step',
-     "per-token loss l_i(theta_t) of step t's batch, before its update"),
-    ('train_loss_post', 'S, B, T', 'float32', 'full',
-     "per-token loss l_i(theta_{t+1}) of the same batch, after its own update"),
-    ('train_D', 'S', 'float64', 'full',
-     "destructive interference D = 1 - |sum_i x_i| / sum_i |x_i| of x = train_loss_post[t] - "
-     "train_loss_pre[t], all N = B*T tokens as one vector"),
-    ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x; |mean_i x_i| = (1 - D) M"),
-    ('train_D_null', 'S', 'float64', 'full',
-     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed and "
-     "step), the D of N changes whose signs carry no structure: compare train_D with it"),
-    ('train_loss_pred', 'G, B, T', 'float32', 'grad',
-     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step grad_steps[k], "
-     "at theta_t along the real update (one JVP); compare with post - pre"),
+    ('train_loss_pre', 'S, B, T', 'float32', 'step', "per-token loss l_i(theta_t) of step t's batch"),
+    ('train_loss_post', 'S, B, T', 'float32', 'full', "per-token loss l_i(theta_{t+1}) of the same batch"),
+    ('train_D', 'S', 'float64', 'full', "D = 1 - |sum_i x_i| / sum_i |x_i| of x = post - pre"),
+    ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x"),
+    ('train_D_null', 'S', 'float64', 'full', "sign-flip null of train_D (64 draws)"),
+    ('train_loss_pred', 'G, B, T', 'float32', 'grad', "first-order change <grad l_i, delta> of every token"),
     # the fixed held-out probe set
     ('probe_loss', 'S+1, P, T', 'float32', 'step', "per-token probe loss at theta_t; row S: the final model"),
-    ('train_probe_loss', 'S+1, Q, T', 'float32', 'step',
-     "per-token loss at theta_t of Q = --train_probe_seqs fixed windows of the training split "
-     "(train_probe_tokens.npy), as probe_loss; only when Q > 0: beside probe_loss it tells capacity "
-     "saturation (both plateau) from overfitting (the held-out loss rises, this one does not)"),
-    ('probe_D', 'S', 'float64', 'step',
-     "D of x = probe_loss[t+1] - probe_loss[t] (theta_t -> theta_{t+1}), all N = P*T tokens"),
+    ('train_probe_loss', 'S+1, Q, T', 'float32', 'step', "as probe_loss, on Q fixed training windows"),
+    ('probe_D', 'S', 'float64', 'step', "D of x = probe_loss[t+1] - probe_loss[t]"),
     ('probe_M', 'S', 'float64', 'step', "M of the same probe change"),
     ('probe_D_null', 'S', 'float64', 'step', "sign-flip null (64 draws) of the same probe change"),
     ('probe_p_y', 'S+1, P, T', 'float32', 'step', "p_y, the probability of the target, at theta_t"),
-    ('probe_cos_h_plus', 'S+1, P, T', 'float32', 'step',
-     "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y (so = -cos(h, U_y)): the 2D basis, first axis"),
-    ('probe_cos_h_minus', 'S+1, P, T', 'float32', 'step',
-     "cos(h, grad_h-), grad_h- = U^T p - p_y U_y: the 2D basis, second axis"),
-    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step',
-     "cos(grad_h+, grad_h-): dissent in h, per token"),
+    ('probe_cos_h_plus', 'S+1, P, T', 'float32', 'step', "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y"),
+    ('probe_cos_h_minus', 'S+1, P, T', 'float32', 'step', "cos(h, grad_h-), grad_h- = U^T p - p_y U_y"),
+    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step', "cos(grad_h+, grad_h-): dissent in h"),
     ('probe_norm_plus', 'S+1, P, T', 'float32', 'step', "|grad_h+|"),
     ('probe_norm_minus', 'S+1, P, T', 'float32', 'step', "|grad_h-|"),
     ('probe_norm_grad', 'S+1, P, T', 'float32', 'step', "|dl/dh| = |grad_h+ + grad_h-|"),
-    ('probe_anisotropy', 'S+1', 'float64', 'step',
-     "anisotropy of h: mean pairwise cosine over the P*T probe tokens (pairs i != j)"),
+    ('probe_anisotropy', 'S+1', 'float64', 'step', "anisotropy of h: mean pairwise cosine"),
     ('probe_hidden', 'K, P, T, d', 'float32', 'hidden', "h of every probe token at step hidden_steps[k]"),
-    ('head_singular_values', 'K, R', 'float32', 'hidden',
-     "singular values of U, largest first, at step hidden_steps[k]"),
+    ('head_singular_values', 'K, R', 'float32', 'hidden', "singular values of U, largest first"),
     # dissent in parameter space, on the training batch at theta_t
-    ('theta_cos', 'S, n_theta', 'float64', 'full',
-     "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
-     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N (N = "
-     "B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - grad+; "
-     "columns: each parameter tensor, then model = all parameters as one vector"),
+    ('theta_cos', 'S, n_theta', 'float64', 'full', "cos(grad_theta+, grad_theta-) of the batch's mean loss"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
-    ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
-     "|grad_theta| (column model: grad_norm[t] up to the rounding of clipping's fp32 norms, ~1e-4)"),
+    ('theta_norm_grad', 'S, n_theta', 'float64', 'full', "|grad_theta| (column model: grad_norm[t])"),
     # gradient opposition between tokens, per parameter coordinate j
-    ('local_opposition_mean', 'S, n_local', 'float64', 'full',
-     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, between "
-     "the B*T tokens of step t's batch at theta_t, for the position-local layers, from the training "
-     "backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, "
-     "blocks (the last block's local weight matrices), local (every local tensor)"),
-    ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
-     "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
-    ('local_opposition_null', 'S, n_local', 'float64', 'full',
-     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value under "
-     "random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
+    ('local_opposition_mean', 'S, n_local', 'float64', 'full', "mean of D_j = 1 - |sum_i g_ij|/sum_i |g_ij|"),
+    ('local_opposition_weighted', 'S, n_local', 'float64', 'full', "mean of D_j weighted by sum_i |g_ij|"),
+    ('local_opposition_null', 'S, n_local', 'float64', 'full', "the mean of D_j's analytic random-sign null"),
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
-    ('opposition_mean', 'G, n_all', 'float64', 'grad',
-     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of the "
-     "first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
-     "gradients, one backward per position batched over the sequences); columns: each tensor, each layer, "
-     "blocks (the Transformer blocks' weight matrices: the published headline), model (every coordinate)"),
+    ('opposition_mean', 'G, n_all', 'float64', 'grad', "mean of D_j, every parameter, on the probe tokens"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
-    ('opposition_null', 'G, n_all', 'float64', 'grad',
-     "the null of opposition_mean, as local_opposition_null"),
+    ('opposition_null', 'G, n_all', 'float64', 'grad', "analytic null, as local_opposition_null"),
     ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
     # update-weighted interference, p_ij = g_ij delta_j: the same tokens at theta_t and the real update
-    ('update_Cg', 'G, n_all', 'float64', 'grad',
-     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, t "
-     "= grad_steps[k]), over the opposition's tokens and each column's coordinates"),
+    ('update_Cg', 'G, n_all', 'float64', 'grad', "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|"),
     ('update_CuG', 'G, n_all', 'float64', 'grad', "CuG = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|"),
     ('update_Cug', 'G, n_all', 'float64', 'grad', "Cug = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|"),
-    ('update_C_i_dli', 'G, n_all', 'float64', 'grad',
-     "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij| (1 - D of the predicted changes)"),
+    ('update_C_i_dli', 'G, n_all', 'float64', 'grad', "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|"),
     ('update_M_i_dli', 'G, n_all', 'float64', 'grad', "M_i_dli = sum_i |sum_j p_ij| / N"),
 ]
 RECORD_NAMES = {name for name, *_ in RECORDS}
