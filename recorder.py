@@ -114,8 +114,7 @@ class Recorder:
         S = args.max_iters
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
         self.grad_steps = log_schedule(S - 1, args.grad_every, GRAD_POINTS)  # exact opposition, JVP
-        # full steps: the post-update pass, dissent in theta and local opposition; every step under
-        # --record all, under light the log-spaced schedule and the grad steps
+        # full steps under --record light (under all: every step)
         self.light_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
@@ -124,8 +123,7 @@ class Recorder:
         self.theta_names = list(self.params) + ['model']
         self.local_keys = metrics.opposition_keys(local_names, total='local')
         self.all_keys = metrics.opposition_keys(list(self.params))
-        # name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every' records
-        # under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)
+        # name -> (shape, dtype) of this run's records: under --record none only 'every'; none of size 0
         sizes = dict(S=S, B=args.batch_size, T=args.block_size, P=args.probe_seqs, d=args.n_embd,
                      R=min(args.n_embd, corpus['vocab_size']), K=len(self.hidden_steps), H=HIST_BINS,
                      G=len(self.grad_steps), Q=args.train_probe_seqs, n_theta=len(self.theta_names),
@@ -138,29 +136,26 @@ class Recorder:
         self.loss_pre = self.theta_t = None  # the batch's losses and theta_t, until after_update()
 
     def open(self, out_dir, create):
-        """The records as .npy memmaps in out_dir, listed in its manifest: created for the whole run
-        (float rows NaN, integer rows -1, so a row not yet written is visible), or opened to continue a
-        run. A missing, corrupt or misshapen record is one line naming the file, and exit status 2."""
+        """The records as .npy memmaps in out_dir, listed in its manifest: created (float rows NaN,
+        integer rows -1: not yet written), or opened to continue a run (a bad one: one line, exit 2)."""
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
         for name, (shape, dtype) in self.specs.items():
             path = os.path.join(out_dir, name + '.npy')
             if create:
-                self.records[name] = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
-                self.records[name][...] = np.nan if dtype.kind == 'f' else -1
+                self.records[name] = r = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
+                r[...] = np.nan if dtype.kind == 'f' else -1
                 continue
             try:
-                self.records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
+                self.records[name] = r = np.load(path, mmap_mode='r+', allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
                 runs.fail(f"{path}: corrupt or truncated record ({e})")
-            if (self.records[name].shape, self.records[name].dtype) != (shape, dtype):
-                runs.fail(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
-                          f"expected {shape} {dtype}")
+            if (r.shape, r.dtype) != (shape, dtype):
+                runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
 
     def write(self, name, row, value):
-        """Row `row` of record `name` := value (a tensor, moved to the CPU, or a number). Only process
-        0 writes, and only the records this --record level keeps; a name not in RECORDS is an error."""
-        if name not in RECORD_NAMES:
-            raise KeyError(f"record {name} is not declared in recorder.RECORDS")
+        """Row `row` of record `name` := value (a tensor or a number), if this process and --record
+        level keep it."""
+        assert name in RECORD_NAMES, f"record {name} is not in RECORDS"
         if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
@@ -175,9 +170,8 @@ class Recorder:
     # --- the moments of a step, in order ----------------------------------------------------
 
     def probe(self, step):
-        """Probe measures at theta_step (probe row `step`; step S is the final model): per-token
-        losses and their change since step - 1, the output-layer decomposition of every token, the
-        anisotropy of h; on schedule h itself and U's spectrum. Process 0 alone: nothing is collective."""
+        """Probe measures at theta_step (probe row `step`; row S: the final model), on process 0: losses
+        and their change since step - 1, the output-layer decomposition, anisotropy; on schedule h, U."""
         if not (self.master and self.recording):
             return
         (P, T), d = self.px.shape, self.args.n_embd
@@ -201,20 +195,16 @@ class Recorder:
                 self.write('head_singular_values', self.hidden_row[step], metrics.singular_values(U))
 
     def capture(self, step):
-        """Wrap the training forward and backward: on full steps it keeps the inputs X and output
-        gradients G of the position-local layers (metrics.capture_activations: module hooks, so
-        the model must run eagerly), for the local opposition; elsewhere it does nothing."""
+        """Around the training forward and backward: on full steps, keeps the inputs X and output
+        gradients G of the position-local layers (module hooks: the model runs eagerly)."""
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
     def batch(self, step, x, y, logits, losses, acts, h):
-        """Training-batch measures at theta_t, after the backward, before clipping. logits (B/world,
-        T, V), losses (B/world, T) and h (B/world, T, d) are this process's rows of the training
-        forward; on full steps logits and h still hold their graph (backward with retain_graph=True)
-        and acts what capture kept."""
+        """Training-batch measures at theta_t, after the backward, before clipping, from this
+        process's rows of the training forward (on full steps logits and h still hold their graph)."""
         if self.full(step):
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
-            # dissent in theta: grad+ by a row scatter for U and a second backward from h seeded with
-            # grad_h+, grad- = grad - grad+
+            # dissent in theta: grad+ by a row scatter into U and a second backward from h
             dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
                                                   losses)
             for stat in ('cos', 'norm_plus', 'norm_minus', 'norm_grad'):
@@ -239,11 +229,9 @@ class Recorder:
         self.theta_t = {n: p.detach().clone() for n, p in self.params.items()} if self.recording else None
 
     def after_update(self, step, x, y, offsets, lr, grad_norm):
-        """After optimizer.step(): the real update delta = theta_{t+1} - theta_t (AdamW, weight
-        decay and clipping included), the step's scalars and, on full steps, the same batch at
-        theta_{t+1}: the zero-sum-learning measurement on the training batch. On the grad steps,
-        the first-order prediction of every token's change along delta (process 0, global batch),
-        and the exact opposition of the probe tokens at theta_t with its update-weighted terms."""
+        """After optimizer.step(): the real update delta, the step's scalars; on full steps the same
+        batch at theta_{t+1}; on grad steps (process 0) the first-order prediction along delta and the
+        exact opposition of the probe tokens at theta_t with its update-weighted terms."""
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
@@ -262,9 +250,8 @@ class Recorder:
             xg, yg = (torch.from_numpy(a).to(x.device) for a in windows)
             self.write('train_loss_pred', row, metrics.predicted_loss_change(self.model, xg, yg, delta,
                                                                              params=self.theta_t))
-            # exact all-parameter opposition between the tokens of the first probe sequences at theta_t,
-            # and the update-weighted terms of the same tokens along delta (their per-token g_i exist
-            # only inside per_token_gradient_sums, and delta only now)
+            # exact opposition between the first probe sequences' tokens at theta_t, with the update-weighted
+            # terms (the per-token g_i exist only inside per_token_gradient_sums, and delta only now)
             px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
             with metrics.parameters_at(self.params, self.theta_t):
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
@@ -277,8 +264,7 @@ class Recorder:
     # --- helpers ------------------------------------------------------------------------------
 
     def write_interference(self, prefix, row, change, step):
-        """Row `row` of prefix_D, prefix_M and prefix_D_null: D and M of the per-token loss changes and
-        the sign-flip null, its signs a function of (seed, step), so that a resumed run redraws them."""
+        """Row `row` of prefix_D, _M and _D_null; the null's signs are a function of (seed, step)."""
         signs = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
         for stat, value in zip(('D', 'M', 'D_null'), metrics.loss_change_interference(change, signs)):
             self.write(f"{prefix}_{stat}", row, value)
