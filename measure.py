@@ -151,12 +151,9 @@ def load_run(args):
 def heldout_windows(val, T, tokens):
     """Inputs and targets (W, T) of the first W = tokens // T windows of the validation split (tokens 0:
     all): window w is val[wT : wT + T] against val[wT + 1 : wT + T + 1]."""
-    W = (len(val) - 1) // T
-    if tokens and tokens < T:
-        fail(f"--tokens {tokens}: fewer than one window of block_size {T} tokens")
+    W = min((len(val) - 1) // T, tokens // T if tokens else len(val))
     if W == 0:
-        fail(f"the validation split holds {len(val)} tokens, fewer than one window of {T} + 1")
-    W = min(W, tokens // T) if tokens else W
+        fail(f"--tokens {tokens} of a validation split of {len(val)}: fewer than one window of {T} + 1 tokens")
     return (torch.from_numpy(a) for a in data.get_windows(val, np.arange(W) * T, T))
 
 

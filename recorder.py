@@ -78,7 +78,6 @@ RECORDS = [
     ('update_C_i_dli', 'G, n_all', 'float64', 'grad', "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|"),
     ('update_M_i_dli', 'G, n_all', 'float64', 'grad', "M_i_dli = sum_i |sum_j p_ij| / N"),
 ]
-RECORD_NAMES = {name for name, *_ in RECORDS}
 
 
 def record_shape(shape, sizes):
@@ -153,13 +152,12 @@ class Recorder:
                 runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
 
     def write(self, name, row, value):
-        """Row `row` of record `name` := value (a tensor or a number), if this process and --record
-        level keep it."""
-        assert name in RECORD_NAMES, f"record {name} is not in RECORDS"
+        """Row `row` of record `name` (in RECORDS) := value, a tensor or a number, if this process and
+        --record level keep it."""
         if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
-    def flush(self):
+    def flush(self):  # to disk, before a checkpoint counts the rows done
         for r in self.records.values():
             r.flush()
 

@@ -42,8 +42,7 @@ def parser(doc, settings=()):
 def checked(kind, ok, what):
     """An argparse type: kind(text), refused with '--flag must be <what>, got <text>' unless ok(value)."""
     def convert(text):
-        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
-        if not ok(value):
+        if not ok(value := kind(text)):  # a ValueError in kind is argparse's "invalid int value: 'x'"
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     convert.__name__ = kind.__name__

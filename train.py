@@ -141,8 +141,7 @@ def main(argv=None):
     eager = DDP(raw_model, device_ids=devices) if ddp else raw_model
     model = torch.compile(eager) if args.compile else eager
     if master:
-        print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocabulary "
+        print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters, vocabulary "
               f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} "
               f"process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
 
