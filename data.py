@@ -76,9 +76,8 @@ def read_text(path):
 def load_text(path):
     """A user corpus: the last 1/VAL_EVERY of the text, cut at a line break, is validation."""
     text, files = read_text(path)
-    cut = text.rfind('\n', 0, len(text) - len(text) // VAL_EVERY) + 1  # start of the validation part
-    if cut <= 0:  # a single line: cut anywhere
-        cut = len(text) - len(text) // VAL_EVERY
+    cut = len(text) - len(text) // VAL_EVERY  # the start of the validation part: at a line break if any
+    cut = text.rfind('\n', 0, cut) + 1 or cut
     desc = (f"{os.path.abspath(path)} ({len(files)} file{'s' if len(files) > 1 else ''}); "
             f"validation: last 1/{VAL_EVERY}")
     return text[:cut], text[cut:], desc
