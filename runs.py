@@ -101,6 +101,8 @@ def ancestors(rel):
 def remove_owned(root, under=''):
     """Delete the listed files below root/under (and their '.tmp' twins), then the folders there left
     empty; the manifest keeps the other paths. Call it after foreign() found nothing."""
+    if not owned(root):  # no manifest (a new folder): nothing to delete
+        return
     base = os.path.join(under, '') if under else ''
     with open(os.path.join(root, MANIFEST), 'r+') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
