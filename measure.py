@@ -6,29 +6,22 @@ that train.py --keep_ckpts log2 kept (theta_t, the parameters after t updates, t
     python measure.py out                          # every kept checkpoint, the whole validation split
     python measure.py out --tokens 16384 --batches 5
 
-At each kept checkpoint theta_t, on N held-out tokens (whole block_size windows of the validation
-split, the first ones; every token a target once):
-  a. gradient opposition between the N tokens: per coordinate j, D_j = 1 - |sum_i g_ij| / sum_i |g_ij|
-     with g_i = d l_i / d theta exact (metrics.per_token_gradient_sums), summarised by
-     metrics.opposition_summary (per tensor, layer, 'blocks' = the Transformer blocks' weight matrices,
-     the published headline, and 'model' = every coordinate), each with its analytic null;
-  b. dt = 1: one simulated AdamW step from theta_t (the run's learning rate of step t, its betas and
-     weight decay, the checkpoint's optimizer state, no clipping) on each of K fresh training batches
-     (drawn from a seed stream apart from training's); D and M of the per-token loss changes on that
-     batch and on the N held-out tokens, all tokens as one vector, with the sign-flip null;
-  c. dt = t: D and M of the held-out per-token loss changes from theta_t to theta_2t;
-  d. the update-weighted terms of metrics.update_weighted_terms, with delta = the simulated update
-     of the first fresh batch.
-Every pass is fp32. Records go to RUN/paper/ (the whole split) or RUN/paper_N<N>/ (--tokens), one row
-per checkpoint (docs/records.md), each written whole, then listed in progress.json: an interrupted
-measure.py continues where it stopped. A run still training can be measured.
+At each kept checkpoint theta_t, on N held-out tokens (the first whole windows of the validation
+split, every token a target once), in fp32:
+  a. the exact gradient opposition D_j between the N tokens, with its null (metrics.opposition_summary);
+  b. dt = 1: D and M of the per-token loss changes, with the sign-flip null, over one simulated AdamW
+     step from theta_t (the run's lr of step t, betas and weight decay, the checkpoint's optimizer
+     state, no clipping) on each of K fresh training batches: on that batch and on the N tokens;
+  c. dt = t: D and M of the held-out changes from theta_t to theta_2t;
+  d. the update-weighted terms (metrics.update_weighted_terms), delta = the simulated update of batch 0.
+Records go to RUN/paper/ (RUN/paper_N<N>/ with --tokens), one row per checkpoint (docs/records.md);
+progress.json lists the finished rows, so an interrupted measure.py continues where it stopped.
 """
 
 import argparse
 import copy
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -44,34 +37,26 @@ from train import get_lr
 
 MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
 
-# Every record of RUN/paper/: (name, shape, dtype, meaning); the file is name.npy. C = measured
-# checkpoints (rows, in the order measured), K = --batches, N = held-out tokens, n_keys =
-# len(progress.json's opposition_keys). A quantity not measured (--no-dt1, --no-opposition) is NaN.
+# Every record of RUN/paper/: (name, shape, dtype, meaning), the file name.npy; docs/records.md says more.
+# C = checkpoints measured, K = --batches, N = held-out tokens, n_keys = len(opposition_keys).
 PAPER_RECORDS = [
-    ('steps', 'C', 'int64', "the step t of each row: theta_t, the parameters after t updates"),
+    ('steps', 'C', 'int64', "the step t of each row: theta_t, after t updates"),
     ('heldout_loss', 'C, N', 'float32', "per-token loss l_i(theta_t) of the N held-out tokens"),
-    ('loss_D_batch', 'C, K', 'float64',
-     "dt = 1: D of l_i(after) - l_i(before) over the tokens of fresh batch k, after one simulated "
-     "AdamW step on it from theta_t"),
-    ('loss_M_batch', 'C, K', 'float64', "M = mean_i |x_i| of the same change"),
-    ('loss_D_batch_null', 'C, K', 'float64', "sign-flip null of the same change (metrics.sign_flip_null)"),
-    ('loss_D_heldout', 'C, K', 'float64', "dt = 1: D of the N held-out tokens' changes over the same step"),
+    ('loss_D_batch', 'C, K', 'float64', "dt = 1: D of fresh batch k's loss changes over one step"),
+    ('loss_M_batch', 'C, K', 'float64', "M of the same change"),
+    ('loss_D_batch_null', 'C, K', 'float64', "sign-flip null of the same change"),
+    ('loss_D_heldout', 'C, K', 'float64', "dt = 1: D of the held-out changes over the same step"),
     ('loss_M_heldout', 'C, K', 'float64', "M of the same held-out change"),
     ('loss_D_heldout_null', 'C, K', 'float64', "sign-flip null of the same held-out change"),
-    ('loss_D_dtt', 'C', 'float64',
-     "dt = t: D of heldout_loss(theta_2t) - heldout_loss(theta_t); NaN until 2t is measured"),
+    ('loss_D_dtt', 'C', 'float64', "dt = t: D of heldout_loss(theta_2t) - heldout_loss(theta_t)"),
     ('loss_M_dtt', 'C', 'float64', "M of the same change"),
     ('loss_D_dtt_null', 'C', 'float64', "sign-flip null of the same change"),
-    ('opposition_mean', 'C, n_keys', 'float64',
-     "mean of D_j over the coordinates of each key (metrics.opposition_summary) between the N "
-     "held-out tokens at theta_t; 'blocks': the blocks' weight matrices, 'model': every coordinate"),
-    ('opposition_weighted', 'C, n_keys', 'float64', "sum_i |g_ij|-weighted mean of D_j, same columns"),
-    ('opposition_null', 'C, n_keys', 'float64', "mean over the same coordinates of the analytic null D_j"),
-    ('opposition_n', 'C, n_keys', 'int64', "number of coordinates j with a D_j (sum_i |g_ij| > 0)"),
-    ('opposition_near_total', 'C, n_keys', 'float64',
-     "share of the same coordinates with D_j > 0.99 (metrics.NEAR_TOTAL), near-total opposition"),
-    ('update_Cg', 'C, n_keys', 'float64',
-     "Cg of metrics.update_weighted_terms, delta = the simulated update on fresh batch 0"),
+    ('opposition_mean', 'C, n_keys', 'float64', "mean of D_j over each key's coordinates"),
+    ('opposition_weighted', 'C, n_keys', 'float64', "sum_i |g_ij|-weighted mean of D_j"),
+    ('opposition_null', 'C, n_keys', 'float64', "mean of the analytic null of D_j"),
+    ('opposition_n', 'C, n_keys', 'int64', "number of coordinates j with a D_j"),
+    ('opposition_near_total', 'C, n_keys', 'float64', "share of D_j > 0.99 (metrics.NEAR_TOTAL)"),
+    ('update_Cg', 'C, n_keys', 'float64', "Cg, delta = the simulated update on fresh batch 0"),
     ('update_CuG', 'C, n_keys', 'float64', "CuG, same"),
     ('update_Cug', 'C, n_keys', 'float64', "Cug, same"),
     ('update_C_i_dli', 'C, n_keys', 'float64', "C_i_dli, same"),
@@ -101,8 +86,8 @@ def main(argv=None):
     p = runs.parser(__doc__, SETTINGS)
     p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
     args = p.parse_args(argv)
-    if runs.check_device(args.device):
-        fail(runs.check_device(args.device))
+    if problem := runs.check_device(args.device):
+        fail(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -119,25 +104,21 @@ def main(argv=None):
     lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
     rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
     todo = [t for t in kept if t not in rows['steps']]
-    print(f"measure.py: {args.run}: {len(kept)} kept checkpoints (steps {', '.join(map(str, kept))}), "
-          f"{len(kept) - len(todo)} measured before; N = {hx.numel()} held-out tokens ({len(hx)} windows), "
-          f"k = {args.batches} batches", flush=True)
+    print(f"measure.py: {args.run}: steps {', '.join(map(str, kept))}, {len(kept) - len(todo)} measured "
+          f"before; N = {hx.numel()} held-out tokens, k = {args.batches} batches", flush=True)
     t0 = time.time()
-    for i, t in enumerate(todo):
-        def show(what):  # a one-line progress counter on stderr
-            print(f"\r  checkpoint {i + 1}/{len(todo)} (step {t}): {what} [{time.time() - t0:.0f} s]\033[K",
-                  end='', file=sys.stderr, flush=True)
+    for t in todo:
         try:
             ckpt = torch.load(kept[t], map_location=device, weights_only=True)
             if int(ckpt['step']) != t:
                 raise ValueError(f"it holds step {ckpt['step']}")
         except Exception as e:  # a torn or foreign file: say so, never trust it
             fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show)
+        row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device)
         for name, value in row.items():
             rows[name].append(value)
         write_rows(args.run, rel, rows, settings, config['seed'])
-    print('\n' * bool(todo), end='', file=sys.stderr)
+        print(f"  step {t} measured [{time.time() - t0:.0f} s]", flush=True)
     os.close(lock)
     print(f"measure.py: {len(rows['steps'])} checkpoints measured in {os.path.join(args.run, rel)} "
           f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
@@ -168,15 +149,11 @@ def load_run(args):
 
 
 def heldout_windows(val, T, tokens):
-    """Inputs and targets (W, T) of the first W = tokens // T consecutive windows of the validation
-    split (all that fit when tokens is 0 or more than the split holds): window w is val[wT : wT + T]
-    against val[wT + 1 : wT + T + 1], so every token after the first is a target once."""
-    W = (len(val) - 1) // T
-    if tokens and tokens < T:
-        fail(f"--tokens {tokens}: fewer than one window of block_size {T} tokens")
+    """Inputs and targets (W, T) of the first W = tokens // T windows of the validation split (tokens 0:
+    all): window w is val[wT : wT + T] against val[wT + 1 : wT + T + 1]."""
+    W = min((len(val) - 1) // T, tokens // T if tokens else len(val))
     if W == 0:
-        fail(f"the validation split holds {len(val)} tokens, fewer than one window of {T} + 1")
-    W = min(W, tokens // T) if tokens else W
+        fail(f"--tokens {tokens} of a validation split of {len(val)}: fewer than one window of {T} + 1 tokens")
     return (torch.from_numpy(a) for a in data.get_windows(val, np.arange(W) * T, T))
 
 
@@ -195,16 +172,14 @@ def null_generator(seed, step, k, which):
 
 
 def heldout_losses(model, x, y, chunk, device):
-    """Per-token losses (W, T) of the held-out windows at the model's theta, fp32, chunk sequences
-    at a time."""
+    """Per-token losses (W, T) of the held-out windows, fp32, chunk sequences at a time."""
     return torch.cat([fp32_forward(model, x[a:a + chunk].to(device), y[a:a + chunk].to(device))[0].cpu()
                       for a in range(0, len(x), chunk)])
 
 
 def simulated_step(model, ckpt, x, y, lr, config, device):
-    """One AdamW step from the model's theta_t on the batch (x, y), as training's step t without
-    gradient clipping: the checkpoint's optimizer state (moments and step count), the run's betas and
-    weight decay, learning rate lr. Changes the parameters in place; returns delta."""
+    """One AdamW step on (x, y) from theta_t and the checkpoint's optimizer state, as training's step t
+    without clipping. Changes the parameters in place; returns delta."""
     optimizer = model.configure_optimizers(config['weight_decay'], lr, (config['beta1'], config['beta2']),
                                            'cuda' if device.startswith('cuda') else device)
     optimizer.load_state_dict(copy.deepcopy(ckpt['optimizer']))  # a copy: every batch starts from it
@@ -217,7 +192,7 @@ def simulated_step(model, ckpt, x, y, lr, config, device):
     return {n: p.detach() - theta[n] for n, p in model.named_parameters()}
 
 
-def gradient_sums(model, x, y, delta, chunk, device, show):
+def gradient_sums(model, x, y, delta, chunk, device):
     """metrics.per_token_gradient_sums over the held-out windows, chunk sequences at a time: the
     sums added, the per-token dots <g_i, delta> concatenated (row-major tokens)."""
     sums, dots = None, []
@@ -226,11 +201,10 @@ def gradient_sums(model, x, y, delta, chunk, device, show):
                                                delta=delta)
         sums = s if sums is None else {n: tuple(u + v for u, v in zip(sums[n], s[n])) for n in sums}
         dots.append(q)
-        show(f"opposition {min(a + chunk, len(x))}/{len(x)} sequences")
     return sums, {n: torch.cat([q[n] for q in dots]) for n in dots[0]}
 
 
-def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, show):
+def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device):
     """The row of one kept checkpoint (record name -> value; see PAPER_RECORDS)."""
     t, K, seed = int(ckpt['step']), args.batches, config['seed']
     model.load_state_dict(ckpt['model'])
@@ -240,7 +214,6 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
         row[name] = np.full(K if shape.endswith('K') else len(keys), -1 if dtype == 'int64' else np.nan)
     lr, delta = get_lr(t, argparse.Namespace(**config)), None  # the run's learning rate of step t
     for k in range(K if args.dt1 else 1 if args.opposition else 0):
-        show(f"dt = 1, batch {k + 1}/{K}")
         x, y = fresh_batch(seed, t, k, config, corpus, device)
         batch_before = fp32_forward(model, x, y)[0]
         with parameters_at(dict(model.named_parameters())):  # back to theta_t after the step
@@ -254,7 +227,7 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
                     row[f'loss_D_{where}'][k], row[f'loss_M_{where}'][k] = D, M
                     row[f'loss_D_{where}_null'][k] = null
     if args.opposition:
-        sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device, show)
+        sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device)
         summary = metrics.opposition_summary(sums, total='model')
         terms = metrics.update_weighted_terms(sums, delta, dots, total='model')
         for name in ['mean', 'weighted', 'null', 'near_total', 'n']:
@@ -266,9 +239,8 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device, 
 
 
 def read_rows(run, rel, settings):
-    """The finished rows of RUN/rel, record name -> list of rows (none for a new folder): those its
-    progress.json lists. A folder measured with other settings, or a record shorter than progress.json
-    says, is one line and exit 2."""
+    """The rows of RUN/rel that its progress.json lists, record name -> list; a folder measured with
+    other settings, or a record shorter than progress.json says: one line, exit 2."""
     progress = runs.read_json(run, f"{rel}/progress.json", 'measure.py') or dict(settings, steps=[])
     steps = progress.pop('steps')
     if progress != settings:
@@ -289,9 +261,8 @@ def read_rows(run, rel, settings):
 
 
 def write_rows(run, rel, rows, settings, seed):
-    """Every record of the finished rows into RUN/rel, each written whole, then progress.json, which
-    makes them count: a row not listed there is measured again. dt = t is derived here: the change of
-    the held-out losses from a row's step t to the row of step 2t (NaN where 2t is not measured)."""
+    """The records of the finished rows into RUN/rel, then progress.json, which makes them count; dt = t
+    derived here, from the held-out losses of steps t and 2t (NaN where 2t is not measured)."""
     steps = [int(t) for t in rows['steps']]
     arrays = {name: np.array(rows[name], dtype) for name, _, dtype, _ in PAPER_RECORDS if name not in DTT}
     arrays.update(zip(DTT, np.full((3, len(steps)), np.nan)))
@@ -307,8 +278,7 @@ def write_rows(run, rel, rows, settings, seed):
 
 
 def out_folder(tokens, n_tokens):
-    """The run's folder for the records of N = n_tokens held-out tokens: paper/ for the whole split
-    (--tokens 0), paper_N<n_tokens>/ for --tokens."""
+    """The folder of N = n_tokens held-out tokens: paper/ (the whole split, --tokens 0) or paper_N<N>/."""
     return 'paper' + (f"_N{n_tokens}" if tokens else '')
 
 

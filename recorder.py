@@ -1,31 +1,11 @@
 """
-What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder,
-which measures and writes them at each moment of a training step. train.py's loop calls it:
-
-    batch of step t
-    rec.probe(t)           theta_t on the fixed held-out probe set: per-token losses, their change
-                           since step t - 1 (D, M and the null), the output-layer decomposition, the
-                           geometry of h and U; on schedule h itself; with --train_probe_seqs, the
-                           per-token losses of fixed training windows too
-    forward, backward      inside rec.capture(t): on full steps, the inputs X and output gradients G
-                           of the position-local layers are kept
-    rec.batch(t, ...)      theta_t on the training batch: per-token losses, dissent in parameter space
-                           (a second backward), position-local opposition between tokens (|G|^T |X|)
-    clip
-    rec.keep_theta()       a copy of theta_t, so that the real update delta can be measured
-    optimizer.step()
-    rec.after_update(t)    theta_{t+1} on the same batch: per-token losses after its own update and
-                           their D, M and null; |delta|; on schedule the first-order prediction
-                           <grad l_i, delta> of every token's change, and (theta_t put back for it)
-                           the exact all-parameter opposition between probe tokens with its
-                           update-weighted terms
-
-Notation (the README's): token i, target y_i, h_i the output-layer hidden state, U the LM head,
-l_i = -log p_i[y_i]; theta_t the parameters before step t, delta = theta_{t+1} - theta_t.
-
-Records are .npy memmaps, preallocated for the whole run and written by process 0 only; under DDP
-every process runs every moment (the training-batch measures are collective). Every recording pass
-is fp32, even when training uses bf16: one step's loss changes are small, bf16 rounding buries them.
+What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder, which
+measures and writes them at each moment of a training step (README, "one recorded step"): probe(t) on
+the held-out probe set at theta_t; capture(t) around the forward and backward; batch(t) on the training
+batch at theta_t; keep_theta() before optimizer.step(); after_update(t) on the same batch at
+theta_{t+1}, with the update delta. Records are .npy memmaps preallocated for the whole run and
+written by process 0 only; every recording pass is fp32, even when training uses bf16 (one step's
+loss changes are small: bf16 rounding buries them).
 """
 
 import os
@@ -44,112 +24,60 @@ LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and l
 UPDATE_TERMS = ['Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli']  # metrics.update_weighted_terms, update_*.npy
 GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training steps' time (bench.py)
 
-# Every per-step record train.py writes: (name, shape, dtype, when, meaning); the file is name.npy.
-# shape, in the sizes of the run: S steps, B batch, T block size, P probe sequences, d width,
-#   Q training windows of the training-window probe (--train_probe_seqs; 0: those records absent),
-#   R = min(d, V), K = len(hidden_steps), G = len(grad_steps), H = HIST_BINS histogram bins, and the
-#   column counts n_theta, n_local, n_all (their names: config.json's theta_names,
-#   local_opposition_keys, opposition_keys). Row t belongs to step t; probe row t is theta_t.
-# when: 'every' step at every --record level; 'step': every step unless --record none;
-#   'full': on full steps (every step under --record all, a log-spaced schedule under light);
-#   'hidden' / 'grad': one row per step of hidden_steps.npy / grad_steps.npy.
-# docs/records.md shows this table; a test (tests/test_train.py) keeps the two the same.
+# Every per-step record: (name, shape, dtype, when, meaning); the file is name.npy. Shapes and 'when'
+# are explained in docs/records.md, which shows this table (tests/test_train.py keeps the two the same).
 RECORDS = [
     # the training step
     ('lr', 'S', 'float64', 'every', "learning rate of step t"),
-    ('train_loss', 'S', 'float64', 'every',
-     "mean training loss at theta_t on the batch of step t (= mean of train_loss_pre[t])"),
+    ('train_loss', 'S', 'float64', 'every', "mean training loss at theta_t on step t's batch"),
     ('grad_norm', 'S', 'float64', 'every', "global gradient norm, before clipping"),
-    ('update_norm', 'S', 'float64', 'every',
-     "|theta_{t+1} - theta_t|, the real AdamW update (weight decay and clipping included); NaN under "
-     "--record none"),
-    ('step_ms', 'S', 'float64', 'every',
-     "wall time of step t in ms, its recording included, the checkpoint excluded"),
-    ('train_offsets', 'S, B', 'int64', 'every',
-     "start o of each window of step t's batch in the training tokens: inputs train[o : o+T], targets "
-     "train[o+1 : o+T+1]"),
+    ('update_norm', 'S', 'float64', 'every', "|theta_{t+1} - theta_t|, the real AdamW update"),
+    ('step_ms', 'S', 'float64', 'every', "wall time of step t in ms, its recording included"),
+    ('train_offsets', 'S, B', 'int64', 'every', "start of each window of step t's batch"),
     # zero-sum learning on the training batch: the same tokens before and after their own update
-    ('train_loss_pre', 'S, B, T', 'float32', 'step',
-     "per-token loss l_i(theta_t) of step t's batch, before its update"),
-    ('train_loss_post', 'S, B, T', 'float32', 'full',
-     "per-token loss l_i(theta_{t+1}) of the same batch, after its own update"),
-    ('train_D', 'S', 'float64', 'full',
-     "destructive interference D = 1 - |sum_i x_i| / sum_i |x_i| of x = train_loss_post[t] - "
-     "train_loss_pre[t], all N = B*T tokens as one vector"),
-    ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x; |mean_i x_i| = (1 - D) M"),
-    ('train_D_null', 'S', 'float64', 'full',
-     "sign-flip null: the mean D of the same |x_i| with random signs over 64 draws (drawn from seed and "
-     "step), the D of N changes whose signs carry no structure: compare train_D with it"),
-    ('train_loss_pred', 'G, B, T', 'float32', 'grad',
-     "first-order predicted change <grad l_i, delta_t> of every token of the batch of step grad_steps[k], "
-     "at theta_t along the real update (one JVP); compare with post - pre"),
+    ('train_loss_pre', 'S, B, T', 'float32', 'step', "per-token loss l_i(theta_t) of step t's batch"),
+    ('train_loss_post', 'S, B, T', 'float32', 'full', "per-token loss l_i(theta_{t+1}) of the same batch"),
+    ('train_D', 'S', 'float64', 'full', "D = 1 - |sum_i x_i| / sum_i |x_i| of x = post - pre"),
+    ('train_M', 'S', 'float64', 'full', "M = mean_i |x_i| of the same x"),
+    ('train_D_null', 'S', 'float64', 'full', "sign-flip null of train_D (64 draws)"),
+    ('train_loss_pred', 'G, B, T', 'float32', 'grad', "first-order change <grad l_i, delta> of every token"),
     # the fixed held-out probe set
     ('probe_loss', 'S+1, P, T', 'float32', 'step', "per-token probe loss at theta_t; row S: the final model"),
-    ('train_probe_loss', 'S+1, Q, T', 'float32', 'step',
-     "per-token loss at theta_t of Q = --train_probe_seqs fixed windows of the training split "
-     "(train_probe_tokens.npy), as probe_loss; only when Q > 0: beside probe_loss it tells capacity "
-     "saturation (both plateau) from overfitting (the held-out loss rises, this one does not)"),
-    ('probe_D', 'S', 'float64', 'step',
-     "D of x = probe_loss[t+1] - probe_loss[t] (theta_t -> theta_{t+1}), all N = P*T tokens"),
+    ('train_probe_loss', 'S+1, Q, T', 'float32', 'step', "as probe_loss, on Q fixed training windows"),
+    ('probe_D', 'S', 'float64', 'step', "D of x = probe_loss[t+1] - probe_loss[t]"),
     ('probe_M', 'S', 'float64', 'step', "M of the same probe change"),
     ('probe_D_null', 'S', 'float64', 'step', "sign-flip null (64 draws) of the same probe change"),
     ('probe_p_y', 'S+1, P, T', 'float32', 'step', "p_y, the probability of the target, at theta_t"),
-    ('probe_cos_h_plus', 'S+1, P, T', 'float32', 'step',
-     "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y (so = -cos(h, U_y)): the 2D basis, first axis"),
-    ('probe_cos_h_minus', 'S+1, P, T', 'float32', 'step',
-     "cos(h, grad_h-), grad_h- = U^T p - p_y U_y: the 2D basis, second axis"),
-    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step',
-     "cos(grad_h+, grad_h-): dissent in h, per token"),
+    ('probe_cos_h_plus', 'S+1, P, T', 'float32', 'step', "cos(h, grad_h+), grad_h+ = -(1 - p_y) U_y"),
+    ('probe_cos_h_minus', 'S+1, P, T', 'float32', 'step', "cos(h, grad_h-), grad_h- = U^T p - p_y U_y"),
+    ('probe_cos_plus_minus', 'S+1, P, T', 'float32', 'step', "cos(grad_h+, grad_h-): dissent in h"),
     ('probe_norm_plus', 'S+1, P, T', 'float32', 'step', "|grad_h+|"),
     ('probe_norm_minus', 'S+1, P, T', 'float32', 'step', "|grad_h-|"),
     ('probe_norm_grad', 'S+1, P, T', 'float32', 'step', "|dl/dh| = |grad_h+ + grad_h-|"),
-    ('probe_anisotropy', 'S+1', 'float64', 'step',
-     "anisotropy of h: mean pairwise cosine over the P*T probe tokens (pairs i != j)"),
+    ('probe_anisotropy', 'S+1', 'float64', 'step', "anisotropy of h: mean pairwise cosine"),
     ('probe_hidden', 'K, P, T, d', 'float32', 'hidden', "h of every probe token at step hidden_steps[k]"),
-    ('head_singular_values', 'K, R', 'float32', 'hidden',
-     "singular values of U, largest first, at step hidden_steps[k]"),
+    ('head_singular_values', 'K, R', 'float32', 'hidden', "singular values of U, largest first"),
     # dissent in parameter space, on the training batch at theta_t
-    ('theta_cos', 'S, n_theta', 'float64', 'full',
-     "dissent in parameter space on step t's batch at theta_t: cos(grad_theta+, grad_theta-) for the "
-     "gradient of the MEAN loss over the batch (before clipping); grad+ = (dz/dtheta)^T grad_z+ / N (N = "
-     "B*T): a row scatter into U and a second backward from h seeded with grad_h+, grad- = grad - grad+; "
-     "columns: each parameter tensor, then model = all parameters as one vector"),
+    ('theta_cos', 'S, n_theta', 'float64', 'full', "cos(grad_theta+, grad_theta-) of the batch's mean loss"),
     ('theta_norm_plus', 'S, n_theta', 'float64', 'full', "|grad_theta+|, same rows and columns"),
     ('theta_norm_minus', 'S, n_theta', 'float64', 'full', "|grad_theta-|"),
-    ('theta_norm_grad', 'S, n_theta', 'float64', 'full',
-     "|grad_theta| (column model: grad_norm[t] up to the rounding of clipping's fp32 norms, ~1e-4)"),
+    ('theta_norm_grad', 'S, n_theta', 'float64', 'full', "|grad_theta| (column model: grad_norm[t])"),
     # gradient opposition between tokens, per parameter coordinate j
-    ('local_opposition_mean', 'S, n_local', 'float64', 'full',
-     "exact mean over coordinates j of D_j = 1 - |sum_i g_ij| / sum_i |g_ij|, g_i = dl_i/dtheta, between "
-     "the B*T tokens of step t's batch at theta_t, for the position-local layers, from the training "
-     "backward (sum_i g_ij = N p.grad, sum_i |g_ij| = |G|^T |X|); columns: each local tensor, its layer, "
-     "blocks (the last block's local weight matrices), local (every local tensor)"),
-    ('local_opposition_weighted', 'S, n_local', 'float64', 'full',
-     "the mean of D_j weighted by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|"),
-    ('local_opposition_null', 'S, n_local', 'float64', 'full',
-     "the null of local_opposition_mean: the mean over the same coordinates of D_j's expected value under "
-     "random signs, 1 - sqrt(2/pi) sqrt(sum_i g_ij^2) / sum_i |g_ij| (sum_i g_ij^2 = (G^2)^T (X^2))"),
+    ('local_opposition_mean', 'S, n_local', 'float64', 'full', "mean of D_j = 1 - |sum_i g_ij|/sum_i |g_ij|"),
+    ('local_opposition_weighted', 'S, n_local', 'float64', 'full', "mean of D_j weighted by sum_i |g_ij|"),
+    ('local_opposition_null', 'S, n_local', 'float64', 'full', "the mean of D_j's analytic random-sign null"),
     ('local_opposition_hist', 'S, n_local, H', 'int64', 'full', "counts of D_j in H equal bins of [0, 1]"),
-    ('opposition_mean', 'G, n_all', 'float64', 'grad',
-     "the same mean of D_j for every parameter at theta_t, t = grad_steps[k], between the N tokens of the "
-     "first --opposition_seqs probe sequences (N in config.json's opposition_tokens; exact per-token "
-     "gradients, one backward per position batched over the sequences); columns: each tensor, each layer, "
-     "blocks (the Transformer blocks' weight matrices: the published headline), model (every coordinate)"),
+    ('opposition_mean', 'G, n_all', 'float64', 'grad', "mean of D_j, every parameter, on the probe tokens"),
     ('opposition_weighted', 'G, n_all', 'float64', 'grad', "weighted mean, as local_opposition_weighted"),
-    ('opposition_null', 'G, n_all', 'float64', 'grad',
-     "the null of opposition_mean, as local_opposition_null"),
+    ('opposition_null', 'G, n_all', 'float64', 'grad', "analytic null, as local_opposition_null"),
     ('opposition_hist', 'G, n_all, H', 'int64', 'grad', "histogram, as local_opposition_hist"),
     # update-weighted interference, p_ij = g_ij delta_j: the same tokens at theta_t and the real update
-    ('update_Cg', 'G, n_all', 'float64', 'grad',
-     "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|, p_ij = g_ij delta_j (delta = theta_{t+1} - theta_t, t "
-     "= grad_steps[k]), over the opposition's tokens and each column's coordinates"),
+    ('update_Cg', 'G, n_all', 'float64', 'grad', "Cg = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|"),
     ('update_CuG', 'G, n_all', 'float64', 'grad', "CuG = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|"),
     ('update_Cug', 'G, n_all', 'float64', 'grad', "Cug = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|"),
-    ('update_C_i_dli', 'G, n_all', 'float64', 'grad',
-     "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij| (1 - D of the predicted changes)"),
+    ('update_C_i_dli', 'G, n_all', 'float64', 'grad', "C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|"),
     ('update_M_i_dli', 'G, n_all', 'float64', 'grad', "M_i_dli = sum_i |sum_j p_ij| / N"),
 ]
-RECORD_NAMES = {name for name, *_ in RECORDS}
 
 
 def record_shape(shape, sizes):
@@ -185,8 +113,7 @@ class Recorder:
         S = args.max_iters
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
         self.grad_steps = log_schedule(S - 1, args.grad_every, GRAD_POINTS)  # exact opposition, JVP
-        # full steps: the post-update pass, dissent in theta and local opposition; every step under
-        # --record all, under light the log-spaced schedule and the grad steps
+        # full steps under --record light (under all: every step)
         self.light_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
@@ -195,8 +122,7 @@ class Recorder:
         self.theta_names = list(self.params) + ['model']
         self.local_keys = metrics.opposition_keys(local_names, total='local')
         self.all_keys = metrics.opposition_keys(list(self.params))
-        # name -> (shape, dtype) of every record of this run: all of RECORDS, or only the 'every' records
-        # under --record none; none of size 0 (train_probe_loss without --train_probe_seqs)
+        # name -> (shape, dtype) of this run's records: under --record none only 'every'; none of size 0
         sizes = dict(S=S, B=args.batch_size, T=args.block_size, P=args.probe_seqs, d=args.n_embd,
                      R=min(args.n_embd, corpus['vocab_size']), K=len(self.hidden_steps), H=HIST_BINS,
                      G=len(self.grad_steps), Q=args.train_probe_seqs, n_theta=len(self.theta_names),
@@ -209,33 +135,29 @@ class Recorder:
         self.loss_pre = self.theta_t = None  # the batch's losses and theta_t, until after_update()
 
     def open(self, out_dir, create):
-        """The records as .npy memmaps in out_dir, listed in its manifest: created for the whole run
-        (float rows NaN, integer rows -1, so a row not yet written is visible), or opened to continue a
-        run. A missing, corrupt or misshapen record is one line naming the file, and exit status 2."""
+        """The records as .npy memmaps in out_dir, listed in its manifest: created (float rows NaN,
+        integer rows -1: not yet written), or opened to continue a run (a bad one: one line, exit 2)."""
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
         for name, (shape, dtype) in self.specs.items():
             path = os.path.join(out_dir, name + '.npy')
             if create:
-                self.records[name] = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
-                self.records[name][...] = np.nan if dtype.kind == 'f' else -1
+                self.records[name] = r = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
+                r[...] = np.nan if dtype.kind == 'f' else -1
                 continue
             try:
-                self.records[name] = np.load(path, mmap_mode='r+', allow_pickle=False)
+                self.records[name] = r = np.load(path, mmap_mode='r+', allow_pickle=False)
             except (OSError, ValueError, EOFError) as e:
                 runs.fail(f"{path}: corrupt or truncated record ({e})")
-            if (self.records[name].shape, self.records[name].dtype) != (shape, dtype):
-                runs.fail(f"{path}: shape {self.records[name].shape} {self.records[name].dtype}, "
-                          f"expected {shape} {dtype}")
+            if (r.shape, r.dtype) != (shape, dtype):
+                runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
 
     def write(self, name, row, value):
-        """Row `row` of record `name` := value (a tensor, moved to the CPU, or a number). Only process
-        0 writes, and only the records this --record level keeps; a name not in RECORDS is an error."""
-        if name not in RECORD_NAMES:
-            raise KeyError(f"record {name} is not declared in recorder.RECORDS")
+        """Row `row` of record `name` (in RECORDS) := value, a tensor or a number, if this process and
+        --record level keep it."""
         if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
-    def flush(self):
+    def flush(self):  # to disk, before a checkpoint counts the rows done
         for r in self.records.values():
             r.flush()
 
@@ -246,9 +168,8 @@ class Recorder:
     # --- the moments of a step, in order ----------------------------------------------------
 
     def probe(self, step):
-        """Probe measures at theta_step (probe row `step`; step S is the final model): per-token
-        losses and their change since step - 1, the output-layer decomposition of every token, the
-        anisotropy of h; on schedule h itself and U's spectrum. Process 0 alone: nothing is collective."""
+        """Probe measures at theta_step (probe row `step`; row S: the final model), on process 0: losses
+        and their change since step - 1, the output-layer decomposition, anisotropy; on schedule h, U."""
         if not (self.master and self.recording):
             return
         (P, T), d = self.px.shape, self.args.n_embd
@@ -272,20 +193,16 @@ class Recorder:
                 self.write('head_singular_values', self.hidden_row[step], metrics.singular_values(U))
 
     def capture(self, step):
-        """Wrap the training forward and backward: on full steps it keeps the inputs X and output
-        gradients G of the position-local layers (metrics.capture_activations: module hooks, so
-        the model must run eagerly), for the local opposition; elsewhere it does nothing."""
+        """Around the training forward and backward: on full steps, keeps the inputs X and output
+        gradients G of the position-local layers (module hooks: the model runs eagerly)."""
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
     def batch(self, step, x, y, logits, losses, acts, h):
-        """Training-batch measures at theta_t, after the backward, before clipping. logits (B/world,
-        T, V), losses (B/world, T) and h (B/world, T, d) are this process's rows of the training
-        forward; on full steps logits and h still hold their graph (backward with retain_graph=True)
-        and acts what capture kept."""
+        """Training-batch measures at theta_t, after the backward, before clipping, from this
+        process's rows of the training forward (on full steps logits and h still hold their graph)."""
         if self.full(step):
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
-            # dissent in theta: grad+ by a row scatter for U and a second backward from h seeded with
-            # grad_h+, grad- = grad - grad+
+            # dissent in theta: grad+ by a row scatter into U and a second backward from h
             dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
                                                   losses)
             for stat in ('cos', 'norm_plus', 'norm_minus', 'norm_grad'):
@@ -310,11 +227,9 @@ class Recorder:
         self.theta_t = {n: p.detach().clone() for n, p in self.params.items()} if self.recording else None
 
     def after_update(self, step, x, y, offsets, lr, grad_norm):
-        """After optimizer.step(): the real update delta = theta_{t+1} - theta_t (AdamW, weight
-        decay and clipping included), the step's scalars and, on full steps, the same batch at
-        theta_{t+1}: the zero-sum-learning measurement on the training batch. On the grad steps,
-        the first-order prediction of every token's change along delta (process 0, global batch),
-        and the exact opposition of the probe tokens at theta_t with its update-weighted terms."""
+        """After optimizer.step(): the real update delta, the step's scalars; on full steps the same
+        batch at theta_{t+1}; on grad steps (process 0) the first-order prediction along delta and the
+        exact opposition of the probe tokens at theta_t with its update-weighted terms."""
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
@@ -333,9 +248,8 @@ class Recorder:
             xg, yg = (torch.from_numpy(a).to(x.device) for a in windows)
             self.write('train_loss_pred', row, metrics.predicted_loss_change(self.model, xg, yg, delta,
                                                                              params=self.theta_t))
-            # exact all-parameter opposition between the tokens of the first probe sequences at theta_t,
-            # and the update-weighted terms of the same tokens along delta (their per-token g_i exist
-            # only inside per_token_gradient_sums, and delta only now)
+            # exact opposition between the first probe sequences' tokens at theta_t, with the update-weighted
+            # terms (the per-token g_i exist only inside per_token_gradient_sums, and delta only now)
             px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
             with metrics.parameters_at(self.params, self.theta_t):
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
@@ -348,8 +262,7 @@ class Recorder:
     # --- helpers ------------------------------------------------------------------------------
 
     def write_interference(self, prefix, row, change, step):
-        """Row `row` of prefix_D, prefix_M and prefix_D_null: D and M of the per-token loss changes and
-        the sign-flip null, its signs a function of (seed, step), so that a resumed run redraws them."""
+        """Row `row` of prefix_D, _M and _D_null; the null's signs are a function of (seed, step)."""
         signs = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
         for stat, value in zip(('D', 'M', 'D_null'), metrics.loss_change_interference(change, signs)):
             self.write(f"{prefix}_{stat}", row, value)

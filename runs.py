@@ -1,17 +1,9 @@
 """
-Run folders: the machinery train.py, measure.py and plot.py share, written once.
-
-- fail(msg) and parser(): bad input is one line naming the problem and exit status 2, never a
-  traceback; checked() makes the argparse types that refuse a bad value that way.
-- A folder a program writes into keeps a manifest (MANIFEST, one relative path a line; 'a/' lists the
-  folder a). A program adds a path to it *before* it first writes the file, so the manifest says
-  which files the programs wrote; any other file is the user's. --overwrite deletes listed files
-  only, and refuses a folder holding anything else. A listed file's temporary twin (name + '.tmp')
-  counts as listed.
-- Files are written whole: a temporary file, fsync, rename (a reader never sees half a file).
-- lock(folder): one program at a time on a folder, released by the kernel however the process ends.
-- on_signals(message): SIGTERM and Ctrl-C stop with one line and exit status 128 + the signal.
-- keep_freed_memory() and check_device(): the CPU's allocator and the device, for every program.
+Run folders: the machinery train.py, measure.py and plot.py share, written once. Bad input is one
+line and exit status 2 (fail, parser). A folder's manifest lists every path a program wrote, listed
+before it is first written; any other file is the user's, never deleted: --overwrite deletes listed
+files only and refuses a folder holding anything else. Files are written whole (temporary file,
+fsync, rename); lock() keeps one program on a folder; on_signals() stops with one line.
 """
 
 import argparse
@@ -50,8 +42,7 @@ def parser(doc, settings=()):
 def checked(kind, ok, what):
     """An argparse type: kind(text), refused with '--flag must be <what>, got <text>' unless ok(value)."""
     def convert(text):
-        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'x'"
-        if not ok(value):
+        if not ok(value := kind(text)):  # a ValueError in kind is argparse's "invalid int value: 'x'"
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     convert.__name__ = kind.__name__
@@ -81,9 +72,9 @@ def own(root, *paths):
 
 
 def foreign(root, under=''):
-    """The entries below root/under that no program wrote: files not in root's manifest, links,
-    anything that is not a plain file or folder, and empty folders no listed path lies in. Links are
-    never followed."""
+    """The entries below root/under that no program wrote: files not in root's manifest (a listed
+    file's '.tmp' twin counts as listed), links (never followed), anything not a plain file or folder,
+    and empty folders no listed path lies in."""
     listed = owned(root)
     folders = {f for p in listed for f in ancestors(p)}  # 'a/b/' lists the folder a/b itself too
     listed |= {p + '.tmp' for p in listed} | {MANIFEST}
@@ -98,7 +89,6 @@ def foreign(root, under=''):
                 out += [rel] if rel not in folders and not os.listdir(path) else []
             elif rel not in listed:
                 out.append(rel)
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
     return out
 
 
@@ -109,9 +99,10 @@ def ancestors(rel):
 
 
 def remove_owned(root, under=''):
-    """Delete the listed files below root/under (and their temporary twins), then the listed folders
-    and the folders of the listed files, below root/under, left empty; the manifest keeps the other
-    paths. Call it after foreign() found nothing."""
+    """Delete the listed files below root/under (and their '.tmp' twins), then the folders there left
+    empty; the manifest keeps the other paths. Call it after foreign() found nothing."""
+    if not owned(root):  # no manifest (a new folder): nothing to delete
+        return
     base = os.path.join(under, '') if under else ''
     with open(os.path.join(root, MANIFEST), 'r+') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -131,10 +122,9 @@ def remove_owned(root, under=''):
 
 
 def open_folder(root, under='', overwrite=False, taken=None):
-    """root/under, created if absent and locked for this program, ready to write into. Refused (one line,
-    exit 2, nothing changed) if it holds anything no program listed in root's manifest, whatever the
-    flags; and, unless overwrite, if it holds anything at all and `taken` says why that is refused.
-    With overwrite, the files listed below it are deleted first. Returns the lock."""
+    """root/under, created if absent, locked and ready to write into; returns the lock. Refused (one
+    line, exit 2, nothing changed) if it holds a file no program wrote; unless overwrite, also if it
+    holds anything and `taken` says why. With overwrite, its listed files are deleted first."""
     folder, program = os.path.join(root, under), os.path.basename(sys.argv[0])
     try:
         os.makedirs(folder, exist_ok=True)
@@ -157,8 +147,7 @@ def open_folder(root, under='', overwrite=False, taken=None):
 
 
 def write_atomic(root, rel, write):
-    """root/rel := what write(f) writes to a binary file, listed in root's manifest first: a
-    temporary file, fsync, rename."""
+    """root/rel := what write(f) writes, listed first, then written whole: a temporary file, fsync, rename."""
     own(root, rel)
     path = os.path.join(root, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -175,8 +164,8 @@ def write_json(root, rel, obj):
 
 
 def read_json(root, rel, by):
-    """The JSON file root/rel that program `by` wrote, or None if there is none. One that root's
-    manifest does not list (no program of this version wrote it), or a torn one: one line, exit 2."""
+    """The JSON file root/rel that program `by` wrote, or None if there is none; one the manifest does
+    not list (an older version's), or a torn one: one line, exit 2."""
     path = os.path.join(root, rel)
     if not os.path.exists(path):
         return None
@@ -190,8 +179,8 @@ def read_json(root, rel, by):
 
 
 def lock(folder):
-    """An exclusive lock on the folder, held as long as this process lives; a second program on the
-    same folder is refused. No file is written for it, so a killed program never blocks the next."""
+    """An exclusive lock on the folder while this process lives (no lock file: a killed program
+    never blocks the next); a second program is refused."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,8 +190,8 @@ def lock(folder):
 
 
 def on_signals(message):
-    """SIGTERM (what job schedulers send) and Ctrl-C stop the program with one line, message() (how
-    to continue), and exit status 128 + the signal. Returns the handlers it replaced."""
+    """SIGTERM (job schedulers) and Ctrl-C stop with one line, message() (how to continue), and exit
+    status 128 + the signal. Returns the handlers it replaced."""
     def stop(signum, frame):
         print(f"\n{os.path.basename(sys.argv[0])}: stopped by {signal.Signals(signum).name}; {message()}",
               file=sys.stderr, flush=True)
@@ -211,31 +200,25 @@ def on_signals(message):
 
 
 def check_device(device, dtype='float32'):
-    """What is wrong with --device and --dtype on this machine (None if nothing): an unknown device,
-    one this machine does not have, or bf16 on a GPU without it."""
-    if device in ('auto', 'cpu'):
+    """What is wrong with --device and --dtype on this machine (None if nothing)."""
+    if device == 'mps' and not torch.backends.mps.is_available():
+        return "--device mps: this machine has no MPS device"
+    if device in ('auto', 'cpu', 'mps'):
         return None
-    if device == 'mps':
-        return None if torch.backends.mps.is_available() else "--device mps: this machine has no MPS device"
     if not re.fullmatch(r'cuda(:\d+)?', device):
         return f"--device {device}: not one of auto, cpu, cuda, cuda:N, mps"
-    index = int(device[5:] or 0)
-    if index >= torch.cuda.device_count():
+    if int(device[5:] or 0) >= torch.cuda.device_count():
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
     if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
-        return f"--dtype bfloat16: {torch.cuda.get_device_name(index)} does not support it"
+        return f"--dtype bfloat16: {torch.cuda.get_device_name(int(device[5:] or 0))} does not support it"
     return None
 
 
 def keep_freed_memory():
-    """On the CPU, keep the memory a step frees for the next step. A step allocates and frees the
-    same large tensors every time (the (B*T, V) logits, their log-softmax and gradient: 32 MiB each
-    at the default sizes). glibc's malloc serves a block that large by its own mmap and returns it
-    to the system when it is freed, so that the next step writes to fresh pages and pays a page
-    fault for every 4 KiB: about a fifth of a training step's time at the default sizes on a 2-core
-    CPU (results/bench.md). With malloc's mmap and trim thresholds at 1 GiB, freed blocks stay in
-    the process and are reused. The values computed are the same; only where the memory comes from
-    changes. glibc (Linux) only: elsewhere nothing changes. Returns whether both settings were taken."""
+    """On the CPU, keep the memory a step frees for the next step: glibc returns a freed large block
+    (the (B*T, V) logits, 32 MiB at the default sizes) to the system, and the next step pays a page
+    fault per 4 KiB, a fifth of a step on 2 cores (results/bench.md). The values are the same.
+    glibc only; returns whether both settings were taken."""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     try:
         mallopt = ctypes.CDLL(None).mallopt

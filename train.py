@@ -5,11 +5,9 @@ Train a compact GPT and record its training dynamics at every step.
     python train.py --n_layer 6 --out_dir out/L6
     torchrun --nproc_per_node 2 train.py  # DistributedDataParallel
 
-The loop is nanoGPT's: AdamW, warmup and cosine decay, gradient clipping, optional bf16 autocast
-and torch.compile. What is added is the recording, by a Recorder (recorder.py) called at each
-moment of a step: the held-out probe set at theta_t, the training batch before and after its own
-update, the update itself. Everything is written to .npy files in --out_dir, one row a step;
-docs/records.md describes every file.
+The loop is nanoGPT's (AdamW, warmup and cosine decay, clipping, optional bf16 and torch.compile);
+added is the recording, by a Recorder (recorder.py) called at each moment of a step. Everything is
+written to .npy files in --out_dir, one row a step; docs/records.md describes every file.
 """
 
 import collections
@@ -89,9 +87,8 @@ SETTINGS = [
     ('resume', False, bool, 'continue the run in --out_dir from its checkpoint'),
     ('overwrite', False, bool, 'replace a run already in --out_dir'),
 ]
-# A resumed run continues ONE trajectory, which config.json describes: these settings only say where
-# and how fast it runs, and may change (config.json's `resumed` lists their values at each resume);
-# every other setting shapes the records or what the run computes, and must stay the same.
+# A resume may change only where and how fast the run goes (config.json's `resumed` lists them);
+# every other setting shapes what the run computes and must stay the same.
 RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
                      'ckpt_interval']
 RESUME_SAME = [s[0] for s in SETTINGS if s[0] not in RESUME_MAY_CHANGE + ['out_dir', 'resume', 'overwrite']]
@@ -104,11 +101,11 @@ def get_args(argv=None):
         fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.opposition_seqs > args.probe_seqs:
         fail(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
-    if runs.check_device(args.device, args.dtype):
-        fail(runs.check_device(args.device, args.dtype))
-    for name in ['out_dir', 'cache_dir']:
-        if os.path.exists(getattr(args, name)) and not os.path.isdir(getattr(args, name)):
-            fail(f"--{name} {getattr(args, name)} is a file, not a folder")
+    if problem := runs.check_device(args.device, args.dtype):
+        fail(problem)
+    for name, path in [('out_dir', args.out_dir), ('cache_dir', args.cache_dir)]:
+        if os.path.exists(path) and not os.path.isdir(path):
+            fail(f"--{name} {path} is a file, not a folder")
     return args
 
 
@@ -144,8 +141,7 @@ def main(argv=None):
     eager = DDP(raw_model, device_ids=devices) if ddp else raw_model
     model = torch.compile(eager) if args.compile else eager
     if master:
-        print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters "
-              f"({raw_model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), vocabulary "
+        print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters, vocabulary "
               f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} "
               f"process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
 
@@ -169,10 +165,8 @@ def main(argv=None):
                 loss = losses.mean()
             if not torch.isfinite(loss):  # stop, with the records complete up to the step before
                 rec.flush()
-                last = os.path.join(args.out_dir, 'ckpt.pt')
-                last = f"the last checkpoint is {last}" if os.path.exists(last) else "no checkpoint yet"
-                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}, "
-                     f"{last}")
+                fail(f"non-finite training loss at step {step}: records are complete up to step {step - 1}; "
+                     f"{how_to_continue(args.out_dir)}")
             loss.backward(retain_graph=full)  # full steps: the graph is kept for the grad+ backward
 
         # training-batch measures at theta_t, from this forward and backward
@@ -218,9 +212,8 @@ def main(argv=None):
 # the pieces of main, in the order it uses them
 
 def setup_system(args):
-    """(ddp, rank, world size, device, training dtype, its autocast context). Under torchrun every
-    process takes one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device (auto:
-    cuda, mps or cpu)."""
+    """(ddp, rank, world size, device, training dtype, its autocast). Under torchrun each process takes
+    one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device."""
     if args.threads:
         torch.set_num_threads(args.threads)
     ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
@@ -249,7 +242,7 @@ def precision(dtype, device_type):
 
 
 def load_corpus(args, master):
-    """data.prepare's corpus of --data (tokenizer, training and validation tokens), or one line, exit 2."""
+    """data.prepare's corpus of --data, or one line and exit 2."""
     try:
         corpus = data.prepare(args.data, args.vocab_size, args.cache_dir,
                               log=(lambda msg: print(msg, flush=True)) if master else None)
@@ -262,10 +255,8 @@ def load_corpus(args, master):
 
 
 def fixed_windows(tokens, n, T, seed, flag, device='cpu'):
-    """n disjoint windows of T + 1 tokens, chosen once by `seed` and kept for the whole run: the held-out
-    probe set (validation split), or the training-window probe (training split: the model trains on
-    these tokens, so their loss beside the probe's tells capacity saturation from overfitting).
-    Returns offsets, inputs, targets (n, T); (None, None, None) when n is 0."""
+    """n disjoint windows of T + 1 tokens, chosen once by `seed` for the whole run: the probe set
+    (validation split) or the training-window probe. offsets, inputs, targets (n, T); Nones if n is 0."""
     if n == 0:
         return None, None, None
     n_windows = len(tokens) // (T + 1)  # disjoint windows
@@ -276,8 +267,8 @@ def fixed_windows(tokens, n, T, seed, flag, device='cpu'):
 
 
 def get_batch(args, corpus, step, rank=0, world=1, device='cpu'):
-    """The batch of step t: the offsets of the global batch (a function of (seed, step)) and this
-    process's rows of it, inputs x and targets y (B/world, T) on the device."""
+    """The offsets of step t's global batch (a function of (seed, step)) and this process's rows of
+    it, inputs x and targets y (B/world, T)."""
     B, T = args.batch_size, args.block_size
     offsets = data.batch_offsets(args.seed, step, B, T, len(corpus['train']))  # (B,)
     mine = offsets[rank * (B // world):(rank + 1) * (B // world)]
@@ -298,9 +289,8 @@ def get_lr(it, args):
 
 
 def check_resources(args, rec, model, autocast, batch):
-    """Before anything is written: room on disk for the records and checkpoints of a new run, and
-    memory for a training step and the probe pass (one trial forward and backward of the first
-    batch; the gradients are dropped, so the run is the same as without the trial)."""
+    """Before anything is written: disk for a new run's records and checkpoints, memory for a step
+    and the probe pass (a trial forward and backward; its gradients are dropped)."""
     need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs.values())
     need += 12 * model.num_params() * (1 + (args.max_iters.bit_length() if args.keep_ckpts == 'log2' else 0))
     folder = os.path.abspath(args.out_dir)  # weights and AdamW's two moments in fp32, at 1, 2, 4, ... too
@@ -324,11 +314,8 @@ def check_resources(args, rec, model, autocast, batch):
 
 
 def open_run_dir(args, corpus, model, optimizer, device, master):
-    """Make --out_dir ready and return (the first step to run, the folder's lock); every check comes
-    before the first change. A new run goes into a new or empty folder, or with --overwrite into one
-    holding only files its manifest lists, which are deleted; anything else in it is refused, whatever
-    the flags. --resume continues from the checkpoint, if the settings in RESUME_SAME and the corpus
-    are the run's (step 0 if the run was stopped before its first checkpoint)."""
+    """(the first step to run, the folder's lock), every check before the first change: a new run
+    (runs.open_folder), or --resume from the checkpoint if RESUME_SAME and the corpus are the run's."""
     out = args.out_dir
     if args.resume:
         config = runs.read_json(out, 'config.json', 'train.py') or fail(f"--resume: no run in {out}")
@@ -345,8 +332,7 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
 
 
 def load_checkpoint(out, model, optimizer, device):
-    """The step to continue from: the checkpoint's, its model, optimizer and torch random state loaded,
-    or 0 without a checkpoint (a run stopped before its first)."""
+    """The step to continue from, model, optimizer and torch's random state loaded (0: no checkpoint)."""
     if not os.path.exists(os.path.join(out, 'ckpt.pt')):
         return 0
     try:
@@ -360,8 +346,7 @@ def load_checkpoint(out, model, optimizer, device):
 
 
 def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets, device, dtype, world):
-    """The one-off files of a new run: tokenizer, training counts, probe sets, schedules and
-    config.json (every setting, the run's facts, the column names and the shape of every record)."""
+    """The one-off files of a new run: tokenizer, counts, probe sets, schedules, config.json."""
     arrays = {'train_counts.npy': corpus['counts'], 'grad_steps.npy': np.array(rec.grad_steps, np.int64),
               'hidden_steps.npy': np.array(rec.hidden_steps, np.int64),
               'probe_tokens.npy': torch.cat([rec.px, rec.py[:, -1:]], 1).cpu().numpy()}  # (P, T + 1)
@@ -387,9 +372,8 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
 
 
 def finish(ddp, lock, handlers):
-    """Leave as main came: the signal handlers as they were (bench.py calls main in its own process),
-    the folder unlocked; under DDP, wait for rank 0's last records and checkpoint, then leave together
-    (gloo can abort at exit otherwise)."""
+    """Leave as main came (bench.py calls it): signal handlers restored, folder unlocked; under DDP
+    the processes leave together (gloo can abort at exit otherwise)."""
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if lock is not None:
@@ -401,8 +385,7 @@ def finish(ddp, lock, handlers):
 
 
 def note_resume(args, start, device):
-    """config.json keeps, at each resume, the step it continued from and the settings a resume may
-    change (RESUME_MAY_CHANGE), so the run directory still describes the run."""
+    """config.json's `resumed`: at each resume, its step and the RESUME_MAY_CHANGE settings."""
     config = runs.read_json(args.out_dir, 'config.json', 'train.py')
     config.setdefault('resumed', []).append(
         dict(step=start, device_used=device, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE}))
@@ -410,10 +393,8 @@ def note_resume(args, start, device):
 
 
 def save_checkpoint(args, rel, model, optimizer, step):
-    """Model, optimizer, the next step to run and torch's random state, written whole: a run killed
-    mid-write keeps its previous checkpoint. The batch stream and the null's signs need no saved state
-    (functions of (seed, step)), and nothing draws from numpy's or Python's global generators; torch's
-    state is kept for forks that add dropout."""
+    """Model, optimizer, the next step and torch's random state (for forks that add dropout), written
+    whole. The batches and the null's signs are functions of (seed, step): no other state."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
              'rng': torch.get_rng_state(), 'args': vars(args)}
     runs.write_atomic(args.out_dir, rel, lambda f: torch.save(state, f))
@@ -431,19 +412,11 @@ def how_to_continue(out_dir):
 
 
 def progress_line(step, S, rec, lr, recent_ms):
-    """One line of progress. ms/step and the ETA come from the median of the recent ordinary steps
-    (neither the first of the process, which warms up, nor the scheduled ones, which cost more):
-    '?' until there is one."""
+    """One line of progress; ms/step and the ETA from the median of the recent ordinary steps."""
     ms = statistics.median(recent_ms) if recent_ms else float('nan')
     eta = f"{ms * (S - step - 1) / 60000:.1f} min" if recent_ms else '?'
     return (f"step {step:5d}/{S} | loss {rec.train_loss:.4f} | probe {rec.probe_loss:.4f} | lr {lr:.2e} | "
             f"{ms:6.1f} ms/step | ETA {eta}")
-
-
-def model_desc(model, corpus):
-    return (f"GPT {model.config.n_layer}L/{model.config.n_embd}d, {model.num_params() / 1e6:.2f}M parameters "
-            f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), "
-            f"vocabulary {corpus['vocab_size']}")
 
 
 if __name__ == '__main__':

@@ -76,6 +76,9 @@ def test_remove_owned_deletes_the_listed_files_only(tmp_path):
     runs.remove_owned(root)  # train.py --overwrite: every listed file, and the folders left empty
     assert sorted(os.listdir(tmp_path)) == [runs.MANIFEST, 'paper']  # paper/ was never a listed file's
     assert runs.owned(root) == set()
+    (tmp_path / 'new').mkdir()
+    runs.remove_owned(str(tmp_path / 'new'))  # a folder without a manifest: nothing to delete
+    assert os.listdir(tmp_path / 'new') == []
 
 
 def test_writes_are_listed_first_and_whole(tmp_path):
