@@ -154,6 +154,7 @@ def build_gpt(settings, vocab_size):
     names = ['block_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'tie_weights']
     return GPT(GPTConfig(vocab_size=vocab_size, **{name: settings[name] for name in names}))
 
+
 def per_token_loss(logits, targets):
     """l_i = -log p_i[y_i], computed in fp32 whatever the logits' dtype: (B, T, V), (B, T) -> (B, T).
 
