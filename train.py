@@ -1,13 +1,12 @@
 """
 Train a compact GPT and record its training dynamics at every step.
 
-    python train.py                       # default corpus (King James Bible), about 5 min on 2 CPU cores
+    python train.py                       # default corpus (King James Bible), about 15 min on a CPU
     python train.py --n_layer 6 --out_dir out/L6
     torchrun --nproc_per_node 2 train.py  # DistributedDataParallel
 
-The loop is nanoGPT's (AdamW, warmup and cosine decay, clipping, optional bf16 and torch.compile);
-added is the recording, by a Recorder (recorder.py) called at each moment of a step. Everything is
-written to .npy files in --out_dir, one row a step; docs/records.md describes every file.
+The loop is nanoGPT's (AdamW, warmup and cosine decay, clipping, optional bf16 and torch.compile), with
+a Recorder (recorder.py) called at each moment of a step; docs/records.md describes what it writes.
 """
 
 import collections
@@ -18,6 +17,7 @@ import os
 import shutil
 import signal
 import statistics
+import threading
 import time
 from contextlib import nullcontext
 
@@ -39,6 +39,8 @@ fraction = runs.checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')  # AdamW's mov
 seed = runs.checked(int, lambda v: 0 <= v < 2 ** 32, 'in 0 .. 2^32 - 1')
 seconds = runs.checked(float, lambda v: v > 0, 'positive')
 here = os.path.dirname(os.path.abspath(__file__))
+PROBE_TOKENS = 2048  # the default probe: about this many tokens whatever the context
+ONE_THREAD_BELOW = 20 * 10**6  # --threads 0 on a CPU: one thread for models of fewer parameters
 SETTINGS = [
     # model
     ('n_layer', 4, positive, 'number of Transformer blocks'),
@@ -61,28 +63,26 @@ SETTINGS = [
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
     ('beta1', 0.9, fraction, 'AdamW beta1'),
     ('beta2', 0.99, fraction, 'AdamW beta2'),
+    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95, no decay on embeddings'),
     ('grad_clip', 1.0, nonnegative, 'clip the global gradient norm to this (0: no clipping)'),
     # system
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
-    ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it); '
-     'recording is fp32'),
+    ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it)'),
     ('compile', False, bool, 'torch.compile the steps that record no activations (none under --record all)'),
     ('seed', 1337, seed, 'seeds the initialisation, the batches and the probe set'),
-    ('threads', 0, count, "CPU threads for torch (0: torch's default); 1 is often fastest for tiny models"),
+    ('threads', 0, count, f"CPU threads (0: 1 below {ONE_THREAD_BELOW / 1e6:g}M parameters, else torch's default)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
-    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: the probe records '
-     'every step, the rest on the log schedule; none: scalars only'),
-    ('probe_seqs', 16, positive, 'held-out probe sequences of block_size tokens, chosen once'),
+    ('record', 'all', ['all', 'light', 'none'], 'every record every step; light: some on a log schedule'),
+    ('probe_seqs', None, positive, 'held-out probe sequences, chosen once (default: 2048 tokens / T)'),
     ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
-    ('grad_every', 0, count, 'exact opposition and JVP prediction every N steps (0: log-spaced)'),
-    ('opposition_seqs', None, positive, 'the first N probe sequences give the tokens of the exact opposition '
-     '(default: all; one backward per token)'),
-    ('train_probe_seqs', 0, count, 'fixed training windows whose per-token loss is recorded like the probe '
-     "set's (0: off)"),
+    ('grad_every', 0, count, 'exact opposition and first-order prediction every N steps (0: log-spaced)'),
+    ('opposition_seqs', None, positive, 'probe sequences of the exact opposition (default: all)'),
+    ('train_probe_seqs', 0, count, "fixed training windows recorded as the probe set's (0: off)"),
     ('log_interval', 10, positive, 'steps between progress lines'),
-    ('log_seconds', 30.0, seconds, 'a progress line at least this often, whatever --log_interval says'),
+    ('log_seconds', 30.0, seconds, 'a line at least this often, during a long step too'),
     ('ckpt_interval', 250, positive, 'steps between checkpoints (and at the end)'),
+    ('ckpt_minutes', 5.0, nonnegative, 'a checkpoint also at least this often (0: every step)'),
     ('keep_ckpts', 'none', ['none', 'log2'], 'log2: also keep theta_t, AdamW state at t = 1, 2, 4, ...'),
     ('resume', False, bool, 'continue the run in --out_dir from its checkpoint'),
     ('overwrite', False, bool, 'replace a run already in --out_dir'),
@@ -90,12 +90,13 @@ SETTINGS = [
 # A resume may change only where and how fast the run goes (config.json's `resumed` lists them);
 # every other setting shapes what the run computes and must stay the same.
 RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
-                     'ckpt_interval']
+                     'ckpt_interval', 'ckpt_minutes']
 RESUME_SAME = [s[0] for s in SETTINGS if s[0] not in RESUME_MAY_CHANGE + ['out_dir', 'resume', 'overwrite']]
 
 
 def get_args(argv=None):
     args = runs.parser(__doc__, SETTINGS).parse_args(argv)
+    args.probe_seqs = args.probe_seqs or max(1, PROBE_TOKENS // args.block_size)
     args.opposition_seqs = args.opposition_seqs or args.probe_seqs
     if args.n_embd % args.n_head:
         fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
@@ -116,6 +117,7 @@ def main(argv=None):
     master = rank == 0  # only process 0 records, checkpoints and prints
     torch.manual_seed(args.seed)
     S, B, T = args.max_iters, args.batch_size, args.block_size
+    args.beta2 = 0.95 if args.optim == 'published' else args.beta2  # the published AdamW's, in config.json
 
     # data: the corpus, and the held-out probe set and training-window probe, both fixed for the run
     corpus = load_corpus(args, master)
@@ -125,8 +127,9 @@ def main(argv=None):
 
     # the model, its optimizer and the recorder; then the run directory, once the run can start
     raw_model = build_gpt(vars(args), corpus['vocab_size']).to(device)  # parameters stay fp32
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
-                                               (args.beta1, args.beta2), device.split(':')[0])
+    set_threads(args.threads, device, raw_model.num_params())
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
+                                               device.split(':')[0], published=args.optim == 'published')
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
     start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
@@ -142,12 +145,14 @@ def main(argv=None):
     model = torch.compile(eager) if args.compile else eager
     if master:
         print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters, vocabulary "
-              f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} "
-              f"process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
+              f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} process"
+              f"{'es' if world > 1 else ''}, {torch.get_num_threads()} threads), recording: {args.record}", flush=True)
+    kinds = np.array([rec.kind(s) for s in range(S)], np.int64)  # (S,) for the ETA: 0 ordinary, 1 full, 2 grad
+    recent = [collections.deque(maxlen=50) for _ in range(3)]  # the recent steps' ms, of each kind
+    beat = heartbeat(start, args.log_seconds, master)  # a line whenever none came for --log_seconds
 
-    t0, t_last, recent_ms = time.time(), time.time(), collections.deque(maxlen=50)
     for step in range(start, S):
-        t_step = time.perf_counter()
+        beat.update(step=step, began=time.perf_counter())
         # the batch of step t, a function of (seed, step); under DDP this process takes its rows
         offsets, x, y = get_batch(args, corpus, step, rank, world, device)
         # probe measures at theta_t, before the step changes anything
@@ -181,29 +186,31 @@ def main(argv=None):
 
         # after-update measures: the same batch at theta_{t+1}, the update, the step's scalars
         rec.after_update(step, x, y, offsets, lr, grad_norm)
-        step_ms = 1000 * (time.perf_counter() - t_step)  # the writes waited for the device
+        step_ms = 1000 * (time.perf_counter() - beat['began'])  # the writes waited for the device
         rec.write('step_ms', step, step_ms)
-        if step != start and step not in rec.grad_row:  # an ordinary step, for the ETA
-            recent_ms.append(step_ms)
+        if step != start:  # the first step also warms up
+            recent[kinds[step]].append(step_ms)
 
         # after the last step: probe measures of the final model theta_S (probe row S)
         if step + 1 == S:
             rec.probe(S)
 
-        # checkpoint and log (process 0); under --keep_ckpts log2 also theta_{t+1} when t+1 = 1, 2, 4, ...
+        # checkpoint (process 0): every --ckpt_interval steps or --ckpt_minutes, at the end; --keep_ckpts log2
+        # also keeps theta_{t+1} when t+1 = 1, 2, 4, ...
         if master and args.keep_ckpts == 'log2' and (step + 1) & step == 0:
             save_checkpoint(args, f"ckpts/step_{step + 1:06d}.pt", raw_model, optimizer, step + 1)
-        if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S):
+        if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S
+                       or time.time() - beat['saved'] >= 60 * args.ckpt_minutes):
             rec.flush()
             save_checkpoint(args, 'ckpt.pt', raw_model, optimizer, step + 1)
             runs.write_json(args.out_dir, 'progress.json', {'steps_done': step + 1, 'max_iters': S})
-        due = step % args.log_interval == 0 or step + 1 == S or time.time() - t_last >= args.log_seconds
-        if master and due:
-            print(progress_line(step, S, rec, lr, recent_ms), flush=True)
-            t_last = time.time()
+            beat['saved'] = time.time()
+        if master and (step % args.log_interval == 0 or step + 1 == S or beat['quiet']()):
+            beat['say'](progress_line(step, S, rec, lr, *by_kind(kinds, recent, step)))
 
+    beat['step'] = None  # stops the heartbeat
     if master:
-        print(f"done: {S - start} steps in {(time.time() - t0) / 60:.1f} min; records in {args.out_dir}")
+        print(f"done: {S - start} steps in {(time.time() - beat['t0']) / 60:.1f} min; records in {args.out_dir}")
     model = eager = None  # release DDP (its reducer holds gloo work objects) while all is alive
     finish(ddp, lock, handlers)
 
@@ -214,8 +221,6 @@ def main(argv=None):
 def setup_system(args):
     """(ddp, rank, world size, device, training dtype, its autocast). Under torchrun each process takes
     one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
     if ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
@@ -231,6 +236,13 @@ def setup_system(args):
     if device == 'cpu':
         runs.keep_freed_memory()
     return (ddp, rank, world, device, *precision(args.dtype, device.split(':')[0]))
+
+
+def set_threads(threads, device, n_params):
+    """--threads, or (0) one thread on a CPU for models below ONE_THREAD_BELOW parameters: torch's
+    default of one per core spins waiting for every core, and one held by another program stalls them all."""
+    if threads or (device == 'cpu' and n_params < ONE_THREAD_BELOW):
+        torch.set_num_threads(threads or 1)
 
 
 def precision(dtype, device_type):
@@ -411,12 +423,41 @@ def how_to_continue(out_dir):
         if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet"
 
 
-def progress_line(step, S, rec, lr, recent_ms):
-    """One line of progress; ms/step and the ETA from the median of the recent ordinary steps."""
+def progress_line(step, S, rec, lr, recent_ms, slow=()):
+    """One line of progress. The ETA: each ordinary step left at the median of recent_ms, the recent
+    ordinary steps' ms, and each slow one (grad steps, full steps under --record light: many ordinary
+    steps' time) at the median of its kind; slow: (recent ms, steps left) of each kind."""
     ms = statistics.median(recent_ms) if recent_ms else float('nan')
-    eta = f"{ms * (S - step - 1) / 60000:.1f} min" if recent_ms else '?'
+    eta = ms * (S - step - 1 - sum(n for _, n in slow))
+    eta += sum(statistics.median(t) * n if t else float('nan') for t, n in slow if n)
     return (f"step {step:5d}/{S} | loss {rec.train_loss:.4f} | probe {rec.probe_loss:.4f} | lr {lr:.2e} | "
-            f"{ms:6.1f} ms/step | ETA {eta}")
+            f"{ms:6.1f} ms/step | ETA {f'{eta / 60000:.1f} min' if math.isfinite(eta) else '?'}")
+
+
+def by_kind(kinds, recent, step):
+    """progress_line's recent_ms and slow after `step`, from each step's kind (Recorder.kind) and the
+    recent ms of each kind: the most frequent kind is the ordinary one."""
+    usual, left = np.bincount(kinds, minlength=3).argmax(), np.bincount(kinds[step + 1:], minlength=3)
+    return recent[usual], [(recent[k], left[k]) for k in range(3) if k != usual]
+
+
+def heartbeat(step, seconds, master):
+    """The loop's clock: step, when it began (perf_counter), the last checkpoint (time) and, from a
+    daemon thread (process 0), a line whenever none came for `seconds`, the first after 5 s (a grad step
+    can take minutes); say() prints a line, quiet() is True when none came for `seconds`."""
+    beat = dict(step=step, began=time.perf_counter(), t0=time.time(), saved=time.time(),
+                printed=time.time() - seconds + min(seconds, 5))
+    beat['quiet'] = lambda: time.time() - beat['printed'] >= seconds
+    beat['say'] = lambda line: (print(line, flush=True), beat.update(printed=time.time()))
+
+    def run():
+        while beat['step'] is not None:
+            time.sleep(min(1.0, seconds / 4))
+            if beat['step'] is not None and beat['quiet']():
+                beat['say'](f"step {beat['step']:5d} running for {time.perf_counter() - beat['began']:.0f} s")
+    if master:
+        threading.Thread(target=run, daemon=True).start()
+    return beat
 
 
 if __name__ == '__main__':
