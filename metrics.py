@@ -469,7 +469,7 @@ def update_weighted_terms(sums, delta, dots, total='model'):
         Cug     = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|    coordinates agree, per token
         C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|    tokens' predicted changes agree (1 - D)
         M_i_dli = sum_i |sum_j p_ij| / N                     mean size of a predicted change
-    per key, with sum_i p_ij = delta_j sum_i g_ij, sum_i |p_ij| = |delta_j| sum_i |g_ij|, sum_j p_ij = dots."""
+    per key; sum_i p_ij = delta_j sum_i g_ij, sum_i |p_ij| = |delta_j| sum_i |g_ij|, sum_j p_ij = dots."""
     out = {}
     for key, parts in opposition_members(list(sums), total).items():
         p_sum = torch.cat([(delta[n].double() * sums[n][0].double()).flatten() for n in parts])  # sum_i p_ij
