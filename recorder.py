@@ -135,14 +135,15 @@ class Recorder:
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
         for name, (shape, dtype) in self.specs.items():
             path = os.path.join(out_dir, name + '.npy')
-            try:  # mode 'r+' reads shape and dtype from the file
-                self.records[name] = r = np.lib.format.open_memmap(path, 'w+' if create else 'r+', dtype, shape)
+            try:  # 'r+' reads the shape and dtype from the file
+                r = np.lib.format.open_memmap(path, 'w+' if create else 'r+', dtype, shape)
             except (OSError, ValueError, EOFError) as e:
                 runs.fail(f"{path}: corrupt or truncated record ({e})")
             if create:
                 r[...] = np.nan if dtype.kind == 'f' else -1
             if (r.shape, r.dtype) != (shape, dtype):
                 runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
+            self.records[name] = r
 
     def write(self, name, row, value):
         """Row `row` of record `name` (in RECORDS) := value, a tensor or a number, if this process and
@@ -260,7 +261,7 @@ class Recorder:
             self.write(f"{prefix}_{stat}", row, value)
 
     def write_columns(self, prefix, row, table, keys):
-        """Row `row` of each record prefix_stat, one column per key: table[key][stat] (stats it lacks: none)."""
+        """Row `row` of each record prefix_stat (if there is one), a column per key: table[key][stat]."""
         for stat in table[keys[0]]:
             self.write(f"{prefix}_{stat}", row, torch.stack([table[k][stat] for k in keys]))
 

@@ -70,7 +70,7 @@ SETTINGS = [
     ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it)'),
     ('compile', False, bool, 'torch.compile the steps that record no activations (none under --record all)'),
     ('seed', 1337, seed, 'seeds the initialisation, the batches and the probe set'),
-    ('threads', 0, count, f"CPU threads (0: 1 below {ONE_THREAD_BELOW / 1e6:g}M parameters, else torch's default)"),
+    ('threads', 0, count, f"CPU threads (0: 1 below {ONE_THREAD_BELOW / 1e6:g}M parameters, else torch's)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
     ('record', 'all', ['all', 'light', 'none'], 'every record every step; light: some on a log schedule'),
@@ -129,7 +129,7 @@ def main(argv=None):
     raw_model = build_gpt(vars(args), corpus['vocab_size']).to(device)  # parameters stay fp32
     set_threads(args.threads, device, raw_model.num_params())
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
-                                               device.split(':')[0], published=args.optim == 'published')
+                                               device.split(':')[0], args.optim == 'published')
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
     start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
@@ -146,13 +146,11 @@ def main(argv=None):
     if master:
         print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters, vocabulary "
               f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} process"
-              f"{'es' if world > 1 else ''}, {torch.get_num_threads()} threads), recording: {args.record}", flush=True)
-    kinds = np.array([rec.kind(s) for s in range(S)], np.int64)  # (S,) for the ETA: 0 ordinary, 1 full, 2 grad
-    recent = [collections.deque(maxlen=50) for _ in range(3)]  # the recent steps' ms, of each kind
-    beat = heartbeat(start, args.log_seconds, master)  # a line whenever none came for --log_seconds
+              f"{'es' * (world > 1)}, {torch.get_num_threads()} threads), record {args.record}", flush=True)
+    progress = Progress(rec, start, args.log_seconds, master)  # the ETA; a line at least every --log_seconds
 
     for step in range(start, S):
-        beat.update(step=step, began=time.perf_counter())
+        progress.begin(step)
         # the batch of step t, a function of (seed, step); under DDP this process takes its rows
         offsets, x, y = get_batch(args, corpus, step, rank, world, device)
         # probe measures at theta_t, before the step changes anything
@@ -186,31 +184,29 @@ def main(argv=None):
 
         # after-update measures: the same batch at theta_{t+1}, the update, the step's scalars
         rec.after_update(step, x, y, offsets, lr, grad_norm)
-        step_ms = 1000 * (time.perf_counter() - beat['began'])  # the writes waited for the device
-        rec.write('step_ms', step, step_ms)
-        if step != start:  # the first step also warms up
-            recent[kinds[step]].append(step_ms)
+        rec.write('step_ms', step, progress.end(step))  # the writes waited for the device
 
         # after the last step: probe measures of the final model theta_S (probe row S)
         if step + 1 == S:
             rec.probe(S)
 
-        # checkpoint (process 0): every --ckpt_interval steps or --ckpt_minutes, at the end; --keep_ckpts log2
-        # also keeps theta_{t+1} when t+1 = 1, 2, 4, ...
+        # checkpoint and log (process 0): every --ckpt_interval steps and --ckpt_minutes, and at the end;
+        # under --keep_ckpts log2 also theta_{t+1} when t+1 = 1, 2, 4, ...
         if master and args.keep_ckpts == 'log2' and (step + 1) & step == 0:
             save_checkpoint(args, f"ckpts/step_{step + 1:06d}.pt", raw_model, optimizer, step + 1)
         if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S
-                       or time.time() - beat['saved'] >= 60 * args.ckpt_minutes):
+                       or time.time() - progress.saved >= 60 * args.ckpt_minutes):
             rec.flush()
             save_checkpoint(args, 'ckpt.pt', raw_model, optimizer, step + 1)
             runs.write_json(args.out_dir, 'progress.json', {'steps_done': step + 1, 'max_iters': S})
-            beat['saved'] = time.time()
-        if master and (step % args.log_interval == 0 or step + 1 == S or beat['quiet']()):
-            beat['say'](progress_line(step, S, rec, lr, *by_kind(kinds, recent, step)))
+            progress.saved = time.time()
+        if master and (step % args.log_interval == 0 or step + 1 == S or progress.quiet()):
+            progress.say(progress.line(step, rec, lr))
 
-    beat['step'] = None  # stops the heartbeat
+    progress.step = None  # stops the heartbeat
     if master:
-        print(f"done: {S - start} steps in {(time.time() - beat['t0']) / 60:.1f} min; records in {args.out_dir}")
+        print(f"done: {S - start} steps in {(time.time() - progress.t0) / 60:.1f} min; "
+              f"records in {args.out_dir}")
     model = eager = None  # release DDP (its reducer holds gloo work objects) while all is alive
     finish(ddp, lock, handlers)
 
@@ -239,8 +235,8 @@ def setup_system(args):
 
 
 def set_threads(threads, device, n_params):
-    """--threads, or (0) one thread on a CPU for models below ONE_THREAD_BELOW parameters: torch's
-    default of one per core spins waiting for every core, and one held by another program stalls them all."""
+    """--threads, or (0) one thread on a CPU for models below ONE_THREAD_BELOW parameters: torch's one per
+    core spin-waits for all of them, and a core held by another program stalls every matmul."""
     if threads or (device == 'cpu' and n_params < ONE_THREAD_BELOW):
         torch.set_num_threads(threads or 1)
 
@@ -434,30 +430,49 @@ def progress_line(step, S, rec, lr, recent_ms, slow=()):
             f"{ms:6.1f} ms/step | ETA {f'{eta / 60000:.1f} min' if math.isfinite(eta) else '?'}")
 
 
-def by_kind(kinds, recent, step):
-    """progress_line's recent_ms and slow after `step`, from each step's kind (Recorder.kind) and the
-    recent ms of each kind: the most frequent kind is the ordinary one."""
-    usual, left = np.bincount(kinds, minlength=3).argmax(), np.bincount(kinds[step + 1:], minlength=3)
-    return recent[usual], [(recent[k], left[k]) for k in range(3) if k != usual]
+class Progress:
+    """Progress lines (process 0) and the loop's clock: the ETA prices each step left at the median of the
+    recent steps of its kind (Recorder.kind: a grad step takes many ordinary steps' time); a heartbeat
+    thread prints a line whenever none came for --log_seconds, the first after 5 s; the last checkpoint."""
 
+    def __init__(self, rec, start, seconds, master):
+        self.kinds = np.array([rec.kind(s) for s in range(rec.args.max_iters)])  # (S,) Recorder.kind
+        self.recent = [collections.deque(maxlen=50) for _ in range(3)]  # the recent steps' ms, of each kind
+        self.start, self.step, self.began, self.seconds = start, start, time.perf_counter(), seconds
+        self.t0 = self.saved = time.time()
+        self.printed = self.t0 - seconds + min(seconds, 5)  # the first heartbeat after 5 s
+        if master:
+            threading.Thread(target=self.heartbeat, daemon=True).start()
 
-def heartbeat(step, seconds, master):
-    """The loop's clock: step, when it began (perf_counter), the last checkpoint (time) and, from a
-    daemon thread (process 0), a line whenever none came for `seconds`, the first after 5 s (a grad step
-    can take minutes); say() prints a line, quiet() is True when none came for `seconds`."""
-    beat = dict(step=step, began=time.perf_counter(), t0=time.time(), saved=time.time(),
-                printed=time.time() - seconds + min(seconds, 5))
-    beat['quiet'] = lambda: time.time() - beat['printed'] >= seconds
-    beat['say'] = lambda line: (print(line, flush=True), beat.update(printed=time.time()))
+    def heartbeat(self):
+        while (step := self.step) is not None:  # None: the loop has ended
+            if self.quiet():
+                self.say(f"step {step:5d} running for {time.perf_counter() - self.began:.0f} s")
+            time.sleep(min(1.0, self.seconds / 4))
 
-    def run():
-        while beat['step'] is not None:
-            time.sleep(min(1.0, seconds / 4))
-            if beat['step'] is not None and beat['quiet']():
-                beat['say'](f"step {beat['step']:5d} running for {time.perf_counter() - beat['began']:.0f} s")
-    if master:
-        threading.Thread(target=run, daemon=True).start()
-    return beat
+    def begin(self, step):
+        self.step, self.began = step, time.perf_counter()
+
+    def end(self, step):
+        """Step `step`'s wall time in ms, kept for the ETA unless it is the run's first (it warms up too)."""
+        ms = 1000 * (time.perf_counter() - self.began)
+        if step != self.start:
+            self.recent[self.kinds[step]].append(ms)
+        return ms
+
+    def quiet(self):  # no line for --log_seconds
+        return time.time() - self.printed >= self.seconds
+
+    def say(self, line):
+        print(line, flush=True)
+        self.printed = time.time()
+
+    def line(self, step, rec, lr):
+        """progress_line after `step`; the most frequent kind of step is the ordinary one."""
+        usual = np.bincount(self.kinds, minlength=3).argmax()
+        left = np.bincount(self.kinds[step + 1:], minlength=3)
+        slow = [(self.recent[k], left[k]) for k in range(3) if k != usual]
+        return progress_line(step, len(self.kinds), rec, lr, self.recent[usual], slow)
 
 
 if __name__ == '__main__':
