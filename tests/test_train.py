@@ -448,7 +448,8 @@ def test_the_published_optimizer_regime_is_one_named_choice(tmp_path, cache_dir)
         model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, tie_weights=tied))
         embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
         for published, eps in [(False, 1e-8), (True, 1e-5)]:
-            decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', published).param_groups
+            optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', published)
+            decay, no_decay = optimizer.param_groups
             assert decay['eps'] == no_decay['eps'] == eps and decay['weight_decay'] == 0.1
             assert {id(p) for p in no_decay['params']} & embeddings == (embeddings if published else set())
             assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 or id(p) in embeddings
@@ -504,7 +505,8 @@ def test_the_eta_counts_the_slow_steps_and_a_heartbeat_speaks_in_long_ones(capsy
     assert [len(r) for r in progress.recent] == [0, 3, 1]  # the first step (warm-up) not counted
     line = progress.line(4, Rec, 1e-3)  # 6 full and 1 grad step left
     median = sorted(progress.recent[1])[1]
-    assert f"{median:6.1f} ms/step" in line and f"ETA {(6 * median + progress.recent[2][0]) / 60000:.1f} min" in line
+    eta = (6 * median + progress.recent[2][0]) / 60000
+    assert f"{median:6.1f} ms/step" in line and f"ETA {eta:.1f} min" in line
     assert 'ETA ?' in train.progress_line(3, 12, Rec, 1e-3, [100.0], [([], 1)])  # no grad step timed yet
     progress.begin(5)
     time.sleep(0.5)
@@ -533,10 +535,10 @@ def test_a_time_based_checkpoint_resumes_bitwise(tiny_run, tmp_path, cache_dir):
     """--ckpt_minutes 0 writes ckpt.pt after every step whatever --ckpt_interval says: a run killed at
     step 7 resumes from step 7, and ends with the records and model of an uninterrupted run."""
     out = str(tmp_path / 'killed')
-    args = [*TINY, '--max_iters', '12', '--ckpt_interval', '1000', '--ckpt_minutes', '0', '--cache_dir', cache_dir,
-            '--out_dir', out]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'crash_train.py'), 'update', '8', *args],
-                          capture_output=True, text=True, cwd=ROOT)
+    args = [*TINY, '--max_iters', '12', '--ckpt_interval', '1000', '--ckpt_minutes', '0',
+            '--cache_dir', cache_dir, '--out_dir', out]
+    crash = os.path.join(ROOT, 'tests', 'crash_train.py')
+    proc = subprocess.run([sys.executable, crash, 'update', '8', *args], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -9, proc.stderr  # SIGKILL after step 7's optimizer step
     assert json.load(open(os.path.join(out, 'progress.json')))['steps_done'] == 7
     run_train(*args, '--resume')
