@@ -538,7 +538,8 @@ def test_a_time_based_checkpoint_resumes_bitwise(tiny_run, tmp_path, cache_dir):
     args = [*TINY, '--max_iters', '12', '--ckpt_interval', '1000', '--ckpt_minutes', '0',
             '--cache_dir', cache_dir, '--out_dir', out]
     crash = os.path.join(ROOT, 'tests', 'crash_train.py')
-    proc = subprocess.run([sys.executable, crash, 'update', '8', *args], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, crash, 'update', '8', *args], capture_output=True, text=True,
+                          cwd=ROOT)
     assert proc.returncode == -9, proc.stderr  # SIGKILL after step 7's optimizer step
     assert json.load(open(os.path.join(out, 'progress.json')))['steps_done'] == 7
     run_train(*args, '--resume')
