@@ -146,7 +146,7 @@ def main(argv=None):
     if master:
         print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters, vocabulary "
               f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} process"
-              f"{'es' * (world > 1)}, {torch.get_num_threads()} threads), record {args.record}", flush=True)
+              f"{'es' * (world > 1)}, threads {torch.get_num_threads()}), record {args.record}", flush=True)
     progress = Progress(rec, start, args.log_seconds, master)  # the ETA; a line at least every --log_seconds
 
     for step in range(start, S):
