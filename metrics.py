@@ -1,11 +1,9 @@
 """
-The measurements of both results, one function per quantity, in this notation: token i (one
-next-token prediction), target y_i, h_i the output-layer hidden state (after the final LayerNorm),
-U the (V, d) LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i), l_i = -log p_i[y_i] the
-token's loss, theta the parameters, g_i = d l_i / d theta.
-
-Torch tensors in and out, scalars as 0-dim tensors. The caller chooses the dtype (fp32 in training,
-float64 in the tests, which check every function against brute-force autograd).
+The measurements of both results, one function per quantity, in this notation: token i (one next-token
+prediction), target y_i, h_i the output-layer hidden state (after the final LayerNorm), U the (V, d)
+LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i), l_i = -log p_i[y_i] the token's loss, theta
+the parameters, g_i = d l_i / d theta. Torch tensors in and out, scalars as 0-dim tensors, in the
+caller's dtype (fp32 in training, float64 in the tests, which check each against brute-force autograd).
 """
 
 import contextlib
@@ -377,8 +375,7 @@ def add_embedding_sums(sums, g_e, ids, slot, head_rows=None, dots=None, delta=No
 
 
 def key_bias_zeroed(model, tensors):
-    """tensors (name -> tensor) with the attention key biases c_attn.bias[d:2d] at exact 0 (copies of
-    those): their per-token gradient is 0 (see per_token_gradient_sums)."""
+    """tensors (name -> tensor), the attention key biases c_attn.bias[d:2d] copied at 0, their gradient."""
     keys = torch.arange(model.config.n_embd, 2 * model.config.n_embd)
     return {name: t.index_fill(0, keys.to(t.device), 0) if name.endswith('attn.c_attn.bias') else t
             for name, t in tensors.items()}
@@ -430,16 +427,15 @@ def opposition_keys(names, total='model'):
 
 
 def scale_free_opposition(D, n_tokens):
-    """sqrt(N) (1 - D), N the tokens a D (or mean D_j) was measured over: under the null 1 - D shrinks as
-    1 / sqrt(N), so this compares D with its null at any N on one scale (below: more than chance)."""
+    """sqrt(N) (1 - D), N the tokens of a D (or mean D_j): the null's 1 - D shrinks as 1 / sqrt(N), so this
+    compares D with its null at any N on one scale."""
     return (1 - D) * n_tokens ** 0.5
 
 
 def opposition_summary(sums, bins=20, total='model'):
-    """D_j (coordinate_opposition) summarised per key of opposition_keys, as CPU tensors: 'mean' over
-    coordinates (exact, not from the histogram); 'weighted' by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij|
-    / sum_j sum_i |g_ij|; 'hist' (bins,) counts in equal bins of [0, 1]; 'n' coordinates; 'null' the
-    mean of expected_null_interference(sum_i |g_ij|, sum_i g_ij^2); 'near_total' the share > NEAR_TOTAL."""
+    """D_j (coordinate_opposition) per key of opposition_keys, as CPU tensors: 'mean' over coordinates;
+    'weighted' by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|; 'hist' (bins,) over [0, 1];
+    'n' coordinates; 'null' the mean expected_null_interference; 'near_total' the share > NEAR_TOTAL."""
     per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
     for name, (total_g, total_abs, total_sq) in sums.items():
         total_g, total_abs, total_sq = (t.flatten().double() for t in (total_g, total_abs, total_sq))
@@ -500,9 +496,8 @@ def predicted_loss_change(model, idx, targets, delta, params=None):
 
 
 def first_order_agreement(predicted, true):
-    """Predicted against true per-token changes (flattened): corr (Pearson); r2 = 1 - sum (true - pred)^2
-    / sum (true - mean true)^2, the prediction as is; slope = sum pred*true / sum pred^2 (least squares
-    through 0); rel_err = ||true - pred|| / ||true||."""
+    """Predicted against true per-token changes: corr (Pearson); r2 = 1 - sum (true - pred)^2 / sum (true -
+    mean true)^2; slope = sum pred*true / sum pred^2 (through 0); rel_err = ||true - pred|| / ||true||."""
     pred, true = predicted.flatten().double(), true.flatten().double()
     resid = true - pred
     return dict(corr=torch.corrcoef(torch.stack([pred, true]))[0, 1],
@@ -521,9 +516,8 @@ def token_ranks(counts):
 
 
 def frequency_buckets(counts, n_buckets=8):
-    """Bucket of every token id (V,) by its rank (token_ranks), log-spaced: bucket k holds ranks
-    edges[k] .. edges[k+1] - 1, edges[k] = round((V + 1)^(k / n_buckets)) - 1, bucket 0 the most
-    frequent. Equal edges merge in a tiny vocabulary: use len(edges) - 1. Returns bucket, edges."""
+    """(bucket of every token id (V,), edges): bucket k holds ranks edges[k] .. edges[k+1] - 1, edges[k] =
+    round((V + 1)^(k / n_buckets)) - 1, 0 the most frequent (equal edges merge: len(edges) - 1 buckets)."""
     V = counts.numel()
     rank = token_ranks(counts)  # (V,)
     k = torch.arange(n_buckets + 1, dtype=torch.float64)
@@ -539,9 +533,8 @@ def unigram_entropy(counts):
 
 
 def zipf_fit(counts, k=3.0):
-    """Least-squares line log c = intercept + slope * log r over the seen tokens, r = rank + 1. Returns
-    slope, intercept; per token id (V,): rank, fitted count exp(intercept) r^slope, residuals log c -
-    log fitted (NaN if unseen); outliers: the ids with |residual| > k * their std."""
+    """Least-squares log c = intercept + slope * log r over the seen tokens, r = rank + 1: slope, intercept;
+    per id (V,) rank, fitted exp(intercept) r^slope, residuals (NaN: unseen); outliers: |residual| > k std."""
     counts = counts.cpu()
     rank = token_ranks(counts) + 1  # (V,)
     seen = torch.argsort(rank)[:int((counts > 0).sum())]  # ids of the seen tokens, by rank
@@ -557,8 +550,8 @@ def zipf_fit(counts, k=3.0):
 
 
 def bucket_mean(values, targets, bucket_of_token, n_buckets):
-    """(..., n_buckets) mean of a per-token quantity over the tokens whose TARGET is in each bucket;
-    values: targets' shape after optional leading dimensions (e.g. steps). NaN values left out."""
+    """(..., n_buckets) mean of a per-token quantity (targets' shape after leading dimensions, e.g. steps)
+    over the tokens whose TARGET is in each bucket, NaN values left out."""
     assert values.shape[values.dim() - targets.dim():] == targets.shape, "values must end with targets' shape"
     b = bucket_of_token.to(targets.device)[targets.flatten()]  # (N,)
     lead = values.shape[:values.dim() - targets.dim()]
@@ -580,9 +573,8 @@ def improvement_per_doubling(loss, steps):
 
 
 def plateau_onset(loss, steps, tol=0.01):
-    """Index of the first step t after which a (smoothed, finite) loss curve improves by less than tol
-    per doubling for good: the smallest t with g(s) < tol (improvement_per_doubling) at every defined
-    s >= t. None if it still improves at the last such s or spans no doubling. See never_improved."""
+    """The smallest index t of a (smoothed, finite) loss curve with g(s) < tol (improvement_per_doubling)
+    at every defined s >= t: None if it still improves at the last such s or spans no doubling."""
     assert torch.isfinite(loss).all(), "plateau_onset: drop the NaN rows first"
     g = improvement_per_doubling(loss, steps)
     defined = torch.nonzero(torch.isfinite(g)).flatten()  # indices s with 2s recorded
@@ -593,8 +585,8 @@ def plateau_onset(loss, steps, tol=0.01):
 
 
 def rise_onset(loss, rise=0.01):
-    """argmin_t L(t) of a (smoothed, finite) loss curve (n,) if L(last) > (1 + rise) min_t L(t): it
-    stopped improving and got worse. None otherwise, or when the best is the first value."""
+    """argmin_t L(t) of a (smoothed, finite) loss curve (n,) if L(last) > (1 + rise) min_t L(t) (it got
+    worse); None otherwise, or when the best is the first value."""
     assert torch.isfinite(loss).all(), "rise_onset: drop the NaN rows first"
     best = int(torch.argmin(loss))
     return best if best > 0 and loss[-1] > (1 + rise) * loss[best] else None
@@ -607,8 +599,7 @@ def never_improved(loss):
 
 
 def dissent_ratio(norm_grad, norm_plus, norm_minus):
-    """|grad| / (|grad+| + |grad-|), elementwise: 1 = no dissent, -> 0 total (NaN where both are 0). Unlike
-    cos(grad+, grad-), fixed by the same norms, it shows what survives when one part dominates."""
+    """|grad| / (|grad+| + |grad-|), elementwise: 1 = no dissent, -> 0 total (NaN where both are 0)."""
     return norm_grad / (norm_plus + norm_minus)
 
 
@@ -618,8 +609,7 @@ def singular_values(U):
 
 
 def spectral_entropy(s):
-    """H = -sum_k q_k log q_k (nats), q_k = s_k^2 / sum s^2, the share of U's energy in each singular
-    direction: log(rank) when all are used equally, 0 for one."""
+    """H = -sum_k q_k log q_k (nats), q_k = s_k^2 / sum s^2, U's energy per singular direction."""
     q = s.pow(2) / s.pow(2).sum()
     return -(q * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum()  # 0 log 0 = 0
 
@@ -637,16 +627,15 @@ def anisotropy(h):
 
 @torch.no_grad()
 def fp32_forward(model, x, y):
-    """Per-token losses (B, T), h (B, T, d) and logits (B, T, V) with fp32 weights, logits and
-    log-softmax: the recording pass, outside any autocast region."""
+    """Per-token losses (B, T), h (B, T, d), logits (B, T, V) in fp32: the recording pass, no autocast."""
     logits, _, h = model(x, return_hidden=True)
     return per_token_loss(logits, y), h, logits
 
 
 @torch.no_grad()
 def fp32_probe_forward(model, x, y):
-    """fp32_forward, also returning p = softmax(z) (B*T, V) for output_decomposition, both from one
-    log-softmax: l_i = -log p_i[y_i] is bitwise per_token_loss (cross_entropy is this log-softmax)."""
+    """fp32_forward, and p = softmax(z) (B*T, V) for output_decomposition from the same log-softmax (the
+    losses are per_token_loss's bitwise: cross_entropy is this log-softmax)."""
     logits, _, h = model(x, return_hidden=True)
     log_p = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
     losses = -log_p.gather(1, y.reshape(-1, 1)).view(y.shape)  # (B, T)
@@ -654,8 +643,7 @@ def fp32_probe_forward(model, x, y):
 
 
 def loss_change_interference(change, generator):
-    """(D, M, sign-flip null) of per-token loss changes (any shape) as one float64 vector: the
-    zero-sum-learning measurement. generator: the null's signs."""
+    """(D, M, sign-flip null) of per-token loss changes (any shape), one float64 vector; generator: signs."""
     x = change.flatten().double()
     return (destructive_interference(x).item(), interference_magnitude(x).item(),
             sign_flip_null(x, generator=generator).item())
@@ -663,8 +651,8 @@ def loss_change_interference(change, generator):
 
 @contextlib.contextmanager
 def parameters_at(params, values=None):
-    """Inside the block every parameter holds values[name] (e.g. theta_t), or, values None, what it
-    holds now, free to change; on exit each gets back exactly what it held on entry."""
+    """Inside the block each parameter holds values[name] (e.g. theta_t; None: free to change), after it
+    exactly what it held on entry."""
     saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items() if values is not None else []:
