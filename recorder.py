@@ -1,8 +1,7 @@
 """
 What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder, which
-measures and writes them at each moment of a training step (README, "one recorded step"). Records are
-.npy memmaps preallocated for the whole run, written by process 0 only; docs/records.md says in which
-precision each is computed.
+measures and writes them at each moment of a training step (README, "one recorded step"), into .npy
+memmaps preallocated for the whole run (process 0 only; their precision: docs/records.md).
 """
 
 import os
@@ -146,8 +145,7 @@ class Recorder:
             self.records[name] = r
 
     def write(self, name, row, value):
-        """Row `row` of record `name` (in RECORDS) := value, a tensor or a number, if this process and
-        --record level keep it."""
+        """Row `row` of record `name` := value (a tensor or a number), if this process and level keep it."""
         if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
