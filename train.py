@@ -447,7 +447,7 @@ class Progress:
     def heartbeat(self):
         while (step := self.step) is not None:  # None: the loop has ended
             if self.quiet():
-                self.say(f"step {step:5d} running for {time.perf_counter() - self.began:.0f} s")
+                self.say(f"step {step:5d}/{len(self.kinds)} running: {time.perf_counter() - self.began:.0f} s")
             time.sleep(min(1.0, self.seconds / 4))
 
     def begin(self, step):

@@ -513,8 +513,8 @@ def test_the_eta_counts_the_slow_steps_and_a_heartbeat_speaks_in_long_ones(capsy
     progress.step = None  # the loop's end stops the heartbeat
     time.sleep(0.2)
     lines = capsys.readouterr().out.splitlines()
-    assert len([line for line in lines if line.startswith('step     5 running for')]) >= 3
-    assert all(' running for ' in line for line in lines)
+    assert len([line for line in lines if line.startswith('step     5/12 running: ')]) >= 3
+    assert all(' running: ' in line for line in lines)
 
 
 def test_training_losses_come_from_the_training_forward_off_full_steps():
