@@ -40,7 +40,6 @@ seed = runs.checked(int, lambda v: 0 <= v < 2 ** 32, 'in 0 .. 2^32 - 1')
 seconds = runs.checked(float, lambda v: v > 0, 'positive')
 here = os.path.dirname(os.path.abspath(__file__))
 PROBE_TOKENS = 2048  # the default probe: about this many tokens whatever the context
-ONE_THREAD_BELOW = 20 * 10**6  # --threads 0 on a CPU: one thread for models of fewer parameters
 SETTINGS = [
     # model
     ('n_layer', 4, positive, 'number of Transformer blocks'),
@@ -70,7 +69,7 @@ SETTINGS = [
     ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it)'),
     ('compile', False, bool, 'torch.compile the steps that record no activations (none under --record all)'),
     ('seed', 1337, seed, 'seeds the initialisation, the batches and the probe set'),
-    ('threads', 0, count, f"CPU threads (0: 1 below {ONE_THREAD_BELOW / 1e6:g}M parameters, else torch's)"),
+    ('threads', 0, count, "CPU threads (0: one on a CPU, where torch's one per core collapses under load)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
     ('record', 'all', ['all', 'light', 'none'], 'every record every step; light: some on a log schedule'),
@@ -127,7 +126,6 @@ def main(argv=None):
 
     # the model, its optimizer and the recorder; then the run directory, once the run can start
     raw_model = build_gpt(vars(args), corpus['vocab_size']).to(device)  # parameters stay fp32
-    set_threads(args.threads, device, raw_model.num_params())
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
                                                device.split(':')[0], args.optim == 'published')
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
@@ -231,14 +229,11 @@ def setup_system(args):
         fail(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     if device == 'cpu':
         runs.keep_freed_memory()
+    # --threads, or one on a CPU: torch's default of one per core spin-waits for all of them, so a core
+    # that another program holds stalls every matmul (steps several times slower on a shared machine)
+    if args.threads or device == 'cpu':
+        torch.set_num_threads(args.threads or 1)
     return (ddp, rank, world, device, *precision(args.dtype, device.split(':')[0]))
-
-
-def set_threads(threads, device, n_params):
-    """--threads, or (0) one thread on a CPU for models below ONE_THREAD_BELOW parameters: torch's one per
-    core spin-waits for all of them, and a core held by another program stalls every matmul."""
-    if threads or (device == 'cpu' and n_params < ONE_THREAD_BELOW):
-        torch.set_num_threads(threads or 1)
 
 
 def precision(dtype, device_type):

@@ -471,19 +471,16 @@ def test_the_default_probe_holds_about_2048_tokens():
     assert get_args(['--block_size', '1024']).opposition_seqs == 2  # all of the probe, as before
 
 
-def test_one_thread_for_small_models_on_a_cpu():
+def test_one_thread_on_a_cpu_unless_told():
+    """--threads 0 (the default) is one thread on a CPU, where torch's default of one per core collapses
+    when another program holds a core; --threads N is N."""
     import train
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        train.set_threads(0, 'cuda', 10 ** 6)  # not a CPU run: torch's default
-        assert torch.get_num_threads() == 2
-        train.set_threads(0, 'cpu', train.ONE_THREAD_BELOW)  # large enough: torch's default
-        assert torch.get_num_threads() == 2
-        train.set_threads(0, 'cpu', train.ONE_THREAD_BELOW - 1)
-        assert torch.get_num_threads() == 1
-        train.set_threads(2, 'cpu', 10 ** 6)  # --threads N: N
-        assert torch.get_num_threads() == 2
+        for flags, threads in [([], 1), (['--threads', '2'], 2)]:
+            torch.set_num_threads(3)
+            train.setup_system(get_args(['--device', 'cpu', *flags]))
+            assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
 
