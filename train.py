@@ -62,7 +62,8 @@ SETTINGS = [
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
     ('beta1', 0.9, fraction, 'AdamW beta1'),
     ('beta2', 0.99, fraction, 'AdamW beta2'),
-    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95, no decay on embeddings'),
+    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95 (over --beta2), embeddings '
+     'undecayed'),
     ('grad_clip', 1.0, nonnegative, 'clip the global gradient norm to this (0: no clipping)'),
     # system
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
@@ -72,7 +73,8 @@ SETTINGS = [
     ('threads', 0, count, "CPU threads (0: one on a CPU, where torch's one per core collapses under load)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
-    ('record', 'all', ['all', 'light', 'none'], 'every record every step; light: some on a log schedule'),
+    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: some on a log schedule; '
+     'none: scalars'),
     ('probe_seqs', None, positive, 'held-out probe sequences, chosen once (default: 2048 tokens / T)'),
     ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
     ('grad_every', 0, count, 'exact opposition and first-order prediction every N steps (0: log-spaced)'),
