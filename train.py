@@ -1,7 +1,7 @@
 """
 Train a compact GPT and record its training dynamics at every step.
 
-    python train.py                       # default corpus (King James Bible), about 15 min on a CPU
+    python train.py                       # default corpus (King James Bible), half an hour on a busy CPU
     python train.py --n_layer 6 --out_dir out/L6
     torchrun --nproc_per_node 2 train.py  # DistributedDataParallel
 
