@@ -1,11 +1,9 @@
 """
-The measurements of both results, one function per quantity, in this notation: token i (one
-next-token prediction), target y_i, h_i the output-layer hidden state (after the final LayerNorm),
-U the (V, d) LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i), l_i = -log p_i[y_i] the
-token's loss, theta the parameters, g_i = d l_i / d theta.
-
-Torch tensors in and out, scalars as 0-dim tensors. The caller chooses the dtype (fp32 in training,
-float64 in the tests, which check every function against brute-force autograd).
+The measurements of both results, one function per quantity, in this notation: token i (one next-token
+prediction), target y_i, h_i the output-layer hidden state (after the final LayerNorm), U the (V, d)
+LM-head matrix, z_i = U h_i the logits, p_i = softmax(z_i), l_i = -log p_i[y_i] the token's loss, theta
+the parameters, g_i = d l_i / d theta. Torch tensors in and out, scalars as 0-dim tensors, in the
+caller's dtype (fp32 in training, float64 in the tests, which check each against brute-force autograd).
 """
 
 import contextlib
@@ -48,10 +46,9 @@ def sign_flip_null(x, dim=-1, generator=None, draws=64):
 
 
 def expected_null_interference(sum_abs, sum_sq):
-    """E[D] under random signs, from sum_i |x_i| and sum_i x_i^2, clamped to [0, 1]:
+    """E[D] under random signs (sum_i s_i |x_i| is about normal, variance sum_i x_i^2), in [0, 1]:
         D_null = 1 - sqrt(2 / pi) sqrt(sum_i x_i^2) / sum_i |x_i|
-    (sum_i s_i |x_i|, s_i = +-1, is about normal with variance sum_i x_i^2). Exact as N grows, off for
-    a few numbers (one: 0.20, not 0). The null of D_j, where only these sums exist."""
+    exact as N grows (for one number: 0.20, not 0). The null of D_j, where only these sums exist."""
     return (1 - (2 / torch.pi) ** 0.5 * sum_sq.sqrt() / sum_abs).clamp(0, 1)
 
 
@@ -70,9 +67,8 @@ def grad_z_minus(p, y):
 
 
 def cosine(a, b):
-    """cos(a, b) = <a, b> / (|a| |b|) along the last dimension. NaN where a vector is zero: it has
-    no direction, and a 0 would read as "orthogonal" and bias averages (e.g. grad_h+ = 0 when
-    p_y rounds to 1 in fp32). Average with torch.nanmean."""
+    """cos(a, b) = <a, b> / (|a| |b|) along the last dimension; NaN where a vector is zero (no direction:
+    a 0 would read as orthogonal, e.g. grad_h+ when p_y rounds to 1). Average with torch.nanmean."""
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
@@ -95,15 +91,12 @@ def output_decomposition(h, U, y, probs=None):
 
 
 def theta_decomposition(logits, targets, params, grads=None, average=None, h=None, head=None, losses=None):
-    """grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i, N = B*T (the MEAN loss, as trained), and
-    grad_theta- = grad_theta - grad_theta+. logits (B, T, V) in the graph (kept); targets (B, T);
-    params: name -> parameter; grads: name -> this batch's gradient (p.grad before clipping), else a
-    second backward; average: optional in-place mean over data-parallel processes for gradients
-    computed here (as DDP's p.grad). h, head (together): the head's input (B, T, d), in the graph, and
-    U's name; grad_z+ has one nonzero per token, so U's part is a row scatter, the rest from h:
-        grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N
-    losses (with h, grads): these logits' l_i, so p_y = exp(-l_i), no softmax. Returns dissent_norms;
-    per token grad_U+ and grad_U- lie in different rows of U: this dissent is batch-level."""
+    """grad_theta± = (1/N) sum_i (dz_i/dtheta)^T grad_z±_i over the MEAN loss (N = B*T, as trained) and
+    grad_theta- = grad_theta - grad_theta+, as dissent_norms (batch-level: per token they lie in other rows
+    of U). logits (B, T, V) in the graph; params: name -> parameter; grads: their gradient (p.grad), else a
+    backward; average: in-place mean over DDP processes. With h (B, T, d) in the graph, head (U's name) and
+    losses (l_i, so p_y = exp(-l_i)): U's part a row scatter, the rest one backward from h:
+        grad_U+ = (1/N) sum_i -(1 - p_yi) e_yi h_i^T,   grad_h+_i = -(1 - p_yi) U_yi / N"""
     B, T, V = logits.shape
     N, y = targets.numel(), targets.reshape(-1)
     dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in at least fp32, as the loss
@@ -137,9 +130,8 @@ def theta_decomposition(logits, targets, params, grads=None, average=None, h=Non
 
 
 def dissent_norms(plus, grads):
-    """name of plus (grad+), and 'model' (all as one vector) -> 0-dim CPU tensors (one device sync):
-    cos(grad+, grad-), |grad+|, |grad-|, |grad|, grad- = grad - grad+. Per tensor pairwise sums
-    sum(a * b), 'model' their float64 sum: fp32 norm(), dot() lose digits at a million coordinates."""
+    """name (and 'model', all as one vector) -> cos(grad+, grad-), |grad+|, |grad-|, |grad|, grad- = grad -
+    grad+, as 0-dim CPU tensors; 'model' sums the tensors' sums in float64 (fp32 norm() loses digits)."""
     dots = []
     for name in plus:
         g_plus, g = plus[name].flatten(), grads[name].flatten().to(plus[name].dtype)
@@ -154,16 +146,14 @@ def dissent_norms(plus, grads):
     return {n: dict(zip(keys, row)) for n, row in zip(list(plus) + ['model'], rows)}
 
 
-# 4. gradient opposition between tokens, per parameter coordinate ---------------------------------
-# g_i is the gradient of token i's OWN loss, not of the batch mean (D_j is scale-free, sums are not).
-# Per coordinate j: (sum_i g_ij, sum_i |g_ij|, sum_i g_ij^2), each shaped as its parameter.
+# 4. gradient opposition between tokens, per parameter coordinate j: g_i is the gradient of token i's OWN
+# loss (not of the mean); the sums (sum_i g_ij, sum_i |g_ij|, sum_i g_ij^2) are shaped as the parameter.
 
 
 def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=None):
-    """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2) for the tokens of idx (B, T), targets (B, T):
-    the definition, one backward of l_i alone per token, and the reference of the fast paths (which
-    agree up to rounding; per_token_gradient_sums gives the key biases exact zeros). names: the
-    parameters, in order (default all). n_tokens: only the first n_tokens tokens (row-major)."""
+    """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2) over the tokens of idx, targets (B, T): the
+    definition, one backward per token, the fast paths' reference. names: the parameters (default all);
+    n_tokens: the first n_tokens tokens only (row-major)."""
     params = dict(model.named_parameters())
     params = {name: params[name] for name in (params if names is None else names)}
     losses = per_token_loss(model(idx)[0], targets).flatten()[:n_tokens]  # (N,): l_i
@@ -178,10 +168,9 @@ def per_token_gradient_sums_looped(model, idx, targets, names=None, n_tokens=Non
 
 
 def position_local_modules(model):
-    """name -> module of the layers whose per-token gradient is outer(G_s, X_s) at one position s: they
-    act per position AND their output at s reaches only l_s. The LM head (unless tied: then also the
-    token embedding), ln_f, the last block's ln_2, MLP and attn.c_proj (mixed input, but it writes s
-    only). NOT local: the last block's attn.c_attn (keys and values at s feed later positions), and before."""
+    """name -> module of the layers whose per-token gradient is outer(G_s, X_s) at one position s (their
+    output at s reaches only l_s): the LM head (untied), ln_f, the last block's ln_2, MLP and attn.c_proj.
+    Not the last attn.c_attn (its keys and values at s feed later positions) nor anything before."""
     last, prefix = model.transformer.h[-1], f"transformer.h.{len(model.transformer.h) - 1}"
     modules = {} if model.config.tie_weights else {'lm_head': model.lm_head}
     modules.update({'transformer.ln_f': model.transformer.ln_f, f"{prefix}.ln_2": last.ln_2,
@@ -205,8 +194,8 @@ def module_inputs_outputs(modules, keep=lambda X, output: (X, output)):
 
 
 def capture_activations(modules):
-    """A with-block yielding name -> [X, G]: each module's input X in the caller's forward, and its
-    output gradient G in the FIRST backward through that graph (later ones ignored), in or after the block."""
+    """A with-block yielding name -> [X, G]: each module's input X, and its output gradient G in the FIRST
+    backward through that graph."""
     def keep(X, output):
         def save_grad(G):  # the first backward only
             if X_G[1] is None:
@@ -219,12 +208,10 @@ def capture_activations(modules):
 
 
 def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
-    """param name -> (sum_s g_s, sum_s |g_s|, sum_s g_s^2) of the position-local layers, exact, from
-    X and G of one backward of the MEAN over n_tokens (capture_activations): G = dl_s/dout / n_tokens,
-    so the sums are scaled by n_tokens after the matmuls. Linear, X (N, in), G (N, out), bias over G:
-        sum_s g_s = G^T X,   sum_s |g_s| = |G|^T |X|,   sum_s g_s^2 = (G^2)^T (X^2)
-    LayerNorm: g_s = G_s * xhat_s (normalised input), bias g_s = G_s. grads (optional): name -> that
-    loss's gradient (p.grad), = sum_s g_s / n_tokens, so no signed matmul."""
+    """param name -> (sum_s g_s, sum_s |g_s|, sum_s g_s^2) of the position-local layers, exact, from X and
+    G of one backward of the MEAN over n_tokens (G = dl_s/dout / n_tokens; rescaled after the matmuls):
+        Linear, X (N, in), G (N, out): sum_s g_s = G^T X, sum_s |g_s| = |G|^T |X|, sum_s g_s^2 = (G^2)^T X^2
+    LayerNorm: g_s = G_s * xhat_s; biases: g_s = G_s. grads: that loss's gradients, sum_s g_s / n_tokens."""
     sums, signed = {}, grads is None  # signed: sum_s g_s by a matmul too
     for name, module in modules.items():
         X, G = acts[name]
@@ -251,16 +238,13 @@ def position_local_gradient_sums(modules, acts, n_tokens, grads=None):
 
 
 def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
-    """param name -> (sum_i g_i, sum_i |g_i|, sum_i g_i^2) for EVERY parameter (a tied matrix once), for
-    the tokens of idx (B, T): per_token_gradient_sums_looped's sums up to rounding, in two parts:
-    - batch_gradient_sums: one backward of sum_i l_i gives every sum_i g_i, and the local layers' sums;
-    - position_backwards: every other layer reaches l_s only through r_s, the residual stream at s
-      after the last attention: one backward per position s from r_s, batched over the sequences,
-      gives their per-token gradients (token_gradients) and the embeddings' (add_embedding_sums).
-    The attention KEY biases (c_attn.bias[d:2d]) get exact zeros, their true gradient: q_s . (k_j + b)
-    shifts all scores of query s by q_s . b, which softmax ignores (computed, it is rounding noise).
-    chunk_size: positions per forward. delta (optional): name -> an update (theta_{t+1} - theta_t);
-    then returns (sums, dots), dots: name -> (N,) <g_i, delta>, tokens row-major (sum: the JVP)."""
+    """per_token_gradient_sums_looped's sums, up to rounding, for EVERY parameter (a tied matrix once): one
+    backward of sum_i l_i gives every sum_i g_i and the local layers' sums (batch_gradient_sums); the other
+    layers reach l_s only through r_s, the residual stream after the last attention, so one backward per
+    position s from r_s, batched over sequences (position_backwards), gives their g_i. The attention KEY
+    biases get exact zeros, their true gradient (q_s . b shifts all scores of query s: softmax ignores it).
+    chunk_size: positions per forward. delta (optional): name -> an update theta_{t+1} - theta_t; then
+    returns (sums, dots), dots: name -> (N,) <g_i, delta>, tokens row-major (their sum: the JVP)."""
     B, T = idx.shape
     local = position_local_modules(model)
     inner = {name: module for name, module in model.transformer.h.named_modules(prefix='transformer.h')
@@ -284,9 +268,8 @@ def per_token_gradient_sums(model, idx, targets, chunk_size=16, delta=None):
 
 
 def batch_gradient_sums(model, idx, targets, local):
-    """One forward and one backward of sum_i l_i. Returns sums (every sum_i g_i; the position-local
-    layers' other two, and tied, the head part outer(dl_i/dz_i, h_i) of every embedding row; else 0),
-    the local layers' X and G, h (B, T, d), dl/dz (B, T, V), and dl/dr (B, T, d), r: the last ln_2's input."""
+    """One backward of sum_i l_i: sums (every sum_i g_i; the local layers' other two, tied also the head
+    part of the embedding's; else 0), local X and G, h (B, T, d), dl/dz (B, T, V), dl/dr (r: ln_2's input)."""
     params = dict(model.named_parameters())
     with capture_activations(local) as acts, module_inputs_outputs({'r': model.transformer.h[-1].ln_2}) as io:
         h = model.hidden(idx)  # (B, T, d)
@@ -323,10 +306,9 @@ def batch_dots(model, local, acts, delta, h, g_z):
 
 
 def position_backwards(model, idx, inner, g_r, chunk_size):
-    """One backward per position s, batched over the sequences, from r (the last ln_2's input) with
-    cotangent g_r = dl_s/dr_s at s, 0 elsewhere. l_s depends on positions 0..s only, so one forward of
-    the first b positions serves a chunk a..b-1. Yields s, name -> (X, G) of each inner layer
-    (layer_input, output gradient), and dl_s/de (e: the embedding output), at positions 0..s."""
+    """One backward per position s from r (the last ln_2's input), batched over sequences, cotangent g_r at s
+    (0 elsewhere); one forward of positions 0..b-1 serves the chunk a..b-1 (l_s sees 0..s only). Yields s,
+    name -> (layer_input X, output gradient G) of each inner layer, and dl_s/de (e: embeddings), at 0..s."""
     T, last = idx.shape[1], model.transformer.h[-1]
     for a in range(0, T, chunk_size):
         b = min(a + chunk_size, T)
@@ -373,9 +355,8 @@ def sequence_rows(idx):
 
 
 def add_embedding_sums(sums, g_e, ids, slot, head_rows=None, dots=None, delta=None, tokens=None):
-    """Add the embeddings' g_i of the tokens at s to sums, in place, from g_e = dl/de_t (B, s+1, d): wpe
-    row t is dl_i/de_t; wte row r of ids (B, R) sums dl_i/de_t over the t holding r. Tied, the head part
-    head_rows (B * R, d) is in the sums already: |rows + head_rows| replaces it. dots: <g_i, delta>."""
+    """Add the embeddings' g_i of the tokens at s to sums from g_e = dl/de_t (B, s+1, d): wpe row t is
+    dl_i/de_t, wte row r of ids sums it over the t holding r; tied, |rows + head_rows| replaces the head's."""
     (B, R), S = ids.shape, g_e.shape[1]
     rows = g_e.new_zeros(B * R, g_e.shape[-1]).index_add_(0, slot[:, :S].flatten(), g_e.flatten(0, 1))
     if dots is not None:
@@ -394,22 +375,19 @@ def add_embedding_sums(sums, g_e, ids, slot, head_rows=None, dots=None, delta=No
 
 
 def key_bias_zeroed(model, tensors):
-    """tensors (name -> tensor) with the attention key biases c_attn.bias[d:2d] at exact 0 (copies of
-    those): their per-token gradient is 0 (see per_token_gradient_sums)."""
+    """tensors (name -> tensor), the attention key biases c_attn.bias[d:2d] copied at 0, their gradient."""
     keys = torch.arange(model.config.n_embd, 2 * model.config.n_embd)
     return {name: t.index_fill(0, keys.to(t.device), 0) if name.endswith('attn.c_attn.bias') else t
             for name, t in tensors.items()}
 
 
 def coordinate_opposition(sum_g, sum_abs_g, *_):
-    """D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per coordinate j of a sums triple, flat (n,), over the
-    coordinates some token moves (sum_i |g_ij| > 0; e.g. not the rows of absent tokens): NaN-free."""
+    """D_j = 1 - |sum_i g_ij| / sum_i |g_ij| per coordinate j some token moves (sum_i |g_ij| > 0). (n,)"""
     return interference_from_sums(*used_coordinates(sum_g.flatten(), sum_abs_g.flatten()))  # (n,)
 
 
 def used_coordinates(sum_g, sum_abs_g, *rest):
-    """The flat sums (n,) cut to the coordinates with sum_i |g_ij| > 0. Returned as they are when all
-    are used (most tensors: each row of U gets p_v > 0 from every token), as boolean indexing copies."""
+    """The flat sums (n,) cut to the coordinates with sum_i |g_ij| > 0 (all used: as they are, no copy)."""
     used = sum_abs_g > 0
     if bool(used.all()):
         return (sum_g, sum_abs_g) + rest
@@ -427,8 +405,7 @@ def opposition_group(name):
 
 
 def is_block_matrix(name):
-    """Is it a block's weight matrix (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)? The published
-    headline averages D_j over these only: in small models the embeddings and head (lower D_j) dominate."""
+    """A block's weight matrix (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), as the published headline?"""
     parts = name.split('.')
     return (parts[:2] == ['transformer', 'h'] and parts[-1] == 'weight'
             and '.'.join(parts[3:-1]) in ('attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj'))
@@ -450,16 +427,15 @@ def opposition_keys(names, total='model'):
 
 
 def scale_free_opposition(D, n_tokens):
-    """sqrt(N) (1 - D), N the tokens a D (or mean D_j) was measured over: under the null 1 - D shrinks as
-    1 / sqrt(N), so this compares D with its null at any N on one scale (below: more than chance)."""
+    """sqrt(N) (1 - D), N the tokens of a D (or mean D_j): the null's 1 - D shrinks as 1 / sqrt(N), so this
+    compares D with its null at any N on one scale."""
     return (1 - D) * n_tokens ** 0.5
 
 
 def opposition_summary(sums, bins=20, total='model'):
-    """D_j (coordinate_opposition) summarised per key of opposition_keys, as CPU tensors: 'mean' over
-    coordinates (exact, not from the histogram); 'weighted' by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij|
-    / sum_j sum_i |g_ij|; 'hist' (bins,) counts in equal bins of [0, 1]; 'n' coordinates; 'null' the
-    mean of expected_null_interference(sum_i |g_ij|, sum_i g_ij^2); 'near_total' the share > NEAR_TOTAL."""
+    """D_j (coordinate_opposition) per key of opposition_keys, as CPU tensors: 'mean' over coordinates;
+    'weighted' by sum_i |g_ij|, = 1 - sum_j |sum_i g_ij| / sum_j sum_i |g_ij|; 'hist' (bins,) over [0, 1];
+    'n' coordinates; 'null' the mean expected_null_interference; 'near_total' the share > NEAR_TOTAL."""
     per = {}  # each tensor once: sum of its D_j, their number, histogram, and the two weighted sums
     for name, (total_g, total_abs, total_sq) in sums.items():
         total_g, total_abs, total_sq = (t.flatten().double() for t in (total_g, total_abs, total_sq))
@@ -483,15 +459,13 @@ def opposition_summary(sums, bins=20, total='model'):
 
 
 def update_weighted_terms(sums, delta, dots, total='model'):
-    """The update-weighted interference terms of the published analysis, p_ij = g_ij delta_j (its sum
-    over j is token i's first-order loss change), from per_token_gradient_sums(..., delta=delta):
+    """The published update-weighted interference terms, p_ij = g_ij delta_j, from per_token_gradient_sums:
         Cg      = sum_j |sum_i p_ij| / sum_j sum_i |p_ij|    tokens agree, per coordinate
         CuG     = |sum_j sum_i p_ij| / sum_j |sum_i p_ij|    coordinates agree, after summing tokens
         Cug     = sum_i |sum_j p_ij| / sum_j sum_i |p_ij|    coordinates agree, per token
         C_i_dli = |sum_i sum_j p_ij| / sum_i |sum_j p_ij|    tokens' predicted changes agree (1 - D)
         M_i_dli = sum_i |sum_j p_ij| / N                     mean size of a predicted change
-    with sum_i p_ij = delta_j sum_i g_ij, sum_i |p_ij| = |delta_j| sum_i |g_ij|, sum_j p_ij = dots.
-    Near 1: agreement; near 0: cancellation. Per key of opposition_keys, j over its coordinates."""
+    per key; sum_i p_ij = delta_j sum_i g_ij, sum_i |p_ij| = |delta_j| sum_i |g_ij|, sum_j p_ij = dots."""
     out = {}
     for key, parts in opposition_members(list(sums), total).items():
         p_sum = torch.cat([(delta[n].double() * sums[n][0].double()).flatten() for n in parts])  # sum_i p_ij
@@ -507,10 +481,9 @@ def update_weighted_terms(sums, delta, dots, total='model'):
 
 
 def predicted_loss_change(model, idx, targets, delta, params=None):
-    """Delta l_i ~ <grad l_i, delta> = sum_j p_ij, p_ij = (grad l_i)_j delta_j: every token's first-order
-    loss change (B, T) along delta (name -> theta_{t+1} - theta_t, as model.named_parameters()), by
-    ONE forward-mode JVP at params (default: the model's). The flash and fused attention kernels have
-    no forward-mode derivative: attention runs in the plain-math one."""
+    """Delta l_i ~ <grad l_i, delta> = sum_j p_ij, p_ij = (grad l_i)_j delta_j: every token's first-order loss
+    change (B, T) along delta (name -> an update), by ONE forward-mode JVP at params (default: the model's),
+    with the plain-math attention (the flash and fused kernels have no forward-mode derivative)."""
     theta = dict(model.named_parameters()) if params is None else params
     names = [name for name, _ in model.named_parameters()]
     primals = tuple(theta[name].detach() for name in names)
@@ -523,9 +496,8 @@ def predicted_loss_change(model, idx, targets, delta, params=None):
 
 
 def first_order_agreement(predicted, true):
-    """Predicted against true per-token changes (flattened): corr (Pearson); r2 = 1 - sum (true - pred)^2
-    / sum (true - mean true)^2, the prediction as is; slope = sum pred*true / sum pred^2 (least squares
-    through 0); rel_err = ||true - pred|| / ||true||."""
+    """Predicted against true per-token changes: corr (Pearson); r2 = 1 - sum (true - pred)^2 / sum (true -
+    mean true)^2; slope = sum pred*true / sum pred^2 (through 0); rel_err = ||true - pred|| / ||true||."""
     pred, true = predicted.flatten().double(), true.flatten().double()
     resid = true - pred
     return dict(corr=torch.corrcoef(torch.stack([pred, true]))[0, 1],
@@ -544,9 +516,8 @@ def token_ranks(counts):
 
 
 def frequency_buckets(counts, n_buckets=8):
-    """Bucket of every token id (V,) by its rank (token_ranks), log-spaced: bucket k holds ranks
-    edges[k] .. edges[k+1] - 1, edges[k] = round((V + 1)^(k / n_buckets)) - 1, bucket 0 the most
-    frequent. Equal edges merge in a tiny vocabulary: use len(edges) - 1. Returns bucket, edges."""
+    """(bucket of every token id (V,), edges): bucket k holds ranks edges[k] .. edges[k+1] - 1, edges[k] =
+    round((V + 1)^(k / n_buckets)) - 1, 0 the most frequent (equal edges merge: len(edges) - 1 buckets)."""
     V = counts.numel()
     rank = token_ranks(counts)  # (V,)
     k = torch.arange(n_buckets + 1, dtype=torch.float64)
@@ -562,9 +533,8 @@ def unigram_entropy(counts):
 
 
 def zipf_fit(counts, k=3.0):
-    """Least-squares line log c = intercept + slope * log r over the seen tokens, r = rank + 1. Returns
-    slope, intercept; per token id (V,): rank, fitted count exp(intercept) r^slope, residuals log c -
-    log fitted (NaN if unseen); outliers: the ids with |residual| > k * their std."""
+    """Least-squares log c = intercept + slope * log r over the seen tokens, r = rank + 1: slope, intercept;
+    per id (V,) rank, fitted exp(intercept) r^slope, residuals (NaN: unseen); outliers: |residual| > k std."""
     counts = counts.cpu()
     rank = token_ranks(counts) + 1  # (V,)
     seen = torch.argsort(rank)[:int((counts > 0).sum())]  # ids of the seen tokens, by rank
@@ -580,8 +550,8 @@ def zipf_fit(counts, k=3.0):
 
 
 def bucket_mean(values, targets, bucket_of_token, n_buckets):
-    """(..., n_buckets) mean of a per-token quantity over the tokens whose TARGET is in each bucket;
-    values: targets' shape after optional leading dimensions (e.g. steps). NaN values left out."""
+    """(..., n_buckets) mean of a per-token quantity (targets' shape after leading dimensions, e.g. steps)
+    over the tokens whose TARGET is in each bucket, NaN values left out."""
     assert values.shape[values.dim() - targets.dim():] == targets.shape, "values must end with targets' shape"
     b = bucket_of_token.to(targets.device)[targets.flatten()]  # (N,)
     lead = values.shape[:values.dim() - targets.dim()]
@@ -603,9 +573,8 @@ def improvement_per_doubling(loss, steps):
 
 
 def plateau_onset(loss, steps, tol=0.01):
-    """Index of the first step t after which a (smoothed, finite) loss curve improves by less than tol
-    per doubling for good: the smallest t with g(s) < tol (improvement_per_doubling) at every defined
-    s >= t. None if it still improves at the last such s or spans no doubling. See never_improved."""
+    """The smallest index t of a (smoothed, finite) loss curve with g(s) < tol (improvement_per_doubling)
+    at every defined s >= t: None if it still improves at the last such s or spans no doubling."""
     assert torch.isfinite(loss).all(), "plateau_onset: drop the NaN rows first"
     g = improvement_per_doubling(loss, steps)
     defined = torch.nonzero(torch.isfinite(g)).flatten()  # indices s with 2s recorded
@@ -616,8 +585,8 @@ def plateau_onset(loss, steps, tol=0.01):
 
 
 def rise_onset(loss, rise=0.01):
-    """argmin_t L(t) of a (smoothed, finite) loss curve (n,) if L(last) > (1 + rise) min_t L(t): it
-    stopped improving and got worse. None otherwise, or when the best is the first value."""
+    """argmin_t L(t) of a (smoothed, finite) loss curve (n,) if L(last) > (1 + rise) min_t L(t) (it got
+    worse); None otherwise, or when the best is the first value."""
     assert torch.isfinite(loss).all(), "rise_onset: drop the NaN rows first"
     best = int(torch.argmin(loss))
     return best if best > 0 and loss[-1] > (1 + rise) * loss[best] else None
@@ -630,8 +599,7 @@ def never_improved(loss):
 
 
 def dissent_ratio(norm_grad, norm_plus, norm_minus):
-    """|grad| / (|grad+| + |grad-|), elementwise: 1 = no dissent, -> 0 total (NaN where both are 0). Unlike
-    cos(grad+, grad-), fixed by the same norms, it shows what survives when one part dominates."""
+    """|grad| / (|grad+| + |grad-|), elementwise: 1 = no dissent, -> 0 total (NaN where both are 0)."""
     return norm_grad / (norm_plus + norm_minus)
 
 
@@ -641,8 +609,7 @@ def singular_values(U):
 
 
 def spectral_entropy(s):
-    """H = -sum_k q_k log q_k (nats), q_k = s_k^2 / sum s^2, the share of U's energy in each singular
-    direction: log(rank) when all are used equally, 0 for one."""
+    """H = -sum_k q_k log q_k (nats), q_k = s_k^2 / sum s^2, U's energy per singular direction."""
     q = s.pow(2) / s.pow(2).sum()
     return -(q * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum()  # 0 log 0 = 0
 
@@ -660,16 +627,15 @@ def anisotropy(h):
 
 @torch.no_grad()
 def fp32_forward(model, x, y):
-    """Per-token losses (B, T), h (B, T, d) and logits (B, T, V) with fp32 weights, logits and
-    log-softmax: the recording pass, outside any autocast region."""
+    """Per-token losses (B, T), h (B, T, d), logits (B, T, V) in fp32: the recording pass, no autocast."""
     logits, _, h = model(x, return_hidden=True)
     return per_token_loss(logits, y), h, logits
 
 
 @torch.no_grad()
 def fp32_probe_forward(model, x, y):
-    """fp32_forward, also returning p = softmax(z) (B*T, V) for output_decomposition, both from one
-    log-softmax: l_i = -log p_i[y_i] is bitwise per_token_loss (cross_entropy is this log-softmax)."""
+    """fp32_forward, and p = softmax(z) (B*T, V) for output_decomposition from the same log-softmax (the
+    losses are per_token_loss's bitwise: cross_entropy is this log-softmax)."""
     logits, _, h = model(x, return_hidden=True)
     log_p = F.log_softmax(logits.reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
     losses = -log_p.gather(1, y.reshape(-1, 1)).view(y.shape)  # (B, T)
@@ -677,8 +643,7 @@ def fp32_probe_forward(model, x, y):
 
 
 def loss_change_interference(change, generator):
-    """(D, M, sign-flip null) of per-token loss changes (any shape) as one float64 vector: the
-    zero-sum-learning measurement. generator: the null's signs."""
+    """(D, M, sign-flip null) of per-token loss changes (any shape), one float64 vector; generator: signs."""
     x = change.flatten().double()
     return (destructive_interference(x).item(), interference_magnitude(x).item(),
             sign_flip_null(x, generator=generator).item())
@@ -686,8 +651,8 @@ def loss_change_interference(change, generator):
 
 @contextlib.contextmanager
 def parameters_at(params, values=None):
-    """Inside the block every parameter holds values[name] (e.g. theta_t), or, values None, what it
-    holds now, free to change; on exit each gets back exactly what it held on entry."""
+    """Inside the block each parameter holds values[name] (e.g. theta_t; None: free to change), after it
+    exactly what it held on entry."""
     saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items() if values is not None else []:

@@ -137,15 +137,21 @@ class GPT(nn.Module):
             return logits, loss, h
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (Linear weights, embeddings) only, as in nanoGPT."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, published=False):
+        """AdamW with weight decay on matrices only (Linear weights, embeddings), as in nanoGPT. published:
+        as the published runs, eps 1e-5 (torch's default: 1e-8) and no decay on the embeddings (wte, wpe;
+        tied, U too); their beta2 0.95 comes in `betas`."""
+        no_decay = {id(p) for p in self.parameters() if p.dim() < 2}
+        if published:
+            no_decay |= {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+            {'params': [p for p in params if id(p) not in no_decay], 'weight_decay': weight_decay},
+            {'params': [p for p in params if id(p) in no_decay], 'weight_decay': 0.0},
         ]
         fused = device_type == 'cuda'  # the fused kernel is faster on GPUs
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-5 if published else 1e-8,
+                                 fused=fused)
 
 
 def build_gpt(settings, vocab_size):

@@ -1,11 +1,7 @@
 """
 What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder, which
-measures and writes them at each moment of a training step (README, "one recorded step"): probe(t) on
-the held-out probe set at theta_t; capture(t) around the forward and backward; batch(t) on the training
-batch at theta_t; keep_theta() before optimizer.step(); after_update(t) on the same batch at
-theta_{t+1}, with the update delta. Records are .npy memmaps preallocated for the whole run and
-written by process 0 only; every recording pass is fp32, even when training uses bf16 (one step's
-loss changes are small: bf16 rounding buries them).
+measures and writes them at each moment of a training step (README, "one recorded step"), into .npy
+memmaps preallocated for the whole run (process 0 only; their precision: docs/records.md).
 """
 
 import os
@@ -21,7 +17,6 @@ import runs
 
 HIST_BINS = 20  # bins of the D_j histograms over [0, 1]
 LOG_POINTS = 32  # number of log-spaced steps in a default schedule (first and last always included)
-UPDATE_TERMS = ['Cg', 'CuG', 'Cug', 'C_i_dli', 'M_i_dli']  # metrics.update_weighted_terms, update_*.npy
 GRAD_POINTS = 12  # the same for the grad steps, fewer: each costs many training steps' time (bench.py)
 
 # Every per-step record: (name, shape, dtype, when, meaning); the file is name.npy. Shapes and 'when'
@@ -104,7 +99,7 @@ class Recorder:
         self.args, self.model, self.corpus = args, model, corpus  # model: the plain fp32 module
         self.px, self.py = probe  # (P, T) inputs and targets of the held-out probe set
         self.tx, self.ty = train_probe  # (Q, T) fixed training windows; None: --train_probe_seqs 0
-        self.dtype = dtype  # training precision; recording passes are fp32 whatever it is
+        self.dtype = dtype  # training precision; the probe and post - pre passes are fp32 whatever it is
         self.master, self.world = rank == 0, world  # only process 0 writes
         self.recording = args.record != 'none'
         self.params = dict(model.named_parameters())  # a tied matrix appears once
@@ -113,8 +108,7 @@ class Recorder:
         S = args.max_iters
         self.hidden_steps = log_schedule(S, args.hidden_every)  # probe rows are 0..S (S: the final model)
         self.grad_steps = log_schedule(S - 1, args.grad_every, GRAD_POINTS)  # exact opposition, JVP
-        # full steps under --record light (under all: every step)
-        self.light_steps = set(log_schedule(S - 1)) | set(self.grad_steps)
+        self.light_steps = set(log_schedule(S - 1)) | set(self.grad_steps)  # full steps under --record light
         self.hidden_row = {s: k for k, s in enumerate(self.hidden_steps)}
         self.grad_row = {s: k for k, s in enumerate(self.grad_steps)}
         # the columns of the parameter-space records
@@ -140,20 +134,18 @@ class Recorder:
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
         for name, (shape, dtype) in self.specs.items():
             path = os.path.join(out_dir, name + '.npy')
-            if create:
-                self.records[name] = r = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
-                r[...] = np.nan if dtype.kind == 'f' else -1
-                continue
-            try:
-                self.records[name] = r = np.load(path, mmap_mode='r+', allow_pickle=False)
+            try:  # 'r+' reads the shape and dtype from the file
+                r = np.lib.format.open_memmap(path, 'w+' if create else 'r+', dtype, shape)
             except (OSError, ValueError, EOFError) as e:
                 runs.fail(f"{path}: corrupt or truncated record ({e})")
+            if create:
+                r[...] = np.nan if dtype.kind == 'f' else -1
             if (r.shape, r.dtype) != (shape, dtype):
                 runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
+            self.records[name] = r
 
     def write(self, name, row, value):
-        """Row `row` of record `name` (in RECORDS) := value, a tensor or a number, if this process and
-        --record level keep it."""
+        """Row `row` of record `name` := value (a tensor or a number), if this process and level keep it."""
         if name in self.records:
             self.records[name][row] = value.cpu().numpy() if torch.is_tensor(value) else value
 
@@ -164,6 +156,10 @@ class Recorder:
     def full(self, step):
         """Is `step` a full step (see RECORDS' 'full')?"""
         return self.args.record == 'all' or (self.args.record == 'light' and step in self.light_steps)
+
+    def kind(self, step):
+        """0: an ordinary step, 1: a full one, 2: a grad step (each kind takes longer than the one before)."""
+        return 2 if self.recording and step in self.grad_row else int(self.full(step))
 
     # --- the moments of a step, in order ----------------------------------------------------
 
@@ -205,19 +201,17 @@ class Recorder:
             # dissent in theta: grad+ by a row scatter into U and a second backward from h
             dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
                                                   losses)
-            for stat in ('cos', 'norm_plus', 'norm_minus', 'norm_grad'):
-                self.write('theta_' + stat, step, [dissent[n][stat] for n in self.theta_names])
+            self.write_columns('theta', step, dissent, self.theta_names)
             # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
             # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
             sums = metrics.position_local_gradient_sums(self.local_modules, acts, losses.numel(), grads)
             for total in [t for triple in sums.values() for t in triple] if self.world > 1 else []:
                 dist.all_reduce(total)  # sums over tokens add up across processes
-            self.write_opposition('local_opposition', step,
-                                  metrics.opposition_summary(sums, HIST_BINS, total='local'), self.local_keys)
-        if self.recording and self.dtype != 'float32':  # bf16 losses are too coarse to record:
-            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # from here on losses, logits are fp32
-        # per-token rows of the batch at theta_t: gathered from every process into (B, T)
-        self.loss_pre = self.gather(losses.detach())
+            opposition = metrics.opposition_summary(sums, HIST_BINS, total='local')
+            self.write_columns('local_opposition', step, opposition, self.local_keys)
+        if self.full(step) and self.dtype != 'float32':  # post - pre needs fp32: bf16 rounding buries it
+            losses, _, logits = metrics.fp32_forward(self.model, x, y)  # else: the training forward's
+        self.loss_pre = self.gather(losses.detach())  # (B, T): the rows of every process
         self.write('train_loss_pre', step, self.loss_pre)
         self.train_loss = self.loss_pre.mean().item()
         self.write('train_loss', step, self.train_loss)
@@ -253,11 +247,8 @@ class Recorder:
             px, py = self.px[:self.args.opposition_seqs], self.py[:self.args.opposition_seqs]
             with metrics.parameters_at(self.params, self.theta_t):
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
-            opposition = metrics.opposition_summary(sums, HIST_BINS)
-            self.write_opposition('opposition', row, opposition, self.all_keys)
-            terms = metrics.update_weighted_terms(sums, delta, dots)
-            for term in UPDATE_TERMS:
-                self.write('update_' + term, row, [terms[k][term] for k in self.all_keys])
+            self.write_columns('opposition', row, metrics.opposition_summary(sums, HIST_BINS), self.all_keys)
+            self.write_columns('update', row, metrics.update_weighted_terms(sums, delta, dots), self.all_keys)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -267,11 +258,10 @@ class Recorder:
         for stat, value in zip(('D', 'M', 'D_null'), metrics.loss_change_interference(change, signs)):
             self.write(f"{prefix}_{stat}", row, value)
 
-    def write_opposition(self, prefix, row, opposition, keys):
-        """Row `row` of the records prefix_mean, _weighted, _null and _hist, columns `keys`."""
-        for stat in ('mean', 'weighted', 'null'):
-            self.write(f"{prefix}_{stat}", row, [opposition[k][stat] for k in keys])
-        self.write(f"{prefix}_hist", row, torch.stack([opposition[k]['hist'] for k in keys]))
+    def write_columns(self, prefix, row, table, keys):
+        """Row `row` of each record prefix_stat (if there is one), a column per key: table[key][stat]."""
+        for stat in table[keys[0]]:
+            self.write(f"{prefix}_{stat}", row, torch.stack([table[k][stat] for k in keys]))
 
     def gather(self, t):
         """Concatenate a per-process (B/world, ...) tensor into the global (B, ...) one."""

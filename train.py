@@ -1,13 +1,12 @@
 """
 Train a compact GPT and record its training dynamics at every step.
 
-    python train.py                       # default corpus (King James Bible), about 5 min on 2 CPU cores
+    python train.py                       # default corpus (King James Bible), half an hour on a busy CPU
     python train.py --n_layer 6 --out_dir out/L6
     torchrun --nproc_per_node 2 train.py  # DistributedDataParallel
 
-The loop is nanoGPT's (AdamW, warmup and cosine decay, clipping, optional bf16 and torch.compile);
-added is the recording, by a Recorder (recorder.py) called at each moment of a step. Everything is
-written to .npy files in --out_dir, one row a step; docs/records.md describes every file.
+The loop is nanoGPT's (AdamW, warmup and cosine decay, clipping, optional bf16 and torch.compile), with
+a Recorder (recorder.py) called at each moment of a step; docs/records.md describes what it writes.
 """
 
 import collections
@@ -18,6 +17,7 @@ import os
 import shutil
 import signal
 import statistics
+import threading
 import time
 from contextlib import nullcontext
 
@@ -39,6 +39,7 @@ fraction = runs.checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')  # AdamW's mov
 seed = runs.checked(int, lambda v: 0 <= v < 2 ** 32, 'in 0 .. 2^32 - 1')
 seconds = runs.checked(float, lambda v: v > 0, 'positive')
 here = os.path.dirname(os.path.abspath(__file__))
+PROBE_TOKENS = 2048  # the default probe: about this many tokens whatever the context
 SETTINGS = [
     # model
     ('n_layer', 4, positive, 'number of Transformer blocks'),
@@ -61,28 +62,28 @@ SETTINGS = [
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
     ('beta1', 0.9, fraction, 'AdamW beta1'),
     ('beta2', 0.99, fraction, 'AdamW beta2'),
+    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95 (over --beta2), embeddings '
+     'undecayed'),
     ('grad_clip', 1.0, nonnegative, 'clip the global gradient norm to this (0: no clipping)'),
     # system
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
-    ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it); '
-     'recording is fp32'),
+    ('dtype', 'auto', ['auto', 'float32', 'bfloat16'], 'training precision (auto: bf16 on GPUs with it)'),
     ('compile', False, bool, 'torch.compile the steps that record no activations (none under --record all)'),
     ('seed', 1337, seed, 'seeds the initialisation, the batches and the probe set'),
-    ('threads', 0, count, "CPU threads for torch (0: torch's default); 1 is often fastest for tiny models"),
+    ('threads', 0, count, "CPU threads (0: one on a CPU, where torch's one per core collapses under load)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
-    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: the probe records '
-     'every step, the rest on the log schedule; none: scalars only'),
-    ('probe_seqs', 16, positive, 'held-out probe sequences of block_size tokens, chosen once'),
+    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: some on a log schedule; '
+     'none: scalars'),
+    ('probe_seqs', None, positive, 'held-out probe sequences, chosen once (default: 2048 tokens / T)'),
     ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
-    ('grad_every', 0, count, 'exact opposition and JVP prediction every N steps (0: log-spaced)'),
-    ('opposition_seqs', None, positive, 'the first N probe sequences give the tokens of the exact opposition '
-     '(default: all; one backward per token)'),
-    ('train_probe_seqs', 0, count, 'fixed training windows whose per-token loss is recorded like the probe '
-     "set's (0: off)"),
+    ('grad_every', 0, count, 'exact opposition and first-order prediction every N steps (0: log-spaced)'),
+    ('opposition_seqs', None, positive, 'probe sequences of the exact opposition (default: all)'),
+    ('train_probe_seqs', 0, count, "fixed training windows recorded as the probe set's (0: off)"),
     ('log_interval', 10, positive, 'steps between progress lines'),
-    ('log_seconds', 30.0, seconds, 'a progress line at least this often, whatever --log_interval says'),
+    ('log_seconds', 30.0, seconds, 'a line at least this often, during a long step too'),
     ('ckpt_interval', 250, positive, 'steps between checkpoints (and at the end)'),
+    ('ckpt_minutes', 5.0, nonnegative, 'a checkpoint also at least this often (0: every step)'),
     ('keep_ckpts', 'none', ['none', 'log2'], 'log2: also keep theta_t, AdamW state at t = 1, 2, 4, ...'),
     ('resume', False, bool, 'continue the run in --out_dir from its checkpoint'),
     ('overwrite', False, bool, 'replace a run already in --out_dir'),
@@ -90,12 +91,13 @@ SETTINGS = [
 # A resume may change only where and how fast the run goes (config.json's `resumed` lists them);
 # every other setting shapes what the run computes and must stay the same.
 RESUME_MAY_CHANGE = ['device', 'compile', 'threads', 'cache_dir', 'log_interval', 'log_seconds',
-                     'ckpt_interval']
+                     'ckpt_interval', 'ckpt_minutes']
 RESUME_SAME = [s[0] for s in SETTINGS if s[0] not in RESUME_MAY_CHANGE + ['out_dir', 'resume', 'overwrite']]
 
 
 def get_args(argv=None):
     args = runs.parser(__doc__, SETTINGS).parse_args(argv)
+    args.probe_seqs = args.probe_seqs or max(1, PROBE_TOKENS // args.block_size)
     args.opposition_seqs = args.opposition_seqs or args.probe_seqs
     if args.n_embd % args.n_head:
         fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
@@ -116,6 +118,7 @@ def main(argv=None):
     master = rank == 0  # only process 0 records, checkpoints and prints
     torch.manual_seed(args.seed)
     S, B, T = args.max_iters, args.batch_size, args.block_size
+    args.beta2 = 0.95 if args.optim == 'published' else args.beta2  # the published AdamW's, in config.json
 
     # data: the corpus, and the held-out probe set and training-window probe, both fixed for the run
     corpus = load_corpus(args, master)
@@ -125,8 +128,8 @@ def main(argv=None):
 
     # the model, its optimizer and the recorder; then the run directory, once the run can start
     raw_model = build_gpt(vars(args), corpus['vocab_size']).to(device)  # parameters stay fp32
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate,
-                                               (args.beta1, args.beta2), device.split(':')[0])
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2),
+                                               device.split(':')[0], args.optim == 'published')
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
     start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
@@ -142,12 +145,12 @@ def main(argv=None):
     model = torch.compile(eager) if args.compile else eager
     if master:
         print(f"GPT {args.n_layer}L/{args.n_embd}d, {raw_model.num_params() / 1e6:.2f}M parameters, vocabulary "
-              f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} "
-              f"process{'es' if world > 1 else ''}), recording: {args.record}", flush=True)
+              f"{corpus['vocab_size']}; {S} steps of {B} x {T} tokens on {device} ({dtype}, {world} process"
+              f"{'es' * (world > 1)}, threads {torch.get_num_threads()}), record {args.record}", flush=True)
+    progress = Progress(rec, start, args.log_seconds, master)  # the ETA; a line at least every --log_seconds
 
-    t0, t_last, recent_ms = time.time(), time.time(), collections.deque(maxlen=50)
     for step in range(start, S):
-        t_step = time.perf_counter()
+        progress.begin(step)
         # the batch of step t, a function of (seed, step); under DDP this process takes its rows
         offsets, x, y = get_batch(args, corpus, step, rank, world, device)
         # probe measures at theta_t, before the step changes anything
@@ -181,29 +184,29 @@ def main(argv=None):
 
         # after-update measures: the same batch at theta_{t+1}, the update, the step's scalars
         rec.after_update(step, x, y, offsets, lr, grad_norm)
-        step_ms = 1000 * (time.perf_counter() - t_step)  # the writes waited for the device
-        rec.write('step_ms', step, step_ms)
-        if step != start and step not in rec.grad_row:  # an ordinary step, for the ETA
-            recent_ms.append(step_ms)
+        rec.write('step_ms', step, progress.end(step))  # the writes waited for the device
 
         # after the last step: probe measures of the final model theta_S (probe row S)
         if step + 1 == S:
             rec.probe(S)
 
-        # checkpoint and log (process 0); under --keep_ckpts log2 also theta_{t+1} when t+1 = 1, 2, 4, ...
+        # checkpoint and log (process 0): every --ckpt_interval steps and --ckpt_minutes, and at the end;
+        # under --keep_ckpts log2 also theta_{t+1} when t+1 = 1, 2, 4, ...
         if master and args.keep_ckpts == 'log2' and (step + 1) & step == 0:
             save_checkpoint(args, f"ckpts/step_{step + 1:06d}.pt", raw_model, optimizer, step + 1)
-        if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S):
+        if master and ((step + 1) % args.ckpt_interval == 0 or step + 1 == S
+                       or time.time() - progress.saved >= 60 * args.ckpt_minutes):
             rec.flush()
             save_checkpoint(args, 'ckpt.pt', raw_model, optimizer, step + 1)
             runs.write_json(args.out_dir, 'progress.json', {'steps_done': step + 1, 'max_iters': S})
-        due = step % args.log_interval == 0 or step + 1 == S or time.time() - t_last >= args.log_seconds
-        if master and due:
-            print(progress_line(step, S, rec, lr, recent_ms), flush=True)
-            t_last = time.time()
+            progress.saved = time.time()
+        if master and (step % args.log_interval == 0 or step + 1 == S or progress.quiet()):
+            progress.say(progress.line(step, rec, lr))
 
+    progress.step = None  # stops the heartbeat
     if master:
-        print(f"done: {S - start} steps in {(time.time() - t0) / 60:.1f} min; records in {args.out_dir}")
+        print(f"done: {S - start} steps in {(time.time() - progress.t0) / 60:.1f} min; "
+              f"records in {args.out_dir}")
     model = eager = None  # release DDP (its reducer holds gloo work objects) while all is alive
     finish(ddp, lock, handlers)
 
@@ -214,8 +217,6 @@ def main(argv=None):
 def setup_system(args):
     """(ddp, rank, world size, device, training dtype, its autocast). Under torchrun each process takes
     one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
     if ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
@@ -230,6 +231,10 @@ def setup_system(args):
         fail(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
     if device == 'cpu':
         runs.keep_freed_memory()
+    # --threads, or one on a CPU: torch's default of one per core spin-waits for all of them, so a core
+    # that another program holds stalls every matmul (steps several times slower on a shared machine)
+    if args.threads or device == 'cpu':
+        torch.set_num_threads(args.threads or 1)
     return (ddp, rank, world, device, *precision(args.dtype, device.split(':')[0]))
 
 
@@ -411,12 +416,60 @@ def how_to_continue(out_dir):
         if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet"
 
 
-def progress_line(step, S, rec, lr, recent_ms):
-    """One line of progress; ms/step and the ETA from the median of the recent ordinary steps."""
+def progress_line(step, S, rec, lr, recent_ms, slow=()):
+    """One line of progress. The ETA: each ordinary step left at the median of recent_ms, the recent
+    ordinary steps' ms, and each slow one (grad steps, full steps under --record light: many ordinary
+    steps' time) at the median of its kind; slow: (recent ms, steps left) of each kind."""
     ms = statistics.median(recent_ms) if recent_ms else float('nan')
-    eta = f"{ms * (S - step - 1) / 60000:.1f} min" if recent_ms else '?'
+    eta = ms * (S - step - 1 - sum(n for _, n in slow))
+    eta += sum(statistics.median(t) * n if t else float('nan') for t, n in slow if n)
     return (f"step {step:5d}/{S} | loss {rec.train_loss:.4f} | probe {rec.probe_loss:.4f} | lr {lr:.2e} | "
-            f"{ms:6.1f} ms/step | ETA {eta}")
+            f"{ms:6.1f} ms/step | ETA {f'{eta / 60000:.1f} min' if math.isfinite(eta) else '?'}")
+
+
+class Progress:
+    """Progress lines (process 0) and the loop's clock: the ETA prices each step left at the median of the
+    recent steps of its kind (Recorder.kind: a grad step takes many ordinary steps' time); a heartbeat
+    thread prints a line whenever none came for --log_seconds, the first after 5 s; the last checkpoint."""
+
+    def __init__(self, rec, start, seconds, master):
+        self.kinds = np.array([rec.kind(s) for s in range(rec.args.max_iters)])  # (S,) Recorder.kind
+        self.recent = [collections.deque(maxlen=50) for _ in range(3)]  # the recent steps' ms, of each kind
+        self.start, self.step, self.began, self.seconds = start, start, time.perf_counter(), seconds
+        self.t0 = self.saved = time.time()
+        self.printed = self.t0 - seconds + min(seconds, 5)  # the first heartbeat after 5 s
+        if master:
+            threading.Thread(target=self.heartbeat, daemon=True).start()
+
+    def heartbeat(self):
+        while (step := self.step) is not None:  # None: the loop has ended
+            if self.quiet():
+                self.say(f"step {step:5d}/{len(self.kinds)} running: {time.perf_counter() - self.began:.0f} s")
+            time.sleep(min(1.0, self.seconds / 4))
+
+    def begin(self, step):
+        self.step, self.began = step, time.perf_counter()
+
+    def end(self, step):
+        """Step `step`'s wall time in ms, kept for the ETA unless it is the run's first (it warms up too)."""
+        ms = 1000 * (time.perf_counter() - self.began)
+        if step != self.start:
+            self.recent[self.kinds[step]].append(ms)
+        return ms
+
+    def quiet(self):  # no line for --log_seconds
+        return time.time() - self.printed >= self.seconds
+
+    def say(self, line):
+        print(line, flush=True)
+        self.printed = time.time()
+
+    def line(self, step, rec, lr):
+        """progress_line after `step`; the most frequent kind of step is the ordinary one."""
+        usual = np.bincount(self.kinds, minlength=3).argmax()
+        left = np.bincount(self.kinds[step + 1:], minlength=3)
+        slow = [(self.recent[k], left[k]) for k in range(3) if k != usual]
+        return progress_line(step, len(self.kinds), rec, lr, self.recent[usual], slow)
 
 
 if __name__ == '__main__':

@@ -71,6 +71,7 @@ def get_args(argv=None):
     if problem or args.device == 'auto':
         runs.fail(problem or "--device auto: name the device to measure (cpu, cuda, cuda:N or mps)")
     args.dtype = train.precision(args.dtype, args.device.split(':')[0])[0]  # 'auto' resolved once
+    args.probe_seqs = args.probe_seqs or max(1, train.PROBE_TOKENS // args.block_size)  # as train.py's
     args.method_seqs = sorted({min(n, args.probe_seqs) for n in METHOD_SEQS})  # section 3's sizes
     # bench.py's flags over train.py's default settings (seed, optimizer, schedule, a default run)
     return argparse.Namespace(**vars(train.get_args([])) | vars(args))

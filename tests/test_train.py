@@ -438,3 +438,110 @@ def test_adding_a_measurement_as_the_readme_shows(tmp_path, cache_dir):
     corpus = data.prepare(None, 300, cache_dir)
     x, _ = (torch.from_numpy(a) for a in data.get_windows(corpus['train'], load(out, 'train_offsets')[0], 16))
     np.testing.assert_allclose(load(out, 'train_entropy')[0], entropy(model0, x), rtol=1e-5)
+
+
+def test_the_published_optimizer_regime_is_one_named_choice(tmp_path, cache_dir):
+    """--optim published: AdamW eps 1e-5, beta2 0.95, no weight decay on the embeddings (tied: U too),
+    recorded in config.json; the default stays nanoGPT's (eps 1e-8, decay on every matrix)."""
+    torch.manual_seed(0)
+    for tied in (False, True):
+        model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, tie_weights=tied))
+        embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+        for published, eps in [(False, 1e-8), (True, 1e-5)]:
+            optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', published)
+            decay, no_decay = optimizer.param_groups
+            assert decay['eps'] == no_decay['eps'] == eps and decay['weight_decay'] == 0.1
+            assert {id(p) for p in no_decay['params']} & embeddings == (embeddings if published else set())
+            assert all(p.dim() >= 2 for p in decay['params']) and all(p.dim() < 2 or id(p) in embeddings
+                                                                      for p in no_decay['params'])
+            assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+    out = str(tmp_path / 'published')
+    run_train(*TINY, '--max_iters', '1', '--optim', 'published', '--cache_dir', cache_dir, '--out_dir', out)
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    assert cfg['optim'] == 'published' and cfg['beta2'] == 0.95
+    groups = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['optimizer']['param_groups']
+    assert [(g['betas'], g['eps'], g['weight_decay']) for g in groups] == [((0.9, 0.95), 1e-5, 0.1),
+                                                                          ((0.9, 0.95), 1e-5, 0.0)]
+    assert get_args([]).optim == 'nanogpt' and get_args([]).beta2 == 0.99
+
+
+def test_the_default_probe_holds_about_2048_tokens():
+    assert [get_args(['--block_size', str(T)]).probe_seqs for T in (128, 1024, 4096, 100)] == [16, 2, 1, 20]
+    assert get_args(['--block_size', '1024', '--probe_seqs', '5']).probe_seqs == 5
+    assert get_args(['--block_size', '1024']).opposition_seqs == 2  # all of the probe, as before
+
+
+def test_one_thread_on_a_cpu_unless_told():
+    """--threads 0 (the default) is one thread on a CPU, where torch's default of one per core collapses
+    when another program holds a core; --threads N is N."""
+    import train
+    before = torch.get_num_threads()
+    try:
+        for flags, threads in [([], 1), (['--threads', '2'], 2)]:
+            torch.set_num_threads(3)
+            train.setup_system(get_args(['--device', 'cpu', *flags]))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_eta_counts_the_slow_steps_and_a_heartbeat_speaks_in_long_ones(capsys):
+    """Each step left is priced at the median of its kind (grad steps take many ordinary steps' time),
+    and while a step runs a line comes at least every --log_seconds."""
+    import time
+    import train
+
+    class Rec:  # what Progress and a progress line read from the Recorder
+        train_loss, probe_loss, args = 5.0, 5.1, get_args(['--max_iters', '12'])
+        kind = staticmethod(lambda step: [2, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 1][step])  # 1 is the usual kind
+    progress = train.Progress(Rec, 0, 0.05, master=True)
+    for step, ms in [(0, 9.0), (1, 100.0), (2, 5000.0), (3, 60000.0), (4, 110.0)]:
+        progress.begin(step)
+        progress.began -= ms / 1000  # as if the step had taken ms
+        assert abs(progress.end(step) - ms) < 50
+    assert [len(r) for r in progress.recent] == [0, 3, 1]  # the first step (warm-up) not counted
+    line = progress.line(4, Rec, 1e-3)  # 6 full and 1 grad step left
+    median = sorted(progress.recent[1])[1]
+    eta = (6 * median + progress.recent[2][0]) / 60000
+    assert f"{median:6.1f} ms/step" in line and f"ETA {eta:.1f} min" in line
+    assert 'ETA ?' in train.progress_line(3, 12, Rec, 1e-3, [100.0], [([], 1)])  # no grad step timed yet
+    progress.begin(5)
+    time.sleep(0.5)
+    progress.step = None  # the loop's end stops the heartbeat
+    time.sleep(0.2)
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith('step     5/12 running: ')]) >= 3
+    assert all(' running: ' in line for line in lines)
+
+
+def test_training_losses_come_from_the_training_forward_off_full_steps():
+    """Under bf16 the training forward's losses are the records of a step that forms no post - pre
+    (no fp32 recompute); full steps recompute them in fp32 (docs/records.md)."""
+    args = get_args([*TINY, '--max_iters', '40', '--record', 'light', '--dtype', 'bfloat16'])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16))
+    rec = recorder.Recorder(args, model, {'vocab_size': 50}, torch.randint(0, 50, (2, 3, 16)), 'bfloat16')
+    x, y = torch.randint(0, 50, (2, 4, 16))
+    plain = [s for s in range(40) if not rec.full(s)]
+    assert plain and rec.kind(plain[0]) == 0 and rec.kind(0) == 2
+    rec.batch(plain[0], x, y, None, torch.full((4, 16), 7.0), {}, None)  # the training forward's losses
+    assert rec.train_loss == 7.0 and torch.equal(rec.loss_pre, torch.full((4, 16), 7.0))
+
+
+def test_a_time_based_checkpoint_resumes_bitwise(tiny_run, tmp_path, cache_dir):
+    """--ckpt_minutes 0 writes ckpt.pt after every step whatever --ckpt_interval says: a run killed at
+    step 7 resumes from step 7, and ends with the records and model of an uninterrupted run."""
+    out = str(tmp_path / 'killed')
+    args = [*TINY, '--max_iters', '12', '--ckpt_interval', '1000', '--ckpt_minutes', '0',
+            '--cache_dir', cache_dir, '--out_dir', out]
+    crash = os.path.join(ROOT, 'tests', 'crash_train.py')
+    proc = subprocess.run([sys.executable, crash, 'update', '8', *args], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == -9, proc.stderr  # SIGKILL after step 7's optimizer step
+    assert json.load(open(os.path.join(out, 'progress.json')))['steps_done'] == 7
+    run_train(*args, '--resume')
+    for name in sorted(f for f in os.listdir(tiny_run) if f.endswith('.npy') and f != 'step_ms.npy'):
+        assert load(out, name[:-4]).tobytes() == load(tiny_run, name[:-4]).tobytes(), name
+    final, reference = (torch.load(os.path.join(r, 'ckpt.pt'), weights_only=True) for r in (out, tiny_run))
+    assert final['step'] == reference['step'] == 12
+    assert all(torch.equal(final['model'][k], reference['model'][k]) for k in reference['model'])
