@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
@@ -104,9 +105,8 @@ def get_args(argv=None):
         fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if problem := runs.check_device(args.device, args.dtype):
         fail(problem)
-    runs.check_folder(args.out_dir)  # its path, before anything is created
-    if not os.path.isdir(args.cache_dir):  # (a cache that exists may be read-only)
-        runs.check_folder(args.cache_dir)
+    for path in [args.out_dir] + [args.cache_dir] * (not os.path.isdir(args.cache_dir)):  # a cache may be
+        runs.check_folder(path)  # read-only once made; the paths are checked before anything is created
     return args
 
 
@@ -294,10 +294,9 @@ def check_resources(args, rec, model, autocast, batch):
     and the probe pass (a trial forward and backward; its gradients are dropped)."""
     need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs.values())
     need += 12 * model.num_params() * (1 + (args.max_iters.bit_length() if args.keep_ckpts == 'log2' else 0))
-    folder = runs.check_folder(args.out_dir)  # weights and AdamW's moments in fp32, at 1, 2, 4, ... too
-    if not args.resume and need > shutil.disk_usage(folder).free:
-        fail(f"the records of this run need {need / 1e9:,.1f} GB, "
-             f"and {folder} has {shutil.disk_usage(folder).free / 1e9:,.1f} GB free")
+    free = shutil.disk_usage(runs.check_folder(args.out_dir)).free  # weights, AdamW's moments: 1, 2, 4, ... too
+    if not args.resume and need > free:
+        fail(f"the records of this run need {need / 1e9:,.1f} GB, and {args.out_dir} has {free / 1e9:,.1f} GB free")
     try:
         with autocast:
             per_token_loss(model(batch[0])[0], batch[1]).mean().backward()
@@ -340,7 +339,10 @@ def load_checkpoint(out, model, optimizer, device):
     try:
         ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location=device, weights_only=True)
         model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        keys = lambda d: {sys.intern(k): v for k, v in d.items()}  # one object a name, as in a new optimizer:
+        optimizer.load_state_dict(dict(  # pickle's memo then gives the next checkpoints the same bytes
+            state={i: keys(s) for i, s in ckpt['optimizer']['state'].items()},
+            param_groups=[keys(g) for g in ckpt['optimizer']['param_groups']]))
         torch.set_rng_state(ckpt['rng'])
         if int(ckpt['step']) < done:
             raise ValueError(f"it holds step {ckpt['step']}")
@@ -374,13 +376,12 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
 
 
 def finish(ddp, lock, handlers):
-    """Leave as main came (bench.py calls it): signal handlers restored, folder unlocked; under DDP
-    the processes leave together (gloo can abort at exit otherwise)."""
+    """Leave as main came (bench.py calls it): signal handlers restored, folder unlocked."""
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if lock is not None:
         os.close(lock)  # releases the folder
-    if ddp:
+    if ddp:  # the processes leave together (gloo can abort at exit otherwise)
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
