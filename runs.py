@@ -37,7 +37,7 @@ def parser(doc, settings=()):
     for name, default, kind, help in settings:
         how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
             dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        shown = '' if default is None or 'default' in help else ' (default: %(default)s)'
+        shown = '' if default is None or 'default:' in help else ' (default: %(default)s)'
         p.add_argument('--' + name, default=default, help=help + shown, **how)
     return p
 
@@ -181,7 +181,8 @@ def check_folder(path):
         fail(f"{base} is {'not writable' if os.path.isdir(base) else 'a file, not a folder'}")
     name_max, path_max = os.pathconf(base, 'PC_NAME_MAX'), os.pathconf(base, 'PC_PATH_MAX') - 100  # (files in it)
     if len(os.fsencode(full)) > path_max or max(len(os.fsencode(n)) for n in full.split(os.sep)) > name_max:
-        fail(f"{path}: longer than this system allows ({name_max} bytes a name, {path_max} a path)")
+        fail(f"{path[:80]}{'...' * (len(path) > 80)}: longer than this system allows ({name_max} bytes a name, "
+             f"{path_max} a path)")
     return base
 
 
