@@ -101,6 +101,9 @@ def get_args(argv=None):
         fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.opposition_seqs > args.probe_seqs:
         fail(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
+    need = 16 * (12 * args.n_layer * args.n_embd ** 2 + 2 * args.vocab_size * args.n_embd)  # about: fp32 weights,
+    if need > os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'):  # gradients and AdamW's two moments
+        fail(f"a model of this size needs about {need / 1e9:,.0f} GB for training, more than this machine's memory")
     if args.resume and args.overwrite:
         fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if problem := runs.check_device(args.device, args.dtype):
@@ -290,8 +293,7 @@ def get_lr(it, args):
 
 
 def check_resources(args, rec, model, autocast, batch):
-    """Before anything is written: disk for a new run's records and checkpoints, memory for a step
-    and the probe pass (a trial forward and backward; its gradients are dropped)."""
+    """Before anything is written: disk for a new run's records and checkpoints, memory for a trial step."""
     need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs.values())
     need += 12 * model.num_params() * (1 + (args.max_iters.bit_length() if args.keep_ckpts == 'log2' else 0))
     free = shutil.disk_usage(runs.check_folder(args.out_dir)).free  # weights, AdamW's moments: 1, 2, 4, ... too
@@ -314,19 +316,18 @@ def check_resources(args, rec, model, autocast, batch):
 def open_run_dir(args, corpus, model, optimizer, device, master):
     """(the first step to run, the folder's lock), every check before the first change: a new run, or
     --resume if RESUME_SAME, the corpus, the checkpoint and whole records agree with the run's."""
-    out = args.out_dir
     if not args.resume:
         taken = 'already holds a run: --resume to continue it, --overwrite to replace it'
-        return 0, runs.open_folder(out, overwrite=args.overwrite, taken=taken) if master else None
-    config = runs.read_json(out, 'config.json', 'train.py') or fail(f"--resume: no run in {out}")
+        return 0, runs.open_folder(args.out_dir, overwrite=args.overwrite, taken=taken) if master else None
+    config = runs.read_json(args.out_dir, 'config.json', 'train.py') or fail(f"--resume: no run in {args.out_dir}")
     changed = [k for k in RESUME_SAME if config.get(k) != getattr(args, k)]
     changed += ['the corpus content'] if config.get('data_key') != corpus['key'] else []
     if changed:
-        fail(f"--resume: the run in {out} was made with other settings: {', '.join(changed)} "
+        fail(f"--resume: the run in {args.out_dir} was made with other settings: {', '.join(changed)} "
              f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
-    lock = runs.lock(out) if master else None  # then nothing changes in it while we look
-    start = load_checkpoint(out, model, optimizer, device)
-    runs.check_records(out, config['records'], start, [r[0] for r in RECORDS if r[3] == 'every'])  # rows < start
+    lock = runs.lock(args.out_dir) if master else None  # then nothing changes in it while we look
+    start = load_checkpoint(args.out_dir, model, optimizer, device)
+    runs.check_records(args.out_dir, config['records'], start, [r[0] for r in RECORDS if r[3] == 'every'])
     return start, lock
 
 
@@ -405,10 +406,9 @@ def save_checkpoint(args, rel, model, optimizer, step):
 
 def how_to_continue(out_dir):
     """What a stopped run's one line says: --resume continues from the last checkpoint."""
-    if not os.path.exists(os.path.join(out_dir, 'config.json')):
-        return "no run had been written yet"
     done = (runs.read_json(out_dir, 'progress.json', 'train.py') or {}).get('steps_done', 0)
-    return f"continue it with the same command and --resume (from step {done}, its last checkpoint)"
+    return f"continue it with the same command and --resume (from step {done}, its last checkpoint)" \
+        if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet"
 
 
 def progress_line(step, S, rec, lr, recent_ms):

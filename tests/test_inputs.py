@@ -154,6 +154,7 @@ def test_a_folder_in_use_is_refused_to_resume_and_overwrite(tmp_path, cache_dir)
     (['--threads', '-1'], '--threads must be'),
     (['--log_seconds', '0'], '--log_seconds must be positive'),
     (['--vocab_size', '100'], 'must be in 257..65536'),
+    (['--n_embd', '65536', '--n_head', '1'], "more than this machine's memory"),  # weights of 100s of GB
 ])
 def test_bad_setting_is_one_line_and_nothing_is_written(flags, message, tmp_path, cache_dir):
     proc = run_train(*SHORT, *flags, '--cache_dir', cache_dir, '--out_dir', str(tmp_path / 'x'), check=False)
