@@ -29,9 +29,8 @@ def fail(msg):
 
 
 def parser(doc, settings=()):
-    """An argparse parser whose errors are one line ('error: --flag must be ...'), with a flag --name
-    for each (name, default, type or choices, help) of settings; type bool: --name and --no-name. --help
-    shows each default once: not where the help names it, nor a default of None."""
+    """An argparse parser with one-line errors and a flag --name per (name, default, type or choices, help)
+    of settings (bool: --name, --no-name); --help shows a default once, none where the help names one."""
     p = argparse.ArgumentParser(description=doc.strip().split('\n')[0])
     p.error = lambda msg: fail(re.sub(r'^argument (\S+): ', r'\1 ', msg))
     for name, default, kind, help in settings:
@@ -133,7 +132,7 @@ def open_folder(root, under='', overwrite=False, taken=None):
              f"{', ...' if len(foreign_entries) > 4 else ''}){older}")
     if taken and not overwrite and os.listdir(folder):
         fail(f"{folder} {taken}")
-    if overwrite and owned(root):
+    if overwrite:
         remove_owned(root, under)
     if under:
         own(root, under + '/')  # the folder itself, so that an empty one is the program's too
@@ -181,8 +180,8 @@ def check_folder(path):
         fail(f"{base} is {'not writable' if os.path.isdir(base) else 'a file, not a folder'}")
     name_max, path_max = os.pathconf(base, 'PC_NAME_MAX'), os.pathconf(base, 'PC_PATH_MAX') - 100  # (files in it)
     if len(os.fsencode(full)) > path_max or max(len(os.fsencode(n)) for n in full.split(os.sep)) > name_max:
-        fail(f"{path[:80]}{'...' * (len(path) > 80)}: longer than this system allows ({name_max} bytes a name, "
-             f"{path_max} a path)")
+        fail(f"{path[:40]}{'...' * (len(path) > 40)}: longer than this system allows (names of at most "
+             f"{name_max} bytes, paths of {path_max})")
     return base
 
 
@@ -252,7 +251,6 @@ def check_device(device, dtype='float32'):
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
     if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
         return f"--dtype bfloat16: {torch.cuda.get_device_name(int(device[5:] or 0))} does not support it"
-    return None
 
 
 def keep_freed_memory():
