@@ -1,9 +1,8 @@
 """
-Run folders: the machinery train.py, measure.py and plot.py share, written once. Bad input is one
-line and exit status 2 (fail, parser). A folder's manifest lists every path a program wrote, listed
-before it is first written; any other file is the user's, never deleted: --overwrite deletes listed
-files only and refuses a folder holding anything else. Files are written whole (temporary file,
-fsync, rename); lock() keeps one program on a folder; on_signals() stops with one line.
+Run folders, the machinery every program shares. Bad input: one line and exit 2 (fail, parser). A
+folder's manifest lists each path a program wrote, before its first write; anything else is the user's:
+--overwrite deletes listed files only and refuses a folder holding anything else. Files are written
+whole; lock() keeps one program on a folder; on_signals() stops with one line; load_run() reads a run.
 """
 
 import argparse
@@ -15,7 +14,10 @@ import re
 import signal
 import sys
 
+import numpy as np
 import torch
+
+from model import build_gpt
 
 MANIFEST = 'manifest.txt'
 
@@ -27,15 +29,15 @@ def fail(msg):
 
 
 def parser(doc, settings=()):
-    """An argparse parser whose errors are one line ('error: --flag must be ...'), with a flag --name
-    for each (name, default, type or choices, help) of settings; type bool: --name and --no-name."""
-    p = argparse.ArgumentParser(description=doc.strip().split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser with one-line errors and a flag --name per (name, default, type or choices, help)
+    of settings (bool: --name, --no-name); --help shows a default once, none where the help names one."""
+    p = argparse.ArgumentParser(description=doc.strip().split('\n')[0])
     p.error = lambda msg: fail(re.sub(r'^argument (\S+): ', r'\1 ', msg))
     for name, default, kind, help in settings:
         how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
             dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        p.add_argument('--' + name, default=default, help=help, **how)
+        shown = '' if default is None or 'default:' in help else ' (default: %(default)s)'
+        p.add_argument('--' + name, default=default, help=help + shown, **how)
     return p
 
 
@@ -72,9 +74,8 @@ def own(root, *paths):
 
 
 def foreign(root, under=''):
-    """The entries below root/under that no program wrote: files not in root's manifest (a listed
-    file's '.tmp' twin counts as listed), links (never followed), anything not a plain file or folder,
-    and empty folders no listed path lies in."""
+    """The entries below root/under no program wrote: files the manifest does not list (a listed file's
+    '.tmp' twin counts), links (never followed), non-files, and empty folders no listed path lies in."""
     listed = owned(root)
     folders = {f for p in listed for f in ancestors(p)}  # 'a/b/' lists the folder a/b itself too
     listed |= {p + '.tmp' for p in listed} | {MANIFEST}
@@ -83,19 +84,15 @@ def foreign(root, under=''):
         for name in sorted(dirs + files):
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, root)
-            if os.path.islink(path) or not (os.path.isfile(path) or os.path.isdir(path)):
-                out.append(rel)
-            elif os.path.isdir(path):  # a folder holding entries: they tell
-                out += [rel] if rel not in folders and not os.listdir(path) else []
-            elif rel not in listed:
-                out.append(rel)
+            if os.path.islink(path) or not (os.path.isfile(path) or os.path.isdir(path)) or (
+                    rel not in folders and not os.listdir(path) if os.path.isdir(path) else rel not in listed):
+                out.append(rel)  # (a folder holding entries: they tell)
     return out
 
 
 def ancestors(rel):
     """The folders a relative path lies in: 'a/b/c' -> ['a', 'a/b'] (a listed folder 'a/b/': the same)."""
-    parts = rel.split('/')[:-1]
-    return ['/'.join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return ['/'.join(rel.split('/')[:i]) for i in range(1, rel.count('/') + 1)]
 
 
 def remove_owned(root, under=''):
@@ -103,7 +100,7 @@ def remove_owned(root, under=''):
     empty; the manifest keeps the other paths. Call it after foreign() found nothing."""
     if not owned(root):  # no manifest (a new folder): nothing to delete
         return
-    base = os.path.join(under, '') if under else ''
+    base = under and under + '/'
     with open(os.path.join(root, MANIFEST), 'r+') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         listed = sorted(owned(root))
@@ -114,22 +111,18 @@ def remove_owned(root, under=''):
         for folder in sorted({a for p in mine for a in ancestors(p) if a.startswith(base)}, reverse=True):
             if os.path.isdir(os.path.join(root, folder)) and not os.listdir(os.path.join(root, folder)):
                 os.rmdir(os.path.join(root, folder))  # deepest first
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)  # (its file position is at the start)
         f.write(''.join(p + '\n' for p in listed if p not in mine))
         f.flush()
         os.fsync(f.fileno())
 
 
 def open_folder(root, under='', overwrite=False, taken=None):
-    """root/under, created if absent, locked and ready to write into; returns the lock. Refused (one
-    line, exit 2, nothing changed) if it holds a file no program wrote; unless overwrite, also if it
-    holds anything and `taken` says why. With overwrite, its listed files are deleted first."""
+    """root/under, created if absent, locked; returns the lock. Refused (one line, exit 2, nothing changed)
+    if it holds a file no program wrote, or, unless overwrite, anything and `taken` says why."""
     folder, program = os.path.join(root, under), os.path.basename(sys.argv[0])
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"{folder}: {e}")
+    check_folder(folder)
+    os.makedirs(folder, exist_ok=True)
     lock_fd = lock(folder)  # then nothing changes in it while we look
     foreign_entries = [under] if under and os.path.islink(folder) else foreign(root, under)
     if foreign_entries:
@@ -139,7 +132,7 @@ def open_folder(root, under='', overwrite=False, taken=None):
              f"{', ...' if len(foreign_entries) > 4 else ''}){older}")
     if taken and not overwrite and os.listdir(folder):
         fail(f"{folder} {taken}")
-    if overwrite and owned(root):
+    if overwrite:
         remove_owned(root, under)
     if under:
         own(root, under + '/')  # the folder itself, so that an empty one is the program's too
@@ -164,8 +157,7 @@ def write_json(root, rel, obj):
 
 
 def read_json(root, rel, by):
-    """The JSON file root/rel that program `by` wrote, or None if there is none; one the manifest does
-    not list (an older version's), or a torn one: one line, exit 2."""
+    """The JSON file root/rel that program `by` wrote, None if absent; unlisted (older) or torn: exit 2."""
     path = os.path.join(root, rel)
     if not os.path.exists(path):
         return None
@@ -178,9 +170,57 @@ def read_json(root, rel, by):
         fail(f"cannot read {path}: {e}")
 
 
+def check_folder(path):
+    """The nearest existing folder on the way to `path`, or exit 2 (nothing created) if `path` cannot be
+    made a folder: a part is a file, that folder is not writable, a name or the path is too long."""
+    full = base = os.path.abspath(path)
+    while not os.path.lexists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+        fail(f"{base} is {'not writable' if os.path.isdir(base) else 'a file, not a folder'}")
+    name_max, path_max = os.pathconf(base, 'PC_NAME_MAX'), os.pathconf(base, 'PC_PATH_MAX') - 100  # (files in it)
+    if len(os.fsencode(full)) > path_max or max(len(os.fsencode(n)) for n in full.split(os.sep)) > name_max:
+        fail(f"{path[:40]}{'...' * (len(path) > 40)}: longer than this system allows (names of at most "
+             f"{name_max} bytes, paths of {path_max})")
+    return base
+
+
+def check_records(root, records, rows=0, every=()):
+    """Exit 2 unless each record (name -> [shape, dtype], as config.json lists them) is a whole .npy
+    of that shape, those in `every` written (not NaN or -1) in rows 0..rows-1. Read-only: a memmap
+    opened to write extends a short file with zeros."""
+    for name, (shape, dtype) in records.items():
+        path = os.path.join(root, name + '.npy')
+        try:
+            r = np.load(path, mmap_mode='r', allow_pickle=False)  # a short file: ValueError
+        except (OSError, ValueError, EOFError) as e:
+            fail(f"{path}: corrupt or truncated record ({e})")
+        if (r.shape, r.dtype.name, os.path.getsize(path)) != (tuple(shape), dtype, r.offset + r.nbytes):
+            fail(f"{path}: {os.path.getsize(path)} bytes of {r.shape} {r.dtype}, not a whole {tuple(shape)} {dtype}")
+        if name in every and (np.isnan(r[:rows]) if r.dtype.kind == 'f' else r[:rows] < 0).any():
+            fail(f"{path}: steps before {rows}, the checkpoint's, are missing")
+
+
+def load_run(folder, step=None):
+    """A run, for forks: (config.json's settings, its records as read-only memmaps by name, and the model
+    theta_step on the CPU from ckpts/step_NNNNNN.pt or ckpt.pt if one holds that step; None: no step)."""
+    config = read_json(folder, 'config.json', 'train.py') or fail(f"{folder}: no run (no config.json)")
+    check_records(folder, config['records'])
+    records = {name: np.load(os.path.join(folder, name + '.npy'), mmap_mode='r') for name in config['records']}
+    if step is None:
+        return config, records, None
+    path = next((p for p in [f"{folder}/ckpts/step_{step:06d}.pt", f"{folder}/ckpt.pt"] if os.path.exists(p)), '')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
+    if ckpt.get('step') != step:
+        fail(f"{folder}: no checkpoint of step {step} (ckpts/step_{step:06d}.pt, or ckpt.pt at that step)")
+    model = build_gpt(config, config['vocab_size_actual'])
+    model.load_state_dict(ckpt['model'])
+    return config, records, model
+
+
 def lock(folder):
-    """An exclusive lock on the folder while this process lives (no lock file: a killed program
-    never blocks the next); a second program is refused."""
+    """An exclusive lock on the folder while this process lives: no lock file, so a killed program
+    never blocks the next; a second program is refused."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -211,14 +251,11 @@ def check_device(device, dtype='float32'):
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
     if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
         return f"--dtype bfloat16: {torch.cuda.get_device_name(int(device[5:] or 0))} does not support it"
-    return None
 
 
 def keep_freed_memory():
-    """On the CPU, keep the memory a step frees for the next step: glibc returns a freed large block
-    (the (B*T, V) logits, 32 MiB at the default sizes) to the system, and the next step pays a page
-    fault per 4 KiB, a fifth of a step on 2 cores (results/bench.md). The values are the same.
-    glibc only; returns whether both settings were taken."""
+    """On the CPU, keep the memory a step frees for the next (glibc returns freed large blocks, the next
+    step page-faults them in: a fifth of a step, results/bench.md). glibc only; True if both were set."""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     try:
         mallopt = ctypes.CDLL(None).mallopt

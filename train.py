@@ -11,12 +11,12 @@ a Recorder (recorder.py) called at each moment of a step; docs/records.md descri
 
 import collections
 import gc
-import json
 import math
 import os
 import shutil
 import signal
 import statistics
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -30,7 +30,7 @@ import data
 import runs
 from metrics import fp32_forward
 from model import build_gpt, per_token_loss
-from recorder import Recorder
+from recorder import RECORDS, Recorder
 from runs import fail, positive, count, nonnegative
 
 # -----------------------------------------------------------------------------
@@ -103,11 +103,15 @@ def get_args(argv=None):
         fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.opposition_seqs > args.probe_seqs:
         fail(f"--opposition_seqs {args.opposition_seqs} is larger than --probe_seqs {args.probe_seqs}")
+    need = 16 * (12 * args.n_layer * args.n_embd ** 2 + 2 * args.vocab_size * args.n_embd)  # about: fp32 weights,
+    if need > os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'):  # gradients and AdamW's two moments
+        fail(f"a model of this size needs about {need / 1e9:,.0f} GB for training, more than this machine's memory")
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in --out_dir, --overwrite replaces it: give one of them")
     if problem := runs.check_device(args.device, args.dtype):
         fail(problem)
-    for name, path in [('out_dir', args.out_dir), ('cache_dir', args.cache_dir)]:
-        if os.path.exists(path) and not os.path.isdir(path):
-            fail(f"--{name} {path} is a file, not a folder")
+    for path in [args.out_dir] + [args.cache_dir] * (not os.path.isdir(args.cache_dir)):  # a cache may be
+        runs.check_folder(path)  # read-only once made; the paths are checked before anything is created
     return args
 
 
@@ -294,16 +298,12 @@ def get_lr(it, args):
 
 
 def check_resources(args, rec, model, autocast, batch):
-    """Before anything is written: disk for a new run's records and checkpoints, memory for a step
-    and the probe pass (a trial forward and backward; its gradients are dropped)."""
+    """Before anything is written: disk for a new run's records and checkpoints, memory for a trial step."""
     need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in rec.specs.values())
     need += 12 * model.num_params() * (1 + (args.max_iters.bit_length() if args.keep_ckpts == 'log2' else 0))
-    folder = os.path.abspath(args.out_dir)  # weights and AdamW's two moments in fp32, at 1, 2, 4, ... too
-    while not os.path.isdir(folder):  # the nearest existing folder: where the run will be created
-        folder = os.path.dirname(folder)
-    if not args.resume and need > shutil.disk_usage(folder).free:
-        fail(f"the records of this run need {need / 1e9:,.1f} GB, "
-             f"and {folder} has {shutil.disk_usage(folder).free / 1e9:,.1f} GB free")
+    free = shutil.disk_usage(runs.check_folder(args.out_dir)).free  # weights, AdamW's moments: 1, 2, 4, ... too
+    if not args.resume and need > free:
+        fail(f"the records of this run need {need / 1e9:,.1f} GB, and {args.out_dir} has {free / 1e9:,.1f} GB free")
     try:
         with autocast:
             per_token_loss(model(batch[0])[0], batch[1]).mean().backward()
@@ -319,35 +319,42 @@ def check_resources(args, rec, model, autocast, batch):
 
 
 def open_run_dir(args, corpus, model, optimizer, device, master):
-    """(the first step to run, the folder's lock), every check before the first change: a new run
-    (runs.open_folder), or --resume from the checkpoint if RESUME_SAME and the corpus are the run's."""
-    out = args.out_dir
-    if args.resume:
-        config = runs.read_json(out, 'config.json', 'train.py') or fail(f"--resume: no run in {out}")
-        changed = [k for k in RESUME_SAME if config.get(k) != getattr(args, k)]
-        changed += ['the corpus content'] if config.get('data_key') != corpus['key'] else []
-        if changed:
-            fail(f"--resume: the run in {out} was made with other settings: {', '.join(changed)} "
-                 f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
-        return load_checkpoint(out, model, optimizer, device), runs.lock(out) if master else None
-    if not master:  # process 0 alone prepares the folder
-        return 0, None
-    taken = 'already holds a run: --resume to continue it, --overwrite to replace it'
-    return 0, runs.open_folder(out, overwrite=args.overwrite, taken=taken)
+    """(the first step to run, the folder's lock), every check before the first change: a new run, or
+    --resume if RESUME_SAME, the corpus, the checkpoint and whole records agree with the run's."""
+    if not args.resume:
+        taken = 'already holds a run: --resume to continue it, --overwrite to replace it'
+        return 0, runs.open_folder(args.out_dir, overwrite=args.overwrite, taken=taken) if master else None
+    config = runs.read_json(args.out_dir, 'config.json', 'train.py') or fail(f"--resume: no run in {args.out_dir}")
+    changed = [k for k in RESUME_SAME if config.get(k) != getattr(args, k)]
+    changed += ['the corpus content'] if config.get('data_key') != corpus['key'] else []
+    if changed:
+        fail(f"--resume: the run in {args.out_dir} was made with other settings: {', '.join(changed)} "
+             f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
+    lock = runs.lock(args.out_dir) if master else None  # then nothing changes in it while we look
+    start = load_checkpoint(args.out_dir, model, optimizer, device)
+    runs.check_records(args.out_dir, config['records'], start, [r[0] for r in RECORDS if r[3] == 'every'])
+    return start, lock
 
 
 def load_checkpoint(out, model, optimizer, device):
-    """The step to continue from, model, optimizer and torch's random state loaded (0: no checkpoint)."""
-    if not os.path.exists(os.path.join(out, 'ckpt.pt')):
+    """The step to continue from, model, optimizer and torch's random state loaded; 0 if the run never
+    wrote a checkpoint (no progress.json). A checkpoint missing, unreadable or behind progress.json: exit 2."""
+    done = (runs.read_json(out, 'progress.json', 'train.py') or {}).get('steps_done', 0)
+    if not done and not os.path.exists(os.path.join(out, 'ckpt.pt')):
         return 0
     try:
         ckpt = torch.load(os.path.join(out, 'ckpt.pt'), map_location=device, weights_only=True)
         model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
+        keys = lambda d: {sys.intern(k): v for k, v in d.items()}  # one object a name, as in a new optimizer:
+        optimizer.load_state_dict(dict(  # pickle's memo then gives the next checkpoints the same bytes
+            state={i: keys(s) for i, s in ckpt['optimizer']['state'].items()},
+            param_groups=[keys(g) for g in ckpt['optimizer']['param_groups']]))
         torch.set_rng_state(ckpt['rng'])
+        if int(ckpt['step']) < done:
+            raise ValueError(f"it holds step {ckpt['step']}")
         return int(ckpt['step'])
-    except Exception as e:  # a torn, foreign or mismatched file: say so, never trust it
-        fail(f"cannot resume from checkpoint {out}/ckpt.pt: {' '.join(str(e).split())[:300]}")
+    except Exception as e:  # missing, torn, foreign or mismatched: say so, never trust it
+        fail(f"cannot resume from checkpoint {out}/ckpt.pt (progress.json: {done} steps done): {str(e)[:300]}")
 
 
 def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets, device, dtype, world):
@@ -357,33 +364,30 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
               'probe_tokens.npy': torch.cat([rec.px, rec.py[:, -1:]], 1).cpu().numpy()}  # (P, T + 1)
     if rec.tx is not None:  # the training-window probe, as the probe set: (Q, T + 1)
         arrays['train_probe_tokens.npy'] = torch.cat([rec.tx, rec.ty[:, -1:]], 1).cpu().numpy()
-    with open(corpus['tokenizer'], 'rb') as f:
-        tokenizer = f.read()
-    runs.write_atomic(args.out_dir, 'tokenizer.json', lambda f: f.write(tokenizer))
+    with open(corpus['tokenizer'], 'rb') as tokenizer:
+        runs.write_atomic(args.out_dir, 'tokenizer.json', lambda f: shutil.copyfileobj(tokenizer, f))
     for name, array in arrays.items():
         runs.write_atomic(args.out_dir, name, lambda f: np.save(f, array))
-    runs.write_json(args.out_dir, 'config.json', dict(
-        vars(args), n_params=model.num_params(), n_params_nonembedding=model.num_params(non_embedding=True),
-        vocab_size_actual=corpus['vocab_size'], corpus=corpus['corpus'], data_key=corpus['key'],
-        train_tokens=corpus['train_tokens'], val_tokens=corpus['val_tokens'],
-        probe_offsets=probe_offsets.tolist(),
+    runs.write_json(args.out_dir, 'config.json', dict(  # the settings (--resume, --overwrite: how, not what)
+        {k: v for k, v in vars(args).items() if k not in ('resume', 'overwrite')}, n_params=model.num_params(),
+        n_params_nonembedding=model.num_params(non_embedding=True), vocab_size_actual=corpus['vocab_size'],
+        corpus=corpus['corpus'], data_key=corpus['key'], train_tokens=corpus['train_tokens'],
+        val_tokens=corpus['val_tokens'], probe_offsets=probe_offsets.tolist(),
         train_probe_offsets=None if train_probe_offsets is None else train_probe_offsets.tolist(),
-        device_used=device, dtype_used=dtype, world_size=world,
-        theta_names=rec.theta_names, local_opposition_keys=rec.local_keys, opposition_keys=rec.all_keys,
-        opposition_tokens=args.opposition_seqs * args.block_size,
-        probe_tokens=args.probe_seqs * args.block_size, batch_tokens=args.batch_size * args.block_size,
-        torch_version=torch.__version__,
+        device_used=device, dtype_used=dtype, world_size=world, theta_names=rec.theta_names,
+        local_opposition_keys=rec.local_keys, opposition_keys=rec.all_keys,
+        opposition_tokens=args.opposition_seqs * args.block_size, probe_tokens=args.probe_seqs * args.block_size,
+        batch_tokens=args.batch_size * args.block_size, torch_version=torch.__version__,
         records={k: [list(shape), dtype.name] for k, (shape, dtype) in rec.specs.items()}))
 
 
 def finish(ddp, lock, handlers):
-    """Leave as main came (bench.py calls it): signal handlers restored, folder unlocked; under DDP
-    the processes leave together (gloo can abort at exit otherwise)."""
+    """Leave as main came (bench.py calls it): signal handlers restored, folder unlocked."""
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if lock is not None:
         os.close(lock)  # releases the folder
-    if ddp:
+    if ddp:  # the processes leave together (gloo can abort at exit otherwise)
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
@@ -398,20 +402,16 @@ def note_resume(args, start, device):
 
 
 def save_checkpoint(args, rel, model, optimizer, step):
-    """Model, optimizer, the next step and torch's random state (for forks that add dropout), written
-    whole. The batches and the null's signs are functions of (seed, step): no other state."""
+    """Model, optimizer, the next step, torch's random state (for forks that add dropout) and RESUME_SAME
+    (what a resume keeps: same bytes), written whole. Batches and the null's signs follow (seed, step)."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
-             'rng': torch.get_rng_state(), 'args': vars(args)}
+             'rng': torch.get_rng_state(), 'args': {k: getattr(args, k) for k in RESUME_SAME}}
     runs.write_atomic(args.out_dir, rel, lambda f: torch.save(state, f))
 
 
 def how_to_continue(out_dir):
     """What a stopped run's one line says: --resume continues from the last checkpoint."""
-    try:
-        with open(os.path.join(out_dir, 'progress.json')) as f:
-            done = json.load(f)['steps_done']
-    except (OSError, ValueError, KeyError):
-        done = 0
+    done = (runs.read_json(out_dir, 'progress.json', 'train.py') or {}).get('steps_done', 0)
     return f"continue it with the same command and --resume (from step {done}, its last checkpoint)" \
         if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet"
 

@@ -72,6 +72,18 @@ def test_overwrite_refuses_a_run_with_a_user_file_added(tiny_run, tmp_path, cach
     assert snapshot(run) == before
 
 
+def test_overwrite_refuses_a_user_file_among_measurements(tiny_run, tmp_path, cache_dir):
+    import shutil
+    run = tmp_path / 'run'
+    shutil.copytree(tiny_run, run)
+    runs.write_atomic(str(run), 'paper/steps.npy', lambda f: f.write(b'npy'))  # as measure.py lists its rows
+    (run / 'paper' / 'mine.txt').write_text('my notes on the measurement')
+    before = snapshot(run)
+    proc = run_train(*SHORT, '--overwrite', '--cache_dir', cache_dir, '--out_dir', str(run), check=False)
+    assert_one_line(proc, 'paper/mine.txt')
+    assert snapshot(run) == before
+
+
 @pytest.mark.slow
 def test_overwrite_replaces_a_run_and_its_figures(tiny_run, tmp_path, cache_dir):
     import shutil
@@ -81,8 +93,9 @@ def test_overwrite_replaces_a_run_and_its_figures(tiny_run, tmp_path, cache_dir)
     (run / 'figures' / 'fig1_loss.png').write_bytes(b'png')
     (run / 'figures' / 'report.md').write_text('# report')
     runs.own(str(run), 'figures/fig1_loss.png', 'figures/report.md')  # as plot.py lists its figures
+    runs.write_atomic(str(run), 'paper_N64/steps.npy', lambda f: f.write(b'npy'))  # and measure.py its rows
     run_train(*SHORT, '--overwrite', '--cache_dir', cache_dir, '--out_dir', str(run))
-    assert not (run / 'figures').exists()
+    assert not (run / 'figures').exists() and not (run / 'paper_N64').exists()
     assert json.load(open(run / 'progress.json'))['steps_done'] == 3
     assert np.load(run / 'train_loss.npy').shape == (3,)
 
@@ -141,6 +154,7 @@ def test_a_folder_in_use_is_refused_to_resume_and_overwrite(tmp_path, cache_dir)
     (['--threads', '-1'], '--threads must be'),
     (['--log_seconds', '0'], '--log_seconds must be positive'),
     (['--vocab_size', '100'], 'must be in 257..65536'),
+    (['--n_embd', '65536', '--n_head', '1'], "more than this machine's memory"),  # weights of 100s of GB
 ])
 def test_bad_setting_is_one_line_and_nothing_is_written(flags, message, tmp_path, cache_dir):
     proc = run_train(*SHORT, *flags, '--cache_dir', cache_dir, '--out_dir', str(tmp_path / 'x'), check=False)
@@ -158,6 +172,22 @@ def test_a_device_this_machine_lacks_is_one_line(device, available, tmp_path, ca
                      check=False)
     assert_one_line(proc, f"--device {device}: this machine has")
     assert not (tmp_path / 'x').exists()
+
+
+@pytest.mark.parametrize('flag', ['--out_dir', '--cache_dir'])
+@pytest.mark.parametrize('tail', ['x/' + 'y' * 300, ('d' * 200 + '/') * 21])  # a name; a path too long
+def test_a_path_longer_than_the_system_allows_is_one_line_and_creates_nothing(flag, tail, tmp_path, cache_dir):
+    flags = {'--out_dir': str(tmp_path / 'x'), '--cache_dir': cache_dir, flag: str(tmp_path / tail)}
+    proc = run_train(*SHORT, *[text for pair in flags.items() for text in pair], check=False)
+    assert_one_line(proc, 'longer than this system allows')
+    assert os.listdir(tmp_path) == []
+
+
+def test_resume_and_overwrite_together_is_one_line(tmp_path, cache_dir):
+    proc = run_train(*SHORT, '--resume', '--overwrite', '--cache_dir', cache_dir, '--out_dir', str(tmp_path / 'x'),
+                     check=False)
+    assert_one_line(proc, '--resume continues the run in --out_dir, --overwrite replaces it')
+    assert os.listdir(tmp_path) == []
 
 
 def test_paths_that_are_not_what_they_must_be(tmp_path, cache_dir):

@@ -29,22 +29,23 @@ def reference(tmp_path_factory, cache_dir):
     return out
 
 
+def files(folder):
+    """The relative path of every file below folder."""
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
+
+
 def assert_identical_runs(a, b):
-    """Every record bitwise equal (NaN rows equal too), and the final model and optimizer."""
-    names = sorted(f for f in os.listdir(a) if f.endswith('.npy') and f[:-4] not in TIMING)
-    assert names == sorted(f for f in os.listdir(b) if f.endswith('.npy') and f[:-4] not in TIMING)
-    for name in names:
-        x, y = np.load(os.path.join(a, name)), np.load(os.path.join(b, name))
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), name
-    ca, cb = (torch.load(os.path.join(r, 'ckpt.pt'), weights_only=True) for r in (a, b))
-    assert ca['step'] == cb['step']
-    for k in ca['model']:
-        assert torch.equal(ca['model'][k], cb['model'][k]), k
-    for (i, sa), sb in zip(ca['optimizer']['state'].items(), cb['optimizer']['state'].values()):
-        for k in sa:
-            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), (i, k)
-    assert (json.load(open(os.path.join(a, 'progress.json')))
-            == json.load(open(os.path.join(b, 'progress.json'))))
+    """The same files, each the same bytes: every record (NaN rows too), the checkpoints (model, optimizer,
+    step, random state, settings), the kept checkpoints, progress.json, the manifest. Except the timing
+    record, and in config.json where the run is and the resumes it lists."""
+    assert files(a) == files(b)
+    for rel in files(a):
+        if rel == 'config.json':
+            ja, jb = (json.load(open(os.path.join(r, rel))) for r in (a, b))
+            assert {k: v for k, v in ja.items() if k not in ('out_dir', 'resumed')} == \
+                {k: v for k, v in jb.items() if k not in ('out_dir', 'resumed')}
+        elif rel[:-4] not in TIMING:
+            assert open(os.path.join(a, rel), 'rb').read() == open(os.path.join(b, rel), 'rb').read(), rel
 
 
 @pytest.mark.parametrize('point,n', [
@@ -65,6 +66,26 @@ def test_killed_run_resumes_bitwise_identical(point, n, reference, tmp_path, cac
         assert os.path.exists(os.path.join(out, 'ckpt.pt.tmp'))  # the torn file, never trusted
     run_train(*ARGS, '--cache_dir', cache_dir, '--out_dir', out, '--resume')
     assert_identical_runs(reference, out)
+
+
+@pytest.fixture(scope='module')
+def reference_log2(tmp_path_factory, cache_dir):
+    """The uninterrupted run, keeping theta_t at t = 1, 2, 4, 8."""
+    out = str(tmp_path_factory.mktemp('reference_log2') / 'run')
+    run_train(*ARGS, '--keep_ckpts', 'log2', '--cache_dir', cache_dir, '--out_dir', out)
+    return out
+
+
+@pytest.mark.parametrize('point,n', [('update', 6), ('ckpt', 5)])  # mid-run; a torn kept step_000008.pt
+def test_kept_checkpoints_of_a_killed_run_are_the_same_bytes(point, n, reference_log2, tmp_path, cache_dir):
+    out = str(tmp_path / 'run')
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'crash_train.py'), point, str(n),
+                           *ARGS, '--keep_ckpts', 'log2', '--cache_dir', cache_dir, '--out_dir', out],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_train(*ARGS, '--keep_ckpts', 'log2', '--cache_dir', cache_dir, '--out_dir', out, '--resume')
+    assert 'ckpts/step_000008.pt' in files(out)
+    assert_identical_runs(reference_log2, out)
 
 
 def test_resume_of_a_finished_run_changes_nothing(reference, tmp_path, cache_dir):
@@ -99,11 +120,19 @@ def bad_inputs(tmp, reference):
     (tmp / 'latin1.txt').write_bytes('caf\xe9 au lait\n'.encode('latin-1') * 50)
     (tmp / 'a_file').write_text('x')
     runs = {}
-    for name in ['torn_ckpt', 'other_config', 'bad_record', 'bad_config']:
+    for name in ['torn_ckpt', 'other_config', 'bad_record', 'bad_config', 'short_record', 'long_record',
+                 'old_ckpt', 'unwritten_rows', 'no_ckpt']:
         runs[name] = tmp / name
         shutil.copytree(reference, runs[name])
     with open(runs['torn_ckpt'] / 'ckpt.pt', 'r+b') as f:
         f.truncate(1000)
+    size = os.path.getsize(runs['short_record'] / 'probe_loss.npy')
+    os.truncate(runs['short_record'] / 'probe_loss.npy', size - 100)  # an interrupted copy, a full disk
+    os.truncate(runs['long_record'] / 'probe_loss.npy', size + 8)
+    ckpt = torch.load(runs['old_ckpt'] / 'ckpt.pt', weights_only=True)
+    torch.save(dict(ckpt, step=8), runs['old_ckpt'] / 'ckpt.pt')  # older than progress.json's 12 steps
+    np.load(runs['unwritten_rows'] / 'train_loss.npy', mmap_mode='r+')[5] = np.nan  # a step never recorded
+    os.remove(runs['no_ckpt'] / 'ckpt.pt')
     (runs['bad_record'] / 'probe_loss.npy').write_bytes(b'\x93NUMPY garbage')
     (runs['bad_config'] / 'config.json').write_text('{"n_layer": ')
     out = ['--out_dir', str(tmp / 'new')]
@@ -118,13 +147,19 @@ def bad_inputs(tmp, reference):
         (['--data', str(tmp / 'missing.txt'), *out], 'no such file'),
         (['--data', str(tmp / 'empty.txt'), *out], 'empty'),
         (['--data', str(tmp / 'latin1.txt'), *out], 'not UTF-8'),
-        (['--out_dir', str(tmp / 'a_file' / 'run')], 'Not a directory'),
+        (['--out_dir', str(tmp / 'a_file' / 'run')], 'a_file is a file, not a folder'),
         (['--resume', *out], 'no run in'),
         ([*ARGS, '--resume', '--out_dir', str(runs['other_config']), '--n_embd', '32'],
          'other settings: n_embd'),
         ([*ARGS, '--resume', '--out_dir', str(runs['torn_ckpt'])], 'cannot resume from checkpoint'),
         ([*ARGS, '--resume', '--out_dir', str(runs['bad_record'])], 'probe_loss.npy: corrupt'),
         ([*ARGS, '--resume', '--out_dir', str(runs['bad_config'])], 'cannot read'),
+        ([*ARGS, '--resume', '--out_dir', str(runs['short_record'])], 'probe_loss.npy: corrupt or truncated'),
+        ([*ARGS, '--resume', '--out_dir', str(runs['long_record'])], 'not a whole'),
+        ([*ARGS, '--resume', '--out_dir', str(runs['old_ckpt'])], '12 steps done): it holds step 8'),
+        ([*ARGS, '--resume', '--out_dir', str(runs['unwritten_rows'])], 'train_loss.npy: steps before 12'),
+        ([*ARGS, '--resume', '--out_dir', str(runs['no_ckpt'])], 'ckpt.pt (progress.json: 12 steps done): '
+         '[Errno 2] No such file'),
         ([*ARGS, '--out_dir', str(runs['other_config'])], 'already holds a run'),
     ], runs
 

@@ -167,3 +167,83 @@ def test_open_folder_refuses_foreign_files_and_overwrites_only_the_listed(tmp_pa
     assert 'paper/' in runs.owned(root) and runs.foreign(root) == []  # the empty folder is measure.py's
     assert open_folder(root, overwrite=True, taken='already holds a run')[0] == 0
     assert os.listdir(tmp_path / 'run') == [runs.MANIFEST] and runs.owned(root) == set()
+
+
+def help_entries(p):
+    """--help's entry of each flag, on one line: {'--name': text}."""
+    entries, name = {}, None
+    for line in p.format_help().split('options:')[1].splitlines():
+        if line.startswith('  -'):
+            name = line.split()[0].rstrip(',')
+        if name:
+            entries[name] = ' '.join([entries.get(name, ''), line.strip()])
+    return entries
+
+
+def test_help_shows_each_default_once():
+    import measure
+    import train
+    p = runs.parser('a program', [('n', 3, int, 'a size'), ('data', None, str, 'a file (default: the Bible)'),
+                                  ('threads', 0, int, "threads (0: torch's default)"), ('cut', None, int, 'a cut'),
+                                  ('decay', False, bool, 'decay; default: constant')])
+    entries = help_entries(p)
+    assert entries['--n'].endswith('a size (default: 3)') and entries['--threads'].endswith('(default: 0)')
+    assert entries['--data'].endswith('a file (default: the Bible)') and entries['--cut'].endswith('a cut')
+    assert entries['--decay'].endswith('decay; default: constant')
+    for settings in [train.SETTINGS, measure.SETTINGS]:  # every program's flags
+        for name, text in help_entries(runs.parser('a program', settings)).items():
+            assert text.count('default:') <= 1 and 'default: None' not in text, (name, text)
+
+
+@pytest.mark.parametrize('tail', ['x/' + 'y' * 300, ('d' * 200 + '/') * 21])  # a name; a path too long
+def test_check_folder_refuses_an_impossible_path_before_creating_anything(tail, tmp_path, capsys):
+    assert runs.check_folder(str(tmp_path / 'a' / 'b')) == str(tmp_path)  # the nearest existing folder
+    with pytest.raises(SystemExit) as stop:
+        runs.check_folder(str(tmp_path) + '/' + tail)
+    assert stop.value.code == 2 and 'longer than this system allows' in capsys.readouterr().err
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(SystemExit):
+        runs.check_folder(str(tmp_path / 'a_file' / 'run'))
+    assert 'a_file is a file, not a folder' in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ['a_file']
+
+
+def test_check_records_refuses_a_record_not_whole_and_never_extends_it(tmp_path, capsys):
+    import numpy as np
+    records = {'loss': [[4, 2], 'float32'], 'offsets': [[4], 'int64']}
+    for name, (shape, dtype) in records.items():
+        r = np.lib.format.open_memmap(str(tmp_path / f'{name}.npy'), mode='w+', dtype=dtype, shape=tuple(shape))
+        r[...] = np.nan if dtype == 'float32' else -1
+        r[:2] = 1  # steps 0 and 1 written
+        del r
+    runs.check_records(str(tmp_path), records, 2, ['loss', 'offsets'])
+    for rows, change, message in [(3, None, 'steps before 3'), (2, -4, 'truncated'), (2, +4, 'not a whole')]:
+        path = tmp_path / 'loss.npy'
+        size = path.stat().st_size
+        if change:
+            os.truncate(path, size + change)
+        with pytest.raises(SystemExit) as stop:
+            runs.check_records(str(tmp_path), records, rows, ['loss', 'offsets'])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+        assert path.stat().st_size == size + (change or 0)  # read, never extended with zeros
+        os.truncate(path, size)
+
+
+@pytest.mark.slow
+def test_load_run_gives_settings_records_and_the_model_of_a_checkpoint(tiny_run, tmp_path, capsys):
+    import numpy as np
+    import torch
+    from metrics import fp32_forward
+    config, records, model = runs.load_run(tiny_run, 12)  # ckpt.pt: the final model
+    assert config == json.load(open(os.path.join(tiny_run, 'config.json')))
+    assert sorted(records) == sorted(config['records'])
+    for name, (shape, dtype) in config['records'].items():
+        assert isinstance(records[name], np.memmap) and records[name].shape == tuple(shape), name
+        assert records[name].dtype == dtype and not records[name].flags.writeable, name
+    tokens = torch.from_numpy(np.load(os.path.join(tiny_run, 'probe_tokens.npy')).astype(np.int64))
+    loss = fp32_forward(model, tokens[:, :-1], tokens[:, 1:])[0]  # the final model's probe losses: row S
+    np.testing.assert_allclose(loss.detach().numpy(), records['probe_loss'][12], rtol=1e-5, atol=1e-6)
+    assert runs.load_run(tiny_run)[2] is None
+    with pytest.raises(SystemExit):
+        runs.load_run(tiny_run, 6)  # no checkpoint holds step 6 (ckpt.pt holds 12; none kept)
+    assert 'no checkpoint of step 6' in capsys.readouterr().err
