@@ -64,8 +64,7 @@ def post_break_loss(t, L_d, t_d, r_d):
 
 def break_quantities(p):
     """(t_d, L_d, r_d) = (d1, b d1^-c0, c0 + c1) of the fitted p."""
-    log_b, c0, c1, log_d1, f1 = (float(v) for v in p)
-    return math.exp(log_d1), loss_at_break(math.exp(log_b), c0, math.exp(log_d1)), c0 + c1
+    return math.exp(p[3]), loss_at_break(math.exp(p[0]), float(p[1]), math.exp(p[3])), float(p[1] + p[2])
 
 
 def log_window_mean(y, first, last):
@@ -106,11 +105,8 @@ def window_starts(n, factor=1.2):
 
 def log_moving_average(y, factor=1.2):
     """Trailing log moving average: out[j] = mean(y[floor(j / factor) .. j]) (width a fraction of j)."""
-    y = np.asarray(y, dtype=float)
-    j = np.arange(len(y))
-    lo = window_starts(len(y), factor)
-    csum = np.concatenate([[0.0], np.cumsum(y)])
-    return (csum[j + 1] - csum[lo]) / (j + 1 - lo)
+    csum, lo = np.concatenate([[0.0], np.cumsum(np.asarray(y, dtype=float))]), window_starts(len(y), factor)
+    return (csum[1:] - csum[lo]) / (np.arange(1, len(y) + 1) - lo)
 
 
 def kept_rows(steps, min_step=MIN_STEP, subsample=True, n_points=200):
@@ -271,8 +267,7 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
     boot = {} if reason or n_boot == 0 else bootstrap_intervals(refit, base, resid, smooth, n_boot, block, seed)
     for k in ['t_d', 'L_d', 'r_d']:
         res[f'{k}_ci_cov'], res[f'{k}_ci_boot'] = cov.get(k), boot.get(k)
-    if reason:
-        res.update(t_d=None, L_d=None, r_d=None, final_loss_pred=None)
+    res.update(dict(t_d=None, L_d=None, r_d=None, final_loss_pred=None) if reason else {})
     finite = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # JSON has no NaN
     return {k: [finite(u) for u in v] if isinstance(v, list) else finite(v) for k, v in res.items()}
 
@@ -337,9 +332,8 @@ def format_table(res):
     """A human-readable table of one fit: each quantity and its 95 % intervals, then the published fit's."""
     pub, fmt = res['published'], lambda v: 'null' if v is None else f"{v:.4g}"
     ci = lambda c: '' if c is None else f"[{c[0]:.4g}, {c[1]:.4g}]"
-    (t0, t1), head = res['t_range'], f"{'value':>30s}  {'95% cov':>23s}  {'95% bootstrap':>23s}"
-    lines = [f"{res['path']}: {res['n_points']} points, steps {t0:g}..{t1:g}, {res['convention']} convention",
-             head]
+    lines = [f"{res['path']}: {res['n_points']} points, steps {res['t_range'][0]:g}..{res['t_range'][1]:g}, "
+             f"{res['convention']} convention", f"{'value':>30s}  {'95% cov':>23s}  {'95% bootstrap':>23s}"]
     keys = ['t_d', 'L_d', 'r_d', 'c0', 'c1', 'f1', 'b', 'final_loss_pred', 'rsle', 'rsle_power_law']
     for name, k, r in [(k, k, res) for k in keys] + [(k + ' published', k, pub) for k in keys[:3] if pub]:
         cov, boot = ci(r.get(k + '_ci_cov')), ci(r.get(k + '_ci_boot'))
