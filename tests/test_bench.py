@@ -200,7 +200,6 @@ def test_a_step_by_pass_adds_up_and_counts_every_host_read(cache_dir, monkeypatc
         assert sum(v[0] for v in runs[level].values()) == pytest.approx(step[0], rel=1e-9)
         assert sum(v[1] for v in runs[level].values()) == step[1] and step[2] == 0  # no CUDA here
     assert set(runs['none']) <= {'forward', 'backward', 'clip', 'AdamW step', 'copy of theta_t', 'writes', 'other'}
-    assert 'copy of theta_t' not in runs['none'] or runs['none']['copy of theta_t'][1] == 0  # none: no copy made
     assert {'probe forward (fp32)', 'post-update forward (fp32)', 'decomposition in h', 'opposition, position-local',
             'decomposition in theta (grad+ backward)', 'D, M and nulls', 'copy of theta_t'} <= set(runs['all'])
     original = metrics.loss_change_interference
