@@ -183,7 +183,6 @@ def by_pass(args, level, out_dir):
     holds is 'other'. Host reads: the project's calls of HOST_READS; CUDA syncs: as torch.cuda counts."""
     device, state = args.device.split(':')[0], dict(inside=None, moment=None, reads=0, syncs=0)
     cuda, acc, steps = device == 'cuda', collections.Counter(), []  # acc: (pass, column) -> this step's total
-
     device_sync = (lambda: (torch.cuda.set_sync_debug_mode(0), torch.cuda.synchronize(),  # between passes,
                             torch.cuda.set_sync_debug_mode(1))) if cuda else (lambda: None)  # not theirs
 
@@ -228,9 +227,8 @@ def by_pass(args, level, out_dir):
         warnings.showwarning = lambda msg, *_: state.update(syncs=state['syncs'] + ('synchroniz' in str(msg)))
         for owner, attr, fn in patches:
             stack.enter_context(mock.patch.object(owner, attr, fn))
-        if cuda:
-            torch.cuda.set_sync_debug_mode(1)
-            stack.callback(torch.cuda.set_sync_debug_mode, 0)
+        if cuda:  # CUDA counts its syncs until the end
+            torch.cuda.set_sync_debug_mode(1), stack.callback(torch.cuda.set_sync_debug_mode, 0)
         train_py(argparse.Namespace(**vars(args) | {'compile': False}), level, out_dir)
     for i, s in list(enumerate(steps))[1:]:  # what no pass holds: the step's time and counts less theirs
         total = (s['step'], *(b - a for a, b in zip(steps[i - 1]['total'], s['total'])))
