@@ -1,16 +1,14 @@
 """
-Loss deceleration: a 1-break broken-neural-scaling-law (BNSL) fit of a training-loss curve,
+Loss deceleration: the 1-break BNSL fit of loss curves, one JSON line a path (docs/bnsl.md explains it).
 
-    log L(t) = log b - c0 log t - c1 f1 log(1 + exp((log t - log d1) / f1)),
+    log L(t) = log b - c0 log t - c1 f1 log(1 + exp((log t - log d1) / f1))
 
-whose slope is c0 before the break and c0 + c1 after it. Reported: t_d = d1, L_d = b t_d^-c0 and
-r_d = c0 + c1, with 95 % intervals. The curve is smoothed by a trailing moving average, which lags:
-the default, 'unbiased', convention passes the form through the same average before comparing; the
-published one (reported beside it) does not, and puts t_d about 9 % late. docs/bnsl.md explains
-the form, the conventions, the preprocessing, the traps, the intervals and every output key.
+falls with slope c0 before the break and c0 + c1 after it. Reported: t_d = d1, L_d = b t_d^-c0 and
+r_d = c0 + c1 with 95 % intervals, or why the break cannot be located. The curve is smoothed by a
+trailing moving average, which lags: the default, 'unbiased', convention passes the form through the
+same average; the published one (reported beside it) does not, and puts t_d about 9 % late.
 """
 
-import argparse
 import json
 import math
 import os
@@ -20,7 +18,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import expit
 
-from runs import fail
+import runs
 
 MIN_POINTS = 8  # fewer points to fit is bad input (the 1-break form has 5 parameters)
 MIN_STEP = 20  # default transient cut: steps <= MIN_STEP are dropped (docs/bnsl.md says why 20)
@@ -28,8 +26,7 @@ F1_MIN = 0.01  # lower bound of f1 (> 0: no mirror solution); the upper bound is
 MIN_SIDE, MIN_GAIN, C1_TOL = 3, 0.5, 0.02  # a break: 3 points each side, halves a power law's error, 2 %
 Z95 = 1.959963984540054  # standard normal quantile of 0.975: 95 % intervals
 
-# -----------------------------------------------------------------------------
-# the form; p = (log b, c0, c1, log d1, f1) in the fit
+# --- the form; p = (log b, c0, c1, log d1, f1) in the fit ----------------------------------------
 
 
 def log_bnsl(x, log_b, c0, cs, log_ds, fs):
@@ -67,8 +64,7 @@ def post_break_loss(t, L_d, t_d, r_d):
 
 def break_quantities(p):
     """(t_d, L_d, r_d) = (d1, b d1^-c0, c0 + c1) of the fitted p."""
-    log_b, c0, c1, log_d1, f1 = (float(v) for v in p)
-    return math.exp(log_d1), loss_at_break(math.exp(log_b), c0, math.exp(log_d1)), c0 + c1
+    return math.exp(p[3]), loss_at_break(math.exp(p[0]), float(p[1]), math.exp(p[3])), float(p[1] + p[2])
 
 
 def log_window_mean(y, first, last):
@@ -99,8 +95,7 @@ def log_bnsl_jacobian(x, p, first=None, last=None):
     sums = csum[:, last + 1] - csum[:, first]  # (6, n): sum of L, then of L J, over each window
     return (sums[1:] / sums[0]).T  # (n, 5)
 
-# -----------------------------------------------------------------------------
-# preprocessing
+# --- preprocessing ------------------------------------------------------------------------------
 
 
 def window_starts(n, factor=1.2):
@@ -110,11 +105,8 @@ def window_starts(n, factor=1.2):
 
 def log_moving_average(y, factor=1.2):
     """Trailing log moving average: out[j] = mean(y[floor(j / factor) .. j]) (width a fraction of j)."""
-    y = np.asarray(y, dtype=float)
-    j = np.arange(len(y))
-    lo = window_starts(len(y), factor)
-    csum = np.concatenate([[0.0], np.cumsum(y)])
-    return (csum[j + 1] - csum[lo]) / (j + 1 - lo)
+    csum, lo = np.concatenate([[0.0], np.cumsum(np.asarray(y, dtype=float))]), window_starts(len(y), factor)
+    return (csum[1:] - csum[lo]) / (np.arange(1, len(y) + 1) - lo)
 
 
 def kept_rows(steps, min_step=MIN_STEP, subsample=True, n_points=200):
@@ -158,8 +150,7 @@ def fit_inputs(steps, loss, convention='unbiased', smooth=True, subsample=True, 
             raise ValueError(f"{len(t)} points to fit (steps > {min_step:g}), need at least {MIN_POINTS}")
     return out
 
-# -----------------------------------------------------------------------------
-# the fit
+# --- the fit ------------------------------------------------------------------------------------
 
 
 def fit_from(f, jac, y, p0, lo, hi):
@@ -276,8 +267,7 @@ def fit_bnsl(steps, loss, n_boot=100, block=0, seed=0, window=None):
     boot = {} if reason or n_boot == 0 else bootstrap_intervals(refit, base, resid, smooth, n_boot, block, seed)
     for k in ['t_d', 'L_d', 'r_d']:
         res[f'{k}_ci_cov'], res[f'{k}_ci_boot'] = cov.get(k), boot.get(k)
-    if reason:
-        res.update(t_d=None, L_d=None, r_d=None, final_loss_pred=None)
+    res.update(dict(t_d=None, L_d=None, r_d=None, final_loss_pred=None) if reason else {})
     finite = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # JSON has no NaN
     return {k: [finite(u) for u in v] if isinstance(v, list) else finite(v) for k, v in res.items()}
 
@@ -293,8 +283,7 @@ def fit_curve(steps, loss, convention='unbiased', smooth=True, subsample=True, m
     published = fits['published'] if name == 'unbiased' else None
     return dict(fits[name], convention=name, published=published and dict(published, convention='published'))
 
-# -----------------------------------------------------------------------------
-# input and command line
+# --- input and command line ---------------------------------------------------------------------
 
 
 def load_curve(path):
@@ -308,7 +297,9 @@ def load_curve(path):
             raise ValueError(f"{npy}: unreadable, not a run directory's record ({e})")
         loss = loss[:np.isnan(np.append(loss, np.nan)).argmax()]  # the rows before the first NaN
         steps = np.arange(len(loss), dtype=float)
-    elif os.path.isfile(path):  # a CSV file of step,loss lines; a first line that is not numbers is a header
+    elif not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file or directory")
+    else:  # a CSV file of step,loss lines; a first line that is not numbers is a header
         with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark is not part of the first line
             lines = f.read().splitlines()  # not UTF-8: UnicodeDecodeError, a ValueError
         rows = []
@@ -320,8 +311,6 @@ def load_curve(path):
                 if line.strip() and i > 0:  # blank lines are skipped
                     raise ValueError(f"{path}: line {i + 1} is not 'step,loss': {line[:40]!r}")
         steps, loss = np.array(rows, dtype=float).reshape(-1, 2).T
-    else:
-        raise ValueError(f"{path}: no such file or directory")
     bad = np.flatnonzero(~np.isfinite(steps) | ~np.isfinite(loss) | ~(loss > 0))
     if len(bad):
         raise ValueError(f"{path}: step {steps[bad[0]]:g} has loss {loss[bad[0]]:g} (need finite, > 0)")
@@ -343,9 +332,8 @@ def format_table(res):
     """A human-readable table of one fit: each quantity and its 95 % intervals, then the published fit's."""
     pub, fmt = res['published'], lambda v: 'null' if v is None else f"{v:.4g}"
     ci = lambda c: '' if c is None else f"[{c[0]:.4g}, {c[1]:.4g}]"
-    (t0, t1), head = res['t_range'], f"{'value':>30s}  {'95% cov':>23s}  {'95% bootstrap':>23s}"
-    lines = [f"{res['path']}: {res['n_points']} points, steps {t0:g}..{t1:g}, {res['convention']} convention",
-             head]
+    lines = [f"{res['path']}: {res['n_points']} points, steps {res['t_range'][0]:g}..{res['t_range'][1]:g}, "
+             f"{res['convention']} convention", f"{'value':>30s}  {'95% cov':>23s}  {'95% bootstrap':>23s}"]
     keys = ['t_d', 'L_d', 'r_d', 'c0', 'c1', 'f1', 'b', 'final_loss_pred', 'rsle', 'rsle_power_law']
     for name, k, r in [(k, k, res) for k in keys] + [(k + ' published', k, pub) for k in keys[:3] if pub]:
         cov, boot = ci(r.get(k + '_ci_cov')), ci(r.get(k + '_ci_boot'))
@@ -354,30 +342,22 @@ def format_table(res):
                               for name, r in [('', res), ('published: ', pub)] if r and not r['identifiable']])
 
 
-def at_least(minimum):
-    """An argparse type: an integer >= minimum."""
-    def integer(s):
-        if int(s) < minimum:  # not an integer: ValueError, which argparse reports
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {s}")
-        return int(s)
-    return integer
+SETTINGS = [  # the flags with a value: (name, default, type, help); docs/bnsl.md says more
+    ('min_step', MIN_STEP, runs.nonnegative, 'cut the steps t <= this'),
+    ('n_points', 200, runs.checked(int, lambda v: v >= 2, 'at least 2'), 'log-spaced points kept'),
+    ('n_boot', 100, runs.count, 'bootstrap resamples (0: none)'),
+    ('block', 0, runs.count, 'bootstrap block length (0: ceil(sqrt(n)))'),
+    ('seed', 0, runs.count, 'seed of the bootstrap')]
+SWITCHES = [('published', 'only the published convention (t_d lags)'), ('raw', 'no smoothing, subsampling or cut'),
+            ('no_smooth', 'skip the trailing log moving average'), ('no_subsample', 'skip the log-spaced subsampling'),
+            ('table', 'a human-readable table instead of JSON')]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The 1-break BNSL fit of loss curves, one JSON line a path "
-                                "(docs/bnsl.md: the method and every output key).")
-    p.error = fail  # bad input: one line, exit status 2
+    p = runs.parser(__doc__, SETTINGS)
     p.add_argument('paths', nargs='+', help='run directories (train_loss.npy) or CSV files (step,loss)')
-    p.add_argument('--published', action='store_true', help='only the published convention (t_d lags)')
-    p.add_argument('--raw', action='store_true', help='no smoothing, subsampling or cut')
-    p.add_argument('--no_smooth', action='store_true', help='skip the trailing log moving average')
-    p.add_argument('--no_subsample', action='store_true', help='skip the log-spaced subsampling')
-    p.add_argument('--min_step', type=float, default=MIN_STEP, help='cut the steps t <= this (%(default)g)')
-    p.add_argument('--n_points', type=at_least(2), default=200, help='log-spaced points kept (%(default)d)')
-    p.add_argument('--n_boot', type=at_least(0), default=100, help='bootstrap resamples (%(default)d; 0: none)')
-    p.add_argument('--block', type=at_least(0), default=0, help='bootstrap block length (0: ceil(sqrt(n)))')
-    p.add_argument('--seed', type=at_least(0), default=0, help='seed of the bootstrap (%(default)d)')
-    p.add_argument('--table', action='store_true', help='a human-readable table instead of JSON')
+    for name, help in SWITCHES:
+        p.add_argument('--' + name, action='store_true', help=help)
     args = p.parse_args(argv)
     prep = dict(convention='published' if args.published else 'unbiased',
                 smooth=not (args.raw or args.no_smooth), subsample=not (args.raw or args.no_subsample),
@@ -388,11 +368,10 @@ def main(argv=None):
             curves.append((path, *load_curve(path)))
             fit_inputs(*curves[-1][1:], **prep)  # too few points to fit: ValueError
         except ValueError as e:
-            fail(e if str(e).startswith(path) else f"{path}: {e}")
+            runs.fail(e if str(e).startswith(path) else f"{path}: {e}")
     for path, steps, loss in curves:
         res = fit_curve(steps, loss, **prep, n_boot=args.n_boot, block=args.block, seed=args.seed)
-        res['path'] = path
-        print(format_table(res) if args.table else json.dumps(res), flush=True)
+        print(format_table(res | {'path': path}) if args.table else json.dumps(res | {'path': path}), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,16 +1,18 @@
 """
-What recording costs: train.py at each recording level against a plain loop, and each measurement on its own.
+What recording costs: train.py at each recording level against a plain loop, each measurement on its own,
+and a step by pass.
 
     python bench/bench.py                          # train.py's default model and batch, on the CPU
     python bench/bench.py --rounds 5 --steps 60    # more samples; --n_layer, --n_embd, ... other sizes
     python bench/bench.py --device cuda --dtype bfloat16 --compile --steps_only \
         --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --batch_size 8   # MFU, GPT-2-small-like
 
-In one process, the variants interleaved round by round so that machine noise hits them alike.
-results/bench.md describes the six sections printed and keeps the measurements.
+The variants interleaved round by round in one process, so that machine noise hits them alike.
+results/bench.md describes the seven sections printed and keeps the measurements.
 """
 
 import argparse
+import collections
 import contextlib
 import io
 import math
@@ -19,22 +21,27 @@ import statistics
 import sys
 import tempfile
 import time
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import warnings
+from unittest import mock
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repository root
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import bnsl
-import data
 import metrics
 import plot
 import recorder
 import runs
 import train
-from model import build_gpt, per_token_loss
+from model import GPT, build_gpt, per_token_loss
+if __package__:  # imported as bench.bench (by the tests)
+    from bench.baselines import MATMUL_N, PlainGPT, matmul_ms, matmul_tflops, published_gradient_sums
+else:  # run as a script: bench/ is sys.path[0]
+    from baselines import MATMUL_N, PlainGPT, matmul_ms, matmul_tflops, published_gradient_sums
 
 WARMUP = 3  # first steps of every run left out of the medians
 # dense bf16 tensor-core peaks in TFLOP/s (NVIDIA's datasheets), of the first key in the device's name
@@ -43,19 +50,34 @@ PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.5, 'H200 NVL': 835.5, 'H
 LOCAL_SUBSET = 64  # tokens timed one backward each for the position-local comparison
 METHOD_SEQS = (1, 4, 16)  # probe sequences on which the project's and the published opposition are compared
 LOOPED_SEQS = 1  # probe sequences on which the project's and the looped opposition (definition) are compared
-MATMUL_N, MATMUL_REPS = 2048, 3  # on the CPU: the (n, n) @ (n, n) fp32 matmul timed, times a round
 LABELS = {'plain': 'plain nanoGPT step (written in bench.py)', 'none': 'train.py --record none (bare)',
           'light': 'train.py --record light (unscheduled steps)', 'all': 'train.py --record all'}
 LEVELS = ['none', 'light', 'all']  # train.py's --record levels
+HOST_READS = ['item', 'cpu', 'tolist', '__bool__', '__float__', '__int__']  # each a device->host copy on a GPU
+# the passes of a step: (owner, function, pass); a dict names the pass by the Recorder moment it runs in;
+# None: the Recorder moments themselves, whose time outside the passes goes to 'other'
+FP32_FORWARD = {'after_update': 'post-update forward (fp32)', 'batch': 'fp32 recompute of the batch (bf16)',
+                'probe': 'training-window probe forward (fp32)'}
+PASSES = [(GPT, 'forward', 'forward'), (torch.Tensor, 'backward', 'backward'),
+          (torch.nn.utils, 'clip_grad_norm_', 'clip'), (torch.optim.AdamW, 'step', 'AdamW step'),
+          (recorder.Recorder, 'probe', None), (recorder.Recorder, 'batch', None),
+          (recorder.Recorder, 'after_update', None), (metrics, 'fp32_probe_forward', 'probe forward (fp32)'),
+          (metrics, 'fp32_forward', FP32_FORWARD), (metrics, 'output_decomposition', 'decomposition in h'),
+          (metrics, 'theta_decomposition', 'decomposition in theta (grad+ backward)'),
+          (metrics, 'position_local_gradient_sums', 'opposition, position-local'),
+          (metrics, 'opposition_summary', 'opposition, position-local'),
+          (metrics, 'loss_change_interference', 'D, M and nulls'),
+          (recorder.Recorder, 'keep_theta', 'copy of theta_t'), (recorder.Recorder, 'write', 'writes')]
 SETTINGS = [s for s in train.SETTINGS if s[0] in (
-    'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'vocab_size', 'probe_seqs', 'cache_dir')] + [
+    'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'probe_seqs', 'cache_dir')] + [
+    ('vocab_size', 4096, runs.checked(int, lambda v: 256 < v <= 65536, 'in 257..65536'), 'BPE vocabulary size'),
     ('device', 'cpu', str, 'cpu, cuda, cuda:N or mps'),
     ('dtype', 'float32', ['auto', 'float32', 'bfloat16'], 'training precision, as in train.py'),
     ('compile', False, bool, 'torch.compile the training steps, as in train.py'),
     ('steps_only', False, bool, 'sections 1 and 6 only (the training steps), e.g. for MFU at a large size'),
     ('peak_tflops', 0.0, runs.nonnegative, "the device's peak TFLOP/s at --dtype, for MFU "
      "(0: from PEAK_BF16_TFLOPS for bf16 on a known GPU)"),
-    ('steps', 40, runs.positive, 'training steps per run and round'),
+    ('steps', 40, runs.checked(int, lambda v: v > WARMUP + 1, f'more than {WARMUP + 1}'), 'training steps per run'),
     ('rounds', 3, runs.positive, 'rounds; every variant runs once a round'),
     ('reps', 5, runs.positive, 'repetitions of each quantity timed on its own, per round'),
 ]
@@ -63,8 +85,6 @@ SETTINGS = [s for s in train.SETTINGS if s[0] in (
 
 def get_args(argv=None):
     args = runs.parser(__doc__, SETTINGS).parse_args(argv)
-    if args.steps <= WARMUP + 1:
-        runs.fail(f"--steps must exceed {WARMUP + 1}, got {args.steps}")
     if args.n_embd % args.n_head:
         runs.fail(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     problem = runs.check_device(args.device, args.dtype)  # train.py's rules: checked up front, one line
@@ -86,39 +106,6 @@ def timed(fn, device, setup=None):
     fn(state)
     sync()
     return 1000 * (time.perf_counter() - start)
-
-
-class PlainGPT(nn.Module):
-    """The plain loop's GPT, written here and not imported from model.py, so that a slowdown in the
-    project's model or loss shows up against it: token + position embeddings, pre-LayerNorm blocks
-    (causal self-attention, 4x GELU MLP), a final LayerNorm and an untied LM head, GPT-2's init."""
-
-    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd, bias):
-        super().__init__()
-        d, self.n_head = n_embd, n_head
-        self.wte, self.wpe = nn.Embedding(vocab_size, d), nn.Embedding(block_size, d)
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(  # the layers of one block, in the order used
-            ln1=nn.LayerNorm(d, bias=bias), qkv=nn.Linear(d, 3 * d, bias), proj=nn.Linear(d, d, bias),
-            ln2=nn.LayerNorm(d, bias=bias), fc=nn.Linear(d, 4 * d, bias), out=nn.Linear(4 * d, d, bias),
-        )) for _ in range(n_layer))
-        self.ln_f, self.head = nn.LayerNorm(d, bias=bias), nn.Linear(d, vocab_size, bias=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2:  # matrices N(0, 0.02); the two that write into the residual stream smaller
-                residual = name.endswith(('proj.weight', 'out.weight'))
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer) if residual else 0.02)
-            elif 'ln' not in name:  # Linear biases 0 (LayerNorms keep their 1 and 0)
-                nn.init.zeros_(p)
-
-    def forward(self, idx):
-        """Logits: (B, T) -> (B, T, V)."""
-        B, T = idx.shape
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))  # (B, T, d)
-        for b in self.blocks:
-            q, k, v = b.qkv(b.ln1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + b.proj(y.transpose(1, 2).reshape(B, T, -1))  # heads side by side again: (B, T, d)
-            x = x + b.out(F.gelu(b.fc(b.ln2(x))))
-        return self.head(self.ln_f(x))
 
 
 def plain_model(args, corpus):
@@ -179,11 +166,92 @@ def train_py(args, level, out_dir):
         argv += ['--' + name, str(getattr(args, name))]
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(argv)
-    ms = np.load(os.path.join(out_dir, 'step_ms.npy'))
-    keep = (np.arange(len(ms)) >= WARMUP) & (np.arange(len(ms)) < len(ms) - 1)  # the last: scheduled passes
-    if level == 'light':  # its unscheduled steps: no post-update pass recorded
+    return list(np.load(os.path.join(out_dir, 'step_ms.npy'))[timed_steps(out_dir, level)])
+
+
+def timed_steps(out_dir, level):
+    """The steps train_py times: not the warm-up nor the last; under light the unscheduled ones only."""
+    n = len(np.load(os.path.join(out_dir, 'step_ms.npy')))
+    keep = (np.arange(n) >= WARMUP) & (np.arange(n) < n - 1)  # the last: the scheduled passes
+    if level == 'light':  # no post-update pass recorded
         keep &= np.isnan(np.load(os.path.join(out_dir, 'train_loss_post.npy'))[:, 0, 0])
-    return list(ms[keep])
+    return np.flatnonzero(keep)
+
+
+def by_pass(args, level, out_dir):
+    """pass -> (ms, host reads, CUDA syncs), means per timed step of train_py at a level, eager, each
+    pass of PASSES between device syncs. A call counts in the outermost pass it is in; what no pass
+    holds is 'other'. Host reads: the project's calls of HOST_READS; CUDA syncs: as torch.cuda counts."""
+    device, state = args.device.split(':')[0], dict(inside=None, moment=None, reads=0, syncs=0)
+    cuda, acc, steps = device == 'cuda', collections.Counter(), []  # acc: (pass, column) -> this step's total
+    device_sync = (lambda: (torch.cuda.set_sync_debug_mode(0), torch.cuda.synchronize(),  # between passes,
+                            torch.cuda.set_sync_debug_mode(1))) if cuda else (lambda: None)  # not theirs
+
+    def as_pass(fn, name):
+        def call(*a, **k):
+            label = name.get(state['moment'], 'fp32 forward, elsewhere') if isinstance(name, dict) else name
+            if state['inside'] or label is None:  # inside a pass, or a Recorder moment: context only
+                moment, state['moment'] = state['moment'], state['moment'] if label else fn.__name__
+                try:
+                    return fn(*a, **k)
+                finally:
+                    state['moment'] = moment
+            device_sync()
+            state['inside'], reads, syncs, start = label, state['reads'], state['syncs'], time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                device_sync()
+                state['inside'] = None
+                for c, v in enumerate((1000 * (time.perf_counter() - start), state['reads'] - reads,
+                                       state['syncs'] - syncs)):
+                    acc[label, c] += v
+        return call
+
+    def counted(fn):  # a host read by the project's code (not torch's) of a tensor on the run's device
+        def call(t, *a, **k):
+            where = sys._getframe(1).f_code.co_filename
+            state['reads'] += t.device.type == device and where.startswith(ROOT) and 'site-packages' not in where
+            return fn(t, *a, **k)
+        return call
+
+    def write(rec, name, row, value, _write=recorder.Recorder.write):
+        if name == 'step_ms':  # the step is over (its time taken): keep its passes and its time
+            steps.append(dict(acc, step=value, total=(state['reads'], state['syncs'])))
+            acc.clear()
+        return _write(rec, name, row, value)
+    patches = [(owner, attr, as_pass(write if attr == 'write' else getattr(owner, attr), name))
+               for owner, attr, name in PASSES] + [(torch.Tensor, m, counted(getattr(torch.Tensor, m)))
+                                                   for m in HOST_READS]
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        warnings.simplefilter('always')  # CUDA's sync warnings, counted, not shown
+        warnings.showwarning = lambda msg, *_: state.update(syncs=state['syncs'] + ('synchroniz' in str(msg)))
+        for owner, attr, fn in patches:
+            stack.enter_context(mock.patch.object(owner, attr, fn))
+        if cuda:  # CUDA counts its syncs until the end
+            torch.cuda.set_sync_debug_mode(1), stack.callback(torch.cuda.set_sync_debug_mode, 0)
+        train_py(argparse.Namespace(**vars(args) | {'compile': False}), level, out_dir)
+    for i, s in list(enumerate(steps))[1:]:  # what no pass holds: the step's time and counts less theirs
+        total = (s['step'], *(b - a for a, b in zip(steps[i - 1]['total'], s['total'])))
+        s.update({('other', c): total[c] - sum(v for k, v in s.items() if k[1:] == (c,)) for c in range(3)})
+        s.update({('step (step_ms)', c): total[c] for c in range(3)})
+    kept = [steps[i] for i in timed_steps(out_dir, level)]
+    names = {k[0] for s in kept for k in s if k not in ('step', 'total')}
+    return {name: tuple(np.mean([s.get((name, c), 0) for s in kept]) for c in range(3)) for name in names}
+
+
+def print_passes(args, tmp):
+    """Section 7: by_pass at each level, a row a pass: ms, host reads (and CUDA syncs) per step."""
+    cuda, rows = args.device.startswith('cuda'), {lv: by_pass(args, lv, os.path.join(tmp, lv)) for lv in LEVELS}
+    print("\n7. a step by pass (train.py, eager, each pass between device syncs; per step, mean over section 1's "
+          "steps): ms, host reads (the project's .item(), .cpu(), .tolist(), bool/float/int of a device tensor: "
+          "on a GPU each waits)" + (", CUDA syncs (as set_sync_debug_mode counts)" if cuda else "; CPU: no wait"))
+    print(f"   {'pass':44s}" + ''.join(f"{lv + ': ms, reads' + ', syncs' * cuda:>{18 + 6 * cuda}s}" for lv in LEVELS))
+    names = [n for *_, n in PASSES if isinstance(n, str)] + [*FP32_FORWARD.values(), 'other', 'step (step_ms)']
+    for name in (n for n in dict.fromkeys(names) if any(n in r for r in rows.values())):
+        cells = [rows[lv].get(name, (0, 0, 0)) if rows[lv] else None for lv in LEVELS]
+        print(f"   {name:44s}" + ''.join(f"{'n/a':>{18 + 6 * cuda}s}" if c is None else f"{c[0]:12.2f}{c[1]:6.1f}"
+                                         + f"{c[2]:6.1f}" * cuda for c in cells))  # n/a: no timed step
 
 
 def subset_graph(model, local, x, y):
@@ -295,63 +363,6 @@ def components(args, corpus):
     return times, checks
 
 
-def published_gradient_sums(model, idx, targets):
-    """name -> (sum g, sum |g|, sum g^2) over the tokens, as the published analysis computes them
-    (github.com/mirandrom/zsl, grad_intrf_true.py), ported as the baseline of per_token_gradient_sums,
-    sharing no code with it: one forward; per position j one backward of sum_n l_nj, in which each layer
-    turns its X and G at positions <= j into each sequence's gradient (their einsum 'Bsd,Bsp->Bpd';
-    embeddings: the rows of its tokens) and adds it up. No weight gradient formed; untied heads only."""
-    assert model.transformer.wte.weight is not model.lm_head.weight, "the port needs an untied LM head"
-    sums = {name: tuple(torch.zeros_like(p) for _ in range(3)) for name, p in model.named_parameters()}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.LayerNorm))}
-    saved, embedded, position = {}, [], [0]  # X of each layer; the embedding output; j
-
-    def hooks(name, module):
-        def per_sequence_gradients(G):  # G (B, T, out): the output gradient of sum_n l_nj
-            j = position[0]
-            G, X = G[:, :j + 1], saved[name][:, :j + 1]  # positions after j: no gradient
-            linear = isinstance(module, nn.Linear)
-            grads = {'.weight': torch.einsum('bso,bsi->boi', G, X) if linear else (G * X).sum(1)}
-            grads.update({'.bias': G.sum(1)} if module.bias is not None else {})
-            for suffix, g in grads.items():  # g (B, *shape): the gradient of each sequence's token at j
-                for total, part in zip(sums[name + suffix], (g, g.abs(), g.pow(2))):
-                    total.add_(part.sum(0))
-
-        def keep_input(module, inputs, output):
-            X = inputs[0].detach()
-            saved[name] = X if isinstance(module, nn.Linear) else F.layer_norm(
-                X, module.normalized_shape, eps=module.eps)  # a LayerNorm's weight multiplies xhat
-            output.register_hook(per_sequence_gradients)
-        return keep_input
-    handles = [m.register_forward_hook(hooks(name, m)) for name, m in layers.items()]
-    handles.append(model.transformer.wte.register_forward_hook(lambda m, i, out: embedded.append(out)))
-    try:
-        logits = model(idx)[0]  # (B, T, V), its graph kept for the T backward passes
-    finally:
-        for handle in handles:
-            handle.remove()
-    # their reindexing: slot[n, s] numbers sequence n's distinct ids by first appearance (a slot <= s),
-    # ids[n, slot] maps back (0 where unused)
-    slot, ids = torch.zeros(idx.shape, dtype=torch.long), torch.zeros(idx.shape, dtype=torch.long)
-    for n, row in enumerate(idx.tolist()):
-        first = {}
-        for s, token in enumerate(row):
-            slot[n, s] = first.setdefault(token, len(first))
-            ids[n, slot[n, s]] = token
-    slot, ids = slot.to(idx.device), ids.to(idx.device)
-    for j in range(idx.shape[1]):
-        position[0] = j
-        loss = F.cross_entropy(logits[:, j], targets[:, j], reduction='sum')  # the B tokens at position j
-        G, = torch.autograd.grad(loss, embedded[0], retain_graph=True)  # the layers' hooks run on the way
-        G = G[:, :j + 1]  # (B, j+1, d)
-        rows = torch.zeros_like(G).scatter_add_(1, slot[:, :j + 1, None].expand_as(G), G)  # per sequence
-        for total, g in zip(sums['transformer.wte.weight'], (rows, rows.abs(), rows.pow(2))):
-            total.index_add_(0, ids[:, :j + 1].flatten(), g.flatten(0, 1))
-        for total, g in zip(sums['transformer.wpe.weight'], (G.sum(0), G.abs().sum(0), G.pow(2).sum(0))):
-            total[:j + 1] += g
-    return sums
-
-
 def print_components(args, times, checks):
     """Sections 2 to 4: each quantity's median ms and its ratio to a training step; the methods compared."""
     median_ms, N = {k: statistics.median(t) for k, t in times.items()}, args.batch_size * args.block_size
@@ -413,18 +424,6 @@ def print_outputs(args, tmp):
     print(f"   plot.py on the {len(LEVELS)} runs made here ({args.steps} steps each): {ms / 1000:.1f} s")
 
 
-def matmul_ms(n=MATMUL_N, reps=MATMUL_REPS):
-    """ms of each of `reps` fp32 (n, n) @ (n, n) matmuls on the CPU, after one untimed."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    return [timed(lambda _: a @ b, 'cpu') for _ in range(reps)]
-
-
-def matmul_tflops(ms, n=MATMUL_N):
-    """TFLOP/s of (n, n) @ (n, n) matmuls taking `ms` each: 2 n^3 FLOPs over the median time."""
-    return 2 * n ** 3 / (statistics.median(ms) / 1000) / 1e12
-
-
 def flops_per_token(config):
     """Model FLOPs of one training token, forward and backward, counting a multiply-add as 2 FLOPs and
     the backward as twice the forward (the PaLM paper's appendix B, as nanoGPT's MFU):
@@ -451,20 +450,18 @@ def print_flops(args, corpus, median_ms, matmuls):
         print(f"   an MFU analogue: achieved model FLOP/s / measured matmul FLOP/s (fp32 {MATMUL_N} x "
               f"{MATMUL_N} @ {MATMUL_N} x {MATMUL_N}, median of {len(matmuls)}, timed in the rounds: "
               f"{matmul_peak:.3f} TFLOP/s)")
-    for variant, ms in median_ms.items():
-        if ms is None:
-            print(f"   {LABELS[variant]:50s}  n/a (no timed step, see section 1)")
-            continue
-        tflops = flops * args.batch_size * args.block_size / (ms / 1000) / 1e12
-        print(f"   {LABELS[variant]:50s}{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * tflops / peak:5.1f}%"
-              if peak else "") + (f"   {100 * tflops / matmul_peak:5.3g}% of matmul" if matmul_peak else ""))
+    for variant, ms in median_ms.items():  # None: no timed step
+        tflops = ms and flops * args.batch_size * args.block_size / (ms / 1000) / 1e12
+        print(f"   {LABELS[variant]:50s}" + ("  n/a (no timed step, see section 1)" if ms is None else
+              f"{tflops:10.3f} TFLOP/s" + (f"   MFU {100 * tflops / peak:5.1f}%" if peak else "")
+              + (f"   {100 * tflops / matmul_peak:5.3g}% of matmul" if matmul_peak else "")))
 
 
 def main(argv=None):
     args = get_args(argv)
     if args.device == 'cpu':  # as train.py does; here before the first step, so every variant runs under it
         runs.keep_freed_memory()
-    corpus = data.prepare(None, args.vocab_size, args.cache_dir)
+    corpus = train.load_corpus(args, master=False)  # the default corpus; bad values: one line, exit 2
     print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, "
           f"vocabulary {corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, "
           f"{args.device} ({args.dtype}{', compiled' if args.compile else ''}), torch {torch.__version__}, "
@@ -494,7 +491,8 @@ def main(argv=None):
         if not args.steps_only:
             print_components(args, *components(args, corpus))
             print_outputs(args, tmp)
-    print_flops(args, corpus, median_ms, matmuls)
+        print_flops(args, corpus, median_ms, matmuls)
+        print_passes(args, tmp)
 
 
 if __name__ == '__main__':

@@ -10,7 +10,6 @@ prints a Markdown table: how often a break is found, the median relative error o
 quartiles, and how often each 95 % interval covers the true t_d.
 """
 
-import argparse
 import math
 import os
 import platform
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import bnsl  # noqa: E402
-from runs import fail  # noqa: E402
+import runs  # noqa: E402
 
 STUDY_BREAKS = [(100, 2000), (1000, 10000), (20000, 100000)]  # (true t_d, steps in the run)
 STUDY_N_BOOT = 40  # bootstrap resamples per fit in the study (the refits dominate its time)
@@ -85,10 +84,7 @@ def synthetic_study(n_seeds=20, n_boot=STUDY_N_BOOT, min_step=bnsl.MIN_STEP):
 
 
 if __name__ == '__main__':
-    p = argparse.ArgumentParser(description="bnsl.py's two conventions on curves with a known break.")
-    p.error = fail  # bad input: one line, exit status 2
-    p.add_argument('--n_seeds', type=bnsl.at_least(1), default=20, help='noisy curves a case')
-    p.add_argument('--n_boot', type=bnsl.at_least(0), default=STUDY_N_BOOT, help='bootstrap resamples a fit')
-    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP, help="bnsl.py's transient cut")
-    args = p.parse_args()
+    args = runs.parser(__doc__, [('n_seeds', 20, runs.positive, 'noisy curves a case'),
+                                 ('n_boot', STUDY_N_BOOT, runs.count, 'bootstrap resamples a fit'),
+                                 ('min_step', bnsl.MIN_STEP, runs.nonnegative, "bnsl.py's transient cut")]).parse_args()
     synthetic_study(args.n_seeds, args.n_boot, args.min_step)

@@ -26,7 +26,8 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
                 '--record all',
                 'probe pass', 'h-space decomposition', 'theta+/-', 'position-local opposition, |G|^T |X|',
                 'scheduled: JVP prediction', 'MB per step', 'BNSL fit', 'plot.py on the 3 runs',
-                '6. model FLOPs', 'TFLOP/s', 'an MFU analogue']:
+                '6. model FLOPs', 'TFLOP/s', 'an MFU analogue', '7. a step by pass', 'post-update forward (fp32)',
+                'opposition, position-local', 'writes', 'other']:
         assert row in out, row
     # on the CPU every training variant is a positive fraction of the measured matmul throughput
     fractions = [float(f) for f in re.findall(r'(\S+)% of matmul', out)]
@@ -41,9 +42,16 @@ def test_bench_prints_every_section_and_the_methods_agree(cache_dir):
     assert all(float(v) > 0 for _, *values in rows for v in values), out  # the ratio and both FLOP counts
 
 
-def test_bench_bad_flag_is_one_line():
-    proc = run_bench('--steps', '2')
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize('flags, words', [
+    (['--steps', '2'], '--steps must be more than 4'), (['--vocab_size', '100'], '--vocab_size must be in 257..65536'),
+    (['--peak_tflops', 'nan'], '--peak_tflops must be'), (['--rounds', '0'], '--rounds must be positive'),
+    (['--n_embd', '10', '--n_head', '4'], 'not divisible'), (['--block_size', '100000000'], 'fewer than one window'),
+    (['--cache_dir', 'README.md'], 'README.md')])
+def test_bench_bad_flag_is_one_line(flags, words, cache_dir):
+    """Every flag range-checked before any work: one line naming it, exit status 2, nothing printed."""
+    proc = run_bench('--cache_dir', cache_dir, *flags)  # a later --cache_dir wins
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0] and proc.stdout == '', proc.stderr
 
 
 def test_flops_per_token_counts_every_matmul_of_a_training_step():
@@ -173,3 +181,35 @@ def test_the_published_port_gives_the_sums_of_the_definition(bias):
         for k in range(3):
             torch.testing.assert_close(port[name][k], looped[name][k], rtol=1e-9, atol=1e-12)
     assert not any(m._forward_hooks for m in model.modules())  # its hooks are gone
+
+
+@pytest.mark.slow
+def test_a_step_by_pass_adds_up_and_counts_every_host_read(cache_dir, monkeypatch):
+    """by_pass on tiny runs: the passes and 'other' add up to the step's own time; the bare level has
+    no recording pass; five extra .item() calls in each loss_change_interference (two a full step:
+    the batch's change and the probe's) show as ten more host reads a step in its pass, and nowhere
+    else; every patch is undone."""
+    import torch
+    from bench import bench
+    import metrics
+    args = bench.get_args(TINY_BENCH + ['--steps', '8', '--cache_dir', cache_dir])
+    item, to_bool, runs = torch.Tensor.item, torch.Tensor.__bool__, {}
+    for level in ['none', 'all']:
+        runs[level] = bench.by_pass(args, level, os.path.join(cache_dir, 'by_pass', level))
+        step = runs[level].pop('step (step_ms)')
+        assert sum(v[0] for v in runs[level].values()) == pytest.approx(step[0], rel=1e-9)
+        assert sum(v[1] for v in runs[level].values()) == step[1] and step[2] == 0  # no CUDA here
+    assert set(runs['none']) <= {'forward', 'backward', 'clip', 'AdamW step', 'copy of theta_t', 'writes', 'other'}
+    assert {'probe forward (fp32)', 'post-update forward (fp32)', 'decomposition in h', 'opposition, position-local',
+            'decomposition in theta (grad+ backward)', 'D, M and nulls', 'copy of theta_t'} <= set(runs['all'])
+    original = metrics.loss_change_interference
+
+    def reading(change, generator):
+        for _ in range(5):
+            change.sum().item()
+        return original(change, generator)
+    monkeypatch.setattr(metrics, 'loss_change_interference', reading)
+    more = bench.by_pass(args, 'all', os.path.join(cache_dir, 'by_pass', 'more'))
+    assert more['D, M and nulls'][1] == runs['all']['D, M and nulls'][1] + 10
+    assert all(more[k][1] == v[1] for k, v in runs['all'].items() if k != 'D, M and nulls'), (more, runs['all'])
+    assert torch.Tensor.item is item and torch.Tensor.__bool__ is to_bool

@@ -279,8 +279,8 @@ def test_smoothed_fit_is_the_smoothed_curve():
 
 
 def test_published_convention_is_the_form_fitted_to_the_preprocessed_points():
-    """convention='published' (and the 'published' fit beside the default one) is exactly the fit
-    bnsl.py made before the unbiased default: fit_bnsl of preprocess's points, as they are."""
+    """convention='published' (and the 'published' fit beside the default one) is exactly fit_bnsl of
+    preprocess's points, as they are."""
     loss = curve(T_ALL, 150, 0.6, -0.45, 0.3, noise=0.05)
     old = bnsl.fit_bnsl(*bnsl.preprocess(T_ALL, loss), n_boot=20)
     pub = bnsl.fit_curve(T_ALL, loss, convention='published', n_boot=20)
@@ -294,8 +294,8 @@ def test_published_convention_is_the_form_fitted_to_the_preprocessed_points():
 
 
 def test_published_fit_unchanged():
-    """The published convention's numbers on a fixed curve, as bnsl.py gave them before the unbiased
-    default was added (same code path; pinned to catch any change of the published fit)."""
+    """The published convention's numbers on a fixed curve, pinned to catch any change of the
+    published fit."""
     r = bnsl.fit_curve(*synthetic_curve(1000, 10000), n_boot=20)['published']
     assert r['t_d'] == pytest.approx(1089.9583299641006, rel=1e-7)
     assert r['L_d'] == pytest.approx(0.6305157213067037, rel=1e-7)
@@ -382,6 +382,19 @@ def test_cli_bad_flags_one_line_exit_2(args, words):
     p = run_cli(*args)
     assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
     assert words in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_cli_every_flag_is_range_checked_on_a_curve_with_a_break(tmp_path):
+    """Each flag's out-of-range value, on a curve whose break the bootstrap would resample: one line
+    naming the flag, exit status 2, nothing printed; the values at the edge of each range are fine."""
+    path = write_csv(str(tmp_path / 'c.csv'), T_LOG, curve(T_LOG, 150, 0.6, -0.45, 0.3, noise=0.02))
+    for flag, value in [('--seed', '-1'), ('--n_boot', '-1'), ('--block', '-2'), ('--n_points', '0'),
+                        ('--min_step', '-1'), ('--min_step', 'nan'), ('--min_step', 'inf'), ('--seed', '1.5')]:
+        p = run_cli(path, f'{flag}={value}')
+        assert p.returncode == 2 and p.stdout == '' and len(p.stderr.splitlines()) == 1, (flag, value, p.stderr)
+        assert p.stderr.startswith(f'bnsl.py: error: {flag}') and value in p.stderr, p.stderr
+    p = run_cli(path, '--seed', '0', '--n_boot', '2', '--block', '0', '--min_step', '0')
+    assert p.returncode == 0 and json.loads(p.stdout)['identifiable'], p.stderr
 
 
 def test_cli_help_is_short_and_points_to_the_docs():

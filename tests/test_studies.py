@@ -31,7 +31,7 @@ def test_synthetic_study_small(monkeypatch, capsys):
     assert clean['unbiased']['boot'] is None  # no coverage on a clean curve
 
 
-@pytest.mark.parametrize('args', [['--n_seeds', '0'], ['--n_boot', '-1'], ['extra']])
+@pytest.mark.parametrize('args', [['--n_seeds', '0'], ['--n_boot', '-1'], ['--min_step', 'nan'], ['extra']])
 def test_study_bad_input_is_one_line_exit_2(args):
     """Run as a script from the repository root (it finds bnsl.py itself); bad flags stop before any work."""
     p = subprocess.run([sys.executable, os.path.join('studies', 'bnsl_synthetic.py'), *args],
