@@ -49,8 +49,11 @@ SETTINGS = [
     ('bias', True, bool, 'biases in Linear and LayerNorm layers'),
     ('tie_weights', False, bool, 'share the LM head matrix U with the token embedding'),
     # data
-    ('data', None, str, 'UTF-8 text file or folder of .txt files (default: the King James Bible)'),
-    ('vocab_size', 4096, int, 'BPE vocabulary size, trained on the training split'),
+    ('data', None, str, "a UTF-8 text file, a folder of .txt files, or a folder of nanoGPT's train.bin and "
+     "val.bin (default: the King James Bible)"),
+    ('vocab_size', 4096, int,  # checked by data.prepare: a .bin folder's may be below 257
+     "vocabulary size: of the BPE trained on a text corpus, or of the tokenizer that made a .bin folder's "
+     "ids (GPT-2: 50257)"),
     ('cache_dir', os.path.join(here, 'data_cache'), str, 'where tokenizers and token arrays are cached'),
     ('batch_size', 16, positive, 'sequences per step (the global batch under DDP)'),
     # optimizer and schedule
@@ -364,8 +367,9 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
               'probe_tokens.npy': torch.cat([rec.px, rec.py[:, -1:]], 1).cpu().numpy()}  # (P, T + 1)
     if rec.tx is not None:  # the training-window probe, as the probe set: (Q, T + 1)
         arrays['train_probe_tokens.npy'] = torch.cat([rec.tx, rec.ty[:, -1:]], 1).cpu().numpy()
-    with open(corpus['tokenizer'], 'rb') as tokenizer:
-        runs.write_atomic(args.out_dir, 'tokenizer.json', lambda f: shutil.copyfileobj(tokenizer, f))
+    if corpus['tokenizer']:  # a folder of token ids may come without one: its ids are then not decoded
+        with open(corpus['tokenizer'], 'rb') as tokenizer:
+            runs.write_atomic(args.out_dir, 'tokenizer.json', lambda f: shutil.copyfileobj(tokenizer, f))
     for name, array in arrays.items():
         runs.write_atomic(args.out_dir, name, lambda f: np.save(f, array))
     runs.write_json(args.out_dir, 'config.json', dict(  # the settings (--resume, --overwrite: how, not what)
