@@ -83,6 +83,7 @@ def main(argv=None):
     p = runs.parser(__doc__, SETTINGS)
     p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
     args = p.parse_args(argv)
+    runs.on_signals(lambda: "the checkpoints measured are kept; the same command continues")  # one line
     if problem := runs.check_device(args.device):
         fail(problem)
     if args.threads:
@@ -103,7 +104,6 @@ def main(argv=None):
     lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
     rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
     todo, t0, folder = [t for t in kept if t not in rows['steps']], time.time(), os.path.join(args.run, rel)
-    runs.on_signals(lambda: f"{len(rows['steps'])} checkpoints are measured; the same command continues")
     print(f"measure.py: {args.run}: steps {', '.join(map(str, kept))}, {len(kept) - len(todo)} measured "
           f"before; N = {hx.numel()} held-out tokens, k = {args.batches} batches", flush=True)
     try:
@@ -113,8 +113,8 @@ def main(argv=None):
             for name, value in row.items():
                 rows[name].append(value)
             write_rows(args.run, rel, rows, settings, config['seed'])
-            left = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)  # the rest at the same pace
-            print(f"  step {t} measured [{time.time() - t0:.0f} s]; about {left / 60:.1f} min left", flush=True)
+            left = (time.time() - t0) / (i + 1) * (len(todo) - i - 1) / 60  # the rest at the same pace
+            print(f"  step {t} measured [{time.time() - t0:.0f} s], about {left:.1f} min left", flush=True)
     finally:
         if not os.listdir(folder):  # stopped before its first row: nothing empty stays behind
             os.rmdir(folder)
@@ -161,7 +161,7 @@ def heldout_windows(val, T, tokens):
     all): window w is val[wT : wT + T] against val[wT + 1 : wT + T + 1]."""
     W = tokens // T if tokens else (len(val) - 1) // T
     if not 0 < W <= (len(val) - 1) // T:
-        fail(f"--tokens {tokens}: the validation split holds {(len(val) - 1) // T} windows of {T} + 1 tokens")
+        fail(f"--tokens {tokens}: fewer than one window of {T} + 1 tokens, or more than the validation split")
     return (torch.from_numpy(a) for a in data.get_windows(val, np.arange(W) * T, T))
 
 
