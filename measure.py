@@ -3,19 +3,17 @@ The published checkpoint protocol, offline and on many held-out tokens: measure 
 that train.py --keep_ckpts log2 kept (theta_t, the parameters after t updates, t = 1, 2, 4, ...).
 
     python train.py --keep_ckpts log2 --out_dir out
-    python measure.py out                          # every kept checkpoint, the whole validation split
-    python measure.py out --tokens 16384 --batches 5
+    python measure.py out --tokens 16384           # N = 16384 held-out tokens (0: the whole split)
 
 At each kept checkpoint theta_t, on N held-out tokens (the first whole windows of the validation
 split, every token a target once), in fp32:
   a. the exact gradient opposition D_j between the N tokens, with its null (metrics.opposition_summary);
   b. dt = 1: D and M of the per-token loss changes, with the sign-flip null, over one simulated AdamW
-     step from theta_t (the run's lr of step t, betas and weight decay, the checkpoint's optimizer
-     state, no clipping) on each of K fresh training batches: on that batch and on the N tokens;
+     step from theta_t (the checkpoint's optimizer state, no clipping) on each of K training batches:
+     on that batch and on the N tokens; which batches and which learning rate: --protocol;
   c. dt = t: D and M of the held-out changes from theta_t to theta_2t;
   d. the update-weighted terms (metrics.update_weighted_terms), delta = the simulated update of batch 0.
-Records go to RUN/paper/ (RUN/paper_N<N>/ with --tokens), one row per checkpoint (docs/records.md);
-progress.json lists the finished rows, so an interrupted measure.py continues where it stopped.
+Records: RUN/paper/ (paper_N<N>/ with --tokens), a row per checkpoint (docs/records.md); a rerun continues.
 """
 
 import argparse
@@ -35,14 +33,14 @@ from model import build_gpt, per_token_loss
 from runs import fail
 from train import get_lr
 
-MEASURE_STREAM = 0x6d656173  # 'meas': the fresh batches' seeds are (seed, this, t, k), training's (seed, t)
+MEASURE_STREAM = 0x6d656173  # 'meas': the dt = 1 batches' seeds are (seed, this, t, k), training's (seed, t)
 
 # Every record of RUN/paper/: (name, shape, dtype, meaning), the file name.npy; docs/records.md says more.
 # C = checkpoints measured, K = --batches, N = held-out tokens, n_keys = len(opposition_keys).
 PAPER_RECORDS = [
     ('steps', 'C', 'int64', "the step t of each row: theta_t, after t updates"),
     ('heldout_loss', 'C, N', 'float32', "per-token loss l_i(theta_t) of the N held-out tokens"),
-    ('loss_D_batch', 'C, K', 'float64', "dt = 1: D of fresh batch k's loss changes over one step"),
+    ('loss_D_batch', 'C, K', 'float64', "dt = 1: D of batch k's loss changes over one step"),
     ('loss_M_batch', 'C, K', 'float64', "M of the same change"),
     ('loss_D_batch_null', 'C, K', 'float64', "sign-flip null of the same change"),
     ('loss_D_heldout', 'C, K', 'float64', "dt = 1: D of the held-out changes over the same step"),
@@ -56,25 +54,24 @@ PAPER_RECORDS = [
     ('opposition_null', 'C, n_keys', 'float64', "mean of the analytic null of D_j"),
     ('opposition_n', 'C, n_keys', 'int64', "number of coordinates j with a D_j"),
     ('opposition_near_total', 'C, n_keys', 'float64', "share of D_j > 0.99 (metrics.NEAR_TOTAL)"),
-    ('update_Cg', 'C, n_keys', 'float64', "Cg, delta = the simulated update on fresh batch 0"),
+    ('update_Cg', 'C, n_keys', 'float64', "Cg, delta = the simulated update on batch 0"),
     ('update_CuG', 'C, n_keys', 'float64', "CuG, same"),
     ('update_Cug', 'C, n_keys', 'float64', "Cug, same"),
     ('update_C_i_dli', 'C, n_keys', 'float64', "C_i_dli, same"),
     ('update_M_i_dli', 'C, n_keys', 'float64', "M_i_dli, same"),
 ]
 DTT = ['loss_D_dtt', 'loss_M_dtt', 'loss_D_dtt_null']  # derived from heldout_loss at every write
-UPDATE_TERMS = [name[len('update_'):] for name, *_ in PAPER_RECORDS if name.startswith('update_')]
 
 
 SETTINGS = [  # (name, default, type or choices, help): a flag --name each, after the run folder
-    ('tokens', 0, runs.count, 'held-out tokens N, rounded down to whole block_size windows (0: the whole '
-     'validation split)'),
-    ('batches', 5, runs.positive, 'fresh training batches k of the dt = 1 step'),
-    ('steps', '', str, 'measure only these kept checkpoints, e.g. 32,64,128,256 (default: every one); '
-     'a later call can add others'),
+    ('tokens', 0, runs.count, 'held-out tokens N, in whole windows (0: the whole validation split)'),
+    ('batches', 5, runs.positive, 'training batches k of the dt = 1 step'),
+    ('protocol', 'published', ['published', 'ours'], "dt = 1 (b): published: k batches drawn once, the same "
+     "at every t, and the checkpoint's rate (of step t - 1); ours: k fresh batches each t, the rate of t"),
+    ('steps', '', str, 'only these kept checkpoints, e.g. 32,64 (default: all); a later call adds others'),
     ('dt1', True, bool, 'the dt = 1 loss D and M (b)'),
     ('opposition', True, bool, 'gradient opposition and update-weighted terms (a, d): a backward per token'),
-    ('chunk_seqs', 16, runs.positive, 'held-out sequences per forward or per-token-gradient pass (memory)'),
+    ('chunk_seqs', 16, runs.positive, 'held-out sequences a pass (memory); fixed at the first run'),
     ('cache_dir', None, str, "token cache (default: the run's)"),
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
     ('threads', 0, runs.count, "CPU threads for torch (0: torch's default)"),
@@ -86,6 +83,7 @@ def main(argv=None):
     p = runs.parser(__doc__, SETTINGS)
     p.add_argument('run', help='run directory of train.py --keep_ckpts log2')
     args = p.parse_args(argv)
+    runs.on_signals(lambda: "the checkpoints measured are kept; the same command continues")  # one line
     if problem := runs.check_device(args.device):
         fail(problem)
     if args.threads:
@@ -97,31 +95,31 @@ def main(argv=None):
     hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
     model = build_gpt(config, config['vocab_size_actual']).to(device)
     keys = metrics.opposition_keys([n for n, _ in model.named_parameters()])
-    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'],
-                    batches=args.batches, dt1=args.dt1, opposition=args.opposition, opposition_keys=keys,
-                    data_key=config['data_key'], seed_stream=MEASURE_STREAM)
-    rel = out_folder(args.tokens, hx.numel())
+    settings = dict(tokens=hx.numel(), windows=len(hx), block_size=config['block_size'], batches=args.batches,
+                    dt1=args.dt1, opposition=args.opposition, opposition_keys=keys, protocol=args.protocol,
+                    chunk_seqs=args.chunk_seqs, data_key=config['data_key'], seed_stream=MEASURE_STREAM)
+    for t in kept:  # every check before the first write: each checkpoint opens and holds its step
+        load_checkpoint(kept[t], t, 'cpu')
+    rel = 'paper' + (f"_N{hx.numel()}" if args.tokens else '')  # the whole split, or N held-out tokens
     lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
     rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
-    todo = [t for t in kept if t not in rows['steps']]
+    todo, t0, folder = [t for t in kept if t not in rows['steps']], time.time(), os.path.join(args.run, rel)
     print(f"measure.py: {args.run}: steps {', '.join(map(str, kept))}, {len(kept) - len(todo)} measured "
           f"before; N = {hx.numel()} held-out tokens, k = {args.batches} batches", flush=True)
-    t0 = time.time()
-    for t in todo:
-        try:
-            ckpt = torch.load(kept[t], map_location=device, weights_only=True)
-            if int(ckpt['step']) != t:
-                raise ValueError(f"it holds step {ckpt['step']}")
-        except Exception as e:  # a torn or foreign file: say so, never trust it
-            fail(f"{kept[t]}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
-        row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device)
-        for name, value in row.items():
-            rows[name].append(value)
-        write_rows(args.run, rel, rows, settings, config['seed'])
-        print(f"  step {t} measured [{time.time() - t0:.0f} s]", flush=True)
+    try:
+        for i, t in enumerate(todo):
+            row = measure_checkpoint(model, load_checkpoint(kept[t], t, device), hx, hy, args, config, corpus,
+                                     keys, device)
+            for name, value in row.items():
+                rows[name].append(value)
+            write_rows(args.run, rel, rows, settings, config['seed'])
+            left = (time.time() - t0) / (i + 1) * (len(todo) - i - 1) / 60  # the rest at the same pace
+            print(f"  step {t} measured [{time.time() - t0:.0f} s], about {left:.1f} min left", flush=True)
+    finally:
+        if not os.listdir(folder):  # stopped before its first row: nothing empty stays behind
+            os.rmdir(folder)
     os.close(lock)
-    print(f"measure.py: {len(rows['steps'])} checkpoints measured in {os.path.join(args.run, rel)} "
-          f"({len(todo)} now, {(time.time() - t0) / 60:.1f} min)")
+    print(f"measure.py: {len(rows['steps'])} checkpoints measured in {folder} ({len(todo)} now)")
 
 
 def load_run(args):
@@ -137,8 +135,7 @@ def load_run(args):
         fail(f"{args.run}: no kept checkpoints in ckpts/ (train.py --keep_ckpts log2 keeps them)")
     wanted = args.steps.split(',') if args.steps else kept
     if not all(str(t).isdigit() and int(t) in kept for t in wanted):
-        fail(f"--steps {args.steps}: not a list of kept checkpoints "
-             f"(kept: {', '.join(map(str, sorted(kept)))})")
+        fail(f"--steps {args.steps}: not a list of kept checkpoints ({', '.join(map(str, sorted(kept)))})")
     try:
         corpus = data.prepare(config['data'], config['vocab_size'], args.cache_dir or config['cache_dir'])
     except (ValueError, OSError) as e:
@@ -148,20 +145,31 @@ def load_run(args):
     return config, corpus, {t: kept[t] for t in sorted({int(t) for t in wanted})}
 
 
+def load_checkpoint(path, t, device):
+    """Kept checkpoint t; a torn or foreign file: one line, exit 2, never trusted."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if int(ckpt['step']) != t:
+            raise ValueError(f"it holds step {ckpt['step']}")
+        return ckpt
+    except Exception as e:
+        fail(f"{path}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
+
+
 def heldout_windows(val, T, tokens):
     """Inputs and targets (W, T) of the first W = tokens // T windows of the validation split (tokens 0:
     all): window w is val[wT : wT + T] against val[wT + 1 : wT + T + 1]."""
-    W = min((len(val) - 1) // T, tokens // T if tokens else len(val))
-    if W == 0:
-        fail(f"--tokens {tokens} of a validation split of {len(val)}: fewer than one window of {T} + 1 tokens")
+    W = tokens // T if tokens else (len(val) - 1) // T
+    if not 0 < W <= (len(val) - 1) // T:
+        fail(f"--tokens {tokens}: fewer than one window of {T} + 1 tokens, or more than the validation split")
     return (torch.from_numpy(a) for a in data.get_windows(val, np.arange(W) * T, T))
 
 
-def fresh_batch(seed, step, k, config, corpus, device):
-    """Fresh training batch k at step t: B random windows from a generator seeded by
-    (seed, MEASURE_STREAM, t, k), never the batches of training (seeded by (seed, t))."""
+def dt1_batch(seed, t, k, config, corpus, device):
+    """Training batch k of the dt = 1 step at t: B random windows from a generator seeded by (seed,
+    MEASURE_STREAM, t, k), never training's (seeded by (seed, t)); t = 0: the same at every checkpoint."""
     B, T = config['batch_size'], config['block_size']
-    offsets = np.random.default_rng([seed, MEASURE_STREAM, step, k]).integers(0, len(corpus['train']) - T, B)
+    offsets = np.random.default_rng([seed, MEASURE_STREAM, t, k]).integers(0, len(corpus['train']) - T, B)
     return (torch.from_numpy(a).to(device) for a in data.get_windows(corpus['train'], offsets, T))
 
 
@@ -212,9 +220,10 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device):
     row = {'steps': t, 'heldout_loss': before.flatten().numpy()}
     for name, shape, dtype, _ in [r for r in PAPER_RECORDS[2:] if r[0] not in DTT]:  # NaN, -1: not measured
         row[name] = np.full(K if shape.endswith('K') else len(keys), -1 if dtype == 'int64' else np.nan)
-    lr, delta = get_lr(t, argparse.Namespace(**config)), None  # the run's learning rate of step t
+    ours = args.protocol == 'ours'  # published: the checkpoint's rate, of step t - 1 (which made theta_t)
+    lr, delta = get_lr(t if ours else t - 1, argparse.Namespace(**config)), None
     for k in range(K if args.dt1 else 1 if args.opposition else 0):
-        x, y = fresh_batch(seed, t, k, config, corpus, device)
+        x, y = dt1_batch(seed, t if ours else 0, k, config, corpus, device)
         batch_before = fp32_forward(model, x, y)[0]
         with parameters_at(dict(model.named_parameters())):  # back to theta_t after the step
             update = simulated_step(model, ckpt, x, y, lr, config, device)
@@ -230,11 +239,9 @@ def measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device):
         sums, dots = gradient_sums(model, hx, hy, delta, args.chunk_seqs, device)
         summary = metrics.opposition_summary(sums, total='model')
         terms = metrics.update_weighted_terms(sums, delta, dots, total='model')
-        for name in ['mean', 'weighted', 'null', 'near_total', 'n']:
-            row['opposition_' + name] = np.array([float(summary[key][name]) for key in keys])
-        row['opposition_n'] = row['opposition_n'].astype(np.int64)
-        for term in UPDATE_TERMS:
-            row['update_' + term] = np.array([float(terms[key][term]) for key in keys])
+        for prefix, table in [('opposition_', summary), ('update_', terms)]:  # a column per key
+            for name in [r[0] for r in PAPER_RECORDS if r[0].startswith(prefix)]:
+                row[name] = np.array([float(table[key][name[len(prefix):]]) for key in keys])
     return row
 
 
@@ -242,19 +249,21 @@ def read_rows(run, rel, settings):
     """The rows of RUN/rel that its progress.json lists, record name -> list; a folder measured with
     other settings, or a record shorter than progress.json says: one line, exit 2."""
     progress = runs.read_json(run, f"{rel}/progress.json", 'measure.py') or dict(settings, steps=[])
-    steps = progress.pop('steps')
+    steps = progress.pop('steps', None)
     if progress != settings:
         changed = sorted(k for k in set(progress) | set(settings) if progress.get(k) != settings.get(k))
         fail(f"{run}/{rel} was measured with other settings ({', '.join(changed)}): the same flags continue "
              "it, --overwrite measures again")
     rows = {name: [] for name, *_ in PAPER_RECORDS if name not in DTT}
-    for name, _, dtype, _ in [r for r in PAPER_RECORDS if r[0] in rows] if steps else []:
+    width = dict(K=settings['batches'], N=settings['tokens'], n_keys=len(settings['opposition_keys']))
+    for name, shape, dtype, _ in [r for r in PAPER_RECORDS if r[0] in rows] if steps else []:
         try:
             a = np.load(os.path.join(run, rel, name + '.npy'), allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:
             fail(f"{run}/{rel}/{name}.npy: missing or corrupt ({e}); --overwrite measures again")
-        if len(a) < len(steps) or a.dtype != np.dtype(dtype):
-            fail(f"{run}/{rel}/{name}.npy: {len(a)} rows of {a.dtype}, progress.json lists {len(steps)}; "
+        cols = tuple(width[w] for w in shape.split(', ')[1:])  # the shape of a row
+        if len(a) < len(steps) or a.dtype != dtype or a.shape[1:] != cols:
+            fail(f"{run}/{rel}/{name}.npy: {a.shape} {a.dtype}, not {len(steps)} rows of {cols} {dtype}; "
                  "--overwrite measures again")
         rows[name] = list(a[:len(steps)])  # rows past progress.json's: an interrupted write
     return rows
@@ -275,11 +284,6 @@ def write_rows(run, rel, rows, settings, seed):
     for name, array in arrays.items():
         runs.write_atomic(run, f"{rel}/{name}.npy", lambda f: np.save(f, array))
     runs.write_json(run, f"{rel}/progress.json", dict(settings, steps=steps))
-
-
-def out_folder(tokens, n_tokens):
-    """The folder of N = n_tokens held-out tokens: paper/ (the whole split, --tokens 0) or paper_N<N>/."""
-    return 'paper' + (f"_N{n_tokens}" if tokens else '')
 
 
 if __name__ == '__main__':

@@ -1,10 +1,12 @@
 """measure.py, the published checkpoint protocol on kept checkpoints: every record against a float64
-recomputation from the checkpoints, resume after an interruption, bad input."""
+recomputation from the checkpoints, the published inputs, resume after an interruption or a signal,
+bad input and damaged files."""
 import argparse
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -81,8 +83,9 @@ def brute_D(x):
 
 
 def adamw_step64(model, ckpt, cfg, x, y):
-    """Step t of a float64 model at theta_t on batch (x, y) by a float64 torch.optim.AdamW loaded with
-    the checkpoint's state, at the run's learning rate of step t, no clipping. Returns delta."""
+    """A step of a float64 model at theta_t on batch (x, y) by a float64 torch.optim.AdamW loaded with
+    the checkpoint's state, at the learning rate of step t - 1 (which made theta_t), no clipping.
+    Returns delta."""
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(
         [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': cfg['weight_decay']},
@@ -90,7 +93,7 @@ def adamw_step64(model, ckpt, cfg, x, y):
         betas=(cfg['beta1'], cfg['beta2']))
     optimizer.load_state_dict(ckpt['optimizer'])  # moments cast to float64
     for group in optimizer.param_groups:
-        group['lr'] = train.get_lr(ckpt['step'], argparse.Namespace(**cfg))
+        group['lr'] = train.get_lr(ckpt['step'] - 1, argparse.Namespace(**cfg))
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     per_token_loss(model(x)[0], y).mean().backward()
     optimizer.step()
@@ -98,11 +101,15 @@ def adamw_step64(model, ckpt, cfg, x, y):
     return {n: p.detach() - theta[n] for n, p in model.named_parameters()}
 
 
-def test_records_of_each_N_go_to_their_own_folder(tmp_path):
+def test_records_of_each_N_go_to_their_own_folder(measured, tmp_path, cache_dir):
     """The whole split to RUN/paper/, --tokens N to RUN/paper_N<N>/ (N the tokens measured), so that
     several N of one run sit side by side."""
-    assert measure.out_folder(0, 92160) == 'paper'
-    assert measure.out_folder(40, 32) == 'paper_N32'
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    run_measure(run, '--steps', '1', '--no-dt1', '--no-opposition', '--chunk_seqs', '4096')
+    W = (len(data.prepare(None, 300, cache_dir)['val']) - 1) // T
+    assert json.load(open(os.path.join(run, 'paper', 'progress.json')))['tokens'] == W * T
+    assert sorted(f for f in os.listdir(run) if f.startswith('paper')) == ['paper', PAPER]
 
 
 def test_kept_checkpoints_hold_theta_t_and_its_optimizer(measured):
@@ -138,17 +145,22 @@ def test_records_have_one_row_per_checkpoint(measured):
 
 def test_dt1_loss_D_against_a_float64_adamw_step(measured, cache_dir):
     """D and M of the per-token loss changes over one step: a float64 copy of theta_t, stepped by a
-    float64 torch.optim.AdamW loaded with the checkpoint's state, at the run's lr of step t, no clipping,
-    on the same fresh batches, gives the recorded values (which measure.py computes in fp32)."""
+    float64 torch.optim.AdamW loaded with the checkpoint's state, on the same batches, gives the recorded
+    values (which measure.py computes in fp32). The learning rate is the one stored in the checkpoint,
+    the schedule's rate of step t - 1, which made theta_t (not of step t: warmup tells them apart)."""
     cfg = config_of(measured)
     corpus = data.prepare(None, 300, cache_dir)
     hx, hy = heldout(measured, cache_dir)
     recorded = {n: load(measured, n) for n in ['loss_D_batch', 'loss_M_batch', 'loss_D_heldout',
                                                 'loss_M_heldout']}
+    schedule = argparse.Namespace(**cfg)
+    assert train.get_lr(0, schedule) != train.get_lr(1, schedule)  # warmup: t - 1 and t differ at t = 1
     for row, t in enumerate(load(measured, 'steps')):
+        stored = {g['lr'] for g in model64(measured, int(t))[1]['optimizer']['param_groups']}
+        assert stored == {train.get_lr(int(t) - 1, schedule)}  # the checkpoint holds the rate of step t - 1
         for k in range(K):
             model, ckpt = model64(measured, int(t))
-            x, y = measure.fresh_batch(cfg['seed'], int(t), k, cfg, corpus, 'cpu')
+            x, y = measure.dt1_batch(cfg['seed'], 0, k, cfg, corpus, 'cpu')
             with torch.no_grad():
                 before_b, before_h = (per_token_loss(model(a)[0], b) for a, b in [(x, y), (hx, hy)])
             adamw_step64(model, ckpt, cfg, x, y)
@@ -189,6 +201,8 @@ def test_an_interrupted_measure_resumes_to_the_same_records(measured, tmp_path):
     shutil.copy(os.path.join(paper, 'steps.npy'), os.path.join(paper, 'steps.npy.tmp'))
     out = run_measure(*measure_args(run)).stdout
     assert '2 measured before' in out
+    line = r"  step {} measured \[\d+ s\], about {} min left\n"  # the time so far, the rest at the same pace
+    assert re.search(line.format(4, r'[0-9.]+') + line.format(8, '0.0'), out)
     for f, content in reference.items():
         assert open(os.path.join(paper, f), 'rb').read() == content, f
     assert json.load(open(os.path.join(paper, 'progress.json'))) == progress
@@ -213,8 +227,9 @@ def test_overwrite_of_train_removes_kept_checkpoints_and_measurements(measured, 
 
 
 def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
-    """No run, no kept checkpoints, a bad flag, or other settings than the folder was measured with:
-    one line, exit status 2, and the records untouched."""
+    """No run, no kept checkpoints, a flag out of its range, more tokens than the split holds, or other
+    settings than the folder was measured with (the protocol and the chunk size too, which move the
+    numbers): one line, exit status 2, and the records untouched."""
     paper = os.path.join(measured, PAPER)
     before = {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
     cases = [([str(tmp_path / 'nothing')], 'no such folder'),
@@ -227,7 +242,15 @@ def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
              ([measured, '--tokens', str(TOKENS), '--batches', '3'],
               'other settings (batches)'),
              ([*measure_args(measured), '--no-dt1'], 'other settings (dt1)'),
-             ([*measure_args(measured), '--no-opposition'], 'other settings (opposition)')]
+             ([*measure_args(measured), '--no-opposition'], 'other settings (opposition)'),
+             ([*measure_args(measured), '--protocol', 'ours'], 'other settings (protocol)'),
+             ([*measure_args(measured), '--chunk_seqs', '1'], 'other settings (chunk_seqs)'),
+             ([measured, '--tokens', str(10 ** 9)], 'more than the validation split'),
+             ([measured, '--protocol', 'paper'], '--protocol'),
+             ([measured, '--chunk_seqs', '0'], '--chunk_seqs'),
+             ([measured, '--threads', '-1'], '--threads'),
+             ([measured, '--steps', '3'], '--steps'),
+             ([measured, '--steps', '1,x'], '--steps')]
     for args, what in cases:
         proc = run_measure(*args, check=False)
         lines = proc.stderr.strip().splitlines()
@@ -235,6 +258,105 @@ def test_bad_input_is_one_line_and_exit_2(measured, tiny_run, tmp_path):
         assert 'Traceback' not in proc.stderr
     assert not [f for f in os.listdir(tiny_run) if f.startswith('paper')]
     assert before == {f: os.stat(os.path.join(paper, f)).st_mtime_ns for f in os.listdir(paper)}
+
+
+def test_dt1_batches_and_the_delta_batch_are_the_same_at_every_t_and_size(measured, tmp_path, cache_dir,
+                                                                           monkeypatch):
+    """--protocol published, as the published code: the k dt = 1 batches are drawn once, the same at
+    every checkpoint and for a run of another size on the same data and seed; the update-weighted
+    terms take their delta from the step on batch 0, so from the same batch at every t. Seen from
+    inside measure.py: the batches its simulated steps take and the delta its gradient sums get."""
+    run, other = str(tmp_path / 'run'), str(tmp_path / 'other')
+    shutil.copytree(measured, run)
+    run_train(*TINY, '--n_layer', '1', '--n_embd', '8', '--max_iters', '4', '--keep_ckpts', 'log2',
+              '--threads', '1', '--cache_dir', cache_dir, '--out_dir', other)
+    stepped, summed = [], []  # (t, batch, delta) of each simulated step; the delta of each gradient_sums
+    simulated_step, gradient_sums = measure.simulated_step, measure.gradient_sums
+
+    def spy_step(model, ckpt, x, *args):
+        stepped.append((int(ckpt['step']), x.clone(), simulated_step(model, ckpt, x, *args)))
+        return stepped[-1][2]
+
+    def spy_sums(model, x, y, delta, *args):
+        summed.append(delta)
+        return gradient_sums(model, x, y, delta, *args)
+    monkeypatch.setattr(measure, 'simulated_step', spy_step)
+    monkeypatch.setattr(measure, 'gradient_sums', spy_sums)
+    monkeypatch.setattr(runs, 'on_signals', lambda message: None)  # pytest keeps its own handlers
+    first = {}  # batch k of the first run's first checkpoint
+    for path, kept in [(run, (1, 2, 4, 8)), (other, (1, 2, 4))]:
+        stepped.clear()
+        summed.clear()
+        measure.main([path, '--tokens', str(T), '--batches', str(K), '--threads', '1'])
+        assert [t for t, _, _ in stepped] == [t for t in kept for _ in range(K)]
+        for k in range(K):
+            for _, x, _ in stepped[k::K]:
+                assert torch.equal(first.setdefault(k, x), x), (path, k)  # at every t, in both runs
+        assert len(summed) == len(kept) and all(d is delta for d, (_, _, delta) in zip(summed, stepped[::K]))
+
+
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(measured, tmp_path):
+    """A torn kept checkpoint, or one that holds another step: one line naming it, exit 2, no folder
+    created and the manifest unchanged, even though the checkpoints before it are good."""
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    manifest = open(os.path.join(run, runs.MANIFEST)).read()
+    ckpt = os.path.join(run, 'ckpts', 'step_000004.pt')
+    for damage, what in [(lambda: open(ckpt, 'r+b').truncate(100), 'not a checkpoint of step 4'),
+                         (lambda: shutil.copy(ckpt.replace('04.pt', '01.pt'), ckpt), 'holds step 1')]:
+        damage()
+        proc = run_measure(run, '--tokens', str(T), '--batches', str(K), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and what in lines[0] and 'step_000004.pt' in lines[0]
+        assert not os.path.exists(os.path.join(run, f"paper_N{T}"))
+        assert open(os.path.join(run, runs.MANIFEST)).read() == manifest
+
+
+def test_damaged_rows_are_refused_and_overwrite_deletes_only_its_files(measured, tmp_path):
+    """A row file cut short (an interrupted copy) or of another row shape: one line, exit 2, nothing
+    changed. --overwrite deletes only the files measure.py listed: a user's file in the folder is kept
+    and the folder refused."""
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    paper = os.path.join(run, PAPER)
+    good = open(os.path.join(paper, 'heldout_loss.npy'), 'rb').read()
+    for damage, what in [(lambda f: open(f, 'r+b').truncate(200), 'missing or corrupt'),
+                         (lambda f: np.save(f, np.load(f)[:, :5]), 'rows of (32,) float32')]:
+        damage(os.path.join(paper, 'heldout_loss.npy'))
+        files = {f: open(os.path.join(paper, f), 'rb').read() for f in os.listdir(paper)}
+        proc = run_measure(*measure_args(run), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and what in lines[0], proc.stderr
+        assert files == {f: open(os.path.join(paper, f), 'rb').read() for f in os.listdir(paper)}
+        open(os.path.join(paper, 'heldout_loss.npy'), 'wb').write(good)
+    open(os.path.join(paper, 'notes.txt'), 'w').write('mine')
+    proc = run_measure(*measure_args(run), '--overwrite', check=False)
+    assert proc.returncode == 2 and 'did not write (paper_N32/notes.txt)' in proc.stderr
+    assert sorted(os.listdir(paper)) == sorted([*files, 'notes.txt'])
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_with_one_line_and_the_rerun_continues(measured, tmp_path, sig):
+    """Ctrl-C or SIGTERM while measuring: one line that says how to continue, exit status 128 + the
+    signal, no empty folder left behind; the same command then measures to the bytes of an
+    uninterrupted run."""
+    run = str(tmp_path / 'run')
+    shutil.copytree(measured, run)
+    command = [sys.executable, os.path.join(ROOT, 'measure.py'), *measure_args(run), '--overwrite',
+               '--threads', '1']
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert 'measured before' in proc.stdout.readline()  # the folder is open, the first row begins
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 128 + sig and len(lines) == 1 and 'the same command continues' in lines[0], err
+    paper = os.path.join(run, PAPER)
+    assert not os.path.isdir(paper) or os.listdir(paper)
+    assert runs.foreign(run) == []
+    run_measure(*measure_args(run))
+    for f in os.listdir(os.path.join(measured, PAPER)):
+        reference = open(os.path.join(measured, PAPER, f), 'rb').read()
+        assert open(os.path.join(paper, f), 'rb').read() == reference, f
 
 
 def per_token_gradients64(model, x, y):
@@ -255,7 +377,7 @@ def test_opposition_and_update_terms_against_float64_per_token_gradients(measure
     """At every checkpoint, on the same held-out tokens: the mean of D_j and its analytic null over
     the blocks' weight matrices and over every coordinate, from per-token float64 gradients (and the
     blocks' mean also from metrics.per_token_gradient_sums_looped); the update-weighted terms with
-    p_ij = g_ij delta_j, delta the float64 AdamW step on fresh batch 0."""
+    p_ij = g_ij delta_j, delta the float64 AdamW step on dt = 1 batch 0, the same batch at every t."""
     cfg = config_of(measured)
     corpus = data.prepare(None, 300, cache_dir)
     hx, hy = heldout(measured, cache_dir)
@@ -284,7 +406,7 @@ def test_opposition_and_update_terms_against_float64_per_token_gradients(measure
                 s, a = (torch.cat([looped[n][k].flatten() for n in names]) for k in (0, 1))
                 D_looped = 1 - s[a > 0].abs() / a[a > 0]
                 assert abs(rec['opposition_mean'][row, j] - D_looped.mean().item()) < 1e-4, t
-        x, y = measure.fresh_batch(cfg['seed'], int(t), 0, cfg, corpus, 'cpu')
+        x, y = measure.dt1_batch(cfg['seed'], 0, 0, cfg, corpus, 'cpu')
         delta = adamw_step64(model, ckpt, cfg, x, y)
         for key, names in [('blocks', [n for n in g if metrics.is_block_matrix(n)]), ('model', list(g))]:
             p = torch.cat([(g[n] * delta[n]).reshape(len(hx) * T, -1) for n in names], 1)  # (N, coordinates)
