@@ -1,21 +1,17 @@
 """
 Every figure of both results, and a report, from the run folders of train.py (and measure.py).
 
-    python plot.py out/                      # a run folder, or a folder of run folders
+    python plot.py out/                      # every run under out/, out/ itself included
     python plot.py out/L2 out/L4 out/L6      # several paths: runs ordered and coloured by size
     python plot.py out/ --out figs --format png pdf
 
-Figures and report.md go to FIRST_PATH/figures/ (or --out DIR); docs/figures.md says what each shows
-and what to look for. A run still training is drawn as far as it is recorded; a figure leaves out the
-runs that lack its records, and the report says so. plot.py reads only what a run folder documents
-(config.json, its records, measure.py's paper*/ folders) and computes every quantity with the
-function of metrics.py or bnsl.py named after it.
+Figures and report.md go to FIRST_PATH/figures/ (or --out DIR); docs/figures.md says what each shows.
+A run still training is drawn as far as it is recorded; a figure leaves out the runs that lack its
+records, and the report says so. Each quantity comes from the function of metrics.py or bnsl.py named
+after it. A panel for a new record is one entry in FIGURES; a report section, one entry in REPORT.
 """
 
-import argparse
-import glob
 import io
-import json
 import math
 import os
 import re
@@ -27,53 +23,55 @@ import torch
 import matplotlib
 matplotlib.use('Agg')  # files only, no screen
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 from matplotlib.collections import PathCollection
 from matplotlib.lines import Line2D
 
 import bnsl
 import metrics
-from runs import fail, foreign, remove_owned, write_atomic
+from runs import checked, fail, foreign, nonnegative, parser, read_json, remove_owned, write_atomic
 
 plt.rcParams.update({'axes.formatter.min_exponent': 7,  # log ticks as plain numbers (8.3, not 8.3x10^0)
-                     'lines.markersize': 3})  # a point per recorded row
+                     'lines.markersize': 3, 'axes.titlesize': 8,
+                     'text.parse_math': False})  # a '$' in a run's name is a dollar sign, not math
 N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
 GUIDE = 'guide'  # gid of reference lines (y = x, the collapse star, contours): not data
-# what plot.py reads in config.json and in measure.py's folders; files without them are older
+# what plot.py reads in config.json and in measure.py's folders; a file without them is older
 CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'theta_names', 'local_opposition_keys',
                'opposition_keys', 'batch_tokens', 'probe_tokens', 'opposition_tokens']
 PAPER_KEYS = ['steps', 'tokens', 'windows', 'batches', 'opposition_keys']
 PAPER_RECORDS = ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
                  'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
-                 'opposition_near_total']
+                 'opposition_near_total', 'update_Cg', 'update_Cug', 'update_C_i_dli']
 OLDER = "{}: made by an older version of {}; rerun it"
+# settings of config.json (those before n_params) that say where or how fast a run went, not what it is
+NOT_WHAT = {'out_dir', 'cache_dir', 'device', 'compile', 'threads', 'log_interval', 'log_seconds',
+            'ckpt_interval', 'keep_ckpts', 'resume', 'overwrite', 'n_layer', 'n_embd'}
 
 # -----------------------------------------------------------------------------
 # reading runs
 
 
-def read_json(path):
-    """A JSON file (UTF-8, whatever the locale), or one line naming it and exit status 2."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"{path}: cannot read it ({e})")
+def shown(text):
+    """A file name as text: bytes that are not UTF-8 shown escaped ('\\xff')."""
+    return str(text).encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
 
 
 def find_runs(paths):
-    """The run folders (holding config.json) given as PATHs or found below them."""
-    found = []
+    """The run folders (holding config.json) at or below PATHs; links never followed, each folder once."""
+    found = {}
     for path in paths:
         if not os.path.isdir(path):
             fail(f"{path}: no such directory")
-        below = sorted(glob.glob(os.path.join(glob.escape(path), '**', 'config.json'), recursive=True))
+        below = sorted(folder for folder, _, files in os.walk(path) if 'config.json' in files)
         if not below:
             fail(f"{path}: no run directories (folders with config.json) in it")
-        found += [path] if os.path.isfile(os.path.join(path, 'config.json')) else map(os.path.dirname, below)
-    return list(dict.fromkeys(os.path.normpath(r) for r in found))
+        for folder in below:
+            found.setdefault(os.path.realpath(folder), os.path.normpath(folder))
+    return list(found.values())
 
 
 def load_record(path, spec=None):
@@ -88,9 +86,9 @@ def load_record(path, spec=None):
 
 
 def load_run(path):
-    """A run: path, name, label, config, rec (record name -> array; measure.py's as 'papers', and
-    'paper', the one of most checkpoints) and missing (records config.json lists, the folder lacks)."""
-    config = read_json(os.path.join(path, 'config.json'))
+    """A run: path, name, config, rec (record name -> array; measure.py's folders as 'papers', and as
+    'paper' the one of most checkpoints) and missing (records config.json lists, the folder lacks)."""
+    config = read_json(path, 'config.json', 'train.py')
     if not isinstance(config, dict) or not isinstance(config.get('records'), dict):
         fail(f"{os.path.join(path, 'config.json')}: not a config.json written by train.py")
     if any(k not in config for k in CONFIG_KEYS):
@@ -103,19 +101,18 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         fail(f"{path}: train_loss.npy is missing (the one record every figure needs)")
-    folders = map(os.path.dirname, glob.glob(os.path.join(glob.escape(path), 'paper*', 'progress.json')))
-    papers = [load_paper(f) for f in folders if re.fullmatch(r'paper(_N\d+)?', os.path.basename(f))]
+    papers = [load_paper(path, d) for d in sorted(os.listdir(path)) if re.fullmatch(r'paper(_N\d+)?', d)
+              and os.path.isfile(os.path.join(path, d, 'progress.json'))]
     if papers:  # fewest tokens first
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
         rec['paper'] = max(rec['papers'], key=lambda p: (len(p['steps']), p['settings']['tokens']))
-    name = os.path.basename(os.path.abspath(path))
-    return dict(path=path, name=name, config=config, rec=rec, missing=missing,
-                label=f"{name} ({config['n_layer']}L/{config['n_embd']}d, {config['n_params'] / 1e6:.2g}M)")
+    return dict(path=path, name=shown(os.path.basename(os.path.abspath(path))), config=config, rec=rec,
+                missing=missing)
 
 
-def load_paper(folder):
-    """measure.py's records: the rows progress.json lists, by step, and 'settings' (progress.json)."""
-    settings = read_json(os.path.join(folder, 'progress.json'))
+def load_paper(path, under):
+    """measure.py's records in path/under: the rows progress.json lists, by step, and 'settings'."""
+    settings, folder = read_json(path, os.path.join(under, 'progress.json'), 'measure.py'), os.path.join(path, under)
     if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
             any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
         fail(OLDER.format(folder, 'measure.py'))
@@ -125,6 +122,20 @@ def load_paper(folder):
         fail(f"{folder}: fewer rows than progress.json lists")
     order = np.argsort(paper['steps'])
     return dict({k: v[order] for k, v in paper.items()}, settings=settings)
+
+
+def label_runs(runs):
+    """Each run's label: its size, the settings in which the runs differ, and its name where those agree."""
+    settings = [list(r['config'])[:list(r['config']).index('n_params')] for r in runs]
+    differ = [k for k in dict.fromkeys(sum(settings, [])) if k not in NOT_WHAT and
+              len({repr(r['config'].get(k)) for r in runs}) > 1]
+    for r in runs:
+        c = r['config']
+        r['label'] = f"{c['n_layer']}L/{c['n_embd']}d ({c['n_params'] / 1e6:.2g}M)" + \
+            ''.join(f", {k}={c.get(k)}" for k in differ)
+    same = [sum(q['label'] == r['label'] for q in runs) > 1 for r in runs]
+    for r, named in zip(runs, same):
+        r['label'] += f" [{r['name']}]" if named else ''
 
 
 # -----------------------------------------------------------------------------
@@ -156,8 +167,8 @@ def token_mean(run, name, values=None):
 def buckets(run):
     """(bucket of every token id, edges) of the run's training counts (metrics.frequency_buckets)."""
     if 'buckets' not in run:
-        counts = torch.from_numpy(np.array(run['rec']['train_counts']))
-        run['buckets'] = metrics.frequency_buckets(counts, N_BUCKETS)
+        run['buckets'] = metrics.frequency_buckets(torch.from_numpy(np.array(run['rec']['train_counts'])),
+                                                   N_BUCKETS)
     return run['buckets']
 
 
@@ -182,12 +193,6 @@ def bucket_labels(run):
     """A run's own bucket labels, by rank counted from 1 (its vocabulary and counts set the edges)."""
     edges = buckets(run)[1]
     return [f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
-
-
-def bucket_colors(run):
-    """(colour, label) of each of a run's buckets, the same in every figure."""
-    labels = bucket_labels(run)
-    return list(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels))
 
 
 def shared_bucket_labels(runs, sep=' | '):
@@ -215,7 +220,7 @@ def column(run, name, key):
 
 
 def layer_names(run):
-    """The per-layer columns of the opposition records (metrics.opposition_keys)."""
+    """The per-layer columns of the opposition records (metrics.opposition_group)."""
     keys = run['config']['opposition_keys']
     return list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
 
@@ -256,8 +261,8 @@ def first_order(run):
 
 
 def loss_changes(run):
-    """{step t: x (P T,)}, x_i = probe_loss[t+1] - probe_loss[t], at a step before t_d and the last
-    (without a fit: the first and the last) whose change is recorded."""
+    """{step t: x (P T,)}, x_i = probe_loss[t+1] - probe_loss[t], at the last recorded step before t_d / 2
+    (without a fit: the first) and at the last."""
     loss = np.asarray(run['rec']['probe_loss'], dtype=np.float64).reshape(len(run['rec']['probe_loss']), -1)
     x = loss[1:] - loss[:-1]  # (S, P T)
     done = np.flatnonzero(np.isfinite(x).all(1))
@@ -292,14 +297,12 @@ def line_data(run, name, col):
         v = run['rec'][name]
         steps = run['rec']['grad_steps'] if name.startswith(('opposition_', 'update_')) else None
     steps = np.arange(len(v)) if steps is None else np.asarray(steps, dtype=int)[:len(v)]
-    if col == 'tokens':
-        v = token_mean(run, name, v)
-    elif col == 'buckets':
-        v = bucket_series(run, name, v)
-    elif col == 'layers':
-        v = np.asarray(v)[:, [column(run, name, k) for k in layer_names(run)]]
+    if col in ('tokens', 'buckets'):
+        v = (token_mean if col == 'tokens' else bucket_series)(run, name, v)
     elif col == 'k mean':
         v = np.asarray(v).mean(1)
+    elif col == 'layers':
+        v = np.asarray(v)[:, [column(run, name, k) for k in layer_names(run)]]
     elif col not in (None, 'k'):
         v = np.asarray(v)[:, column(run, name, col)]
     return steps, np.asarray(v, dtype=float)
@@ -322,16 +325,18 @@ def interval(fit, key):
 # figures: a table of panels, one function that draws a time-series panel
 
 
-def tex_safe(text):
-    """Text for matplotlib with a '$' drawn as itself, never as the start of math."""
-    return str(text).replace('$', r'\$')
+def key(fmt, label):
+    """A legend entry for a line style of FIGURES ('o--': dots joined by dashes), in grey."""
+    marker = fmt[0] if fmt[0] in 'o.sx' else 'None'
+    return Line2D([], [], color='0.3', ls=fmt.lstrip('o.sxk') or 'None', marker=marker, label=label,
+                  mfc='none' if marker == 's' else None)
 
 
-def draw_line(ax, run, name, col, smooth, fmt):
+def draw_line(ax, run, name, col, smooth, fmt, *_):
     """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or
     'both' (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
     steps, v = line_data(run, name, col)
-    if col == 'k':  # measure.py's k fresh batches: their mean +- sd
+    if col == 'k':  # measure.py's k batches: their mean +- sd
         ok = np.isfinite(v).all(1) & (steps > 0)
         ax.errorbar(steps[ok], v[ok].mean(1), yerr=v[ok].std(1), fmt=fmt, color=run['color'], capsize=2)
         return
@@ -348,9 +353,9 @@ def draw_line(ax, run, name, col, smooth, fmt):
 
 
 def draw_panel(ax, runs, panel, everyone):
-    """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log),
-    t_d dotted; its title (fields: {run}, {N_batch}, {N_probe}, {N_opposition}, {N_paper}, {k_paper})
-    and axis labels from the table."""
+    """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log) with
+    its t_d dotted; a legend of the labelled lines and line styles; title fields {run}, {dt}, {N_batch},
+    {N_probe}, {N_opposition}, {N_paper}, {k_paper}."""
     if 'draw' in panel:
         panel['draw'](ax, runs)
     else:
@@ -360,21 +365,25 @@ def draw_panel(ax, runs, panel, everyone):
             if 'hline' in panel:
                 ax.axhline(panel['hline'](r), color=r['color'], lw=0.6, ls='--')
             if r['fit'].get('t_d') is not None:
-                ax.axvline(r['fit']['t_d'], color=r['color'], ls=':', lw=1)
+                ax.axvline(r['fit']['t_d'], color=r['color'], ls=':', lw=1, gid='t_d')
+                ax.text(r['fit']['t_d'], 0.98, 't_d ', color=r['color'], fontsize=6, rotation=90, ha='right',
+                        va='top', transform=ax.get_xaxis_transform(), gid='t_d')
         ax.set_xscale('log')
         ax.set_xlabel(panel.get('x', 'step t') + ' (log)')
-        if any(line.get_label()[0] != '_' for line in ax.lines):
-            ax.legend(fontsize=6, ncol=2)
+    keys = [key(*k) for k in panel.get('keys', [])] + [key(line[3], line[4]) for line in panel.get('lines', [])
+                                                       if len(line) > 4]
+    handles = [line for line in ax.lines if line.get_label()[0] != '_'] + keys
+    if handles:
+        ax.legend(handles=handles, fontsize=6, ncol=2)
     if panel.get('log'):
         ax.set_yscale('log')
     ax.set_ylabel(panel.get('y', ''))
     n = lambda what: 'N = ' + '/'.join(f"{v:,}" for v in dict.fromkeys(r['config'][what] for r in everyone))
     papers = [r['rec']['paper']['settings'] for r in everyone if 'paper' in r['rec']]
     ax.set_title(panel['title'].format(
-        run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'),
-        N_probe=n('probe_tokens'), N_opposition=n('opposition_tokens'),
-        N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
-        k_paper=', '.join(sorted({str(s['batches']) for s in papers}))), fontsize=8)
+        run=runs[0]['label'] if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'), N_probe=n('probe_tokens'),
+        N_opposition=n('opposition_tokens'), N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
+        k_paper=', '.join(sorted({str(s['batches']) for s in papers}))))
 
 
 def loss_panel(ax, runs):
@@ -392,7 +401,7 @@ def loss_panel(ax, runs):
         ax.plot([fit['t_d']], [fit['L_d']], 'o', color=c, mec='k', ms=7, zorder=5)
         published = fit.get('published') or {}
         if published.get('t_d') is not None:  # the published convention's break, lagged by smoothing
-            ax.plot([published['t_d']], [published['L_d']], 'o', mfc='none', mec=c, ms=7, zorder=5)
+            ax.plot([published['t_d']], [published['L_d']], 's', mfc='none', mec=c, mew=1.5, ms=9, zorder=5)
     ax.set_xscale('log')
     ax.set_xlabel('step t (log)')
 
@@ -416,17 +425,16 @@ def size_panel(ax, runs, key):
     short = [r['name'] for r in runs if not r['fit'].get('fitted', True)]
     for names, what, y, gid in [(unfit, 'no identifiable break', 0.02, None),  # a result of the fit
                                 (short, 'too few steps to fit', 0.98, GUIDE)]:  # no result: why
-        if names and key != 'validation':  # wrapped, outside the layout: long names must not squeeze panels
-            ax.text(0.02, y, tex_safe(textwrap.fill(f"{what}: {', '.join(names)}", 40)), fontsize=7,
-                    transform=ax.transAxes, va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True,
-                    gid=gid)
+        if names and key != 'validation':  # outside the layout: long names must not squeeze panels
+            ax.text(0.02, y, textwrap.fill(f"{what}: {', '.join(names)}", 40), fontsize=7, transform=ax.transAxes,
+                    va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True, gid=gid)
     ax.set_xscale('log')
     ax.set_xlabel('parameters (log)')
 
 
 def change_histogram(ax, runs):
-    """fig3: the histogram of the per-token probe-loss changes x_i of the first run (loss_changes), at a
-    step before t_d and at the last: symmetric around 0 is zero-sum learning."""
+    """fig3: the histogram of the first run's per-token probe-loss changes x_i (loss_changes), early and
+    at the last step: symmetric around 0 is zero-sum learning."""
     x = loss_changes(runs[0])
     lim = max([np.abs(v).max() for v in x.values()] + [1e-12])
     edges = np.linspace(-lim, lim, 41)
@@ -435,8 +443,6 @@ def change_histogram(ax, runs):
                 label=f"t = {t}")
     ax.axvline(0, color='k', lw=0.6, gid=GUIDE)
     ax.set_xlabel('x_i = l_i(t+1) - l_i(t), probe tokens (nats)')
-    if x:
-        ax.legend(fontsize=7)
 
 
 def dm_plane(ax, runs):
@@ -476,7 +482,7 @@ def first_order_scatter(ax, runs):
 
 def zipf_panel(ax, runs):
     """fig6: the Zipf plot of each distinct corpus and vocabulary, its fit, outliers, bucket edges."""
-    distinct = {(r['config'].get('data_key'), len(r['rec']['train_counts'])): r for r in runs[::-1]}
+    distinct = {(r['config']['data_key'], len(r['rec']['train_counts'])): r for r in runs[::-1]}
     for r in list(distinct.values())[::-1]:  # the first run of each
         counts = torch.from_numpy(np.array(r['rec']['train_counts']))
         zipf = metrics.zipf_fit(counts)
@@ -490,7 +496,6 @@ def zipf_panel(ax, runs):
         for e in buckets(r)[1][1:-1].numpy():
             ax.axvline(e + 0.5, color='0.7', lw=0.5)
     ax.set_xlabel('rank in the training counts, from 1 (log)')
-    ax.legend(fontsize=7)
 
 
 def bucket_loss_panel(ax, runs):
@@ -506,14 +511,14 @@ def bucket_loss_panel(ax, runs):
     ax.set_xticks(range(len(ticks)))
     ax.set_xticklabels(ticks, rotation=30, fontsize=6)
     if label:
-        ax.set_xlabel(tex_safe(label), fontsize=7)
+        ax.set_xlabel(label, fontsize=7)
 
 
 def bucket_curves(ax, runs, name):
     """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau
     onset and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
-    loss = bucket_series(runs[0], name)
-    for k, (c, label) in enumerate(bucket_colors(runs[0])):
+    loss, labels = bucket_series(runs[0], name), bucket_labels(runs[0])
+    for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
         steps, v = series(loss[:, k])
         if len(v):
             ax.plot(steps, v, color=c, lw=1, label=label)
@@ -524,7 +529,6 @@ def bucket_curves(ax, runs, name):
                     ax.plot(step, v[steps == step][0], marker, color=c, mec='k', mew=0.6, ms=6)
     ax.set_xscale('log')
     ax.set_xlabel('step t (log)')
-    ax.legend(fontsize=6)
 
 
 def singular_values(ax, runs):
@@ -543,60 +547,59 @@ def basis_panel(ax, runs):
     """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) over the probe tokens of each bucket, a line per
     bucket through the recorded steps, a dot at the last; red star: the collapse (-1, +1)."""
     plus, minus = bucket_series(runs[0], 'probe_cos_h_plus'), bucket_series(runs[0], 'probe_cos_h_minus')
-    for k, (c, label) in enumerate(bucket_colors(runs[0])):
+    labels = bucket_labels(runs[0])
+    for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
         ok = np.isfinite(plus[:, k]) & np.isfinite(minus[:, k])  # recorded rows
         if ok.any():
             ax.plot(plus[ok, k], minus[ok, k], color=c, lw=0.8, label=label)
             ax.plot(plus[ok, k][-1], minus[ok, k][-1], 'o', color=c, ms=4)
     ax.plot([-1], [1], marker='*', color='r', ms=10, gid=GUIDE)
     ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel='cos(h, grad_h+)')
-    ax.legend(fontsize=6)
 
 
 P = 'checkpoint step t'  # the step axis of measure.py's records
-# Every figure: name, the records it needs (runs without them are left out), its grid (columns, and width
-# and height of a panel in inches), a one-line caption and its panels; docs/figures.md explains each
-# figure and its line styles. A panel is an own function ('draw') or lines (record, column, smoothing,
-# matplotlib format: 'o-' a point per row) against the step; 'per_run': a panel for each run (that holds
-# its 'needs').
+NORMS = [('norm_grad', '-', '|grad|'), ('norm_plus', '--', '|grad+|'), ('norm_minus', ':', '|grad-|')]
+D_J = [('mean', '-', 'blocks'), ('weighted', '--', 'blocks, |g|-weighted'), ('null', '-.', 'null of blocks')]
+# Every figure: name, the records it needs (runs without them are left out), its grid (columns, width and
+# height of a panel in inches), a one-line caption and its panels (docs/figures.md explains each). A panel
+# is an own function ('draw', with 'keys' for its line styles) or lines (record, column, smoothing,
+# matplotlib format ('o-': a point per row), legend key) against the step; 'per_run': a panel per run.
 FIGURES = [
     dict(name='fig1_loss', needs=['train_loss'], grid=(1, 7, 5), panels=[
-        dict(draw=loss_panel, log=True, y='training loss (nats/token, log)',
-             title='Loss deceleration: 1-break BNSL fit and its break t_d')],
+        dict(draw=loss_panel, log=True, y='training loss (nats/token, log)', title='loss deceleration',
+             keys=[('k--', '1-break BNSL fit'), (':', 'its two power laws'), ('o', '(t_d, L_d)'),
+                   ('s', '(t_d, L_d), published convention')])],
          caption="Training loss, its 1-break BNSL fit and the break (t_d, L_d): look for the bend."),
     dict(name='fig2_deceleration', needs=['train_loss'], grid=(4, 3.4, 3.2), panels=[
         dict(draw=lambda ax, runs: size_panel(ax, runs, 't_d'), y='t_d (steps)', title='95% intervals'),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'L_d'), y='L_d (nats/token)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'r_d'), y='r_d (slope after t_d)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'validation'), title='validation = the probe set',
-             y='validation loss: best (o), last (x)')],
+             y='validation loss', keys=[('o', 'best'), ('x', 'last')])],
          caption="t_d, L_d, r_d (95% intervals) and the best and last validation loss against model size."),
     dict(name='fig3_zero_sum', grid=(2, 5.5, 3.6), panels=[
         dict(title='training batch ({N_batch}), before vs after its update', y='D of per-token loss changes',
-             lines=[('train_D', None, 'both', '-'), ('train_D_null', None, 'smooth', '--')]),
-        dict(title='probe set ({N_probe}), t to t+1 and t to t+{dt}', y='D of per-token loss changes',
-             lines=[('probe_D', None, 'both', '-'), ('probe_D_null', None, 'smooth', '--'),
-                    ('probe_D_long', None, 'smooth', '-.'), ('probe_D_long_null', None, 'smooth', ':')]),
-        dict(title='magnitude: training batch, probe (dashed)', log=True, y='M = mean |Delta l_i| (nats)',
-             lines=[('train_M', None, 'smooth', '-'), ('probe_M', None, 'smooth', '--')]),
+             lines=[('train_D', None, 'both', '-', 'D'), ('train_D_null', None, 'smooth', '--', 'null')]),
+        dict(title='probe set ({N_probe})', y='D of per-token loss changes',
+             lines=[('probe_D', None, 'both', '-', 't to t+1'), ('probe_D_null', None, 'smooth', '--', 'null'),
+                    ('probe_D_long', None, 'smooth', '-.', f't to t+{DT_LONG}'),
+                    ('probe_D_long_null', None, 'smooth', ':', 'null')]),
+        dict(title='magnitude', log=True, y='M = mean |Delta l_i| (nats)',
+             lines=[('train_M', None, 'smooth', '-', 'training batch'), ('probe_M', None, 'smooth', '--', 'probe')]),
         dict(draw=dm_plane, y='M (nats, log)', title='D-M plane'),
         dict(draw=change_histogram, y='probe tokens', title='{run}: the per-token loss changes')],
          needs=['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'],
          caption="Zero-sum learning: interference D of the per-token loss changes, its null, M and x_i."),
     dict(name='fig4_opposition', grid=(4, 3.8, 3.2), panels=[
         dict(title="position-local layers, training batch ({N_batch})", y='gradient opposition D_j',
-             lines=[('local_opposition_mean', 'blocks', 'smooth', '-'),
-                    ('local_opposition_weighted', 'blocks', 'smooth', '--'),
-                    ('local_opposition_null', 'blocks', 'smooth', '-.'),
-                    ('local_opposition_mean', 'local', 'smooth', ':')]),
+             lines=[(f'local_opposition_{k}', 'blocks', 'smooth', ls, lab) for k, ls, lab in D_J] +
+             [('local_opposition_mean', 'local', 'smooth', ':', 'all local')]),
         dict(title="all parameters, probe tokens ({N_opposition})", y='gradient opposition D_j',
-             lines=[('opposition_mean', 'blocks', 'raw', 'o-'),
-                    ('opposition_weighted', 'blocks', 'raw', 'o--'),
-                    ('opposition_null', 'blocks', 'raw', 'o-.'),
-                    ('opposition_mean', 'model', 'raw', 'o:')]),
-        dict(title="update-weighted terms ({N_opposition})", y='Cg, Cug (dashed), C_i_dli (dotted)',
-             lines=[('update_Cg', 'blocks', 'raw', 'o-'), ('update_Cug', 'blocks', 'raw', 'o--'),
-                    ('update_C_i_dli', 'blocks', 'raw', 'o:')]),
+             lines=[(f'opposition_{k}', 'blocks', 'raw', 'o' + ls, lab) for k, ls, lab in D_J] +
+             [('opposition_mean', 'model', 'raw', 'o:', 'every coordinate')]),
+        dict(title="update-weighted terms, blocks ({N_opposition})", y='C (1: agreement)',
+             lines=[('update_Cg', 'blocks', 'raw', 'o-', 'Cg'), ('update_Cug', 'blocks', 'raw', 'o--', 'Cug'),
+                    ('update_C_i_dli', 'blocks', 'raw', 'o:', 'C_i_dli')]),
         dict(per_run=True, title='{run}: per layer', y='gradient opposition D_j',
              lines=[('opposition_mean', 'layers', 'raw', 'o-')])],
          needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
@@ -612,8 +615,10 @@ FIGURES = [
          caption="First-order prediction <grad l_i, delta> of each token's loss change against the true."),
     dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2),
          panels=[
-        dict(draw=zipf_panel, y='count (log)', title='Zipf plot and the bucket edges'),
-        dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket'),
+        dict(draw=zipf_panel, y='count (log)', title='Zipf plot and the bucket edges',
+             keys=[('k--', 'fit'), ('x', 'outliers')]),
+        dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket',
+             keys=[('o-', 'best'), ('x--', 'last'), ('o:', 'training windows')]),
         dict(per_run=True, draw=lambda ax, runs: bucket_curves(ax, runs, 'probe_loss'),
              y='validation loss (nats/token)', title='{run}: held-out, per bucket'),
         dict(per_run=True, needs=['train_probe_loss', 'train_probe_tokens'],
@@ -634,12 +639,10 @@ FIGURES = [
              lines=[('probe_dissent_ratio', 'tokens', 'raw', '-')]),
         dict(title='theta, training batch', y='|grad| / (|grad+| + |grad-|)',
              lines=[('theta_dissent_ratio', None, 'both', '-')]),
-        dict(title='h: |grad_h|, |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)', log=True,
-             lines=[('probe_norm_grad', 'tokens', 'raw', '-'), ('probe_norm_plus', 'tokens', 'raw', '--'),
-                    ('probe_norm_minus', 'tokens', 'raw', ':')]),
-        dict(title='theta: |grad|, |grad+| (dashed), |grad-| (dotted)', y='norm (log)', log=True,
-             lines=[('theta_norm_grad', 'model', 'smooth', '-'), ('theta_norm_plus', 'model', 'smooth', '--'),
-                    ('theta_norm_minus', 'model', 'smooth', ':')]),
+        dict(title='h, mean over probe tokens', y='norm (log)', log=True,
+             lines=[('probe_' + n, 'tokens', 'raw', ls, lab) for n, ls, lab in NORMS]),
+        dict(title='theta, training batch', y='norm (log)', log=True,
+             lines=[('theta_' + n, 'model', 'smooth', ls, lab) for n, ls, lab in NORMS]),
         dict(per_run=True, title='{run}: h, per bucket', y='cos(grad_h+, grad_h-)',
              lines=[('probe_cos_plus_minus', 'buckets', 'raw', '-')]),
         dict(per_run=True, title='{run}: h, per bucket', y='|grad_h| / (|grad_h+| + |grad_h-|)',
@@ -647,7 +650,8 @@ FIGURES = [
          caption="Gradient dissent: the attractive and repulsive parts of the gradient, in h and in theta."),
     dict(name='fig9_geometry', needs=['head_singular_values', 'hidden_steps', 'probe_anisotropy'],
          grid=(3, 4.3, 3.6), panels=[
-        dict(draw=singular_values, y='s_k / s_1 (log)', title='LM-head singular values, first and last'),
+        dict(draw=singular_values, y='s_k / s_1 (log)', title='LM-head singular values',
+             keys=[(':', 'first step'), ('-', 'last step')]),
         dict(title='spectral entropy; dashed: its maximum', y='spectral entropy (nats)',
              hline=lambda r: math.log(r['rec']['head_singular_values'].shape[1]),
              lines=[('spectral_entropy', None, 'raw', '.-')]),
@@ -661,17 +665,18 @@ FIGURES = [
 PAPER_FIGURES = [
     dict(name='fig10_paper_protocol', needs=['paper'], grid=(3, 4.2, 3.4), panels=[
         dict(x=P, title="opposition, N = {N_paper} held-out tokens", y='gradient opposition D_j',
-             lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-'),
-                    ('paper.opposition_null', 'blocks', 'raw', ':'),
-                    ('paper.opposition_mean', 'model', 'raw', 'o--'),
+             lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-', 'blocks'),
+                    ('paper.opposition_null', 'blocks', 'raw', ':', 'nulls'),
+                    ('paper.opposition_mean', 'model', 'raw', 'o--', 'every coordinate'),
                     ('paper.opposition_null', 'model', 'raw', ':')]),
-        dict(x=P, title="dt = 1, k = {k_paper} batches: batch, held-out (dashed)",
-             y='D of per-token loss changes',
-             lines=[('paper.loss_D_batch', 'k', 'raw', 'o-'), ('paper.loss_D_heldout', 'k', 'raw', 'o--'),
-                    ('paper.loss_D_batch_null', 'k mean', 'raw', ':'),
+        dict(x=P, title="dt = 1, k = {k_paper} batches", y='D of per-token loss changes',
+             lines=[('paper.loss_D_batch', 'k', 'raw', 'o-', 'on the batch'),
+                    ('paper.loss_D_heldout', 'k', 'raw', 'o--', 'held-out'),
+                    ('paper.loss_D_batch_null', 'k mean', 'raw', ':', 'nulls'),
                     ('paper.loss_D_heldout_null', 'k mean', 'raw', ':')]),
         dict(x=P, title="dt = t: theta_t to theta_2t, held-out", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', 'o-'), ('paper.loss_D_dtt_null', None, 'raw', ':')])],
+             lines=[('paper.loss_D_dtt', None, 'raw', 'o-', 'D'), ('paper.loss_D_dtt_null', None, 'raw', ':',
+                                                                    'null')])],
          caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
 
@@ -682,20 +687,15 @@ def draw_figure(name, runs):
     todo = [(p, runs) for p in spec['panels'] if not p.get('per_run')]
     todo += [(p, [r]) for r in runs for p in spec['panels']
              if p.get('per_run') and all(k in r['rec'] for k in p.get('needs', []))]
-    fig, axes = grid(len(todo), *spec['grid'])
-    for ax, (panel, have) in zip(axes, todo):
+    ncols, width, height = spec['grid']
+    ncols = min(ncols, max(len(todo), 1))  # no empty columns
+    fig, axes = plt.subplots(math.ceil(len(todo) / ncols), ncols, squeeze=False,
+                             figsize=(width * ncols, height * math.ceil(len(todo) / ncols) + 0.4))
+    for ax in axes.flat[len(todo):]:
+        ax.remove()
+    for ax, (panel, have) in zip(axes.flat, todo):
         draw_panel(ax, have, panel, runs)
     return fig
-
-
-def grid(n_panels, ncols, width, height):
-    """A figure of n_panels axes (width x height inches each) in rows of ncols, space above for the legend."""
-    ncols = min(ncols, max(n_panels, 1))  # no empty columns
-    nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4), squeeze=False)
-    for ax in axes.flat[n_panels:]:
-        ax.remove()
-    return fig, list(axes.flat[:n_panels])
 
 
 def panel_points(ax):
@@ -709,10 +709,22 @@ def panel_points(ax):
     return xy[ok]
 
 
+def readable_ticks(ax):
+    """A log axis spanning under two decades gets labels at round values (its own: one or two labels,
+    or minor ones that run together): 20k, 5.5."""
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        if axis.get_scale() == 'log' and 0 < lo and hi < 100 * lo:
+            axis.set_major_locator(ticker.MaxNLocator(4) if hi < 10 * lo else ticker.LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e4
+                                     else f"{v:g}")
+            axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def finish(fig, runs):
     """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A lone
-    point gets a marker; a panel without a point says so on linear axes; the run legend goes above the
-    panels, in as many columns (at most 4) as the width holds, the figure widened for a longer name."""
+    point gets a marker, an empty panel says so on linear axes, the run legend goes above the panels in
+    as many columns (at most 4) as the width holds, the figure widened for a longer label."""
     shown = False
     for ax in fig.axes:
         if len(panel_points(ax)):
@@ -720,19 +732,23 @@ def finish(fig, runs):
             for line in ax.lines:  # a line of one point is invisible without a marker
                 if line.get_marker() in ('None', '') and np.isfinite(line.get_xydata()).all(1).sum() == 1:
                     line.set(marker='o')
+            readable_ticks(ax)
             continue
-        shown |= any(t.get_gid() != GUIDE for t in ax.texts)  # a result, e.g. 'no identifiable break'
-        for a in ax.lines + ax.collections:
-            a.set_visible(a.get_gid() == GUIDE)  # e.g. step 0, which a linear axis would show
+        result = any(t.get_gid() is None for t in ax.texts)  # e.g. 'no identifiable break'
+        shown |= result
+        for a in ax.lines + ax.collections + ax.texts:  # e.g. step 0, which a linear axis would show
+            a.set_visible(a.get_gid() == GUIDE or a.get_gid() is None and a in ax.texts)
+        if ax.get_legend():
+            ax.get_legend().remove()
         for axis, set_scale in [(ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)]:
             if axis.get_scale() == 'log':  # no positive value: a log axis cannot be drawn
                 set_scale('linear')
                 axis.set_ticks([])
-        if not ax.texts:
+        if not any(t.get_visible() for t in ax.texts):
             ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
-                    ha='center', va='center', fontsize=8, color='0.4')
+                    ha='center', va='center', fontsize=8, color='0.4', gid=GUIDE)
             ax.set(xticks=[], yticks=[])
-    handles = [Line2D([], [], color=r['color'], lw=2, label=tex_safe(r['label'])) for r in runs]
+    handles = [Line2D([], [], color=r['color'], lw=2, label=r['label']) for r in runs]
     for ncol in range(min(len(runs), 4), 0, -1):
         legend = fig.legend(handles=handles, loc='upper center', ncol=ncol, fontsize=8, frameon=False)
         box = legend.get_window_extent(fig.canvas.get_renderer())
@@ -740,20 +756,20 @@ def finish(fig, runs):
             break
         legend.remove()
     fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.1))
-    top = max(0.35, box.height / fig.dpi + 0.05)  # grid() leaves 0.4 inches above the panels
+    top = max(0.35, box.height / fig.dpi + 0.05)  # draw_figure leaves 0.4 inches above the panels
     fig.set_figheight(fig.get_figheight() + top - 0.35)
     fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()))
     return shown
 
 
 # -----------------------------------------------------------------------------
-# the report: a table of sections, each a title, one line of what it holds and a table function
+# the report: a table of sections, each a title, what it holds and a function giving its tables
 
 
 def onsets(values):
     """The saturation onsets of a loss series (NaN rows not recorded) on its trailing log moving
-    average (step 0 kept): never (metrics.never_improved), plateau and rise (steps of
-    metrics.plateau_onset and rise_onset, or None); None when no row is recorded."""
+    average: never (metrics.never_improved), plateau and rise (steps of metrics.plateau_onset and
+    rise_onset, or None); None when no row is recorded."""
     steps, v = recorded(values)
     if not len(v):
         return None
@@ -772,78 +788,68 @@ def md_table(header, rows):
                      ['| ' + ' | '.join(map(cell, row)) + ' |' for row in rows])
 
 
-def fmt(v, spec, none='n/a'):
-    """v in format spec, or `none` for None or a value that is not finite."""
-    return none if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+def fmt(v, spec):
+    """v in format spec, or 'n/a' for None or a value that is not finite."""
+    return 'n/a' if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
-def ci_text(fit, key, fmt):
+def ci_text(fit, key, spec):
     """'value [lo, hi]' (an end that is None as '?'), or 'n/a' without a value."""
     if fit.get(key) is None:
         return 'n/a'
-    ci, end = interval(fit, key), lambda v: '?' if v is None else fmt.format(v)
-    return fmt.format(fit[key]) + (f" [{end(ci[0])}, {end(ci[1])}]" if ci else '')
+    ci = interval(fit, key)
+    ends = f" [{', '.join('?' if v is None else format(v, spec) for v in ci)}]" if ci else ''
+    return format(fit[key], spec) + ends
 
 
-def deceleration_table(runs):
-    """Per run: the BNSL fit (its t_d, and the published convention's), best and last validation loss,
-    the saturation onset of the validation loss, probe D before and after t_d beside its null, and L_d
-    over H_1, the unigram entropy of the training split (metrics.unigram_entropy)."""
-    rows = []
-    for r in runs:
-        fit, rec = r['fit'], r['rec']
-        cells = ['n/a'] * 5
-        steps, loss = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in rec else ([], [])
-        if len(loss):
-            o = onsets(token_mean(r, 'probe_loss'))
-            onset = 'never improved' if o['never'] else 'none' if o['rise'] is None else f"step {o['rise']}"
-            cells[:3] = [f"{loss.min():.4f} (step {steps[np.argmin(loss)]})",
-                         f"{loss[-1]:.4f} (step {steps[-1]})", onset]
-        if fit.get('t_d') is not None and 'probe_D' in rec:
-            s, D = recorded(rec['probe_D'])
-            null = np.asarray(rec['probe_D_null'], dtype=float)[s]
-            cells[3:] = [f"{D[w].mean():.4f} (null {np.nanmean(null[w]):.4f})" if w.any() else 'n/a'
-                         for w in (s < fit['t_d'], s >= fit['t_d'])]
-        H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts'])))) \
-            if 'train_counts' in rec else None
-        rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
-                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
-                     ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
-                     fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}"] +
-                    cells[:3] +
-                    [f"{r['config']['probe_tokens']:,}"] + cells[3:] +
-                    [fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')])
-    return md_table(['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
-                     'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d',
-                     'D after t_d', 'H_1 (nats)', 'L_d / H_1'], rows)
+def fit_rows(r):
+    """The BNSL fit (t_d also in the published convention), best and last validation loss, its saturation
+    onset, probe D before and after t_d beside its null, and L_d over H_1 (metrics.unigram_entropy)."""
+    fit, rec = r['fit'], r['rec']
+    val, D = ['n/a'] * 3, ['n/a'] * 2
+    steps, loss = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in rec else ([], [])
+    if len(loss):
+        o = onsets(token_mean(r, 'probe_loss'))
+        val = [f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", f"{loss[-1]:.4f} (step {steps[-1]})",
+               'never improved' if o['never'] else 'none' if o['rise'] is None else f"step {o['rise']}"]
+    if fit.get('t_d') is not None and 'probe_D' in rec:
+        s, v = recorded(rec['probe_D'])
+        null = np.asarray(rec['probe_D_null'], dtype=float)[s]
+        D = [f"{v[w].mean():.4f} (null {np.nanmean(null[w]):.4f})" if w.any() else 'n/a'
+             for w in (s < fit['t_d'], s >= fit['t_d'])]
+    H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts'])))) \
+        if 'train_counts' in rec else None
+    return [[r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
+             ci_text(fit, 't_d', '.4g'), ci_text(fit.get('published') or {}, 't_d', '.4g'), ci_text(fit, 'L_d', '.4g'),
+             ci_text(fit, 'r_d', '.3g'), fmt(fit.get('rsle'), '.3g'),
+             'yes' if fit['identifiable'] else f"no: {fit['reason']}", *val, f"{r['config']['probe_tokens']:,}", *D,
+             fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')]]
 
 
 def bucket_cells(run, name, k):
-    """Tokens, best (step), final, plateau onset and rise onset of bucket k's loss (`name`), and its
-    onsets (None: not recorded)."""
+    """(tokens, best (step), final, plateau onset, rise onset) of bucket k's loss `name`, and its onsets."""
     bucket, edges = buckets(run)
     n = np.bincount(bucket[targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)[k]
     values = bucket_series(run, name)[:, k]
     o, (steps, v) = onsets(values), recorded(values)
     if o is None:
         return [n] + ['n/a'] * 4, None
-    cells = [n, f"{v.min():.3f} ({steps[np.argmin(v)]})", f"{v[-1]:.3f}"]
-    if o['never']:
-        return cells + ['-', 'never improved'], o
-    return cells + [str(o[key]) if o[key] is not None else 'none' for key in ('plateau', 'rise')], o
+    return [n, f"{v.min():.3f} ({steps[np.argmin(v)]})", f"{v[-1]:.3f}"] + (['-', 'never improved'] if o['never']
+            else [str(o[key]) if o[key] is not None else 'none' for key in ('plateau', 'rise')]), o
 
 
-def reading(o):
-    """What a bucket's onsets say: never improved, rises, plateaus or improving."""
-    return 'never improved' if o['never'] else 'rises' if o['rise'] is not None else \
-        'plateaus' if o['plateau'] is not None else 'improving'
+def together(held, train):
+    """What a bucket's held-out and training-window onsets say together."""
+    h, t = ('never improved' if o['never'] else 'rises' if o['rise'] is not None else
+            'plateaus' if o['plateau'] is not None else 'improving' for o in (held, train))
+    both = 'overfitting' if h == 'rises' and t in ('plateaus', 'improving') else \
+        'capacity saturation' if h in ('plateaus', 'rises') and t in ('plateaus', 'rises') else \
+        'a growing gap' if h == 'plateaus' and t == 'improving' else None
+    return f"held-out {h}, training {t}" + (f": {both}" if both else '')
 
 
-def bucket_table(runs):
-    """Per run and bucket: its probe tokens, best and final validation loss and onsets; the same for the
-    training windows where recorded, and what the two say together: a held-out rise the training windows
-    do not share is overfitting, a plateau or rise in both capacity saturation, a held-out plateau while
-    the training windows improve a growing gap."""
+def bucket_tables(runs):
+    """Per run and bucket: bucket_cells of the probe tokens, and of the training windows where recorded."""
     rows, trained = [], any('train_probe_loss' in r['rec'] for r in runs)
     for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig6_saturation'])]:
         for k, label in enumerate(bucket_labels(r)):
@@ -851,57 +857,42 @@ def bucket_table(runs):
             row = [r['name'], label] + held
             if 'train_probe_loss' in r['rec']:
                 train, o_train = bucket_cells(r, 'train_probe_loss', k)
-                h, t = (reading(o_held), reading(o_train)) if o_held and o_train else (None, None)
-                both = 'overfitting' if h == 'rises' and t in ('plateaus', 'improving') else \
-                    'capacity saturation' if h in ('plateaus', 'rises') and t in ('plateaus', 'rises') else \
-                    'a growing gap' if h == 'plateaus' and t == 'improving' else None
-                row += train + [f"held-out {h}, training {t}" + (f": {both}" if both else '') if h else 'n/a']
+                row += train + [together(o_held, o_train) if o_held and o_train else 'n/a']
             rows.append(row + ['n/a'] * (13 - len(row)) * trained)
     header = ['run', 'bucket', 'probe tokens', 'best (step)', 'final', 'plateau onset', 'rise onset']
-    header += trained * ['training-window tokens', 'train. best (step)', 'train. final',
-                         'train. plateau onset', 'train. rise onset', 'which plateaus or rises']
-    return rows and md_table(header, rows)
+    return [('', header + trained * ['training-window tokens', 'train. best (step)', 'train. final',
+                                     'train. plateau onset', 'train. rise onset', 'which plateaus or rises'], rows)]
 
 
-def dissent_table(runs):
-    """Per run and phase (before t_d, from t_d to the saturation onset of the validation loss, after it;
-    those the run has): the mean of each dissent measurement over the phase's recorded steps."""
+def dissent_rows(r):
+    """Per phase (start to t_d to the saturation onset of the validation loss to the end; those the run
+    has): the mean of each dissent measurement over the phase's recorded steps."""
     norms = ['norm_plus', 'norm_minus', 'norm_grad']
     lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
     lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
-    lines += [(w + '_dissent_ratio', col, [f"{w}_{n}" for n in norms]) for w, col in [('theta', None),
-                                                                                        ('probe', 'tokens')]]
-    rows = []
-    for r in runs:
-        cols = [line_data(r, name, col)[1] if all(k in r['rec'] for k in needs) else None
-                for name, col, needs in lines]
-        if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
-            continue
-        S, t_d = len(r['rec']['train_loss']), r['fit'].get('t_d') if r['fit']['identifiable'] else None
-        o = onsets(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else None
-        cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
-        cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
-        for (a, a_name), (b, b_name) in [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b[0] > a[0]]:
-            cells = ['n/a' if v is None or not np.isfinite(v[a:b]).any() else f"{np.nanmean(v[a:b]):.3g}"
-                     for v in cols]
-            rows.append([r['name'], f"{a_name} to {b_name} (steps {a}-{b - 1})"] + cells)
-    header = [f"{q} {w}" for w in ('theta', 'h') for q in ('cos(g+, g-)', r'\|g+\|', r'\|g-\|', r'\|g\|')]
-    ratios = [f"\\|g\\| / (\\|g+\\| + \\|g-\\|) {w}" for w in ('theta', 'h')]
-    return rows and md_table(['run', 'phase'] + header + ratios, rows)
+    lines += [(w + '_dissent_ratio', c, [f"{w}_{n}" for n in norms]) for w, c in [('theta', None), ('probe', 'tokens')]]
+    cols = [line_data(r, name, c)[1] if all(k in r['rec'] for k in needs) else None for name, c, needs in lines]
+    if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
+        return []
+    S, t_d = len(r['rec']['train_loss']), r['fit'].get('t_d') if r['fit']['identifiable'] else None
+    o = onsets(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else None
+    cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
+    cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
+    return [[r['name'], f"{a_name} to {b_name} (steps {a}-{b - 1})"] +
+            ['n/a' if v is None or not np.isfinite(v[a:b]).any() else f"{np.nanmean(v[a:b]):.3g}" for v in cols]
+            for (a, a_name), (b, b_name) in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def bucket_md_table(name, cell):
-    """A table function: a row per run that figure `name` draws and a column per bucket, cell(run,
-    bucket) each; the columns headed by the runs' own ranks (shared_bucket_labels)."""
-    def table(runs):
+def per_bucket(name, cell):
+    """A section function: a row per run that figure `name` draws, a column per bucket, cell(run, bucket)
+    each, headed by the runs' own ranks (shared_bucket_labels)."""
+    def tables(runs):
         runs = [r for r in runs if all(k in r['rec'] for k in NEEDS[name])]
-        if not runs:
-            return ''
-        labels, what = shared_bucket_labels(runs, sep=r' \| ')
+        labels, what = shared_bucket_labels(runs, sep=r' \| ') if runs else ([], None)
         rows = [[r['name']] + [cell(r, k) for k in range(len(bucket_labels(r)))] for r in runs]
-        rows = [row + [''] * (1 + len(labels) - len(row)) for row in rows]
-        return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
-    return table
+        return [(f"Columns: {what}." if what else '', ['run'] + labels,
+                 [row + [''] * (1 + len(labels) - len(row)) for row in rows])]
+    return tables
 
 
 def bucket_dissent_cell(r, k):
@@ -911,8 +902,7 @@ def bucket_dissent_cell(r, k):
     if not len(steps):
         return 'n/a'
     a, b = steps[0], steps[-1]
-    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} " \
-        f"(at {a} -> {b})"
+    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} (at {a} -> {b})"
 
 
 def basis_cell(r, k):
@@ -922,87 +912,95 @@ def basis_cell(r, k):
     if not len(steps):
         return 'n/a'
     best, last = steps[np.nanargmin(loss[steps, k])], steps[-1]
-    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> " \
-        f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
+    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> ({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
 
 
-def paper_table(runs):
-    """Per run, N and checkpoint: the numbers of fig10, the blocks' share of D_j > 0.99 and their
-    scale-free sqrt(N) (1 - D_j) (metrics.scale_free_opposition)."""
-    parts = []
-    for r in runs:
-        for p in r['rec'].get('papers', []):
-            s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
-            blocks, model = ([p['opposition_' + k][:, c] for k in ('mean', 'null')] for c in j)
-            scaled = [metrics.scale_free_opposition(v, s['tokens']) for v in blocks]
-            rows = []
-            for i, t in enumerate(p['steps']):
-                cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
-                cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})",
-                          f"{p['opposition_near_total'][i, j[0]]:.4f}"]
-                cells += [f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} "
-                          f"({p[f'loss_D_{w}_null'][i].mean():.4f})" for w in ('batch', 'heldout')]
-                rows.append([int(t)] + cells + [f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})"])
-            header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
-                      'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)',
-                      'dt=t D held-out (null)']
-            parts += [f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
-                      f"k = {s['batches']} fresh batches.", '', md_table(header, rows), '']
-    return '\n'.join(parts)
+def paper_tables(runs):
+    """Per run and N, a row per checkpoint: D_j (null) of the blocks and of every parameter, the blocks'
+    sqrt(N)(1 - D_j) (metrics.scale_free_opposition) and share of D_j > 0.99, the loss D at dt = 1 (mean +-
+    sd over the k batches) and dt = t, and the update-weighted terms of the blocks and of every parameter."""
+    out = []
+    for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
+        s = p['settings']
+        j = [s['opposition_keys'].index(c) for c in ('blocks', 'model')]
+        D = lambda i, c: f"{p['opposition_mean'][i, c]:.4f} ({p['opposition_null'][i, c]:.4f})"
+        scaled = lambda i, k: f"{metrics.scale_free_opposition(p['opposition_' + k][i, j[0]], s['tokens']):.2f}"
+        dt1 = lambda i, w: f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} " \
+            f"({p[f'loss_D_{w}_null'][i].mean():.4f})"
+        C = lambda i, c: ', '.join(f"{p['update_' + t][i, c]:.3f}" for t in ('Cg', 'Cug', 'C_i_dli'))
+        rows = [[int(t), D(i, j[0]), D(i, j[1]), f"{scaled(i, 'mean')} ({scaled(i, 'null')})",
+                 f"{p['opposition_near_total'][i, j[0]]:.4f}", dt1(i, 'batch'), dt1(i, 'heldout'),
+                 f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})", C(i, j[0]), C(i, j[1])]
+                for i, t in enumerate(p['steps'])]
+        out.append((f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
+                    f"k = {s['batches']} batches.", PAPER_HEADER, rows))
+    return out
 
 
-def matched_steps_table(runs):
+PAPER_HEADER = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
+                'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)', 'dt=t D held-out (null)',
+                'Cg, Cug, C_i_dli blocks', 'Cg, Cug, C_i_dli model (the published set)']
+
+
+def matched_tables(runs):
     """The runs measured at one N side by side at the checkpoints all of them measured: the blocks'
     mean D_j (null) and sqrt(N)(1 - D_j), < before the run's t_d, > at or after it."""
-    by_N, parts = {}, []
+    by_N, out = {}, []
     for r in runs:
         for p in r['rec'].get('papers', []):
             by_N.setdefault(p['settings']['tokens'], []).append((r, p))
     for N, members in sorted((N, m) for N, m in by_N.items() if len(m) > 1):
-        rows = []
-        for t in sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members])):
-            cells = []
-            for r, p in members:
-                i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), \
-                    r['fit'].get('t_d')
-                mean, null = p['opposition_mean'][i, j], p['opposition_null'][i, j]
-                side = '' if t_d is None else ' <' if t < t_d else ' >'
-                cells.append(f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}")
-            rows.append([t] + cells)
-        header = ['step t'] + [r['name'] for r, _ in members]
-        parts += [f"N = {N:,} held-out tokens.", '', md_table(header, rows), '']
-    return '\n'.join(parts)
+        def cell(t, r, p):
+            i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), r['fit'].get('t_d')
+            mean, null = p['opposition_mean'][i, j], p['opposition_null'][i, j]
+            side = '' if t_d is None else ' <' if t < t_d else ' >'
+            return f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}"
+        steps = sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members]))
+        out.append((f"N = {N:,} held-out tokens.", ['step t'] + [r['name'] for r, _ in members],
+                    [[t] + [cell(t, r, p) for r, p in members] for t in steps]))
+    return out
+
+
+def per_run(header, rows):
+    """A section function: one table of header, rows(run) of each run."""
+    return lambda runs: [('', header, [row for r in runs for row in rows(r)])]
 
 
 NEEDS = {f['name']: f['needs'] for f in FIGURES + PAPER_FIGURES}
-# the report's sections: title, the table, what it holds (docs/figures.md says more)
+FIT_HEADER = ['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
+              'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d', 'D after t_d',
+              'H_1 (nats)', 'L_d / H_1']
+DISSENT_HEADER = ['run', 'phase'] + [f"{q} {w}" for w in ('theta', 'h') for q in (
+    'cos(g+, g-)', r'\|g+\|', r'\|g-\|', r'\|g\|')] + [rf"\|g\| / (\|g+\| + \|g-\|) {w}" for w in ('theta', 'h')]
+# the report's sections: title, what it holds (docs/figures.md says more), its tables [(line, header, rows)]
 REPORT = [
-    ('Deceleration and validation loss', deceleration_table,
-     "The 1-break BNSL fit (bnsl.py, 95% intervals; t_d also in the published convention); validation = the "
-     "probe set; D: its interference (null beside it); H_1: the training split's unigram entropy."),
-    ('Saturation per token-frequency bucket', bucket_table,
-     "Best and final loss of the probe tokens by bucket of their target, the onsets; the training windows'."),
-    ('Dissent by phase', dissent_table,
-     "Means over each phase's recorded steps; theta: all parameters, training batch; h: per probe token."),
-    ('Dissent in h per frequency bucket', bucket_md_table('fig8_dissent', bucket_dissent_cell),
-     "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|), at the first -> last recorded step."),
-    ('The 2D basis per frequency bucket', bucket_md_table('fig7_basis', basis_cell),
-     "(cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best validation loss -> at the last step."),
-    ('The published checkpoint protocol (measure.py)', paper_table,
-     "At each kept checkpoint: D_j, the loss D over one step (mean +- sd over k batches) and from t to 2t."),
-    ('The runs at matched checkpoints (measure.py)', matched_steps_table,
-     "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where every run measured at one N; < before t_d."),
+    ('Deceleration and validation loss', "The 1-break BNSL fit (bnsl.py, 95% intervals); validation: the "
+     "probe set; D: its interference beside its null; H_1: the training split's unigram entropy.",
+     per_run(FIT_HEADER, fit_rows)),
+    ('Saturation per token-frequency bucket', "Loss of the probe tokens by bucket of their target; the "
+     "training windows' beside it.", bucket_tables),
+    ('Dissent by phase', "Means over each phase's recorded steps; theta: all parameters, training batch; h: "
+     "per probe token.", per_run(DISSENT_HEADER, dissent_rows)),
+    ('Dissent in h per frequency bucket', "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|), at "
+     "the first -> last recorded step.", per_bucket('fig8_dissent', bucket_dissent_cell)),
+    ('The 2D basis per frequency bucket', "(cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best "
+     "validation loss -> at the last step.", per_bucket('fig7_basis', basis_cell)),
+    ('The published checkpoint protocol (measure.py)', "At each kept checkpoint; the paper's C figure "
+     "uses every parameter (model).", paper_tables),
+    ('The runs at matched checkpoints (measure.py)', "The blocks' D_j (null) and sqrt(N)(1 - D_j) where "
+     "runs measured at one N; < before t_d.", matched_tables),
 ]
 
 
 def report_text(runs, drawn, notes, ext):
-    """report.md: the runs, each section of REPORT that has a table, the drawn figures, the notes."""
+    """report.md: the runs, each section of REPORT that has rows, the drawn figures, the notes."""
     parts = ['# Training dynamics report', '', "Runs (ordered and coloured by parameter count): "
-             f"{', '.join(r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
-    for title, table, what in REPORT:
-        text = table(runs)
-        if text:
-            parts += [f"## {title}", '', what, '', text, '']
+             f"{', '.join(r['name'] + ': ' + r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
+    for title, what, tables in REPORT:
+        tables = [t for t in tables(runs) if t[2]]
+        parts += [f"## {title}", '', what, ''] * bool(tables)
+        for line, header, rows in tables:
+            parts += [line, ''] * bool(line) + [md_table(header, rows), '']
     parts += ['## Figures', '']
     for f in FIGURES + PAPER_FIGURES:
         if f['name'] in drawn:
@@ -1026,37 +1024,31 @@ def render(spec, runs, formats, dpi, notes):
             files[f"{spec['name']}.{ext}"] = io.BytesIO()
             fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
         plt.close(fig)
-        if not files:
-            lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a log " \
-                      "step axis cannot show"
+        lacking = lacking if files else "nothing recorded that it can draw: too few steps, or none after step 0"
     if lacking:
         notes.append(f"{spec['name']}: {'leaves out runs' if files else 'not drawn'} ({lacking})")
     return {name: f.getvalue() for name, f in files.items()}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = fail
-    p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
-    p.add_argument('--out', help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p = parser(__doc__, [
+        ('out', None, str, 'folder for the figures and report.md (default: FIRST_PATH/figures)'),
+        ('min_step', bnsl.MIN_STEP, nonnegative, 'BNSL fit: drop the transient steps t <= min_step'),
+        ('dpi', 110, checked(int, lambda v: 0 < v <= 600, 'between 1 and 600'), 'resolution of PNG figures')])
+    p.add_argument('paths', nargs='+', help='run folders, or folders holding run folders')
     p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='figure file formats')
-    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP,
-                   help='BNSL fit: drop the transient steps t <= min_step')
-    p.add_argument('--dpi', type=int, default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
-    for flag, value, low in [('--min_step', args.min_step, 0), ('--dpi', args.dpi, 1)]:
-        if not value >= low:  # NaN is not
-            fail(f"argument {flag}: {value} is not >= {low}")
     np.seterr(all='ignore')  # NaN rows not yet recorded: NaN, not a warning
     warnings.simplefilter('ignore')  # ... and log axes without a positive value, which finish() makes linear
     runs = sorted(map(load_run, find_runs(args.paths)), key=lambda r: (r['config']['n_params'], r['path']))
+    print(f"{len(runs)} run{'s' * (len(runs) != 1)} found: {', '.join(shown(r['path']) for r in runs)}")
+    label_runs(runs)
     for r, c in zip(runs, plt.cm.viridis(np.linspace(0.05, 0.85, len(runs)) if len(runs) > 1 else [0.3])):
         r.update(color=c, fit=fit_run(r, args.min_step))
-    # the folder whose manifest lists the figures: FIRST_PATH (figures/ in it), or --out itself
     if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out}: exists and is not a folder")
-    # (with a trailing separator: remove_owned never takes --out itself for a folder it emptied)
+    # the folder whose manifest lists the figures: FIRST_PATH (figures/ in it), or --out itself (with a
+    # trailing separator: remove_owned never takes --out itself for a folder it emptied)
     root, under = (os.path.join(args.out, ''), '') if args.out else (args.paths[0], 'figures')
     out = os.path.join(root, under)
     if under == '' and any(os.path.exists(os.path.join(root, f)) for f in ('config.json', 'progress.json')):
@@ -1078,13 +1070,13 @@ def main(argv=None):
         fail(f"nothing to plot: {', '.join(r['name'] for r in runs)} recorded nothing that a figure can draw "
              "(too few steps, or none after step 0, which a log step axis cannot show)")
     drawn = [f['name'] for f in figures if f"{f['name']}.{args.format[0]}" in files]
-    files['report.md'] = report_text(runs, drawn, notes, args.format[0]).encode('utf-8', 'surrogateescape')
+    files['report.md'] = report_text(runs, drawn, notes, args.format[0]).encode('utf-8')
     os.makedirs(root, exist_ok=True)
     remove_owned(root, under)  # the figures of the last time, then the new ones
     os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
-    print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {os.path.normpath(out)}")
+    print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {shown(os.path.normpath(out))}")
     print(''.join(f"  note: {n}\n" for n in notes), end='')
 
 
