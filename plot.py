@@ -2,8 +2,7 @@
 Every figure of both results, and a report, from the run folders of train.py (and measure.py).
 
     python plot.py out/                      # every run under out/, out/ itself included
-    python plot.py out/L2 out/L4 out/L6      # several paths: runs ordered and coloured by size
-    python plot.py out/ --out figs --format png pdf
+    python plot.py out/L2 out/L4 --out figs --format png pdf
 
 Figures and report.md go to FIRST_PATH/figures/ (or --out DIR); docs/figures.md says what each shows.
 A run still training is drawn as far as it is recorded; a figure leaves out the runs that lack its
@@ -32,13 +31,12 @@ import metrics
 from runs import checked, fail, foreign, nonnegative, parser, read_json, remove_owned, write_atomic
 
 plt.rcParams.update({'axes.formatter.min_exponent': 7,  # log ticks as plain numbers (8.3, not 8.3x10^0)
-                     'lines.markersize': 3, 'axes.titlesize': 8,
-                     'text.parse_math': False})  # a '$' in a run's name is a dollar sign, not math
+                     'lines.markersize': 3, 'axes.titlesize': 8})
 N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
-GUIDE = 'guide'  # gid of reference lines (y = x, the collapse star, contours): not data
+GUIDE = 'guide'  # gid of what is not data: reference lines (y = x, the collapse star, contours), t_d
 # what plot.py reads in config.json and in measure.py's folders; a file without them is older
 CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'theta_names', 'local_opposition_keys',
                'opposition_keys', 'batch_tokens', 'probe_tokens', 'opposition_tokens']
@@ -47,7 +45,7 @@ PAPER_RECORDS = ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout',
                  'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
                  'opposition_near_total', 'update_Cg', 'update_Cug', 'update_C_i_dli']
 OLDER = "{}: made by an older version of {}; rerun it"
-# settings of config.json (those before n_params) that say where or how fast a run went, not what it is
+# settings of config.json (the keys before n_params) that say where or how fast a run went, not what it is
 NOT_WHAT = {'out_dir', 'cache_dir', 'device', 'compile', 'threads', 'log_interval', 'log_seconds',
             'ckpt_interval', 'keep_ckpts', 'resume', 'overwrite', 'n_layer', 'n_embd'}
 
@@ -86,14 +84,14 @@ def load_record(path, spec=None):
 
 
 def load_run(path):
-    """A run: path, name, config, rec (record name -> array; measure.py's folders as 'papers', and as
-    'paper' the one of most checkpoints) and missing (records config.json lists, the folder lacks)."""
+    """A run: path, name, config, rec (record -> array; measure.py's folders as 'papers' [{record -> rows
+    by step, 'settings'}], as 'paper' the one of most checkpoints), missing (records the folder lacks)."""
     config = read_json(path, 'config.json', 'train.py')
     if not isinstance(config, dict) or not isinstance(config.get('records'), dict):
         fail(f"{os.path.join(path, 'config.json')}: not a config.json written by train.py")
     if any(k not in config for k in CONFIG_KEYS):
         fail(OLDER.format(path, 'train.py'))
-    rec, missing = {}, []
+    rec, missing, papers = {}, [], []
     for name, spec in list(config['records'].items()) + [(n, None) for n in ONCE]:
         if os.path.isfile(os.path.join(path, name + '.npy')):
             rec[name] = load_record(os.path.join(path, name + '.npy'), spec)
@@ -101,27 +99,21 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         fail(f"{path}: train_loss.npy is missing (the one record every figure needs)")
-    papers = [load_paper(path, d) for d in sorted(os.listdir(path)) if re.fullmatch(r'paper(_N\d+)?', d)
-              and os.path.isfile(os.path.join(path, d, 'progress.json'))]
+    for sub in [d for d in sorted(os.listdir(path)) if re.fullmatch(r'paper(_N\d+)?', d)]:
+        settings, folder = read_json(path, os.path.join(sub, 'progress.json'), 'measure.py'), os.path.join(path, sub)
+        if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
+                any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
+            fail(OLDER.format(folder, 'measure.py'))
+        n = len(settings['steps'])
+        paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], float) for k in PAPER_RECORDS}
+        if any(len(a) < n for a in paper.values()):
+            fail(f"{folder}: fewer rows than progress.json lists")
+        papers.append(dict({k: v[np.argsort(paper['steps'])] for k, v in paper.items()}, settings=settings))
     if papers:  # fewest tokens first
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
         rec['paper'] = max(rec['papers'], key=lambda p: (len(p['steps']), p['settings']['tokens']))
     return dict(path=path, name=shown(os.path.basename(os.path.abspath(path))), config=config, rec=rec,
                 missing=missing)
-
-
-def load_paper(path, under):
-    """measure.py's records in path/under: the rows progress.json lists, by step, and 'settings'."""
-    settings, folder = read_json(path, os.path.join(under, 'progress.json'), 'measure.py'), os.path.join(path, under)
-    if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
-            any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
-        fail(OLDER.format(folder, 'measure.py'))
-    n = len(settings['steps'])
-    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], float) for k in PAPER_RECORDS}
-    if any(len(a) < n for a in paper.values()):
-        fail(f"{folder}: fewer rows than progress.json lists")
-    order = np.argsort(paper['steps'])
-    return dict({k: v[order] for k, v in paper.items()}, settings=settings)
 
 
 def label_runs(runs):
@@ -150,8 +142,8 @@ def recorded(values, steps=None):
 
 
 def series(values, steps=None, smoothed=False):
-    """(steps, values) for a log step axis: the recorded rows after step 0; when `smoothed`, the trailing
-    log moving average of bnsl.py, only over consecutive steps (a schedule is drawn as recorded)."""
+    """(steps, values) for a log step axis: the recorded rows after step 0, `smoothed` by the trailing log
+    moving average of bnsl.py over consecutive steps only (a schedule is drawn as recorded)."""
     steps, values = recorded(values, steps)
     if smoothed and len(values) and np.all(np.diff(steps) == 1):
         values = bnsl.log_moving_average(values)
@@ -164,28 +156,24 @@ def token_mean(run, name, values=None):
     return np.nanmean(a.reshape(len(a), -1), axis=1)  # NaN for a row not yet recorded
 
 
-def buckets(run):
-    """(bucket of every token id, edges) of the run's training counts (metrics.frequency_buckets)."""
+def buckets(run, name='probe_loss'):
+    """(bucket of every token id (metrics.frequency_buckets of the training counts), edges, (rows, T) the
+    targets a per-token record `name` is bucketed by: train_probe_* the training windows')."""
     if 'buckets' not in run:
-        run['buckets'] = metrics.frequency_buckets(torch.from_numpy(np.array(run['rec']['train_counts'])),
-                                                   N_BUCKETS)
-    return run['buckets']
-
-
-def targets(run, name):
-    """(rows, T): the targets a per-token record is bucketed by (train_probe_*: the training windows')."""
+        counts = torch.from_numpy(np.array(run['rec']['train_counts']))
+        run['buckets'] = metrics.frequency_buckets(counts, N_BUCKETS)
     tokens = run['rec']['train_probe_tokens' if name.startswith('train_probe') else 'probe_tokens']
-    return torch.from_numpy(np.asarray(tokens)[:, 1:].astype(np.int64))
+    return *run['buckets'], torch.from_numpy(np.asarray(tokens)[:, 1:].astype(np.int64))
 
 
 def bucket_series(run, name, values=None):
-    """(rows, n_buckets): a per-token record (or `values` named `name`) averaged per frequency bucket
-    of its tokens' targets (metrics.bucket_mean), computed once per run and name."""
+    """(rows, n_buckets): a per-token record (or `values` named `name`) averaged per frequency bucket of its
+    targets (metrics.bucket_mean), once per run and name."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
-        (bucket, edges), v = buckets(run), run['rec'][name] if values is None else values
-        v = torch.from_numpy(np.asarray(v, dtype=np.float64))
-        cache[name] = metrics.bucket_mean(v, targets(run, name), bucket, len(edges) - 1).numpy()
+        v = torch.from_numpy(np.asarray(run['rec'][name] if values is None else values, dtype=np.float64))
+        bucket, edges, targets = buckets(run, name)
+        cache[name] = metrics.bucket_mean(v, targets, bucket, len(edges) - 1).numpy()
     return cache[name]
 
 
@@ -211,26 +199,28 @@ def shared_bucket_labels(runs, sep=' | '):
     return ticks, 'ranks of ' + sep.join(names)
 
 
-def column(run, name, key):
-    """The index of column `key` of a record whose columns config.json (or progress.json) names."""
+def columns(run, name, key):
+    """The indices of column `key` ('layers': the per-layer ones) of a record whose columns config.json (or
+    progress.json) names (metrics.opposition_keys, opposition_group)."""
     keys = run['rec']['paper']['settings']['opposition_keys'] if name.startswith('paper.') else \
         run['config']['theta_names' if name.startswith('theta_') else
                       'local_opposition_keys' if name.startswith('local_') else 'opposition_keys']
-    return keys.index(key)
+    if key != 'layers':
+        return keys.index(key)
+    groups = list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
+    return [keys.index(g) for g in groups]
 
 
 def layer_names(run):
-    """The per-layer columns of the opposition records (metrics.opposition_group)."""
-    keys = run['config']['opposition_keys']
-    return list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
+    """The per-layer columns of the opposition records."""
+    return [run['config']['opposition_keys'][j] for j in columns(run, 'opposition_mean', 'layers')]
 
 
 def dissent_ratio(run, prefix):
-    """metrics.dissent_ratio per probe token ('probe_', (S + 1, P, T)) or of all parameters on the
-    training batch ('theta_', (S,))."""
+    """metrics.dissent_ratio per probe token ('probe_', (S + 1, P, T)), or of all parameters ('theta_', (S,))."""
     norms = [np.asarray(run['rec'][prefix + n], float) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
     if prefix == 'theta_':
-        norms = [np.ascontiguousarray(a[:, column(run, 'theta_', 'model')]) for a in norms]
+        norms = [np.ascontiguousarray(a[:, columns(run, 'theta_', 'model')]) for a in norms]
     return metrics.dissent_ratio(*map(torch.from_numpy, norms)).numpy()
 
 
@@ -244,30 +234,19 @@ def probe_interference(run, null):
 
 
 def first_order(run):
-    """Over the grad steps whose records are complete: steps, pred and true (the predicted and true
-    loss changes of the training batch, (B T,) each), corr and slope (metrics.first_order_agreement)."""
+    """Over the grad steps whose records are complete: steps, pred and true (the predicted and true loss
+    changes of the training batch, (B T,) each), corr and slope (metrics.first_order_agreement)."""
     if 'first_order' not in run:
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
             pred = np.asarray(rec['train_loss_pred'][k], dtype=float).ravel()
-            true = np.asarray(rec['train_loss_post'][s], dtype=float).ravel() - \
-                np.asarray(rec['train_loss_pre'][s], dtype=float).ravel()
+            true = np.asarray(rec['train_loss_post'][s], float).ravel() - np.asarray(rec['train_loss_pre'][s], float).ravel()
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
                 for key, v in zip(out, [int(s), pred, true, float(agree['corr']), float(agree['slope'])]):
                     out[key].append(v)
         run['first_order'] = out
     return run['first_order']
-
-
-def loss_changes(run):
-    """{step t: x (P T,)}, x_i = probe_loss[t+1] - probe_loss[t], at the last recorded step before t_d / 2
-    (without a fit: the first) and at the last."""
-    loss = np.asarray(run['rec']['probe_loss'], dtype=np.float64).reshape(len(run['rec']['probe_loss']), -1)
-    x = loss[1:] - loss[:-1]  # (S, P T)
-    done = np.flatnonzero(np.isfinite(x).all(1))
-    early = done[done < run['fit']['t_d'] / 2] if run['fit'].get('t_d') is not None else done[:0]
-    return {int(t): x[t] for t in ([early[-1] if len(early) else done[0], done[-1]] if len(done) else [])}
 
 
 # quantities computed from records, by name: run -> (steps, or None for 0, 1, ..., values)
@@ -285,9 +264,9 @@ DERIVED = {
 
 
 def line_data(run, name, col):
-    """(steps, values) of a line: a record, measure.py's ('paper.NAME') or a DERIVED quantity; col:
-    None, a column's name, 'tokens' (mean over the probe tokens), 'buckets' (mean per frequency
-    bucket), 'layers' (the per-layer columns), 'k' (measure.py's k batches, (C, k)) or 'k mean'."""
+    """(steps, values) of a line: a record, measure.py's ('paper.NAME') or a DERIVED quantity; col: None, a
+    column's name, 'layers', 'tokens' (mean over the probe tokens), 'buckets' (mean per frequency bucket),
+    'k' (measure.py's k batches, (C, k)) or 'k mean'."""
     if name in DERIVED:
         cache = run.setdefault('derived', {})
         steps, v = cache[name] if name in cache else cache.setdefault(name, DERIVED[name](run))
@@ -301,10 +280,8 @@ def line_data(run, name, col):
         v = (token_mean if col == 'tokens' else bucket_series)(run, name, v)
     elif col == 'k mean':
         v = np.asarray(v).mean(1)
-    elif col == 'layers':
-        v = np.asarray(v)[:, [column(run, name, k) for k in layer_names(run)]]
     elif col not in (None, 'k'):
-        v = np.asarray(v)[:, column(run, name, col)]
+        v = np.asarray(v)[:, columns(run, name, col)]
     return steps, np.asarray(v, dtype=float)
 
 
@@ -333,8 +310,8 @@ def key(fmt, label):
 
 
 def draw_line(ax, run, name, col, smooth, fmt, *_):
-    """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or
-    'both' (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
+    """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or 'both'
+    (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
     steps, v = line_data(run, name, col)
     if col == 'k':  # measure.py's k batches: their mean +- sd
         ok = np.isfinite(v).all(1) & (steps > 0)
@@ -353,35 +330,31 @@ def draw_line(ax, run, name, col, smooth, fmt, *_):
 
 
 def draw_panel(ax, runs, panel, everyone):
-    """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log) with
-    its t_d dotted; a legend of the labelled lines and line styles; title fields {run}, {dt}, {N_batch},
-    {N_probe}, {N_opposition}, {N_paper}, {k_paper}."""
+    """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log) and its
+    t_d, labelled; a legend of the labelled lines and line styles; title fields {run}, {N_batch}, {N_probe},
+    {N_opposition}, {N_paper}, {k_paper}."""
     if 'draw' in panel:
         panel['draw'](ax, runs)
-    else:
-        for r in runs:
-            for line in panel['lines']:
-                draw_line(ax, r, *line)
-            if 'hline' in panel:
-                ax.axhline(panel['hline'](r), color=r['color'], lw=0.6, ls='--')
-            if r['fit'].get('t_d') is not None:
-                ax.axvline(r['fit']['t_d'], color=r['color'], ls=':', lw=1, gid='t_d')
-                ax.text(r['fit']['t_d'], 0.98, 't_d ', color=r['color'], fontsize=6, rotation=90, ha='right',
-                        va='top', transform=ax.get_xaxis_transform(), gid='t_d')
-        ax.set_xscale('log')
-        ax.set_xlabel(panel.get('x', 'step t') + ' (log)')
-    keys = [key(*k) for k in panel.get('keys', [])] + [key(line[3], line[4]) for line in panel.get('lines', [])
-                                                       if len(line) > 4]
-    handles = [line for line in ax.lines if line.get_label()[0] != '_'] + keys
-    if handles:
-        ax.legend(handles=handles, fontsize=6, ncol=2)
+    for r in runs if 'lines' in panel else []:
+        for line in panel['lines']:
+            draw_line(ax, r, *line)
+        if 'hline' in panel:
+            ax.axhline(panel['hline'](r), color=r['color'], lw=0.6, ls='--')
+        if r['fit'].get('t_d') is not None:
+            ax.axvline(r['fit']['t_d'], color=r['color'], ls=':', lw=1, gid='t_d')
+            ax.text(r['fit']['t_d'], 0.98, 't_d ', color=r['color'], fontsize=6, rotation=90, ha='right',
+                    va='top', transform=ax.get_xaxis_transform(), gid='t_d')
+    if 'lines' in panel:
+        ax.set(xscale='log', xlabel=panel.get('x', 'step t') + ' (log)')
     if panel.get('log'):
         ax.set_yscale('log')
-    ax.set_ylabel(panel.get('y', ''))
+    keys = [key(*k) for k in panel.get('keys', []) + [line[3:] for line in panel.get('lines', []) if len(line) > 4]]
+    if handles := [line for line in ax.lines if line.get_label()[0] != '_'] + keys:
+        ax.legend(handles=handles, fontsize=6, ncol=2)
     n = lambda what: 'N = ' + '/'.join(f"{v:,}" for v in dict.fromkeys(r['config'][what] for r in everyone))
     papers = [r['rec']['paper']['settings'] for r in everyone if 'paper' in r['rec']]
-    ax.set_title(panel['title'].format(
-        run=runs[0]['label'] if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'), N_probe=n('probe_tokens'),
+    ax.set(ylabel=panel.get('y', ''), title=panel['title'].format(
+        run=runs[0]['label'] if runs else '', N_batch=n('batch_tokens'), N_probe=n('probe_tokens'),
         N_opposition=n('opposition_tokens'), N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
         k_paper=', '.join(sorted({str(s['batches']) for s in papers}))))
 
@@ -390,7 +363,7 @@ def loss_panel(ax, runs):
     """fig1: the training loss, its 1-break BNSL fit, the fit's two power laws and (t_d, L_d)."""
     for r in runs:
         draw_line(ax, r, 'train_loss', None, 'both', '-')
-        fit, c = r['fit'], r['color']
+        fit, c, published = r['fit'], r['color'], r['fit'].get('published') or {}
         if fit.get('t_d') is None:
             continue
         t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
@@ -399,16 +372,14 @@ def loss_panel(ax, runs):
         ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=c, lw=1, ls=':')  # b t^-c0
         ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=c, lw=1, ls=':')
         ax.plot([fit['t_d']], [fit['L_d']], 'o', color=c, mec='k', ms=7, zorder=5)
-        published = fit.get('published') or {}
         if published.get('t_d') is not None:  # the published convention's break, lagged by smoothing
             ax.plot([published['t_d']], [published['L_d']], 's', mfc='none', mec=c, mew=1.5, ms=9, zorder=5)
-    ax.set_xscale('log')
-    ax.set_xlabel('step t (log)')
+    ax.set(xscale='log', xlabel='step t (log)')
 
 
 def size_panel(ax, runs, key):
-    """fig2: a fitted quantity (t_d, L_d, r_d) of each run against its size, with its 95% interval,
-    or (key 'validation') its best (o) and last (x) validation loss."""
+    """fig2: a fitted quantity (t_d, L_d, r_d) of each run against its size, with its 95% interval, or (key
+    'validation') its best (o) and last (x) validation loss; the runs without a fit named, and why."""
     for r in runs:
         fit, n, c = r['fit'], r['config']['n_params'], r['color']
         _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else (None, [])
@@ -417,9 +388,8 @@ def size_panel(ax, runs, key):
             ax.plot([n], [probe[-1]], 'x', color=c, ms=8)
         elif key != 'validation' and fit.get(key) is not None:
             ci = interval(fit, key)
-            ci = [fit[key]] * 2 if ci is None or None in ci else ci
-            # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
-            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
+            ci = [fit[key]] * 2 if ci is None or None in ci else ci  # a percentile interval may exclude its
+            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]  # estimate: clip the bars at it
             ax.errorbar([n], [fit[key]], yerr=yerr, fmt='o', color=c, capsize=3)
     unfit = [r['name'] for r in runs if r['fit'].get(key) is None and r['fit'].get('fitted', True)]
     short = [r['name'] for r in runs if not r['fit'].get('fitted', True)]
@@ -428,18 +398,21 @@ def size_panel(ax, runs, key):
         if names and key != 'validation':  # outside the layout: long names must not squeeze panels
             ax.text(0.02, y, textwrap.fill(f"{what}: {', '.join(names)}", 40), fontsize=7, transform=ax.transAxes,
                     va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True, gid=gid)
-    ax.set_xscale('log')
-    ax.set_xlabel('parameters (log)')
+    ax.set(xscale='log', xlabel='parameters (log)')
 
 
 def change_histogram(ax, runs):
-    """fig3: the histogram of the first run's per-token probe-loss changes x_i (loss_changes), early and
-    at the last step: symmetric around 0 is zero-sum learning."""
-    x = loss_changes(runs[0])
-    lim = max([np.abs(v).max() for v in x.values()] + [1e-12])
+    """fig3: the first run's per-token probe-loss changes x_i = l_i(t+1) - l_i(t) on 40 bins symmetric
+    around 0, at the last step before t_d / 2 (without a fit: the first) and at the last."""
+    loss = np.asarray(runs[0]['rec']['probe_loss'], dtype=np.float64).reshape(len(runs[0]['rec']['probe_loss']), -1)
+    x, t_d = loss[1:] - loss[:-1], runs[0]['fit'].get('t_d')  # (S, P T)
+    done = np.flatnonzero(np.isfinite(x).all(1))
+    early = done[done < t_d / 2] if t_d is not None else done[:0]
+    steps = [early[-1] if len(early) else done[0], done[-1]] if len(done) else []
+    lim = max([np.abs(x[t]).max() for t in steps] + [1e-12])
     edges = np.linspace(-lim, lim, 41)
-    for (t, v), color in zip(x.items(), ['0.6', runs[0]['color']]):
-        ax.plot((edges[:-1] + edges[1:]) / 2, np.histogram(v, edges)[0], drawstyle='steps-mid', color=color,
+    for t, color in zip(steps, ['0.6', runs[0]['color']]):
+        ax.plot((edges[:-1] + edges[1:]) / 2, np.histogram(x[t], edges)[0], drawstyle='steps-mid', color=color,
                 label=f"t = {t}")
     ax.axvline(0, color='k', lw=0.6, gid=GUIDE)
     ax.set_xlabel('x_i = l_i(t+1) - l_i(t), probe tokens (nats)')
@@ -451,18 +424,14 @@ def dm_plane(ax, runs):
         D, M = (np.asarray(r['rec']['probe_' + k], dtype=float) for k in ('D', 'M'))  # (S,) each
         ok = np.isfinite(D) & np.isfinite(M) & (M > 0)  # D is NaN (0/0) when no probe loss changed
         ax.scatter(D[ok], M[ok], s=3, color=r['color'], alpha=0.5)
-    ax.set_xlim(0, 1)
+    ax.set(xlim=(0, 1), xlabel='D (probe set, step t to t+1)')
     if ax.collections and np.isfinite(ax.dataLim.intervaly).all():  # contours around the points
         ax.set_yscale('log')
         lo, hi = ax.get_ylim()
-        D = np.linspace(0, 0.999, 300)
         for level in 10.0 ** np.arange(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
-            ax.plot(D, level / (1 - D), color='0.6', lw=0.6, gid=GUIDE)
-            if lo <= level <= hi:
-                ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True,
-                        gid=GUIDE)
+            ax.plot(np.linspace(0, 0.999, 300), level / (1 - np.linspace(0, 0.999, 300)), color='0.6', lw=0.6, gid=GUIDE)
+            ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True, gid=GUIDE)
         ax.set_ylim(lo, hi)
-    ax.set_xlabel('D (probe set, step t to t+1)')
 
 
 def first_order_scatter(ax, runs):
@@ -488,11 +457,9 @@ def zipf_panel(ax, runs):
         zipf = metrics.zipf_fit(counts)
         c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()  # (V,) each, by id
         order = np.argsort(rank)  # token ids by rank
-        nonzero = order[c[order] > 0]
-        ax.loglog(rank[nonzero], c[nonzero], color=r['color'], lw=1.2, label=f"V = {len(c)}")
+        ax.loglog(rank[order[c[order] > 0]], c[order[c[order] > 0]], color=r['color'], lw=1.2, label=f"V = {len(c)}")
         ax.loglog(rank[order], fitted[order], color='k', lw=0.7, ls='--')
-        out = zipf['outliers'].numpy()
-        ax.plot(rank[out], c[out], 'rx', ms=5)
+        ax.plot(rank[zipf['outliers'].numpy()], c[zipf['outliers'].numpy()], 'rx', ms=5)
         for e in buckets(r)[1][1:-1].numpy():
             ax.axvline(e + 0.5, color='0.7', lw=0.5)
     ax.set_xlabel('rank in the training counts, from 1 (log)')
@@ -501,22 +468,19 @@ def zipf_panel(ax, runs):
 def bucket_loss_panel(ax, runs):
     """fig6: best (o) and last (x) validation loss per bucket, the training windows' dotted."""
     for r in runs:
-        names = ['probe_loss'] + (['train_probe_loss'] if 'train_probe_loss' in r['rec'] else [])
-        for name, ls in zip(names, ['-', ':']):
+        for name, ls in zip(['probe_loss'] + ['train_probe_loss'] * ('train_probe_loss' in r['rec']), ['-', ':']):
             best, last = zip(*[(v.min(), v[-1]) if len(v) else (np.nan, np.nan)
                                for v in (recorded(c)[1] for c in bucket_series(r, name).T)])
             ax.plot(best, color=r['color'], marker='o', ls=ls, mfc='none' if ls == ':' else None)
             ax.plot(last, color=r['color'], marker='x', ls='--' if ls == '-' else ls)
     ticks, label = shared_bucket_labels(runs)  # each run's own ranks: vocabularies may differ
-    ax.set_xticks(range(len(ticks)))
-    ax.set_xticklabels(ticks, rotation=30, fontsize=6)
-    if label:
-        ax.set_xlabel(label, fontsize=7)
+    ax.set_xticks(range(len(ticks)), ticks, rotation=30, fontsize=6)
+    ax.set_xlabel(label or '', fontsize=7)
 
 
 def bucket_curves(ax, runs, name):
-    """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau
-    onset and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
+    """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau onset
+    and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
     loss, labels = bucket_series(runs[0], name), bucket_labels(runs[0])
     for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
         steps, v = series(loss[:, k])
@@ -527,8 +491,7 @@ def bucket_curves(ax, runs, name):
             for step, marker in [(o['plateau'], 'v'), (o['rise'], '^')]:
                 if step is not None and step in steps:
                     ax.plot(step, v[steps == step][0], marker, color=c, mec='k', mew=0.6, ms=6)
-    ax.set_xscale('log')
-    ax.set_xlabel('step t (log)')
+    ax.set(xscale='log', xlabel='step t (log)')
 
 
 def singular_values(ax, runs):
@@ -536,11 +499,9 @@ def singular_values(ax, runs):
     for r in runs:
         s = np.asarray(r['rec']['head_singular_values'], dtype=float)  # (K, R)
         done = np.flatnonzero(np.isfinite(s).all(1))
-        for row, ls in [(done[:1], ':'), (done[-1:], '-')]:
-            if len(row):
-                ax.plot(np.arange(1, s.shape[1] + 1), s[row[0]] / s[row[0], 0], color=r['color'], ls=ls)
-    ax.set_yscale('log')
-    ax.set_xlabel('index k')
+        for row, ls in zip(done[[0, -1]] if len(done) else [], [':', '-']):
+            ax.plot(np.arange(1, s.shape[1] + 1), s[row] / s[row, 0], color=r['color'], ls=ls)
+    ax.set(yscale='log', xlabel='index k')
 
 
 def basis_panel(ax, runs):
@@ -563,7 +524,8 @@ D_J = [('mean', '-', 'blocks'), ('weighted', '--', 'blocks, |g|-weighted'), ('nu
 # Every figure: name, the records it needs (runs without them are left out), its grid (columns, width and
 # height of a panel in inches), a one-line caption and its panels (docs/figures.md explains each). A panel
 # is an own function ('draw', with 'keys' for its line styles) or lines (record, column, smoothing,
-# matplotlib format ('o-': a point per row), legend key) against the step; 'per_run': a panel per run.
+# matplotlib format ('o-': a point per row), legend key) against the step; 'per_run': a panel per run;
+# 'paper': drawn only where a run holds measure.py's records.
 FIGURES = [
     dict(name='fig1_loss', needs=['train_loss'], grid=(1, 7, 5), panels=[
         dict(draw=loss_panel, log=True, y='training loss (nats/token, log)', title='loss deceleration',
@@ -602,9 +564,8 @@ FIGURES = [
                     ('update_C_i_dli', 'blocks', 'raw', 'o:', 'C_i_dli')]),
         dict(per_run=True, title='{run}: per layer', y='gradient opposition D_j',
              lines=[('opposition_mean', 'layers', 'raw', 'o-')])],
-         needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
-                'opposition_mean', 'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug',
-                'update_C_i_dli', 'grad_steps'],
+         needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null', 'opposition_mean',
+                'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug', 'update_C_i_dli', 'grad_steps'],
          caption="Gradient opposition D_j between tokens per parameter coordinate, beside its null."),
     dict(name='fig5_first_order', grid=(3, 4.3, 3.8),
          needs=['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], panels=[
@@ -613,8 +574,7 @@ FIGURES = [
         dict(title='', y='slope of true on predicted', hline=lambda r: 1,
              lines=[('first_order_slope', None, 'raw', 'o-')])],
          caption="First-order prediction <grad l_i, delta> of each token's loss change against the true."),
-    dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2),
-         panels=[
+    dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2), panels=[
         dict(draw=zipf_panel, y='count (log)', title='Zipf plot and the bucket edges',
              keys=[('k--', 'fit'), ('x', 'outliers')]),
         dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket',
@@ -628,9 +588,8 @@ FIGURES = [
     dict(name='fig7_basis', needs=['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'],
          grid=(3, 4, 4), panels=[dict(per_run=True, draw=basis_panel, y='cos(h, grad_h-)', title='{run}')],
          caption="The shared 2D basis (cos(h, grad_h+), cos(h, grad_h-)) per bucket; star: the collapse."),
-    dict(name='fig8_dissent', grid=(2, 5.5, 3.2),
-         needs=['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad', 'theta_cos',
-                'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], panels=[
+    dict(name='fig8_dissent', grid=(2, 5.5, 3.2), needs=['probe_cos_plus_minus', 'theta_cos'] + [
+        w + n for w in ('probe_', 'theta_') for n, _, _ in NORMS], panels=[
         dict(title='h, mean over probe tokens', y='cos(grad_h+, grad_h-)',
              lines=[('probe_cos_plus_minus', 'tokens', 'raw', '-')]),
         dict(title='theta, training batch: batch-level cosine', y='cos(grad+, grad-)',
@@ -660,10 +619,7 @@ FIGURES = [
         dict(per_run=True, needs=['probe_hidden', 'train_counts', 'probe_tokens'], y='mean |h|, probe tokens',
              title='{run}: |h| per bucket', lines=[('hidden_norm', 'buckets', 'raw', '.-')])],
          caption="Geometry of the output layer: the LM head's spectrum, the anisotropy and the size of h."),
-]
-# drawn only when a run holds measure.py's records, and otherwise not listed as missing
-PAPER_FIGURES = [
-    dict(name='fig10_paper_protocol', needs=['paper'], grid=(3, 4.2, 3.4), panels=[
+    dict(name='fig10_paper_protocol', needs=['paper'], paper=True, grid=(3, 4.2, 3.4), panels=[
         dict(x=P, title="opposition, N = {N_paper} held-out tokens", y='gradient opposition D_j',
              lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-', 'blocks'),
                     ('paper.opposition_null', 'blocks', 'raw', ':', 'nulls'),
@@ -675,22 +631,21 @@ PAPER_FIGURES = [
                     ('paper.loss_D_batch_null', 'k mean', 'raw', ':', 'nulls'),
                     ('paper.loss_D_heldout_null', 'k mean', 'raw', ':')]),
         dict(x=P, title="dt = t: theta_t to theta_2t, held-out", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', 'o-', 'D'), ('paper.loss_D_dtt_null', None, 'raw', ':',
-                                                                    'null')])],
+             lines=[('paper.loss_D_dtt', None, 'raw', 'o-', 'D'), ('paper.loss_D_dtt_null', None, 'raw', ':', 'null')])],
          caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
+NEEDS = {f['name']: f['needs'] for f in FIGURES}
 
 
 def draw_figure(name, runs):
     """Figure `name` for these runs: its panels in a grid, the per-run ones once per run, run by run."""
-    spec = next(f for f in FIGURES + PAPER_FIGURES if f['name'] == name)
+    spec = next(f for f in FIGURES if f['name'] == name)
     todo = [(p, runs) for p in spec['panels'] if not p.get('per_run')]
     todo += [(p, [r]) for r in runs for p in spec['panels']
              if p.get('per_run') and all(k in r['rec'] for k in p.get('needs', []))]
-    ncols, width, height = spec['grid']
-    ncols = min(ncols, max(len(todo), 1))  # no empty columns
-    fig, axes = plt.subplots(math.ceil(len(todo) / ncols), ncols, squeeze=False,
-                             figsize=(width * ncols, height * math.ceil(len(todo) / ncols) + 0.4))
+    ncols, width, height = min(spec['grid'][0], max(len(todo), 1)), *spec['grid'][1:]  # no empty columns
+    nrows = math.ceil(len(todo) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(width * ncols, height * nrows + 0.4))
     for ax in axes.flat[len(todo):]:
         ax.remove()
     for ax, (panel, have) in zip(axes.flat, todo):
@@ -710,8 +665,8 @@ def panel_points(ax):
 
 
 def readable_ticks(ax):
-    """A log axis spanning under two decades gets labels at round values (its own: one or two labels,
-    or minor ones that run together): 20k, 5.5."""
+    """A log axis spanning under two decades gets labels at round values (matplotlib's own: one or two
+    labels, or minor ones that run together), as 20k, 1.5M or 5.5."""
     for axis in (ax.xaxis, ax.yaxis):
         lo, hi = sorted(axis.get_view_interval())
         if axis.get_scale() == 'log' and 0 < lo and hi < 100 * lo:
@@ -722,9 +677,9 @@ def readable_ticks(ax):
 
 
 def finish(fig, runs):
-    """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A lone
-    point gets a marker, an empty panel says so on linear axes, the run legend goes above the panels in
-    as many columns (at most 4) as the width holds, the figure widened for a longer label."""
+    """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A lone point
+    gets a marker, an empty panel says so on linear axes, the run legend goes above the panels in as many
+    columns (at most 4) as the width holds, the figure widened for a longer label."""
     shown = False
     for ax in fig.axes:
         if len(panel_points(ax)):
@@ -734,10 +689,9 @@ def finish(fig, runs):
                     line.set(marker='o')
             readable_ticks(ax)
             continue
-        result = any(t.get_gid() is None for t in ax.texts)  # e.g. 'no identifiable break'
-        shown |= result
+        shown |= any(t.get_gid() is None for t in ax.texts)  # a result in words: 'no identifiable break'
         for a in ax.lines + ax.collections + ax.texts:  # e.g. step 0, which a linear axis would show
-            a.set_visible(a.get_gid() == GUIDE or a.get_gid() is None and a in ax.texts)
+            a.set_visible(a.get_gid() in ((None, GUIDE) if a in ax.texts else (GUIDE,)))
         if ax.get_legend():
             ax.get_legend().remove()
         for axis, set_scale in [(ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)]:
@@ -755,6 +709,9 @@ def finish(fig, runs):
         if box.width <= fig.bbox.width or ncol == 1:
             break
         legend.remove()
+    for t in legend.get_texts() + [t for ax in fig.axes for t in ax.texts + [ax.title, ax.xaxis.label] + (
+            ax.get_legend().get_texts() if ax.get_legend() else [])]:
+        t.set_parse_math(False)  # a '$' in a run's name is a dollar sign, not the start of math
     fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.1))
     top = max(0.35, box.height / fig.dpi + 0.05)  # draw_figure leaves 0.4 inches above the panels
     fig.set_figheight(fig.get_figheight() + top - 0.35)
@@ -763,13 +720,13 @@ def finish(fig, runs):
 
 
 # -----------------------------------------------------------------------------
-# the report: a table of sections, each a title, what it holds and a function giving its tables
+# the report: a table of sections (title, what it holds, a function giving its tables)
 
 
 def onsets(values):
-    """The saturation onsets of a loss series (NaN rows not recorded) on its trailing log moving
-    average: never (metrics.never_improved), plateau and rise (steps of metrics.plateau_onset and
-    rise_onset, or None); None when no row is recorded."""
+    """The saturation onsets of a loss series (NaN rows not recorded) on its trailing log moving average:
+    never (metrics.never_improved), plateau and rise (steps of metrics.plateau_onset and rise_onset, or None);
+    None when no row is recorded."""
     steps, v = recorded(values)
     if not len(v):
         return None
@@ -782,31 +739,24 @@ def onsets(values):
 
 
 def md_table(header, rows):
-    """A markdown table."""
-    cell = lambda c: str(c).replace('|', r'\|')  # a run name with a bar must not split a cell
+    """A markdown table; a bar in a cell escaped (a run's name must not split a cell)."""
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] +
-                     ['| ' + ' | '.join(map(cell, row)) + ' |' for row in rows])
+                     ['| ' + ' | '.join(str(c).replace('|', r'\|') for c in row) + ' |' for row in rows])
 
 
-def fmt(v, spec):
-    """v in format spec, or 'n/a' for None or a value that is not finite."""
-    return 'n/a' if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
-
-
-def ci_text(fit, key, spec):
-    """'value [lo, hi]' (an end that is None as '?'), or 'n/a' without a value."""
-    if fit.get(key) is None:
+def fmt(v, spec, ci=None):
+    """v in format spec and its interval ci as ' [lo, hi]' (an end that is None: '?'); 'n/a' for None or
+    a value that is not finite."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return 'n/a'
-    ci = interval(fit, key)
-    ends = f" [{', '.join('?' if v is None else format(v, spec) for v in ci)}]" if ci else ''
-    return format(fit[key], spec) + ends
+    return format(v, spec) + (f" [{', '.join('?' if e is None else format(e, spec) for e in ci)}]" if ci else '')
 
 
 def fit_rows(r):
     """The BNSL fit (t_d also in the published convention), best and last validation loss, its saturation
     onset, probe D before and after t_d beside its null, and L_d over H_1 (metrics.unigram_entropy)."""
-    fit, rec = r['fit'], r['rec']
-    val, D = ['n/a'] * 3, ['n/a'] * 2
+    fit, rec, pub = r['fit'], r['rec'], r['fit'].get('published') or {}
+    val, D, H1 = ['n/a'] * 3, ['n/a'] * 2, None
     steps, loss = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in rec else ([], [])
     if len(loss):
         o = onsets(token_mean(r, 'probe_loss'))
@@ -817,21 +767,20 @@ def fit_rows(r):
         null = np.asarray(rec['probe_D_null'], dtype=float)[s]
         D = [f"{v[w].mean():.4f} (null {np.nanmean(null[w]):.4f})" if w.any() else 'n/a'
              for w in (s < fit['t_d'], s >= fit['t_d'])]
-    H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts'])))) \
-        if 'train_counts' in rec else None
-    return [[r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
-             ci_text(fit, 't_d', '.4g'), ci_text(fit.get('published') or {}, 't_d', '.4g'), ci_text(fit, 'L_d', '.4g'),
-             ci_text(fit, 'r_d', '.3g'), fmt(fit.get('rsle'), '.3g'),
-             'yes' if fit['identifiable'] else f"no: {fit['reason']}", *val, f"{r['config']['probe_tokens']:,}", *D,
-             fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')]]
+    if 'train_counts' in rec:
+        H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts']))))
+    return [[r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0])] +
+            [fmt(f.get(k), s, interval(f, k)) for f, k, s in [(fit, 't_d', '.4g'), (pub, 't_d', '.4g'),
+                                                             (fit, 'L_d', '.4g'), (fit, 'r_d', '.3g')]] +
+            [fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}", *val,
+             f"{r['config']['probe_tokens']:,}", *D, fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')]]
 
 
 def bucket_cells(run, name, k):
     """(tokens, best (step), final, plateau onset, rise onset) of bucket k's loss `name`, and its onsets."""
-    bucket, edges = buckets(run)
-    n = np.bincount(bucket[targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)[k]
-    values = bucket_series(run, name)[:, k]
-    o, (steps, v) = onsets(values), recorded(values)
+    bucket, edges, targets = buckets(run, name)
+    n = np.bincount(bucket[targets].flatten().numpy(), minlength=len(edges) - 1)[k]
+    o, (steps, v) = onsets(bucket_series(run, name)[:, k]), recorded(bucket_series(run, name)[:, k])
     if o is None:
         return [n] + ['n/a'] * 4, None
     return [n, f"{v.min():.3f} ({steps[np.argmin(v)]})", f"{v[-1]:.3f}"] + (['-', 'never improved'] if o['never']
@@ -849,15 +798,15 @@ def together(held, train):
 
 
 def bucket_tables(runs):
-    """Per run and bucket: bucket_cells of the probe tokens, and of the training windows where recorded."""
+    """Per run and bucket: bucket_cells of the probe tokens, and of the training windows where recorded, and
+    what the two say together: a held-out rise alone is overfitting, a plateau or rise in both capacity."""
     rows, trained = [], any('train_probe_loss' in r['rec'] for r in runs)
     for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig6_saturation'])]:
         for k, label in enumerate(bucket_labels(r)):
             held, o_held = bucket_cells(r, 'probe_loss', k)
-            row = [r['name'], label] + held
-            if 'train_probe_loss' in r['rec']:
-                train, o_train = bucket_cells(r, 'train_probe_loss', k)
-                row += train + [together(o_held, o_train) if o_held and o_train else 'n/a']
+            train, o_train = bucket_cells(r, 'train_probe_loss', k) if 'train_probe_loss' in r['rec'] else ([], None)
+            both = [together(o_held, o_train) if o_held and o_train else 'n/a'] * bool(train)
+            row = [r['name'], label] + held + train + both
             rows.append(row + ['n/a'] * (13 - len(row)) * trained)
     header = ['run', 'bucket', 'probe tokens', 'best (step)', 'final', 'plateau onset', 'rise onset']
     return [('', header + trained * ['training-window tokens', 'train. best (step)', 'train. final',
@@ -865,8 +814,8 @@ def bucket_tables(runs):
 
 
 def dissent_rows(r):
-    """Per phase (start to t_d to the saturation onset of the validation loss to the end; those the run
-    has): the mean of each dissent measurement over the phase's recorded steps."""
+    """Per phase (start to t_d to the saturation onset of the validation loss to the end; those the run has):
+    the mean of each dissent measurement over the phase's recorded steps."""
     norms = ['norm_plus', 'norm_minus', 'norm_grad']
     lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
     lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
@@ -884,7 +833,7 @@ def dissent_rows(r):
 
 
 def per_bucket(name, cell):
-    """A section function: a row per run that figure `name` draws, a column per bucket, cell(run, bucket)
+    """A section's tables: a row per run that figure `name` draws, a column per bucket, cell(run, bucket)
     each, headed by the runs' own ranks (shared_bucket_labels)."""
     def tables(runs):
         runs = [r for r in runs if all(k in r['rec'] for k in NEEDS[name])]
@@ -897,38 +846,37 @@ def per_bucket(name, cell):
 
 def bucket_dissent_cell(r, k):
     """cos(grad_h+, grad_h-) and the dissent ratio of bucket k, at its first -> last recorded step."""
-    cos, ratio = (line_data(r, n, 'buckets')[1] for n in ('probe_cos_plus_minus', 'probe_dissent_ratio'))
-    steps = np.flatnonzero(np.isfinite(cos[:, k]) & np.isfinite(ratio[:, k]))
+    cos, ratio = (line_data(r, n, 'buckets')[1][:, k] for n in ('probe_cos_plus_minus', 'probe_dissent_ratio'))
+    steps = np.flatnonzero(np.isfinite(cos) & np.isfinite(ratio))
     if not len(steps):
         return 'n/a'
     a, b = steps[0], steps[-1]
-    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} (at {a} -> {b})"
+    return f"cos {cos[a]:+.2f} -> {cos[b]:+.2f}, ratio {ratio[a]:.2f} -> {ratio[b]:.2f} (at {a} -> {b})"
 
 
 def basis_cell(r, k):
     """The 2D basis of bucket k at its best validation loss -> at the last recorded step."""
-    loss, plus, minus = (bucket_series(r, n) for n in ('probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus'))
-    steps, _ = recorded(loss[:, k])
+    loss, plus, minus = (bucket_series(r, n)[:, k] for n in ('probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus'))
+    steps, _ = recorded(loss)
     if not len(steps):
         return 'n/a'
-    best, last = steps[np.nanargmin(loss[steps, k])], steps[-1]
-    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> ({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
+    best, last = steps[np.nanargmin(loss[steps])], steps[-1]
+    return f"({plus[best]:+.2f}, {minus[best]:+.2f}) at {best} -> ({plus[last]:+.2f}, {minus[last]:+.2f})"
 
 
 def paper_tables(runs):
-    """Per run and N, a row per checkpoint: D_j (null) of the blocks and of every parameter, the blocks'
-    sqrt(N)(1 - D_j) (metrics.scale_free_opposition) and share of D_j > 0.99, the loss D at dt = 1 (mean +-
-    sd over the k batches) and dt = t, and the update-weighted terms of the blocks and of every parameter."""
+    """Per run and N, a row per checkpoint: D_j (null) of the blocks and of every parameter (model), the
+    blocks' sqrt(N)(1 - D_j) (metrics.scale_free_opposition) and share of D_j > 0.99, the loss D at dt = 1
+    (mean +- sd over the k batches) and dt = t, the update-weighted terms of the blocks and of the model."""
     out = []
     for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
-        s = p['settings']
-        j = [s['opposition_keys'].index(c) for c in ('blocks', 'model')]
+        s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
         D = lambda i, c: f"{p['opposition_mean'][i, c]:.4f} ({p['opposition_null'][i, c]:.4f})"
-        scaled = lambda i, k: f"{metrics.scale_free_opposition(p['opposition_' + k][i, j[0]], s['tokens']):.2f}"
+        free = lambda i, k: f"{metrics.scale_free_opposition(p['opposition_' + k][i, j[0]], s['tokens']):.2f}"
         dt1 = lambda i, w: f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} " \
             f"({p[f'loss_D_{w}_null'][i].mean():.4f})"
         C = lambda i, c: ', '.join(f"{p['update_' + t][i, c]:.3f}" for t in ('Cg', 'Cug', 'C_i_dli'))
-        rows = [[int(t), D(i, j[0]), D(i, j[1]), f"{scaled(i, 'mean')} ({scaled(i, 'null')})",
+        rows = [[int(t), D(i, j[0]), D(i, j[1]), f"{free(i, 'mean')} ({free(i, 'null')})",
                  f"{p['opposition_near_total'][i, j[0]]:.4f}", dt1(i, 'batch'), dt1(i, 'heldout'),
                  f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})", C(i, j[0]), C(i, j[1])]
                 for i, t in enumerate(p['steps'])]
@@ -937,36 +885,32 @@ def paper_tables(runs):
     return out
 
 
-PAPER_HEADER = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
-                'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)', 'dt=t D held-out (null)',
-                'Cg, Cug, C_i_dli blocks', 'Cg, Cug, C_i_dli model (the published set)']
-
-
 def matched_tables(runs):
-    """The runs measured at one N side by side at the checkpoints all of them measured: the blocks'
-    mean D_j (null) and sqrt(N)(1 - D_j), < before the run's t_d, > at or after it."""
-    by_N, out = {}, []
-    for r in runs:
-        for p in r['rec'].get('papers', []):
-            by_N.setdefault(p['settings']['tokens'], []).append((r, p))
-    for N, members in sorted((N, m) for N, m in by_N.items() if len(m) > 1):
-        def cell(t, r, p):
-            i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), r['fit'].get('t_d')
-            mean, null = p['opposition_mean'][i, j], p['opposition_null'][i, j]
-            side = '' if t_d is None else ' <' if t < t_d else ' >'
-            return f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}"
-        steps = sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members]))
-        out.append((f"N = {N:,} held-out tokens.", ['step t'] + [r['name'] for r, _ in members],
-                    [[t] + [cell(t, r, p) for r, p in members] for t in steps]))
+    """The runs measured at one N side by side at the checkpoints all of them measured: the blocks' mean
+    D_j (null) and sqrt(N)(1 - D_j), < before the run's t_d, > at or after it."""
+    by_N = {}
+    for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
+        by_N.setdefault(p['settings']['tokens'], []).append((r, p, p['settings']['opposition_keys'].index('blocks')))
+    def cell(t, N, r, p, j):
+        mean, null = (p['opposition_' + k][list(p['steps']).index(t), j] for k in ('mean', 'null'))
+        side = '' if r['fit'].get('t_d') is None else ' <' if t < r['fit']['t_d'] else ' >'
+        return f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}"
+    out = []
+    for N, members in [(N, m) for N, m in sorted(by_N.items()) if len(m) > 1]:
+        steps = sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p, _ in members]))
+        out.append((f"N = {N:,} held-out tokens.", ['step t'] + [r['name'] for r, _, _ in members],
+                    [[t] + [cell(t, N, *member) for member in members] for t in steps]))
     return out
 
 
 def per_run(header, rows):
-    """A section function: one table of header, rows(run) of each run."""
+    """A section's tables: one, of header and rows(run) of each run."""
     return lambda runs: [('', header, [row for r in runs for row in rows(r)])]
 
 
-NEEDS = {f['name']: f['needs'] for f in FIGURES + PAPER_FIGURES}
+PAPER_HEADER = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
+                'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)', 'dt=t D held-out (null)',
+                'Cg, Cug, C_i_dli blocks', 'Cg, Cug, C_i_dli model (the published set)']
 FIT_HEADER = ['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
               'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d', 'D after t_d',
               'H_1 (nats)', 'L_d / H_1']
@@ -1002,9 +946,8 @@ def report_text(runs, drawn, notes, ext):
         for line, header, rows in tables:
             parts += [line, ''] * bool(line) + [md_table(header, rows), '']
     parts += ['## Figures', '']
-    for f in FIGURES + PAPER_FIGURES:
-        if f['name'] in drawn:
-            parts += [f"### {f['name']}", '', f"![{f['name']}]({f['name']}.{ext})", '', f['caption'], '']
+    for f in [f for f in FIGURES if f['name'] in drawn]:
+        parts += [f"### {f['name']}", '', f"![{f['name']}]({f['name']}.{ext})", '', f['caption'], '']
     return '\n'.join(parts + (['## Not plotted', ''] + [f"- {n}" for n in notes] + [''] if notes else []))
 
 
@@ -1012,8 +955,8 @@ def report_text(runs, drawn, notes, ext):
 # main
 
 def render(spec, runs, formats, dpi, notes):
-    """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs
-    it leaves out, or why it has nothing to show, go to notes."""
+    """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs it
+    leaves out, or why it has nothing to show, go to notes."""
     have = [r for r in runs if all(k in r['rec'] for k in spec['needs'])]
     lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in spec['needs'] if k not in r['rec'])}"
                         for r in runs if r not in have)
@@ -1021,8 +964,7 @@ def render(spec, runs, formats, dpi, notes):
     if have:
         fig = draw_figure(spec['name'], have)
         for ext in formats if finish(fig, have) else []:
-            files[f"{spec['name']}.{ext}"] = io.BytesIO()
-            fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
+            fig.savefig(files.setdefault(f"{spec['name']}.{ext}", io.BytesIO()), format=ext, dpi=dpi)
         plt.close(fig)
         lacking = lacking if files else "nothing recorded that it can draw: too few steps, or none after step 0"
     if lacking:
@@ -1056,14 +998,14 @@ def main(argv=None):
     if foreign(root, under):
         fail(f"{out} holds files plot.py did not write ({', '.join(foreign(root, under)[:3])}); "
              "move them or choose another --out")
-    names = [f"{f['name']}.{ext}" for f in FIGURES + PAPER_FIGURES for ext in args.format] + ['report.md']
-    for path in [os.path.join(out, n) for n in names if os.path.isdir(os.path.join(out, n))][:1]:
-        fail(f"{path}: a folder where plot.py writes a file; move it or choose another --out")
+    for name in [f"{f['name']}.{ext}" for f in FIGURES for ext in args.format] + ['report.md']:
+        if os.path.isdir(os.path.join(out, name)):
+            fail(f"{os.path.join(out, name)}: a folder where plot.py writes a file; move it or choose another --out")
     notes = [f"{r['name']} was recorded with --record {r['config']['record']}: what that level does not "
              "record is left out" for r in runs if r['config']['record'] != 'all']
     notes += [f"{r['name']} lacks {', '.join(r['missing'])} (listed in its config.json, not in the directory)"
               for r in runs if r['missing']]
-    files, figures = {}, FIGURES + (PAPER_FIGURES if any('paper' in r['rec'] for r in runs) else [])
+    figures, files = [f for f in FIGURES if not f.get('paper') or any('paper' in r['rec'] for r in runs)], {}
     for f in figures:
         files.update(render(f, runs, args.format, args.dpi, notes))
     if not files:
@@ -1073,7 +1015,6 @@ def main(argv=None):
     files['report.md'] = report_text(runs, drawn, notes, args.format[0]).encode('utf-8')
     os.makedirs(root, exist_ok=True)
     remove_owned(root, under)  # the figures of the last time, then the new ones
-    os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
     print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {shown(os.path.normpath(out))}")
