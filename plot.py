@@ -84,8 +84,7 @@ def load_record(path, spec=None):
 
 
 def load_run(path):
-    """A run: path, name, config, rec (record -> array; measure.py's folders as 'papers' [{record -> rows
-    by step, 'settings'}], as 'paper' the one of most checkpoints), missing (records the folder lacks)."""
+    """A run: path, name, config, rec (records; measure.py's as 'papers', and 'paper' of most rows), missing."""
     config = read_json(path, 'config.json', 'train.py')
     if not isinstance(config, dict) or not isinstance(config.get('records'), dict):
         fail(f"{os.path.join(path, 'config.json')}: not a config.json written by train.py")
@@ -99,7 +98,8 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         fail(f"{path}: train_loss.npy is missing (the one record every figure needs)")
-    for sub in [d for d in sorted(os.listdir(path)) if re.fullmatch(r'paper(_N\d+)?', d)]:
+    for sub in [d for d in sorted(os.listdir(path)) if re.fullmatch(r'paper(_N\d+)?', d) and
+                os.path.isfile(os.path.join(path, d, 'progress.json'))]:  # one measure.py finished a row in
         settings, folder = read_json(path, os.path.join(sub, 'progress.json'), 'measure.py'), os.path.join(path, sub)
         if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
                 any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
@@ -142,8 +142,7 @@ def recorded(values, steps=None):
 
 
 def series(values, steps=None, smoothed=False):
-    """(steps, values) for a log step axis: the recorded rows after step 0, `smoothed` by the trailing log
-    moving average of bnsl.py over consecutive steps only (a schedule is drawn as recorded)."""
+    """(steps, values) after step 0 for a log axis; `smoothed` (bnsl.log_moving_average) over consecutive steps."""
     steps, values = recorded(values, steps)
     if smoothed and len(values) and np.all(np.diff(steps) == 1):
         values = bnsl.log_moving_average(values)
@@ -157,8 +156,7 @@ def token_mean(run, name, values=None):
 
 
 def buckets(run, name='probe_loss'):
-    """(bucket of every token id (metrics.frequency_buckets of the training counts), edges, (rows, T) the
-    targets a per-token record `name` is bucketed by: train_probe_* the training windows')."""
+    """(bucket of each token id, edges, (rows, T) targets of record `name`): metrics.frequency_buckets."""
     if 'buckets' not in run:
         counts = torch.from_numpy(np.array(run['rec']['train_counts']))
         run['buckets'] = metrics.frequency_buckets(counts, N_BUCKETS)
@@ -167,8 +165,7 @@ def buckets(run, name='probe_loss'):
 
 
 def bucket_series(run, name, values=None):
-    """(rows, n_buckets): a per-token record (or `values` named `name`) averaged per frequency bucket of its
-    targets (metrics.bucket_mean), once per run and name."""
+    """(rows, n_buckets): a per-token record (or its `values`) per bucket of targets (metrics.bucket_mean)."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
         v = torch.from_numpy(np.asarray(run['rec'][name] if values is None else values, dtype=np.float64))
@@ -184,8 +181,7 @@ def bucket_labels(run):
 
 
 def shared_bucket_labels(runs, sep=' | '):
-    """(labels, what they list or None) of a column per bucket of several runs: each distinct set of
-    ranks once, `sep` between sets, named by vocabulary size where that tells them apart."""
+    """(labels, what they list or None) of a column per bucket: each run's own ranks, `sep` between."""
     sets = {}
     for r in runs:
         sets.setdefault(tuple(bucket_labels(r)), []).append(r)
@@ -200,8 +196,7 @@ def shared_bucket_labels(runs, sep=' | '):
 
 
 def columns(run, name, key):
-    """The indices of column `key` ('layers': the per-layer ones) of a record whose columns config.json (or
-    progress.json) names (metrics.opposition_keys, opposition_group)."""
+    """The index of column `key` of a record, or 'layers': those of metrics.opposition_group's layers."""
     keys = run['rec']['paper']['settings']['opposition_keys'] if name.startswith('paper.') else \
         run['config']['theta_names' if name.startswith('theta_') else
                       'local_opposition_keys' if name.startswith('local_') else 'opposition_keys']
@@ -209,11 +204,6 @@ def columns(run, name, key):
         return keys.index(key)
     groups = list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
     return [keys.index(g) for g in groups]
-
-
-def layer_names(run):
-    """The per-layer columns of the opposition records."""
-    return [run['config']['opposition_keys'][j] for j in columns(run, 'opposition_mean', 'layers')]
 
 
 def dissent_ratio(run, prefix):
@@ -234,8 +224,7 @@ def probe_interference(run, null):
 
 
 def first_order(run):
-    """Over the grad steps whose records are complete: steps, pred and true (the predicted and true loss
-    changes of the training batch, (B T,) each), corr and slope (metrics.first_order_agreement)."""
+    """Steps, pred and true per-token loss changes (B T,), corr and slope (metrics.first_order_agreement)."""
     if 'first_order' not in run:
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
@@ -264,9 +253,7 @@ DERIVED = {
 
 
 def line_data(run, name, col):
-    """(steps, values) of a line: a record, measure.py's ('paper.NAME') or a DERIVED quantity; col: None, a
-    column's name, 'layers', 'tokens' (mean over the probe tokens), 'buckets' (mean per frequency bucket),
-    'k' (measure.py's k batches, (C, k)) or 'k mean'."""
+    """(steps, values) of a record, 'paper.NAME' or DERIVED; col: a column, 'layers', 'tokens', 'buckets', 'k'."""
     if name in DERIVED:
         cache = run.setdefault('derived', {})
         steps, v = cache[name] if name in cache else cache.setdefault(name, DERIVED[name](run))
@@ -310,8 +297,7 @@ def key(fmt, label):
 
 
 def draw_line(ax, run, name, col, smooth, fmt, *_):
-    """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or 'both'
-    (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
+    """One run's line: 'raw', 'smooth', or 'both' (faint under smoothed); a colour per bucket or layer."""
     steps, v = line_data(run, name, col)
     if col == 'k':  # measure.py's k batches: their mean +- sd
         ok = np.isfinite(v).all(1) & (steps > 0)
@@ -319,7 +305,8 @@ def draw_line(ax, run, name, col, smooth, fmt, *_):
         return
     lines = [(run['color'], None, v)]
     if v.ndim == 2:
-        labels = bucket_labels(run) if col == 'buckets' else layer_names(run)
+        labels = bucket_labels(run) if col == 'buckets' else [run['config']['opposition_keys'][j]
+                                                              for j in columns(run, name, 'layers')]
         lines = zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels, v.T)
     for color, label, values in lines:
         if smooth == 'both':
@@ -330,9 +317,7 @@ def draw_line(ax, run, name, col, smooth, fmt, *_):
 
 
 def draw_panel(ax, runs, panel, everyone):
-    """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log) and its
-    t_d, labelled; a legend of the labelled lines and line styles; title fields {run}, {N_batch}, {N_probe},
-    {N_opposition}, {N_paper}, {k_paper}."""
+    """One panel of FIGURES: its own 'draw' or each run's lines and labelled t_d; legend; title fields."""
     if 'draw' in panel:
         panel['draw'](ax, runs)
     for r in runs if 'lines' in panel else []:
@@ -378,8 +363,7 @@ def loss_panel(ax, runs):
 
 
 def size_panel(ax, runs, key):
-    """fig2: a fitted quantity (t_d, L_d, r_d) of each run against its size, with its 95% interval, or (key
-    'validation') its best (o) and last (x) validation loss; the runs without a fit named, and why."""
+    """fig2: t_d, L_d or r_d against size with 95% intervals, or best and last validation loss."""
     for r in runs:
         fit, n, c = r['fit'], r['config']['n_params'], r['color']
         _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else (None, [])
@@ -402,8 +386,7 @@ def size_panel(ax, runs, key):
 
 
 def change_histogram(ax, runs):
-    """fig3: the first run's per-token probe-loss changes x_i = l_i(t+1) - l_i(t) on 40 bins symmetric
-    around 0, at the last step before t_d / 2 (without a fit: the first) and at the last."""
+    """fig3: the first run's x_i = l_i(t+1) - l_i(t) on 40 bins, before t_d / 2 and at the last step."""
     loss = np.asarray(runs[0]['rec']['probe_loss'], dtype=np.float64).reshape(len(runs[0]['rec']['probe_loss']), -1)
     x, t_d = loss[1:] - loss[:-1], runs[0]['fit'].get('t_d')  # (S, P T)
     done = np.flatnonzero(np.isfinite(x).all(1))
@@ -479,8 +462,7 @@ def bucket_loss_panel(ax, runs):
 
 
 def bucket_curves(ax, runs, name):
-    """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau onset
-    and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
+    """fig6: a run's per-bucket loss; dot: best step, v: plateau onset, ^: rise onset (`onsets`)."""
     loss, labels = bucket_series(runs[0], name), bucket_labels(runs[0])
     for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
         steps, v = series(loss[:, k])
@@ -505,8 +487,7 @@ def singular_values(ax, runs):
 
 
 def basis_panel(ax, runs):
-    """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) over the probe tokens of each bucket, a line per
-    bucket through the recorded steps, a dot at the last; red star: the collapse (-1, +1)."""
+    """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) per bucket; red star: the collapse (-1, +1)."""
     plus, minus = bucket_series(runs[0], 'probe_cos_h_plus'), bucket_series(runs[0], 'probe_cos_h_minus')
     labels = bucket_labels(runs[0])
     for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
@@ -665,8 +646,7 @@ def panel_points(ax):
 
 
 def readable_ticks(ax):
-    """A log axis spanning under two decades gets labels at round values (matplotlib's own: one or two
-    labels, or minor ones that run together), as 20k, 1.5M or 5.5."""
+    """A log axis spanning under two decades: labels at round values (20k, 1.5M, 5.5)."""
     for axis in (ax.xaxis, ax.yaxis):
         lo, hi = sorted(axis.get_view_interval())
         if axis.get_scale() == 'log' and 0 < lo and hi < 100 * lo:
@@ -677,9 +657,7 @@ def readable_ticks(ax):
 
 
 def finish(fig, runs):
-    """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A lone point
-    gets a marker, an empty panel says so on linear axes, the run legend goes above the panels in as many
-    columns (at most 4) as the width holds, the figure widened for a longer label."""
+    """Lay out a drawn figure (empty panels say so, run legend on top); False when it shows nothing."""
     shown = False
     for ax in fig.axes:
         if len(panel_points(ax)):
@@ -724,9 +702,7 @@ def finish(fig, runs):
 
 
 def onsets(values):
-    """The saturation onsets of a loss series (NaN rows not recorded) on its trailing log moving average:
-    never (metrics.never_improved), plateau and rise (steps of metrics.plateau_onset and rise_onset, or None);
-    None when no row is recorded."""
+    """never, plateau and rise onsets (metrics.py) of a loss series' log moving average; None if unrecorded."""
     steps, v = recorded(values)
     if not len(v):
         return None
@@ -745,16 +721,14 @@ def md_table(header, rows):
 
 
 def fmt(v, spec, ci=None):
-    """v in format spec and its interval ci as ' [lo, hi]' (an end that is None: '?'); 'n/a' for None or
-    a value that is not finite."""
+    """v in format spec with its interval ci (' [lo, hi]', '?' for None); 'n/a' for None or not finite."""
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return 'n/a'
     return format(v, spec) + (f" [{', '.join('?' if e is None else format(e, spec) for e in ci)}]" if ci else '')
 
 
 def fit_rows(r):
-    """The BNSL fit (t_d also in the published convention), best and last validation loss, its saturation
-    onset, probe D before and after t_d beside its null, and L_d over H_1 (metrics.unigram_entropy)."""
+    """BNSL fit, validation loss and its onset, probe D before and after t_d, L_d / H_1 (unigram entropy)."""
     fit, rec, pub = r['fit'], r['rec'], r['fit'].get('published') or {}
     val, D, H1 = ['n/a'] * 3, ['n/a'] * 2, None
     steps, loss = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in rec else ([], [])
@@ -798,8 +772,7 @@ def together(held, train):
 
 
 def bucket_tables(runs):
-    """Per run and bucket: bucket_cells of the probe tokens, and of the training windows where recorded, and
-    what the two say together: a held-out rise alone is overfitting, a plateau or rise in both capacity."""
+    """Per run and bucket: bucket_cells of the probe tokens and of the training windows, and together()."""
     rows, trained = [], any('train_probe_loss' in r['rec'] for r in runs)
     for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig6_saturation'])]:
         for k, label in enumerate(bucket_labels(r)):
@@ -814,8 +787,7 @@ def bucket_tables(runs):
 
 
 def dissent_rows(r):
-    """Per phase (start to t_d to the saturation onset of the validation loss to the end; those the run has):
-    the mean of each dissent measurement over the phase's recorded steps."""
+    """The mean of each dissent measurement per phase: start, t_d, saturation onset, end."""
     norms = ['norm_plus', 'norm_minus', 'norm_grad']
     lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
     lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
@@ -833,8 +805,7 @@ def dissent_rows(r):
 
 
 def per_bucket(name, cell):
-    """A section's tables: a row per run that figure `name` draws, a column per bucket, cell(run, bucket)
-    each, headed by the runs' own ranks (shared_bucket_labels)."""
+    """A section of a row per run that figure `name` draws, a column per bucket: cell(run, bucket)."""
     def tables(runs):
         runs = [r for r in runs if all(k in r['rec'] for k in NEEDS[name])]
         labels, what = shared_bucket_labels(runs, sep=r' \| ') if runs else ([], None)
@@ -865,9 +836,7 @@ def basis_cell(r, k):
 
 
 def paper_tables(runs):
-    """Per run and N, a row per checkpoint: D_j (null) of the blocks and of every parameter (model), the
-    blocks' sqrt(N)(1 - D_j) (metrics.scale_free_opposition) and share of D_j > 0.99, the loss D at dt = 1
-    (mean +- sd over the k batches) and dt = t, the update-weighted terms of the blocks and of the model."""
+    """Per run and N, a row per checkpoint of measure.py's numbers, C terms of blocks and model."""
     out = []
     for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
         s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
@@ -886,8 +855,7 @@ def paper_tables(runs):
 
 
 def matched_tables(runs):
-    """The runs measured at one N side by side at the checkpoints all of them measured: the blocks' mean
-    D_j (null) and sqrt(N)(1 - D_j), < before the run's t_d, > at or after it."""
+    """Runs measured at one N at their common checkpoints: blocks' D_j (null), sqrt(N)(1 - D_j), t_d side."""
     by_N = {}
     for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
         by_N.setdefault(p['settings']['tokens'], []).append((r, p, p['settings']['opposition_keys'].index('blocks')))
@@ -939,7 +907,7 @@ REPORT = [
 def report_text(runs, drawn, notes, ext):
     """report.md: the runs, each section of REPORT that has rows, the drawn figures, the notes."""
     parts = ['# Training dynamics report', '', "Runs (ordered and coloured by parameter count): "
-             f"{', '.join(r['name'] + ': ' + r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
+             f"{'; '.join(r['name'] + ': ' + r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
     for title, what, tables in REPORT:
         tables = [t for t in tables(runs) if t[2]]
         parts += [f"## {title}", '', what, ''] * bool(tables)
@@ -955,8 +923,7 @@ def report_text(runs, drawn, notes, ext):
 # main
 
 def render(spec, runs, formats, dpi, notes):
-    """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs it
-    leaves out, or why it has nothing to show, go to notes."""
+    """{file name: bytes} of a figure drawn for the runs holding its records; what it leaves out to notes."""
     have = [r for r in runs if all(k in r['rec'] for k in spec['needs'])]
     lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in spec['needs'] if k not in r['rec'])}"
                         for r in runs if r not in have)
