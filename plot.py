@@ -113,7 +113,7 @@ def load_run(path):
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
         rec['paper'] = max(rec['papers'], key=lambda p: (len(p['steps']), p['settings']['tokens']))
     return dict(path=path, name=shown(os.path.basename(os.path.abspath(path))), config=config, rec=rec,
-                missing=missing)
+                missing=missing, label=f"{config['n_layer']}L/{config['n_embd']}d ({config['n_params'] / 1e6:.2g}M)")
 
 
 def label_runs(runs):
@@ -122,9 +122,7 @@ def label_runs(runs):
     differ = [k for k in dict.fromkeys(sum(settings, [])) if k not in NOT_WHAT and
               len({repr(r['config'].get(k)) for r in runs}) > 1]
     for r in runs:
-        c = r['config']
-        r['label'] = f"{c['n_layer']}L/{c['n_embd']}d ({c['n_params'] / 1e6:.2g}M)" + \
-            ''.join(f", {k}={c.get(k)}" for k in differ)
+        r['label'] += ''.join(f", {k}={r['config'].get(k)}" for k in differ)
     same = [sum(q['label'] == r['label'] for q in runs) > 1 for r in runs]
     for r, named in zip(runs, same):
         r['label'] += f" [{r['name']}]" if named else ''
@@ -229,7 +227,8 @@ def first_order(run):
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
             pred = np.asarray(rec['train_loss_pred'][k], dtype=float).ravel()
-            true = np.asarray(rec['train_loss_post'][s], float).ravel() - np.asarray(rec['train_loss_pre'][s], float).ravel()
+            true = np.asarray(rec['train_loss_post'][s], dtype=float).ravel() - \
+                np.asarray(rec['train_loss_pre'][s], dtype=float).ravel()
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
                 for key, v in zip(out, [int(s), pred, true, float(agree['corr']), float(agree['slope'])]):
@@ -412,7 +411,8 @@ def dm_plane(ax, runs):
         ax.set_yscale('log')
         lo, hi = ax.get_ylim()
         for level in 10.0 ** np.arange(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
-            ax.plot(np.linspace(0, 0.999, 300), level / (1 - np.linspace(0, 0.999, 300)), color='0.6', lw=0.6, gid=GUIDE)
+            D = np.linspace(0, 0.999, 300)
+            ax.plot(D, level / (1 - D), color='0.6', lw=0.6, gid=GUIDE)
             ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True, gid=GUIDE)
         ax.set_ylim(lo, hi)
 
@@ -612,7 +612,8 @@ FIGURES = [
                     ('paper.loss_D_batch_null', 'k mean', 'raw', ':', 'nulls'),
                     ('paper.loss_D_heldout_null', 'k mean', 'raw', ':')]),
         dict(x=P, title="dt = t: theta_t to theta_2t, held-out", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', 'o-', 'D'), ('paper.loss_D_dtt_null', None, 'raw', ':', 'null')])],
+             lines=[('paper.loss_D_dtt', None, 'raw', 'o-', 'D'),
+                    ('paper.loss_D_dtt_null', None, 'raw', ':', 'null')])],
          caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
 NEEDS = {f['name']: f['needs'] for f in FIGURES}
@@ -747,7 +748,8 @@ def fit_rows(r):
             [fmt(f.get(k), s, interval(f, k)) for f, k, s in [(fit, 't_d', '.4g'), (pub, 't_d', '.4g'),
                                                              (fit, 'L_d', '.4g'), (fit, 'r_d', '.3g')]] +
             [fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}", *val,
-             f"{r['config']['probe_tokens']:,}", *D, fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')]]
+             f"{r['config']['probe_tokens']:,}", *D, fmt(H1, '.4f'),
+             fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')]]
 
 
 def bucket_cells(run, name, k):
@@ -791,7 +793,8 @@ def dissent_rows(r):
     norms = ['norm_plus', 'norm_minus', 'norm_grad']
     lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
     lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
-    lines += [(w + '_dissent_ratio', c, [f"{w}_{n}" for n in norms]) for w, c in [('theta', None), ('probe', 'tokens')]]
+    lines += [(w + '_dissent_ratio', c, [f"{w}_{n}" for n in norms])
+              for w, c in [('theta', None), ('probe', 'tokens')]]
     cols = [line_data(r, name, c)[1] if all(k in r['rec'] for k in needs) else None for name, c, needs in lines]
     if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
         return []
