@@ -1,21 +1,16 @@
 """
 Every figure of both results, and a report, from the run folders of train.py (and measure.py).
 
-    python plot.py out/                      # a run folder, or a folder of run folders
-    python plot.py out/L2 out/L4 out/L6      # several paths: runs ordered and coloured by size
-    python plot.py out/ --out figs --format png pdf
+    python plot.py out/                      # every run under out/, out/ itself included
+    python plot.py out/L2 out/L4 --out figs --format png pdf
 
-Figures and report.md go to FIRST_PATH/figures/ (or --out DIR); docs/figures.md says what each shows
-and what to look for. A run still training is drawn as far as it is recorded; a figure leaves out the
-runs that lack its records, and the report says so. plot.py reads only what a run folder documents
-(config.json, its records, measure.py's paper*/ folders) and computes every quantity with the
-function of metrics.py or bnsl.py named after it.
+Figures and report.md go to FIRST_PATH/figures/ (or --out DIR); docs/figures.md says what each shows.
+A run still training is drawn as far as it is recorded; a figure leaves out the runs that lack its
+records, and the report says so. Each quantity comes from the function of metrics.py or bnsl.py named
+after it. A panel for a new record is one entry in FIGURES; a report section, one entry in REPORT.
 """
 
-import argparse
-import glob
 import io
-import json
 import math
 import os
 import re
@@ -27,53 +22,54 @@ import torch
 import matplotlib
 matplotlib.use('Agg')  # files only, no screen
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 from matplotlib.collections import PathCollection
 from matplotlib.lines import Line2D
 
 import bnsl
 import metrics
-from runs import fail, foreign, remove_owned, write_atomic
+from runs import checked, fail, foreign, nonnegative, parser, read_json, remove_owned, write_atomic
 
 plt.rcParams.update({'axes.formatter.min_exponent': 7,  # log ticks as plain numbers (8.3, not 8.3x10^0)
-                     'lines.markersize': 3})  # a point per recorded row
+                     'lines.markersize': 3, 'axes.titlesize': 8})
 N_BUCKETS = 6  # token-frequency buckets, log-spaced in rank (metrics.frequency_buckets)
 DT_LONG = 10  # the longer interval of the probe-set interference, in steps (besides dt = 1)
 MAX_SCATTER = 3000  # points per run in the first-order scatter
 ONCE = ['train_counts', 'probe_tokens', 'hidden_steps', 'grad_steps', 'train_probe_tokens']  # saved once
-GUIDE = 'guide'  # gid of reference lines (y = x, the collapse star, contours): not data
-# what plot.py reads in config.json and in measure.py's folders; files without them are older
+GUIDE = 'guide'  # gid of what is not data: reference lines (y = x, the collapse star, contours), t_d
+# what plot.py reads in config.json and in measure.py's folders; a file without them is older
 CONFIG_KEYS = ['records', 'n_params', 'n_layer', 'n_embd', 'record', 'theta_names', 'local_opposition_keys',
                'opposition_keys', 'batch_tokens', 'probe_tokens', 'opposition_tokens']
 PAPER_KEYS = ['steps', 'tokens', 'windows', 'batches', 'opposition_keys']
 PAPER_RECORDS = ['steps', 'loss_D_batch', 'loss_D_batch_null', 'loss_D_heldout', 'loss_D_heldout_null',
                  'loss_D_dtt', 'loss_D_dtt_null', 'opposition_mean', 'opposition_null',
-                 'opposition_near_total']
+                 'opposition_near_total', 'update_Cg', 'update_Cug', 'update_C_i_dli']
 OLDER = "{}: made by an older version of {}; rerun it"
+# settings of config.json (the keys before n_params) that say where or how fast a run went, not what it is
+NOT_WHAT = {'out_dir', 'cache_dir', 'device', 'compile', 'threads', 'log_interval', 'log_seconds',
+            'ckpt_interval', 'keep_ckpts', 'resume', 'overwrite', 'n_layer', 'n_embd'}
 
 # -----------------------------------------------------------------------------
 # reading runs
 
 
-def read_json(path):
-    """A JSON file (UTF-8, whatever the locale), or one line naming it and exit status 2."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"{path}: cannot read it ({e})")
+def shown(text):
+    """A file name as text: bytes that are not UTF-8 shown escaped ('\\xff')."""
+    return str(text).encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
 
 
 def find_runs(paths):
-    """The run folders (holding config.json) given as PATHs or found below them."""
-    found = []
+    """The run folders (holding config.json) at or below PATHs; links never followed, each folder once."""
+    found = {}
     for path in paths:
         if not os.path.isdir(path):
             fail(f"{path}: no such directory")
-        below = sorted(glob.glob(os.path.join(glob.escape(path), '**', 'config.json'), recursive=True))
+        below = sorted(folder for folder, _, files in os.walk(path) if 'config.json' in files)
         if not below:
             fail(f"{path}: no run directories (folders with config.json) in it")
-        found += [path] if os.path.isfile(os.path.join(path, 'config.json')) else map(os.path.dirname, below)
-    return list(dict.fromkeys(os.path.normpath(r) for r in found))
+        for folder in below:
+            found.setdefault(os.path.realpath(folder), os.path.normpath(folder))
+    return list(found.values())
 
 
 def load_record(path, spec=None):
@@ -88,14 +84,13 @@ def load_record(path, spec=None):
 
 
 def load_run(path):
-    """A run: path, name, label, config, rec (record name -> array; measure.py's as 'papers', and
-    'paper', the one of most checkpoints) and missing (records config.json lists, the folder lacks)."""
-    config = read_json(os.path.join(path, 'config.json'))
+    """A run: path, name, config, rec (records; measure.py's as 'papers', and 'paper' of most rows), missing."""
+    config = read_json(path, 'config.json', 'train.py')
     if not isinstance(config, dict) or not isinstance(config.get('records'), dict):
         fail(f"{os.path.join(path, 'config.json')}: not a config.json written by train.py")
     if any(k not in config for k in CONFIG_KEYS):
         fail(OLDER.format(path, 'train.py'))
-    rec, missing = {}, []
+    rec, missing, papers = {}, [], []
     for name, spec in list(config['records'].items()) + [(n, None) for n in ONCE]:
         if os.path.isfile(os.path.join(path, name + '.npy')):
             rec[name] = load_record(os.path.join(path, name + '.npy'), spec)
@@ -103,28 +98,34 @@ def load_run(path):
             missing.append(name)
     if 'train_loss' not in rec:
         fail(f"{path}: train_loss.npy is missing (the one record every figure needs)")
-    folders = map(os.path.dirname, glob.glob(os.path.join(glob.escape(path), 'paper*', 'progress.json')))
-    papers = [load_paper(f) for f in folders if re.fullmatch(r'paper(_N\d+)?', os.path.basename(f))]
+    for sub in [d for d in sorted(os.listdir(path)) if re.fullmatch(r'paper(_N\d+)?', d) and
+                os.path.isfile(os.path.join(path, d, 'progress.json'))]:  # one measure.py finished a row in
+        settings, folder = read_json(path, os.path.join(sub, 'progress.json'), 'measure.py'), os.path.join(path, sub)
+        if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
+                any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
+            fail(OLDER.format(folder, 'measure.py'))
+        n = len(settings['steps'])
+        paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], float) for k in PAPER_RECORDS}
+        if any(len(a) < n for a in paper.values()):
+            fail(f"{folder}: fewer rows than progress.json lists")
+        papers.append(dict({k: v[np.argsort(paper['steps'])] for k, v in paper.items()}, settings=settings))
     if papers:  # fewest tokens first
         rec['papers'] = sorted(papers, key=lambda p: p['settings']['tokens'])
         rec['paper'] = max(rec['papers'], key=lambda p: (len(p['steps']), p['settings']['tokens']))
-    name = os.path.basename(os.path.abspath(path))
-    return dict(path=path, name=name, config=config, rec=rec, missing=missing,
-                label=f"{name} ({config['n_layer']}L/{config['n_embd']}d, {config['n_params'] / 1e6:.2g}M)")
+    return dict(path=path, name=shown(os.path.basename(os.path.abspath(path))), config=config, rec=rec,
+                missing=missing, label=f"{config['n_layer']}L/{config['n_embd']}d ({config['n_params'] / 1e6:.2g}M)")
 
 
-def load_paper(folder):
-    """measure.py's records: the rows progress.json lists, by step, and 'settings' (progress.json)."""
-    settings = read_json(os.path.join(folder, 'progress.json'))
-    if not isinstance(settings, dict) or any(k not in settings for k in PAPER_KEYS) or \
-            any(not os.path.isfile(os.path.join(folder, n + '.npy')) for n in PAPER_RECORDS):
-        fail(OLDER.format(folder, 'measure.py'))
-    n = len(settings['steps'])
-    paper = {k: np.asarray(load_record(os.path.join(folder, k + '.npy'))[:n], float) for k in PAPER_RECORDS}
-    if any(len(a) < n for a in paper.values()):
-        fail(f"{folder}: fewer rows than progress.json lists")
-    order = np.argsort(paper['steps'])
-    return dict({k: v[order] for k, v in paper.items()}, settings=settings)
+def label_runs(runs):
+    """Each run's label: its size, the settings in which the runs differ, and its name where those agree."""
+    settings = [list(r['config'])[:list(r['config']).index('n_params')] for r in runs]
+    differ = [k for k in dict.fromkeys(sum(settings, [])) if k not in NOT_WHAT and
+              len({repr(r['config'].get(k)) for r in runs}) > 1]
+    for r in runs:
+        r['label'] += ''.join(f", {k}={r['config'].get(k)}" for k in differ)
+    same = [sum(q['label'] == r['label'] for q in runs) > 1 for r in runs]
+    for r, named in zip(runs, same):
+        r['label'] += f" [{r['name']}]" if named else ''
 
 
 # -----------------------------------------------------------------------------
@@ -139,8 +140,7 @@ def recorded(values, steps=None):
 
 
 def series(values, steps=None, smoothed=False):
-    """(steps, values) for a log step axis: the recorded rows after step 0; when `smoothed`, the trailing
-    log moving average of bnsl.py, only over consecutive steps (a schedule is drawn as recorded)."""
+    """(steps, values) after step 0 for a log axis; `smoothed` (bnsl.log_moving_average) over consecutive steps."""
     steps, values = recorded(values, steps)
     if smoothed and len(values) and np.all(np.diff(steps) == 1):
         values = bnsl.log_moving_average(values)
@@ -153,28 +153,22 @@ def token_mean(run, name, values=None):
     return np.nanmean(a.reshape(len(a), -1), axis=1)  # NaN for a row not yet recorded
 
 
-def buckets(run):
-    """(bucket of every token id, edges) of the run's training counts (metrics.frequency_buckets)."""
+def buckets(run, name='probe_loss'):
+    """(bucket of each token id, edges, (rows, T) targets of record `name`): metrics.frequency_buckets."""
     if 'buckets' not in run:
         counts = torch.from_numpy(np.array(run['rec']['train_counts']))
         run['buckets'] = metrics.frequency_buckets(counts, N_BUCKETS)
-    return run['buckets']
-
-
-def targets(run, name):
-    """(rows, T): the targets a per-token record is bucketed by (train_probe_*: the training windows')."""
     tokens = run['rec']['train_probe_tokens' if name.startswith('train_probe') else 'probe_tokens']
-    return torch.from_numpy(np.asarray(tokens)[:, 1:].astype(np.int64))
+    return *run['buckets'], torch.from_numpy(np.asarray(tokens)[:, 1:].astype(np.int64))
 
 
 def bucket_series(run, name, values=None):
-    """(rows, n_buckets): a per-token record (or `values` named `name`) averaged per frequency bucket
-    of its tokens' targets (metrics.bucket_mean), computed once per run and name."""
+    """(rows, n_buckets): a per-token record (or its `values`) per bucket of targets (metrics.bucket_mean)."""
     cache = run.setdefault('bucket_series', {})
     if name not in cache:
-        (bucket, edges), v = buckets(run), run['rec'][name] if values is None else values
-        v = torch.from_numpy(np.asarray(v, dtype=np.float64))
-        cache[name] = metrics.bucket_mean(v, targets(run, name), bucket, len(edges) - 1).numpy()
+        v = torch.from_numpy(np.asarray(run['rec'][name] if values is None else values, dtype=np.float64))
+        bucket, edges, targets = buckets(run, name)
+        cache[name] = metrics.bucket_mean(v, targets, bucket, len(edges) - 1).numpy()
     return cache[name]
 
 
@@ -184,15 +178,8 @@ def bucket_labels(run):
     return [f"ranks {int(a) + 1}-{int(b)}" for a, b in zip(edges[:-1], edges[1:])]
 
 
-def bucket_colors(run):
-    """(colour, label) of each of a run's buckets, the same in every figure."""
-    labels = bucket_labels(run)
-    return list(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels))
-
-
 def shared_bucket_labels(runs, sep=' | '):
-    """(labels, what they list or None) of a column per bucket of several runs: each distinct set of
-    ranks once, `sep` between sets, named by vocabulary size where that tells them apart."""
+    """(labels, what they list or None) of a column per bucket: each run's own ranks, `sep` between."""
     sets = {}
     for r in runs:
         sets.setdefault(tuple(bucket_labels(r)), []).append(r)
@@ -206,26 +193,22 @@ def shared_bucket_labels(runs, sep=' | '):
     return ticks, 'ranks of ' + sep.join(names)
 
 
-def column(run, name, key):
-    """The index of column `key` of a record whose columns config.json (or progress.json) names."""
+def columns(run, name, key):
+    """The index of column `key` of a record, or 'layers': those of metrics.opposition_group's layers."""
     keys = run['rec']['paper']['settings']['opposition_keys'] if name.startswith('paper.') else \
         run['config']['theta_names' if name.startswith('theta_') else
                       'local_opposition_keys' if name.startswith('local_') else 'opposition_keys']
-    return keys.index(key)
-
-
-def layer_names(run):
-    """The per-layer columns of the opposition records (metrics.opposition_keys)."""
-    keys = run['config']['opposition_keys']
-    return list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
+    if key != 'layers':
+        return keys.index(key)
+    groups = list(dict.fromkeys(metrics.opposition_group(k) for k in keys if k.endswith(('.weight', '.bias'))))
+    return [keys.index(g) for g in groups]
 
 
 def dissent_ratio(run, prefix):
-    """metrics.dissent_ratio per probe token ('probe_', (S + 1, P, T)) or of all parameters on the
-    training batch ('theta_', (S,))."""
+    """metrics.dissent_ratio per probe token ('probe_', (S + 1, P, T)), or of all parameters ('theta_', (S,))."""
     norms = [np.asarray(run['rec'][prefix + n], float) for n in ('norm_grad', 'norm_plus', 'norm_minus')]
     if prefix == 'theta_':
-        norms = [np.ascontiguousarray(a[:, column(run, 'theta_', 'model')]) for a in norms]
+        norms = [np.ascontiguousarray(a[:, columns(run, 'theta_', 'model')]) for a in norms]
     return metrics.dissent_ratio(*map(torch.from_numpy, norms)).numpy()
 
 
@@ -239,8 +222,7 @@ def probe_interference(run, null):
 
 
 def first_order(run):
-    """Over the grad steps whose records are complete: steps, pred and true (the predicted and true
-    loss changes of the training batch, (B T,) each), corr and slope (metrics.first_order_agreement)."""
+    """Steps, pred and true per-token loss changes (B T,), corr and slope (metrics.first_order_agreement)."""
     if 'first_order' not in run:
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
@@ -253,16 +235,6 @@ def first_order(run):
                     out[key].append(v)
         run['first_order'] = out
     return run['first_order']
-
-
-def loss_changes(run):
-    """{step t: x (P T,)}, x_i = probe_loss[t+1] - probe_loss[t], at a step before t_d and the last
-    (without a fit: the first and the last) whose change is recorded."""
-    loss = np.asarray(run['rec']['probe_loss'], dtype=np.float64).reshape(len(run['rec']['probe_loss']), -1)
-    x = loss[1:] - loss[:-1]  # (S, P T)
-    done = np.flatnonzero(np.isfinite(x).all(1))
-    early = done[done < run['fit']['t_d'] / 2] if run['fit'].get('t_d') is not None else done[:0]
-    return {int(t): x[t] for t in ([early[-1] if len(early) else done[0], done[-1]] if len(done) else [])}
 
 
 # quantities computed from records, by name: run -> (steps, or None for 0, 1, ..., values)
@@ -280,9 +252,7 @@ DERIVED = {
 
 
 def line_data(run, name, col):
-    """(steps, values) of a line: a record, measure.py's ('paper.NAME') or a DERIVED quantity; col:
-    None, a column's name, 'tokens' (mean over the probe tokens), 'buckets' (mean per frequency
-    bucket), 'layers' (the per-layer columns), 'k' (measure.py's k batches, (C, k)) or 'k mean'."""
+    """(steps, values) of a record, 'paper.NAME' or DERIVED; col: a column, 'layers', 'tokens', 'buckets', 'k'."""
     if name in DERIVED:
         cache = run.setdefault('derived', {})
         steps, v = cache[name] if name in cache else cache.setdefault(name, DERIVED[name](run))
@@ -292,16 +262,12 @@ def line_data(run, name, col):
         v = run['rec'][name]
         steps = run['rec']['grad_steps'] if name.startswith(('opposition_', 'update_')) else None
     steps = np.arange(len(v)) if steps is None else np.asarray(steps, dtype=int)[:len(v)]
-    if col == 'tokens':
-        v = token_mean(run, name, v)
-    elif col == 'buckets':
-        v = bucket_series(run, name, v)
-    elif col == 'layers':
-        v = np.asarray(v)[:, [column(run, name, k) for k in layer_names(run)]]
+    if col in ('tokens', 'buckets'):
+        v = (token_mean if col == 'tokens' else bucket_series)(run, name, v)
     elif col == 'k mean':
         v = np.asarray(v).mean(1)
     elif col not in (None, 'k'):
-        v = np.asarray(v)[:, column(run, name, col)]
+        v = np.asarray(v)[:, columns(run, name, col)]
     return steps, np.asarray(v, dtype=float)
 
 
@@ -322,22 +288,24 @@ def interval(fit, key):
 # figures: a table of panels, one function that draws a time-series panel
 
 
-def tex_safe(text):
-    """Text for matplotlib with a '$' drawn as itself, never as the start of math."""
-    return str(text).replace('$', r'\$')
+def key(fmt, label):
+    """A legend entry for a line style of FIGURES ('o--': dots joined by dashes), in grey."""
+    marker = fmt[0] if fmt[0] in 'o.sx' else 'None'
+    return Line2D([], [], color='0.3', ls=fmt.lstrip('o.sxk') or 'None', marker=marker, label=label,
+                  mfc='none' if marker == 's' else None)
 
 
-def draw_line(ax, run, name, col, smooth, fmt):
-    """One line of a panel for one run: 'raw' as recorded, 'smooth' (bnsl.log_moving_average), or
-    'both' (faint per step under the smoothed one); a colour per bucket or layer when col splits it."""
+def draw_line(ax, run, name, col, smooth, fmt, *_):
+    """One run's line: 'raw', 'smooth', or 'both' (faint under smoothed); a colour per bucket or layer."""
     steps, v = line_data(run, name, col)
-    if col == 'k':  # measure.py's k fresh batches: their mean +- sd
+    if col == 'k':  # measure.py's k batches: their mean +- sd
         ok = np.isfinite(v).all(1) & (steps > 0)
         ax.errorbar(steps[ok], v[ok].mean(1), yerr=v[ok].std(1), fmt=fmt, color=run['color'], capsize=2)
         return
     lines = [(run['color'], None, v)]
     if v.ndim == 2:
-        labels = bucket_labels(run) if col == 'buckets' else layer_names(run)
+        labels = bucket_labels(run) if col == 'buckets' else [run['config']['opposition_keys'][j]
+                                                              for j in columns(run, name, 'layers')]
         lines = zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels, v.T)
     for color, label, values in lines:
         if smooth == 'both':
@@ -348,40 +316,38 @@ def draw_line(ax, run, name, col, smooth, fmt):
 
 
 def draw_panel(ax, runs, panel, everyone):
-    """One panel of FIGURES: an own function ('draw'), or each run's lines against the step (log),
-    t_d dotted; its title (fields: {run}, {N_batch}, {N_probe}, {N_opposition}, {N_paper}, {k_paper})
-    and axis labels from the table."""
+    """One panel of FIGURES: its own 'draw' or each run's lines and labelled t_d; legend; title fields."""
     if 'draw' in panel:
         panel['draw'](ax, runs)
-    else:
-        for r in runs:
-            for line in panel['lines']:
-                draw_line(ax, r, *line)
-            if 'hline' in panel:
-                ax.axhline(panel['hline'](r), color=r['color'], lw=0.6, ls='--')
-            if r['fit'].get('t_d') is not None:
-                ax.axvline(r['fit']['t_d'], color=r['color'], ls=':', lw=1)
-        ax.set_xscale('log')
-        ax.set_xlabel(panel.get('x', 'step t') + ' (log)')
-        if any(line.get_label()[0] != '_' for line in ax.lines):
-            ax.legend(fontsize=6, ncol=2)
+    for r in runs if 'lines' in panel else []:
+        for line in panel['lines']:
+            draw_line(ax, r, *line)
+        if 'hline' in panel:
+            ax.axhline(panel['hline'](r), color=r['color'], lw=0.6, ls='--')
+        if r['fit'].get('t_d') is not None:
+            ax.axvline(r['fit']['t_d'], color=r['color'], ls=':', lw=1, gid='t_d')
+            ax.text(r['fit']['t_d'], 0.98, 't_d ', color=r['color'], fontsize=6, rotation=90, ha='right',
+                    va='top', transform=ax.get_xaxis_transform(), gid='t_d')
+    if 'lines' in panel:
+        ax.set(xscale='log', xlabel=panel.get('x', 'step t') + ' (log)')
     if panel.get('log'):
         ax.set_yscale('log')
-    ax.set_ylabel(panel.get('y', ''))
+    keys = [key(*k) for k in panel.get('keys', []) + [line[3:] for line in panel.get('lines', []) if len(line) > 4]]
+    if handles := [line for line in ax.lines if line.get_label()[0] != '_'] + keys:
+        ax.legend(handles=handles, fontsize=6, ncol=2)
     n = lambda what: 'N = ' + '/'.join(f"{v:,}" for v in dict.fromkeys(r['config'][what] for r in everyone))
     papers = [r['rec']['paper']['settings'] for r in everyone if 'paper' in r['rec']]
-    ax.set_title(panel['title'].format(
-        run=tex_safe(runs[0]['label']) if runs else '', dt=DT_LONG, N_batch=n('batch_tokens'),
-        N_probe=n('probe_tokens'), N_opposition=n('opposition_tokens'),
-        N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
-        k_paper=', '.join(sorted({str(s['batches']) for s in papers}))), fontsize=8)
+    ax.set(ylabel=panel.get('y', ''), title=panel['title'].format(
+        run=runs[0]['label'] if runs else '', N_batch=n('batch_tokens'), N_probe=n('probe_tokens'),
+        N_opposition=n('opposition_tokens'), N_paper=', '.join(sorted({f"{s['tokens']:,}" for s in papers})),
+        k_paper=', '.join(sorted({str(s['batches']) for s in papers}))))
 
 
 def loss_panel(ax, runs):
     """fig1: the training loss, its 1-break BNSL fit, the fit's two power laws and (t_d, L_d)."""
     for r in runs:
         draw_line(ax, r, 'train_loss', None, 'both', '-')
-        fit, c = r['fit'], r['color']
+        fit, c, published = r['fit'], r['color'], r['fit'].get('published') or {}
         if fit.get('t_d') is None:
             continue
         t = np.geomspace(fit['t_range'][0], fit['t_range'][1], 200)
@@ -390,16 +356,13 @@ def loss_panel(ax, runs):
         ax.plot(pre, bnsl.loss_at_break(fit['b'], fit['c0'], pre), color=c, lw=1, ls=':')  # b t^-c0
         ax.plot(post, bnsl.post_break_loss(post, fit['L_d'], fit['t_d'], fit['r_d']), color=c, lw=1, ls=':')
         ax.plot([fit['t_d']], [fit['L_d']], 'o', color=c, mec='k', ms=7, zorder=5)
-        published = fit.get('published') or {}
         if published.get('t_d') is not None:  # the published convention's break, lagged by smoothing
-            ax.plot([published['t_d']], [published['L_d']], 'o', mfc='none', mec=c, ms=7, zorder=5)
-    ax.set_xscale('log')
-    ax.set_xlabel('step t (log)')
+            ax.plot([published['t_d']], [published['L_d']], 's', mfc='none', mec=c, mew=1.5, ms=9, zorder=5)
+    ax.set(xscale='log', xlabel='step t (log)')
 
 
 def size_panel(ax, runs, key):
-    """fig2: a fitted quantity (t_d, L_d, r_d) of each run against its size, with its 95% interval,
-    or (key 'validation') its best (o) and last (x) validation loss."""
+    """fig2: t_d, L_d or r_d against size with 95% intervals, or best and last validation loss."""
     for r in runs:
         fit, n, c = r['fit'], r['config']['n_params'], r['color']
         _, probe = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else (None, [])
@@ -408,35 +371,33 @@ def size_panel(ax, runs, key):
             ax.plot([n], [probe[-1]], 'x', color=c, ms=8)
         elif key != 'validation' and fit.get(key) is not None:
             ci = interval(fit, key)
-            ci = [fit[key]] * 2 if ci is None or None in ci else ci
-            # a percentile interval may exclude its estimate (t_d near a bound): clip the bars at it
-            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]
+            ci = [fit[key]] * 2 if ci is None or None in ci else ci  # a percentile interval may exclude its
+            yerr = [[max(fit[key] - ci[0], 0)], [max(ci[1] - fit[key], 0)]]  # estimate: clip the bars at it
             ax.errorbar([n], [fit[key]], yerr=yerr, fmt='o', color=c, capsize=3)
     unfit = [r['name'] for r in runs if r['fit'].get(key) is None and r['fit'].get('fitted', True)]
     short = [r['name'] for r in runs if not r['fit'].get('fitted', True)]
     for names, what, y, gid in [(unfit, 'no identifiable break', 0.02, None),  # a result of the fit
                                 (short, 'too few steps to fit', 0.98, GUIDE)]:  # no result: why
-        if names and key != 'validation':  # wrapped, outside the layout: long names must not squeeze panels
-            ax.text(0.02, y, tex_safe(textwrap.fill(f"{what}: {', '.join(names)}", 40)), fontsize=7,
-                    transform=ax.transAxes, va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True,
-                    gid=gid)
-    ax.set_xscale('log')
-    ax.set_xlabel('parameters (log)')
+        if names and key != 'validation':  # outside the layout: long names must not squeeze panels
+            ax.text(0.02, y, textwrap.fill(f"{what}: {', '.join(names)}", 40), fontsize=7, transform=ax.transAxes,
+                    va='bottom' if y < 0.5 else 'top', in_layout=False, clip_on=True, gid=gid)
+    ax.set(xscale='log', xlabel='parameters (log)')
 
 
 def change_histogram(ax, runs):
-    """fig3: the histogram of the per-token probe-loss changes x_i of the first run (loss_changes), at a
-    step before t_d and at the last: symmetric around 0 is zero-sum learning."""
-    x = loss_changes(runs[0])
-    lim = max([np.abs(v).max() for v in x.values()] + [1e-12])
+    """fig3: the first run's x_i = l_i(t+1) - l_i(t) on 40 bins, before t_d / 2 and at the last step."""
+    loss = np.asarray(runs[0]['rec']['probe_loss'], dtype=np.float64).reshape(len(runs[0]['rec']['probe_loss']), -1)
+    x, t_d = loss[1:] - loss[:-1], runs[0]['fit'].get('t_d')  # (S, P T)
+    done = np.flatnonzero(np.isfinite(x).all(1))
+    early = done[done < t_d / 2] if t_d is not None else done[:0]
+    steps = [early[-1] if len(early) else done[0], done[-1]] if len(done) else []
+    lim = max([np.abs(x[t]).max() for t in steps] + [1e-12])
     edges = np.linspace(-lim, lim, 41)
-    for (t, v), color in zip(x.items(), ['0.6', runs[0]['color']]):
-        ax.plot((edges[:-1] + edges[1:]) / 2, np.histogram(v, edges)[0], drawstyle='steps-mid', color=color,
+    for t, color in zip(steps, ['0.6', runs[0]['color']]):
+        ax.plot((edges[:-1] + edges[1:]) / 2, np.histogram(x[t], edges)[0], drawstyle='steps-mid', color=color,
                 label=f"t = {t}")
     ax.axvline(0, color='k', lw=0.6, gid=GUIDE)
     ax.set_xlabel('x_i = l_i(t+1) - l_i(t), probe tokens (nats)')
-    if x:
-        ax.legend(fontsize=7)
 
 
 def dm_plane(ax, runs):
@@ -445,18 +406,15 @@ def dm_plane(ax, runs):
         D, M = (np.asarray(r['rec']['probe_' + k], dtype=float) for k in ('D', 'M'))  # (S,) each
         ok = np.isfinite(D) & np.isfinite(M) & (M > 0)  # D is NaN (0/0) when no probe loss changed
         ax.scatter(D[ok], M[ok], s=3, color=r['color'], alpha=0.5)
-    ax.set_xlim(0, 1)
+    ax.set(xlim=(0, 1), xlabel='D (probe set, step t to t+1)')
     if ax.collections and np.isfinite(ax.dataLim.intervaly).all():  # contours around the points
         ax.set_yscale('log')
         lo, hi = ax.get_ylim()
-        D = np.linspace(0, 0.999, 300)
         for level in 10.0 ** np.arange(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+            D = np.linspace(0, 0.999, 300)
             ax.plot(D, level / (1 - D), color='0.6', lw=0.6, gid=GUIDE)
-            if lo <= level <= hi:
-                ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True,
-                        gid=GUIDE)
+            ax.text(0.01, level * 1.05, f"|mean dl| = {level:.0e}", fontsize=6, color='0.4', clip_on=True, gid=GUIDE)
         ax.set_ylim(lo, hi)
-    ax.set_xlabel('D (probe set, step t to t+1)')
 
 
 def first_order_scatter(ax, runs):
@@ -476,44 +434,37 @@ def first_order_scatter(ax, runs):
 
 def zipf_panel(ax, runs):
     """fig6: the Zipf plot of each distinct corpus and vocabulary, its fit, outliers, bucket edges."""
-    distinct = {(r['config'].get('data_key'), len(r['rec']['train_counts'])): r for r in runs[::-1]}
+    distinct = {(r['config']['data_key'], len(r['rec']['train_counts'])): r for r in runs[::-1]}
     for r in list(distinct.values())[::-1]:  # the first run of each
         counts = torch.from_numpy(np.array(r['rec']['train_counts']))
         zipf = metrics.zipf_fit(counts)
         c, rank, fitted = counts.numpy(), zipf['rank'].numpy(), zipf['fitted'].numpy()  # (V,) each, by id
         order = np.argsort(rank)  # token ids by rank
-        nonzero = order[c[order] > 0]
-        ax.loglog(rank[nonzero], c[nonzero], color=r['color'], lw=1.2, label=f"V = {len(c)}")
+        ax.loglog(rank[order[c[order] > 0]], c[order[c[order] > 0]], color=r['color'], lw=1.2, label=f"V = {len(c)}")
         ax.loglog(rank[order], fitted[order], color='k', lw=0.7, ls='--')
-        out = zipf['outliers'].numpy()
-        ax.plot(rank[out], c[out], 'rx', ms=5)
+        ax.plot(rank[zipf['outliers'].numpy()], c[zipf['outliers'].numpy()], 'rx', ms=5)
         for e in buckets(r)[1][1:-1].numpy():
             ax.axvline(e + 0.5, color='0.7', lw=0.5)
     ax.set_xlabel('rank in the training counts, from 1 (log)')
-    ax.legend(fontsize=7)
 
 
 def bucket_loss_panel(ax, runs):
     """fig6: best (o) and last (x) validation loss per bucket, the training windows' dotted."""
     for r in runs:
-        names = ['probe_loss'] + (['train_probe_loss'] if 'train_probe_loss' in r['rec'] else [])
-        for name, ls in zip(names, ['-', ':']):
+        for name, ls in zip(['probe_loss'] + ['train_probe_loss'] * ('train_probe_loss' in r['rec']), ['-', ':']):
             best, last = zip(*[(v.min(), v[-1]) if len(v) else (np.nan, np.nan)
                                for v in (recorded(c)[1] for c in bucket_series(r, name).T)])
             ax.plot(best, color=r['color'], marker='o', ls=ls, mfc='none' if ls == ':' else None)
             ax.plot(last, color=r['color'], marker='x', ls='--' if ls == '-' else ls)
     ticks, label = shared_bucket_labels(runs)  # each run's own ranks: vocabularies may differ
-    ax.set_xticks(range(len(ticks)))
-    ax.set_xticklabels(ticks, rotation=30, fontsize=6)
-    if label:
-        ax.set_xlabel(tex_safe(label), fontsize=7)
+    ax.set_xticks(range(len(ticks)), ticks, rotation=30, fontsize=6)
+    ax.set_xlabel(label or '', fontsize=7)
 
 
 def bucket_curves(ax, runs, name):
-    """fig6: a run's per-bucket loss as recorded, a dot at each bucket's best step, v at the plateau
-    onset and ^ at the rise onset of the smoothed curve (`onsets`), drawn on the recorded curve."""
-    loss = bucket_series(runs[0], name)
-    for k, (c, label) in enumerate(bucket_colors(runs[0])):
+    """fig6: a run's per-bucket loss; dot: best step, v: plateau onset, ^: rise onset (`onsets`)."""
+    loss, labels = bucket_series(runs[0], name), bucket_labels(runs[0])
+    for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
         steps, v = series(loss[:, k])
         if len(v):
             ax.plot(steps, v, color=c, lw=1, label=label)
@@ -522,9 +473,7 @@ def bucket_curves(ax, runs, name):
             for step, marker in [(o['plateau'], 'v'), (o['rise'], '^')]:
                 if step is not None and step in steps:
                     ax.plot(step, v[steps == step][0], marker, color=c, mec='k', mew=0.6, ms=6)
-    ax.set_xscale('log')
-    ax.set_xlabel('step t (log)')
-    ax.legend(fontsize=6)
+    ax.set(xscale='log', xlabel='step t (log)')
 
 
 def singular_values(ax, runs):
@@ -532,76 +481,72 @@ def singular_values(ax, runs):
     for r in runs:
         s = np.asarray(r['rec']['head_singular_values'], dtype=float)  # (K, R)
         done = np.flatnonzero(np.isfinite(s).all(1))
-        for row, ls in [(done[:1], ':'), (done[-1:], '-')]:
-            if len(row):
-                ax.plot(np.arange(1, s.shape[1] + 1), s[row[0]] / s[row[0], 0], color=r['color'], ls=ls)
-    ax.set_yscale('log')
-    ax.set_xlabel('index k')
+        for row, ls in zip(done[[0, -1]] if len(done) else [], [':', '-']):
+            ax.plot(np.arange(1, s.shape[1] + 1), s[row] / s[row, 0], color=r['color'], ls=ls)
+    ax.set(yscale='log', xlabel='index k')
 
 
 def basis_panel(ax, runs):
-    """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) over the probe tokens of each bucket, a line per
-    bucket through the recorded steps, a dot at the last; red star: the collapse (-1, +1)."""
+    """fig7: a run's (cos(h, grad_h+), cos(h, grad_h-)) per bucket; red star: the collapse (-1, +1)."""
     plus, minus = bucket_series(runs[0], 'probe_cos_h_plus'), bucket_series(runs[0], 'probe_cos_h_minus')
-    for k, (c, label) in enumerate(bucket_colors(runs[0])):
+    labels = bucket_labels(runs[0])
+    for k, (c, label) in enumerate(zip(plt.cm.plasma(np.linspace(0, 0.9, len(labels))), labels)):
         ok = np.isfinite(plus[:, k]) & np.isfinite(minus[:, k])  # recorded rows
         if ok.any():
             ax.plot(plus[ok, k], minus[ok, k], color=c, lw=0.8, label=label)
             ax.plot(plus[ok, k][-1], minus[ok, k][-1], 'o', color=c, ms=4)
     ax.plot([-1], [1], marker='*', color='r', ms=10, gid=GUIDE)
     ax.set(xlim=(-1.05, 1.05), ylim=(-1.05, 1.05), xlabel='cos(h, grad_h+)')
-    ax.legend(fontsize=6)
 
 
 P = 'checkpoint step t'  # the step axis of measure.py's records
-# Every figure: name, the records it needs (runs without them are left out), its grid (columns, and width
-# and height of a panel in inches), a one-line caption and its panels; docs/figures.md explains each
-# figure and its line styles. A panel is an own function ('draw') or lines (record, column, smoothing,
-# matplotlib format: 'o-' a point per row) against the step; 'per_run': a panel for each run (that holds
-# its 'needs').
+NORMS = [('norm_grad', '-', '|grad|'), ('norm_plus', '--', '|grad+|'), ('norm_minus', ':', '|grad-|')]
+D_J = [('mean', '-', 'blocks'), ('weighted', '--', 'blocks, |g|-weighted'), ('null', '-.', 'null of blocks')]
+# Every figure: name, the records it needs (runs without them are left out), its grid (columns, width and
+# height of a panel in inches), a one-line caption and its panels (docs/figures.md explains each). A panel
+# is an own function ('draw', with 'keys' for its line styles) or lines (record, column, smoothing,
+# matplotlib format ('o-': a point per row), legend key) against the step; 'per_run': a panel per run;
+# 'paper': drawn only where a run holds measure.py's records.
 FIGURES = [
     dict(name='fig1_loss', needs=['train_loss'], grid=(1, 7, 5), panels=[
-        dict(draw=loss_panel, log=True, y='training loss (nats/token, log)',
-             title='Loss deceleration: 1-break BNSL fit and its break t_d')],
+        dict(draw=loss_panel, log=True, y='training loss (nats/token, log)', title='loss deceleration',
+             keys=[('k--', '1-break BNSL fit'), (':', 'its two power laws'), ('o', '(t_d, L_d)'),
+                   ('s', '(t_d, L_d), published convention')])],
          caption="Training loss, its 1-break BNSL fit and the break (t_d, L_d): look for the bend."),
     dict(name='fig2_deceleration', needs=['train_loss'], grid=(4, 3.4, 3.2), panels=[
         dict(draw=lambda ax, runs: size_panel(ax, runs, 't_d'), y='t_d (steps)', title='95% intervals'),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'L_d'), y='L_d (nats/token)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'r_d'), y='r_d (slope after t_d)', title=''),
         dict(draw=lambda ax, runs: size_panel(ax, runs, 'validation'), title='validation = the probe set',
-             y='validation loss: best (o), last (x)')],
+             y='validation loss', keys=[('o', 'best'), ('x', 'last')])],
          caption="t_d, L_d, r_d (95% intervals) and the best and last validation loss against model size."),
     dict(name='fig3_zero_sum', grid=(2, 5.5, 3.6), panels=[
         dict(title='training batch ({N_batch}), before vs after its update', y='D of per-token loss changes',
-             lines=[('train_D', None, 'both', '-'), ('train_D_null', None, 'smooth', '--')]),
-        dict(title='probe set ({N_probe}), t to t+1 and t to t+{dt}', y='D of per-token loss changes',
-             lines=[('probe_D', None, 'both', '-'), ('probe_D_null', None, 'smooth', '--'),
-                    ('probe_D_long', None, 'smooth', '-.'), ('probe_D_long_null', None, 'smooth', ':')]),
-        dict(title='magnitude: training batch, probe (dashed)', log=True, y='M = mean |Delta l_i| (nats)',
-             lines=[('train_M', None, 'smooth', '-'), ('probe_M', None, 'smooth', '--')]),
+             lines=[('train_D', None, 'both', '-', 'D'), ('train_D_null', None, 'smooth', '--', 'null')]),
+        dict(title='probe set ({N_probe})', y='D of per-token loss changes',
+             lines=[('probe_D', None, 'both', '-', 't to t+1'), ('probe_D_null', None, 'smooth', '--', 'null'),
+                    ('probe_D_long', None, 'smooth', '-.', f't to t+{DT_LONG}'),
+                    ('probe_D_long_null', None, 'smooth', ':', 'null')]),
+        dict(title='magnitude', log=True, y='M = mean |Delta l_i| (nats)',
+             lines=[('train_M', None, 'smooth', '-', 'training batch'), ('probe_M', None, 'smooth', '--', 'probe')]),
         dict(draw=dm_plane, y='M (nats, log)', title='D-M plane'),
         dict(draw=change_histogram, y='probe tokens', title='{run}: the per-token loss changes')],
          needs=['train_D', 'train_M', 'train_D_null', 'probe_D', 'probe_M', 'probe_D_null', 'probe_loss'],
          caption="Zero-sum learning: interference D of the per-token loss changes, its null, M and x_i."),
     dict(name='fig4_opposition', grid=(4, 3.8, 3.2), panels=[
         dict(title="position-local layers, training batch ({N_batch})", y='gradient opposition D_j',
-             lines=[('local_opposition_mean', 'blocks', 'smooth', '-'),
-                    ('local_opposition_weighted', 'blocks', 'smooth', '--'),
-                    ('local_opposition_null', 'blocks', 'smooth', '-.'),
-                    ('local_opposition_mean', 'local', 'smooth', ':')]),
+             lines=[(f'local_opposition_{k}', 'blocks', 'smooth', ls, lab) for k, ls, lab in D_J] +
+             [('local_opposition_mean', 'local', 'smooth', ':', 'all local')]),
         dict(title="all parameters, probe tokens ({N_opposition})", y='gradient opposition D_j',
-             lines=[('opposition_mean', 'blocks', 'raw', 'o-'),
-                    ('opposition_weighted', 'blocks', 'raw', 'o--'),
-                    ('opposition_null', 'blocks', 'raw', 'o-.'),
-                    ('opposition_mean', 'model', 'raw', 'o:')]),
-        dict(title="update-weighted terms ({N_opposition})", y='Cg, Cug (dashed), C_i_dli (dotted)',
-             lines=[('update_Cg', 'blocks', 'raw', 'o-'), ('update_Cug', 'blocks', 'raw', 'o--'),
-                    ('update_C_i_dli', 'blocks', 'raw', 'o:')]),
+             lines=[(f'opposition_{k}', 'blocks', 'raw', 'o' + ls, lab) for k, ls, lab in D_J] +
+             [('opposition_mean', 'model', 'raw', 'o:', 'every coordinate')]),
+        dict(title="update-weighted terms, blocks ({N_opposition})", y='C (1: agreement)',
+             lines=[('update_Cg', 'blocks', 'raw', 'o-', 'Cg'), ('update_Cug', 'blocks', 'raw', 'o--', 'Cug'),
+                    ('update_C_i_dli', 'blocks', 'raw', 'o:', 'C_i_dli')]),
         dict(per_run=True, title='{run}: per layer', y='gradient opposition D_j',
              lines=[('opposition_mean', 'layers', 'raw', 'o-')])],
-         needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null',
-                'opposition_mean', 'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug',
-                'update_C_i_dli', 'grad_steps'],
+         needs=['local_opposition_mean', 'local_opposition_weighted', 'local_opposition_null', 'opposition_mean',
+                'opposition_weighted', 'opposition_null', 'update_Cg', 'update_Cug', 'update_C_i_dli', 'grad_steps'],
          caption="Gradient opposition D_j between tokens per parameter coordinate, beside its null."),
     dict(name='fig5_first_order', grid=(3, 4.3, 3.8),
          needs=['train_loss_pred', 'train_loss_pre', 'train_loss_post', 'grad_steps'], panels=[
@@ -610,10 +555,11 @@ FIGURES = [
         dict(title='', y='slope of true on predicted', hline=lambda r: 1,
              lines=[('first_order_slope', None, 'raw', 'o-')])],
          caption="First-order prediction <grad l_i, delta> of each token's loss change against the true."),
-    dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2),
-         panels=[
-        dict(draw=zipf_panel, y='count (log)', title='Zipf plot and the bucket edges'),
-        dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket'),
+    dict(name='fig6_saturation', needs=['probe_loss', 'train_counts', 'probe_tokens'], grid=(4, 3.8, 3.2), panels=[
+        dict(draw=zipf_panel, y='count (log)', title='Zipf plot and the bucket edges',
+             keys=[('k--', 'fit'), ('x', 'outliers')]),
+        dict(draw=bucket_loss_panel, y='validation loss (nats/token)', title='per frequency bucket',
+             keys=[('o-', 'best'), ('x--', 'last'), ('o:', 'training windows')]),
         dict(per_run=True, draw=lambda ax, runs: bucket_curves(ax, runs, 'probe_loss'),
              y='validation loss (nats/token)', title='{run}: held-out, per bucket'),
         dict(per_run=True, needs=['train_probe_loss', 'train_probe_tokens'],
@@ -623,9 +569,8 @@ FIGURES = [
     dict(name='fig7_basis', needs=['probe_cos_h_plus', 'probe_cos_h_minus', 'train_counts', 'probe_tokens'],
          grid=(3, 4, 4), panels=[dict(per_run=True, draw=basis_panel, y='cos(h, grad_h-)', title='{run}')],
          caption="The shared 2D basis (cos(h, grad_h+), cos(h, grad_h-)) per bucket; star: the collapse."),
-    dict(name='fig8_dissent', grid=(2, 5.5, 3.2),
-         needs=['probe_cos_plus_minus', 'probe_norm_plus', 'probe_norm_minus', 'probe_norm_grad', 'theta_cos',
-                'theta_norm_plus', 'theta_norm_minus', 'theta_norm_grad'], panels=[
+    dict(name='fig8_dissent', grid=(2, 5.5, 3.2), needs=['probe_cos_plus_minus', 'theta_cos'] + [
+        w + n for w in ('probe_', 'theta_') for n, _, _ in NORMS], panels=[
         dict(title='h, mean over probe tokens', y='cos(grad_h+, grad_h-)',
              lines=[('probe_cos_plus_minus', 'tokens', 'raw', '-')]),
         dict(title='theta, training batch: batch-level cosine', y='cos(grad+, grad-)',
@@ -634,12 +579,10 @@ FIGURES = [
              lines=[('probe_dissent_ratio', 'tokens', 'raw', '-')]),
         dict(title='theta, training batch', y='|grad| / (|grad+| + |grad-|)',
              lines=[('theta_dissent_ratio', None, 'both', '-')]),
-        dict(title='h: |grad_h|, |grad_h+| (dashed), |grad_h-| (dotted)', y='norm (log)', log=True,
-             lines=[('probe_norm_grad', 'tokens', 'raw', '-'), ('probe_norm_plus', 'tokens', 'raw', '--'),
-                    ('probe_norm_minus', 'tokens', 'raw', ':')]),
-        dict(title='theta: |grad|, |grad+| (dashed), |grad-| (dotted)', y='norm (log)', log=True,
-             lines=[('theta_norm_grad', 'model', 'smooth', '-'), ('theta_norm_plus', 'model', 'smooth', '--'),
-                    ('theta_norm_minus', 'model', 'smooth', ':')]),
+        dict(title='h, mean over probe tokens', y='norm (log)', log=True,
+             lines=[('probe_' + n, 'tokens', 'raw', ls, lab) for n, ls, lab in NORMS]),
+        dict(title='theta, training batch', y='norm (log)', log=True,
+             lines=[('theta_' + n, 'model', 'smooth', ls, lab) for n, ls, lab in NORMS]),
         dict(per_run=True, title='{run}: h, per bucket', y='cos(grad_h+, grad_h-)',
              lines=[('probe_cos_plus_minus', 'buckets', 'raw', '-')]),
         dict(per_run=True, title='{run}: h, per bucket', y='|grad_h| / (|grad_h+| + |grad_h-|)',
@@ -647,7 +590,8 @@ FIGURES = [
          caption="Gradient dissent: the attractive and repulsive parts of the gradient, in h and in theta."),
     dict(name='fig9_geometry', needs=['head_singular_values', 'hidden_steps', 'probe_anisotropy'],
          grid=(3, 4.3, 3.6), panels=[
-        dict(draw=singular_values, y='s_k / s_1 (log)', title='LM-head singular values, first and last'),
+        dict(draw=singular_values, y='s_k / s_1 (log)', title='LM-head singular values',
+             keys=[(':', 'first step'), ('-', 'last step')]),
         dict(title='spectral entropy; dashed: its maximum', y='spectral entropy (nats)',
              hline=lambda r: math.log(r['rec']['head_singular_values'].shape[1]),
              lines=[('spectral_entropy', None, 'raw', '.-')]),
@@ -656,46 +600,39 @@ FIGURES = [
         dict(per_run=True, needs=['probe_hidden', 'train_counts', 'probe_tokens'], y='mean |h|, probe tokens',
              title='{run}: |h| per bucket', lines=[('hidden_norm', 'buckets', 'raw', '.-')])],
          caption="Geometry of the output layer: the LM head's spectrum, the anisotropy and the size of h."),
-]
-# drawn only when a run holds measure.py's records, and otherwise not listed as missing
-PAPER_FIGURES = [
-    dict(name='fig10_paper_protocol', needs=['paper'], grid=(3, 4.2, 3.4), panels=[
+    dict(name='fig10_paper_protocol', needs=['paper'], paper=True, grid=(3, 4.2, 3.4), panels=[
         dict(x=P, title="opposition, N = {N_paper} held-out tokens", y='gradient opposition D_j',
-             lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-'),
-                    ('paper.opposition_null', 'blocks', 'raw', ':'),
-                    ('paper.opposition_mean', 'model', 'raw', 'o--'),
+             lines=[('paper.opposition_mean', 'blocks', 'raw', 'o-', 'blocks'),
+                    ('paper.opposition_null', 'blocks', 'raw', ':', 'nulls'),
+                    ('paper.opposition_mean', 'model', 'raw', 'o--', 'every coordinate'),
                     ('paper.opposition_null', 'model', 'raw', ':')]),
-        dict(x=P, title="dt = 1, k = {k_paper} batches: batch, held-out (dashed)",
-             y='D of per-token loss changes',
-             lines=[('paper.loss_D_batch', 'k', 'raw', 'o-'), ('paper.loss_D_heldout', 'k', 'raw', 'o--'),
-                    ('paper.loss_D_batch_null', 'k mean', 'raw', ':'),
+        dict(x=P, title="dt = 1, k = {k_paper} batches", y='D of per-token loss changes',
+             lines=[('paper.loss_D_batch', 'k', 'raw', 'o-', 'on the batch'),
+                    ('paper.loss_D_heldout', 'k', 'raw', 'o--', 'held-out'),
+                    ('paper.loss_D_batch_null', 'k mean', 'raw', ':', 'nulls'),
                     ('paper.loss_D_heldout_null', 'k mean', 'raw', ':')]),
         dict(x=P, title="dt = t: theta_t to theta_2t, held-out", y='D of per-token loss changes',
-             lines=[('paper.loss_D_dtt', None, 'raw', 'o-'), ('paper.loss_D_dtt_null', None, 'raw', ':')])],
+             lines=[('paper.loss_D_dtt', None, 'raw', 'o-', 'D'),
+                    ('paper.loss_D_dtt_null', None, 'raw', ':', 'null')])],
          caption="The published checkpoint protocol (measure.py): opposition and interference."),
 ]
+NEEDS = {f['name']: f['needs'] for f in FIGURES}
 
 
 def draw_figure(name, runs):
     """Figure `name` for these runs: its panels in a grid, the per-run ones once per run, run by run."""
-    spec = next(f for f in FIGURES + PAPER_FIGURES if f['name'] == name)
+    spec = next(f for f in FIGURES if f['name'] == name)
     todo = [(p, runs) for p in spec['panels'] if not p.get('per_run')]
     todo += [(p, [r]) for r in runs for p in spec['panels']
              if p.get('per_run') and all(k in r['rec'] for k in p.get('needs', []))]
-    fig, axes = grid(len(todo), *spec['grid'])
-    for ax, (panel, have) in zip(axes, todo):
+    ncols, width, height = min(spec['grid'][0], max(len(todo), 1)), *spec['grid'][1:]  # no empty columns
+    nrows = math.ceil(len(todo) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, figsize=(width * ncols, height * nrows + 0.4))
+    for ax in axes.flat[len(todo):]:
+        ax.remove()
+    for ax, (panel, have) in zip(axes.flat, todo):
         draw_panel(ax, have, panel, runs)
     return fig
-
-
-def grid(n_panels, ncols, width, height):
-    """A figure of n_panels axes (width x height inches each) in rows of ncols, space above for the legend."""
-    ncols = min(ncols, max(n_panels, 1))  # no empty columns
-    nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.4), squeeze=False)
-    for ax in axes.flat[n_panels:]:
-        ax.remove()
-    return fig, list(axes.flat[:n_panels])
 
 
 def panel_points(ax):
@@ -709,10 +646,19 @@ def panel_points(ax):
     return xy[ok]
 
 
+def readable_ticks(ax):
+    """A log axis spanning under two decades: labels at round values (20k, 1.5M, 5.5)."""
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        if axis.get_scale() == 'log' and 0 < lo and hi < 100 * lo:
+            axis.set_major_locator(ticker.MaxNLocator(4) if hi < 10 * lo else ticker.LogLocator(subs=(1, 2, 5)))
+            axis.set_major_formatter(lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e4
+                                     else f"{v:g}")
+            axis.set_minor_formatter(ticker.NullFormatter())
+
+
 def finish(fig, runs):
-    """Make a drawn figure fit to save; False when no panel shows a point or a result in words. A lone
-    point gets a marker; a panel without a point says so on linear axes; the run legend goes above the
-    panels, in as many columns (at most 4) as the width holds, the figure widened for a longer name."""
+    """Lay out a drawn figure (empty panels say so, run legend on top); False when it shows nothing."""
     shown = False
     for ax in fig.axes:
         if len(panel_points(ax)):
@@ -720,40 +666,44 @@ def finish(fig, runs):
             for line in ax.lines:  # a line of one point is invisible without a marker
                 if line.get_marker() in ('None', '') and np.isfinite(line.get_xydata()).all(1).sum() == 1:
                     line.set(marker='o')
+            readable_ticks(ax)
             continue
-        shown |= any(t.get_gid() != GUIDE for t in ax.texts)  # a result, e.g. 'no identifiable break'
-        for a in ax.lines + ax.collections:
-            a.set_visible(a.get_gid() == GUIDE)  # e.g. step 0, which a linear axis would show
+        shown |= any(t.get_gid() is None for t in ax.texts)  # a result in words: 'no identifiable break'
+        for a in ax.lines + ax.collections + ax.texts:  # e.g. step 0, which a linear axis would show
+            a.set_visible(a.get_gid() in ((None, GUIDE) if a in ax.texts else (GUIDE,)))
+        if ax.get_legend():
+            ax.get_legend().remove()
         for axis, set_scale in [(ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)]:
             if axis.get_scale() == 'log':  # no positive value: a log axis cannot be drawn
                 set_scale('linear')
                 axis.set_ticks([])
-        if not ax.texts:
+        if not any(t.get_visible() for t in ax.texts):
             ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
-                    ha='center', va='center', fontsize=8, color='0.4')
+                    ha='center', va='center', fontsize=8, color='0.4', gid=GUIDE)
             ax.set(xticks=[], yticks=[])
-    handles = [Line2D([], [], color=r['color'], lw=2, label=tex_safe(r['label'])) for r in runs]
+    handles = [Line2D([], [], color=r['color'], lw=2, label=r['label']) for r in runs]
     for ncol in range(min(len(runs), 4), 0, -1):
         legend = fig.legend(handles=handles, loc='upper center', ncol=ncol, fontsize=8, frameon=False)
         box = legend.get_window_extent(fig.canvas.get_renderer())
         if box.width <= fig.bbox.width or ncol == 1:
             break
         legend.remove()
+    for t in legend.get_texts() + [t for ax in fig.axes for t in ax.texts + [ax.title, ax.xaxis.label] + (
+            ax.get_legend().get_texts() if ax.get_legend() else [])]:
+        t.set_parse_math(False)  # a '$' in a run's name is a dollar sign, not the start of math
     fig.set_figwidth(max(fig.get_figwidth(), box.width / fig.dpi + 0.1))
-    top = max(0.35, box.height / fig.dpi + 0.05)  # grid() leaves 0.4 inches above the panels
+    top = max(0.35, box.height / fig.dpi + 0.05)  # draw_figure leaves 0.4 inches above the panels
     fig.set_figheight(fig.get_figheight() + top - 0.35)
     fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()))
     return shown
 
 
 # -----------------------------------------------------------------------------
-# the report: a table of sections, each a title, one line of what it holds and a table function
+# the report: a table of sections (title, what it holds, a function giving its tables)
 
 
 def onsets(values):
-    """The saturation onsets of a loss series (NaN rows not recorded) on its trailing log moving
-    average (step 0 kept): never (metrics.never_improved), plateau and rise (steps of
-    metrics.plateau_onset and rise_onset, or None); None when no row is recorded."""
+    """never, plateau and rise onsets (metrics.py) of a loss series' log moving average; None if unrecorded."""
     steps, v = recorded(values)
     if not len(v):
         return None
@@ -766,247 +716,209 @@ def onsets(values):
 
 
 def md_table(header, rows):
-    """A markdown table."""
-    cell = lambda c: str(c).replace('|', r'\|')  # a run name with a bar must not split a cell
+    """A markdown table; a bar in a cell escaped (a run's name must not split a cell)."""
     return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] +
-                     ['| ' + ' | '.join(map(cell, row)) + ' |' for row in rows])
+                     ['| ' + ' | '.join(str(c).replace('|', r'\|') for c in row) + ' |' for row in rows])
 
 
-def fmt(v, spec, none='n/a'):
-    """v in format spec, or `none` for None or a value that is not finite."""
-    return none if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
-
-
-def ci_text(fit, key, fmt):
-    """'value [lo, hi]' (an end that is None as '?'), or 'n/a' without a value."""
-    if fit.get(key) is None:
+def fmt(v, spec, ci=None):
+    """v in format spec with its interval ci (' [lo, hi]', '?' for None); 'n/a' for None or not finite."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return 'n/a'
-    ci, end = interval(fit, key), lambda v: '?' if v is None else fmt.format(v)
-    return fmt.format(fit[key]) + (f" [{end(ci[0])}, {end(ci[1])}]" if ci else '')
+    return format(v, spec) + (f" [{', '.join('?' if e is None else format(e, spec) for e in ci)}]" if ci else '')
 
 
-def deceleration_table(runs):
-    """Per run: the BNSL fit (its t_d, and the published convention's), best and last validation loss,
-    the saturation onset of the validation loss, probe D before and after t_d beside its null, and L_d
-    over H_1, the unigram entropy of the training split (metrics.unigram_entropy)."""
-    rows = []
-    for r in runs:
-        fit, rec = r['fit'], r['rec']
-        cells = ['n/a'] * 5
-        steps, loss = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in rec else ([], [])
-        if len(loss):
-            o = onsets(token_mean(r, 'probe_loss'))
-            onset = 'never improved' if o['never'] else 'none' if o['rise'] is None else f"step {o['rise']}"
-            cells[:3] = [f"{loss.min():.4f} (step {steps[np.argmin(loss)]})",
-                         f"{loss[-1]:.4f} (step {steps[-1]})", onset]
-        if fit.get('t_d') is not None and 'probe_D' in rec:
-            s, D = recorded(rec['probe_D'])
-            null = np.asarray(rec['probe_D_null'], dtype=float)[s]
-            cells[3:] = [f"{D[w].mean():.4f} (null {np.nanmean(null[w]):.4f})" if w.any() else 'n/a'
-                         for w in (s < fit['t_d'], s >= fit['t_d'])]
-        H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts'])))) \
-            if 'train_counts' in rec else None
-        rows.append([r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0]),
-                     ci_text(fit, 't_d', '{:.4g}'), ci_text(fit.get('published') or {}, 't_d', '{:.4g}'),
-                     ci_text(fit, 'L_d', '{:.4g}'), ci_text(fit, 'r_d', '{:.3g}'),
-                     fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}"] +
-                    cells[:3] +
-                    [f"{r['config']['probe_tokens']:,}"] + cells[3:] +
-                    [fmt(H1, '.4f'), fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')])
-    return md_table(['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
-                     'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d',
-                     'D after t_d', 'H_1 (nats)', 'L_d / H_1'], rows)
+def fit_rows(r):
+    """BNSL fit, validation loss and its onset, probe D before and after t_d, L_d / H_1 (unigram entropy)."""
+    fit, rec, pub = r['fit'], r['rec'], r['fit'].get('published') or {}
+    val, D, H1 = ['n/a'] * 3, ['n/a'] * 2, None
+    steps, loss = recorded(token_mean(r, 'probe_loss')) if 'probe_loss' in rec else ([], [])
+    if len(loss):
+        o = onsets(token_mean(r, 'probe_loss'))
+        val = [f"{loss.min():.4f} (step {steps[np.argmin(loss)]})", f"{loss[-1]:.4f} (step {steps[-1]})",
+               'never improved' if o['never'] else 'none' if o['rise'] is None else f"step {o['rise']}"]
+    if fit.get('t_d') is not None and 'probe_D' in rec:
+        s, v = recorded(rec['probe_D'])
+        null = np.asarray(rec['probe_D_null'], dtype=float)[s]
+        D = [f"{v[w].mean():.4f} (null {np.nanmean(null[w]):.4f})" if w.any() else 'n/a'
+             for w in (s < fit['t_d'], s >= fit['t_d'])]
+    if 'train_counts' in rec:
+        H1 = float(metrics.unigram_entropy(torch.from_numpy(np.array(rec['train_counts']))))
+    return [[r['name'], f"{r['config']['n_params']:,}", len(recorded(rec['train_loss'])[0])] +
+            [fmt(f.get(k), s, interval(f, k)) for f, k, s in [(fit, 't_d', '.4g'), (pub, 't_d', '.4g'),
+                                                             (fit, 'L_d', '.4g'), (fit, 'r_d', '.3g')]] +
+            [fmt(fit.get('rsle'), '.3g'), 'yes' if fit['identifiable'] else f"no: {fit['reason']}", *val,
+             f"{r['config']['probe_tokens']:,}", *D, fmt(H1, '.4f'),
+             fmt(fit['L_d'] / H1 if fit.get('L_d') and H1 else None, '.3f')]]
 
 
 def bucket_cells(run, name, k):
-    """Tokens, best (step), final, plateau onset and rise onset of bucket k's loss (`name`), and its
-    onsets (None: not recorded)."""
-    bucket, edges = buckets(run)
-    n = np.bincount(bucket[targets(run, name)].flatten().numpy(), minlength=len(edges) - 1)[k]
-    values = bucket_series(run, name)[:, k]
-    o, (steps, v) = onsets(values), recorded(values)
+    """(tokens, best (step), final, plateau onset, rise onset) of bucket k's loss `name`, and its onsets."""
+    bucket, edges, targets = buckets(run, name)
+    n = np.bincount(bucket[targets].flatten().numpy(), minlength=len(edges) - 1)[k]
+    o, (steps, v) = onsets(bucket_series(run, name)[:, k]), recorded(bucket_series(run, name)[:, k])
     if o is None:
         return [n] + ['n/a'] * 4, None
-    cells = [n, f"{v.min():.3f} ({steps[np.argmin(v)]})", f"{v[-1]:.3f}"]
-    if o['never']:
-        return cells + ['-', 'never improved'], o
-    return cells + [str(o[key]) if o[key] is not None else 'none' for key in ('plateau', 'rise')], o
+    return [n, f"{v.min():.3f} ({steps[np.argmin(v)]})", f"{v[-1]:.3f}"] + (['-', 'never improved'] if o['never']
+            else [str(o[key]) if o[key] is not None else 'none' for key in ('plateau', 'rise')]), o
 
 
-def reading(o):
-    """What a bucket's onsets say: never improved, rises, plateaus or improving."""
-    return 'never improved' if o['never'] else 'rises' if o['rise'] is not None else \
-        'plateaus' if o['plateau'] is not None else 'improving'
+def together(held, train):
+    """What a bucket's held-out and training-window onsets say together."""
+    h, t = ('never improved' if o['never'] else 'rises' if o['rise'] is not None else
+            'plateaus' if o['plateau'] is not None else 'improving' for o in (held, train))
+    both = 'overfitting' if h == 'rises' and t in ('plateaus', 'improving') else \
+        'capacity saturation' if h in ('plateaus', 'rises') and t in ('plateaus', 'rises') else \
+        'a growing gap' if h == 'plateaus' and t == 'improving' else None
+    return f"held-out {h}, training {t}" + (f": {both}" if both else '')
 
 
-def bucket_table(runs):
-    """Per run and bucket: its probe tokens, best and final validation loss and onsets; the same for the
-    training windows where recorded, and what the two say together: a held-out rise the training windows
-    do not share is overfitting, a plateau or rise in both capacity saturation, a held-out plateau while
-    the training windows improve a growing gap."""
+def bucket_tables(runs):
+    """Per run and bucket: bucket_cells of the probe tokens and of the training windows, and together()."""
     rows, trained = [], any('train_probe_loss' in r['rec'] for r in runs)
     for r in [r for r in runs if all(k in r['rec'] for k in NEEDS['fig6_saturation'])]:
         for k, label in enumerate(bucket_labels(r)):
             held, o_held = bucket_cells(r, 'probe_loss', k)
-            row = [r['name'], label] + held
-            if 'train_probe_loss' in r['rec']:
-                train, o_train = bucket_cells(r, 'train_probe_loss', k)
-                h, t = (reading(o_held), reading(o_train)) if o_held and o_train else (None, None)
-                both = 'overfitting' if h == 'rises' and t in ('plateaus', 'improving') else \
-                    'capacity saturation' if h in ('plateaus', 'rises') and t in ('plateaus', 'rises') else \
-                    'a growing gap' if h == 'plateaus' and t == 'improving' else None
-                row += train + [f"held-out {h}, training {t}" + (f": {both}" if both else '') if h else 'n/a']
+            train, o_train = bucket_cells(r, 'train_probe_loss', k) if 'train_probe_loss' in r['rec'] else ([], None)
+            both = [together(o_held, o_train) if o_held and o_train else 'n/a'] * bool(train)
+            row = [r['name'], label] + held + train + both
             rows.append(row + ['n/a'] * (13 - len(row)) * trained)
     header = ['run', 'bucket', 'probe tokens', 'best (step)', 'final', 'plateau onset', 'rise onset']
-    header += trained * ['training-window tokens', 'train. best (step)', 'train. final',
-                         'train. plateau onset', 'train. rise onset', 'which plateaus or rises']
-    return rows and md_table(header, rows)
+    return [('', header + trained * ['training-window tokens', 'train. best (step)', 'train. final',
+                                     'train. plateau onset', 'train. rise onset', 'which plateaus or rises'], rows)]
 
 
-def dissent_table(runs):
-    """Per run and phase (before t_d, from t_d to the saturation onset of the validation loss, after it;
-    those the run has): the mean of each dissent measurement over the phase's recorded steps."""
+def dissent_rows(r):
+    """The mean of each dissent measurement per phase: start, t_d, saturation onset, end."""
     norms = ['norm_plus', 'norm_minus', 'norm_grad']
     lines = [('theta_' + n, 'model', ['theta_' + n]) for n in ['cos'] + norms]  # (name, column, needs)
     lines += [('probe_' + n, 'tokens', ['probe_' + n]) for n in ['cos_plus_minus'] + norms]
-    lines += [(w + '_dissent_ratio', col, [f"{w}_{n}" for n in norms]) for w, col in [('theta', None),
-                                                                                        ('probe', 'tokens')]]
-    rows = []
-    for r in runs:
-        cols = [line_data(r, name, col)[1] if all(k in r['rec'] for k in needs) else None
-                for name, col, needs in lines]
-        if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
-            continue
-        S, t_d = len(r['rec']['train_loss']), r['fit'].get('t_d') if r['fit']['identifiable'] else None
-        o = onsets(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else None
-        cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
-        cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
-        for (a, a_name), (b, b_name) in [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b[0] > a[0]]:
-            cells = ['n/a' if v is None or not np.isfinite(v[a:b]).any() else f"{np.nanmean(v[a:b]):.3g}"
-                     for v in cols]
-            rows.append([r['name'], f"{a_name} to {b_name} (steps {a}-{b - 1})"] + cells)
-    header = [f"{q} {w}" for w in ('theta', 'h') for q in ('cos(g+, g-)', r'\|g+\|', r'\|g-\|', r'\|g\|')]
-    ratios = [f"\\|g\\| / (\\|g+\\| + \\|g-\\|) {w}" for w in ('theta', 'h')]
-    return rows and md_table(['run', 'phase'] + header + ratios, rows)
+    lines += [(w + '_dissent_ratio', c, [f"{w}_{n}" for n in norms])
+              for w, c in [('theta', None), ('probe', 'tokens')]]
+    cols = [line_data(r, name, c)[1] if all(k in r['rec'] for k in needs) else None for name, c, needs in lines]
+    if all(v is None or not np.isfinite(v).any() for v in cols):  # e.g. --record none
+        return []
+    S, t_d = len(r['rec']['train_loss']), r['fit'].get('t_d') if r['fit']['identifiable'] else None
+    o = onsets(token_mean(r, 'probe_loss')) if 'probe_loss' in r['rec'] else None
+    cuts = [(0, 'start'), (S, 'end')] + ([(math.ceil(t_d), 't_d')] if t_d is not None and t_d < S else [])
+    cuts = sorted(cuts + ([(o['rise'], 'saturation onset')] if o and o['rise'] is not None else []))
+    return [[r['name'], f"{a_name} to {b_name} (steps {a}-{b - 1})"] +
+            ['n/a' if v is None or not np.isfinite(v[a:b]).any() else f"{np.nanmean(v[a:b]):.3g}" for v in cols]
+            for (a, a_name), (b, b_name) in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def bucket_md_table(name, cell):
-    """A table function: a row per run that figure `name` draws and a column per bucket, cell(run,
-    bucket) each; the columns headed by the runs' own ranks (shared_bucket_labels)."""
-    def table(runs):
+def per_bucket(name, cell):
+    """A section of a row per run that figure `name` draws, a column per bucket: cell(run, bucket)."""
+    def tables(runs):
         runs = [r for r in runs if all(k in r['rec'] for k in NEEDS[name])]
-        if not runs:
-            return ''
-        labels, what = shared_bucket_labels(runs, sep=r' \| ')
+        labels, what = shared_bucket_labels(runs, sep=r' \| ') if runs else ([], None)
         rows = [[r['name']] + [cell(r, k) for k in range(len(bucket_labels(r)))] for r in runs]
-        rows = [row + [''] * (1 + len(labels) - len(row)) for row in rows]
-        return (f"Columns: {what}.\n\n" if what else '') + md_table(['run'] + labels, rows)
-    return table
+        return [(f"Columns: {what}." if what else '', ['run'] + labels,
+                 [row + [''] * (1 + len(labels) - len(row)) for row in rows])]
+    return tables
 
 
 def bucket_dissent_cell(r, k):
     """cos(grad_h+, grad_h-) and the dissent ratio of bucket k, at its first -> last recorded step."""
-    cos, ratio = (line_data(r, n, 'buckets')[1] for n in ('probe_cos_plus_minus', 'probe_dissent_ratio'))
-    steps = np.flatnonzero(np.isfinite(cos[:, k]) & np.isfinite(ratio[:, k]))
+    cos, ratio = (line_data(r, n, 'buckets')[1][:, k] for n in ('probe_cos_plus_minus', 'probe_dissent_ratio'))
+    steps = np.flatnonzero(np.isfinite(cos) & np.isfinite(ratio))
     if not len(steps):
         return 'n/a'
     a, b = steps[0], steps[-1]
-    return f"cos {cos[a, k]:+.2f} -> {cos[b, k]:+.2f}, ratio {ratio[a, k]:.2f} -> {ratio[b, k]:.2f} " \
-        f"(at {a} -> {b})"
+    return f"cos {cos[a]:+.2f} -> {cos[b]:+.2f}, ratio {ratio[a]:.2f} -> {ratio[b]:.2f} (at {a} -> {b})"
 
 
 def basis_cell(r, k):
     """The 2D basis of bucket k at its best validation loss -> at the last recorded step."""
-    loss, plus, minus = (bucket_series(r, n) for n in ('probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus'))
-    steps, _ = recorded(loss[:, k])
+    loss, plus, minus = (bucket_series(r, n)[:, k] for n in ('probe_loss', 'probe_cos_h_plus', 'probe_cos_h_minus'))
+    steps, _ = recorded(loss)
     if not len(steps):
         return 'n/a'
-    best, last = steps[np.nanargmin(loss[steps, k])], steps[-1]
-    return f"({plus[best, k]:+.2f}, {minus[best, k]:+.2f}) at {best} -> " \
-        f"({plus[last, k]:+.2f}, {minus[last, k]:+.2f})"
+    best, last = steps[np.nanargmin(loss[steps])], steps[-1]
+    return f"({plus[best]:+.2f}, {minus[best]:+.2f}) at {best} -> ({plus[last]:+.2f}, {minus[last]:+.2f})"
 
 
-def paper_table(runs):
-    """Per run, N and checkpoint: the numbers of fig10, the blocks' share of D_j > 0.99 and their
-    scale-free sqrt(N) (1 - D_j) (metrics.scale_free_opposition)."""
-    parts = []
-    for r in runs:
-        for p in r['rec'].get('papers', []):
-            s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
-            blocks, model = ([p['opposition_' + k][:, c] for k in ('mean', 'null')] for c in j)
-            scaled = [metrics.scale_free_opposition(v, s['tokens']) for v in blocks]
-            rows = []
-            for i, t in enumerate(p['steps']):
-                cells = [f"{v[0][i]:.4f} ({v[1][i]:.4f})" for v in (blocks, model)]
-                cells += [f"{scaled[0][i]:.2f} ({scaled[1][i]:.2f})",
-                          f"{p['opposition_near_total'][i, j[0]]:.4f}"]
-                cells += [f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} "
-                          f"({p[f'loss_D_{w}_null'][i].mean():.4f})" for w in ('batch', 'heldout')]
-                rows.append([int(t)] + cells + [f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})"])
-            header = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
-                      'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)',
-                      'dt=t D held-out (null)']
-            parts += [f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
-                      f"k = {s['batches']} fresh batches.", '', md_table(header, rows), '']
-    return '\n'.join(parts)
+def paper_tables(runs):
+    """Per run and N, a row per checkpoint of measure.py's numbers, C terms of blocks and model."""
+    out = []
+    for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
+        s, j = p['settings'], [p['settings']['opposition_keys'].index(c) for c in ('blocks', 'model')]
+        D = lambda i, c: f"{p['opposition_mean'][i, c]:.4f} ({p['opposition_null'][i, c]:.4f})"
+        free = lambda i, k: f"{metrics.scale_free_opposition(p['opposition_' + k][i, j[0]], s['tokens']):.2f}"
+        dt1 = lambda i, w: f"{p[f'loss_D_{w}'][i].mean():.4f} +- {p[f'loss_D_{w}'][i].std():.4f} " \
+            f"({p[f'loss_D_{w}_null'][i].mean():.4f})"
+        C = lambda i, c: ', '.join(f"{p['update_' + t][i, c]:.3f}" for t in ('Cg', 'Cug', 'C_i_dli'))
+        rows = [[int(t), D(i, j[0]), D(i, j[1]), f"{free(i, 'mean')} ({free(i, 'null')})",
+                 f"{p['opposition_near_total'][i, j[0]]:.4f}", dt1(i, 'batch'), dt1(i, 'heldout'),
+                 f"{p['loss_D_dtt'][i]:.4f} ({p['loss_D_dtt_null'][i]:.4f})", C(i, j[0]), C(i, j[1])]
+                for i, t in enumerate(p['steps'])]
+        out.append((f"{r['name']}: N = {s['tokens']:,} held-out tokens ({s['windows']} windows), "
+                    f"k = {s['batches']} batches.", PAPER_HEADER, rows))
+    return out
 
 
-def matched_steps_table(runs):
-    """The runs measured at one N side by side at the checkpoints all of them measured: the blocks'
-    mean D_j (null) and sqrt(N)(1 - D_j), < before the run's t_d, > at or after it."""
-    by_N, parts = {}, []
-    for r in runs:
-        for p in r['rec'].get('papers', []):
-            by_N.setdefault(p['settings']['tokens'], []).append((r, p))
-    for N, members in sorted((N, m) for N, m in by_N.items() if len(m) > 1):
-        rows = []
-        for t in sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p in members])):
-            cells = []
-            for r, p in members:
-                i, j, t_d = list(p['steps']).index(t), p['settings']['opposition_keys'].index('blocks'), \
-                    r['fit'].get('t_d')
-                mean, null = p['opposition_mean'][i, j], p['opposition_null'][i, j]
-                side = '' if t_d is None else ' <' if t < t_d else ' >'
-                cells.append(f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}")
-            rows.append([t] + cells)
-        header = ['step t'] + [r['name'] for r, _ in members]
-        parts += [f"N = {N:,} held-out tokens.", '', md_table(header, rows), '']
-    return '\n'.join(parts)
+def matched_tables(runs):
+    """Runs measured at one N at their common checkpoints: blocks' D_j (null), sqrt(N)(1 - D_j), t_d side."""
+    by_N = {}
+    for r, p in [(r, p) for r in runs for p in r['rec'].get('papers', [])]:
+        by_N.setdefault(p['settings']['tokens'], []).append((r, p, p['settings']['opposition_keys'].index('blocks')))
+    def cell(t, N, r, p, j):
+        mean, null = (p['opposition_' + k][list(p['steps']).index(t), j] for k in ('mean', 'null'))
+        side = '' if r['fit'].get('t_d') is None else ' <' if t < r['fit']['t_d'] else ' >'
+        return f"{mean:.4f} ({null:.4f}), {metrics.scale_free_opposition(mean, N):.2f}{side}"
+    out = []
+    for N, members in [(N, m) for N, m in sorted(by_N.items()) if len(m) > 1]:
+        steps = sorted(set.intersection(*[set(int(t) for t in p['steps']) for _, p, _ in members]))
+        out.append((f"N = {N:,} held-out tokens.", ['step t'] + [r['name'] for r, _, _ in members],
+                    [[t] + [cell(t, N, *member) for member in members] for t in steps]))
+    return out
 
 
-NEEDS = {f['name']: f['needs'] for f in FIGURES + PAPER_FIGURES}
-# the report's sections: title, the table, what it holds (docs/figures.md says more)
+def per_run(header, rows):
+    """A section's tables: one, of header and rows(run) of each run."""
+    return lambda runs: [('', header, [row for r in runs for row in rows(r)])]
+
+
+PAPER_HEADER = ['step t', 'D_j blocks (null)', 'D_j model (null)', 'sqrt(N)(1 - D_j) blocks (null)',
+                'share D_j > 0.99 blocks', 'dt=1 D batch (null)', 'dt=1 D held-out (null)', 'dt=t D held-out (null)',
+                'Cg, Cug, C_i_dli blocks', 'Cg, Cug, C_i_dli model (the published set)']
+FIT_HEADER = ['run', 'params', 'steps', 't_d', 't_d published', 'L_d', 'r_d', 'RSLE', 'identifiable',
+              'best val. loss', 'last val. loss', 'saturation onset', 'probe N', 'D before t_d', 'D after t_d',
+              'H_1 (nats)', 'L_d / H_1']
+DISSENT_HEADER = ['run', 'phase'] + [f"{q} {w}" for w in ('theta', 'h') for q in (
+    'cos(g+, g-)', r'\|g+\|', r'\|g-\|', r'\|g\|')] + [rf"\|g\| / (\|g+\| + \|g-\|) {w}" for w in ('theta', 'h')]
+# the report's sections: title, what it holds (docs/figures.md says more), its tables [(line, header, rows)]
 REPORT = [
-    ('Deceleration and validation loss', deceleration_table,
-     "The 1-break BNSL fit (bnsl.py, 95% intervals; t_d also in the published convention); validation = the "
-     "probe set; D: its interference (null beside it); H_1: the training split's unigram entropy."),
-    ('Saturation per token-frequency bucket', bucket_table,
-     "Best and final loss of the probe tokens by bucket of their target, the onsets; the training windows'."),
-    ('Dissent by phase', dissent_table,
-     "Means over each phase's recorded steps; theta: all parameters, training batch; h: per probe token."),
-    ('Dissent in h per frequency bucket', bucket_md_table('fig8_dissent', bucket_dissent_cell),
-     "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|), at the first -> last recorded step."),
-    ('The 2D basis per frequency bucket', bucket_md_table('fig7_basis', basis_cell),
-     "(cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best validation loss -> at the last step."),
-    ('The published checkpoint protocol (measure.py)', paper_table,
-     "At each kept checkpoint: D_j, the loss D over one step (mean +- sd over k batches) and from t to 2t."),
-    ('The runs at matched checkpoints (measure.py)', matched_steps_table,
-     "The blocks' mean D_j (null) and sqrt(N)(1 - D_j) where every run measured at one N; < before t_d."),
+    ('Deceleration and validation loss', "The 1-break BNSL fit (bnsl.py, 95% intervals); validation: the "
+     "probe set; D: its interference beside its null; H_1: the training split's unigram entropy.",
+     per_run(FIT_HEADER, fit_rows)),
+    ('Saturation per token-frequency bucket', "Loss of the probe tokens by bucket of their target; the "
+     "training windows' beside it.", bucket_tables),
+    ('Dissent by phase', "Means over each phase's recorded steps; theta: all parameters, training batch; h: "
+     "per probe token.", per_run(DISSENT_HEADER, dissent_rows)),
+    ('Dissent in h per frequency bucket', "cos(grad_h+, grad_h-) and |grad_h| / (|grad_h+| + |grad_h-|), at "
+     "the first -> last recorded step.", per_bucket('fig8_dissent', bucket_dissent_cell)),
+    ('The 2D basis per frequency bucket', "(cos(h, grad_h+), cos(h, grad_h-)) at the bucket's best "
+     "validation loss -> at the last step.", per_bucket('fig7_basis', basis_cell)),
+    ('The published checkpoint protocol (measure.py)', "At each kept checkpoint; the paper's C figure "
+     "uses every parameter (model).", paper_tables),
+    ('The runs at matched checkpoints (measure.py)', "The blocks' D_j (null) and sqrt(N)(1 - D_j) where "
+     "runs measured at one N; < before t_d.", matched_tables),
 ]
 
 
 def report_text(runs, drawn, notes, ext):
-    """report.md: the runs, each section of REPORT that has a table, the drawn figures, the notes."""
+    """report.md: the runs, each section of REPORT that has rows, the drawn figures, the notes."""
     parts = ['# Training dynamics report', '', "Runs (ordered and coloured by parameter count): "
-             f"{', '.join(r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
-    for title, table, what in REPORT:
-        text = table(runs)
-        if text:
-            parts += [f"## {title}", '', what, '', text, '']
+             f"{'; '.join(r['name'] + ': ' + r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
+    for title, what, tables in REPORT:
+        tables = [t for t in tables(runs) if t[2]]
+        parts += [f"## {title}", '', what, ''] * bool(tables)
+        for line, header, rows in tables:
+            parts += [line, ''] * bool(line) + [md_table(header, rows), '']
     parts += ['## Figures', '']
-    for f in FIGURES + PAPER_FIGURES:
-        if f['name'] in drawn:
-            parts += [f"### {f['name']}", '', f"![{f['name']}]({f['name']}.{ext})", '', f['caption'], '']
+    for f in [f for f in FIGURES if f['name'] in drawn]:
+        parts += [f"### {f['name']}", '', f"![{f['name']}]({f['name']}.{ext})", '', f['caption'], '']
     return '\n'.join(parts + (['## Not plotted', ''] + [f"- {n}" for n in notes] + [''] if notes else []))
 
 
@@ -1014,8 +926,7 @@ def report_text(runs, drawn, notes, ext):
 # main
 
 def render(spec, runs, formats, dpi, notes):
-    """{file name: bytes} of a figure in each format, drawn for the runs that hold its records; the runs
-    it leaves out, or why it has nothing to show, go to notes."""
+    """{file name: bytes} of a figure drawn for the runs holding its records; what it leaves out to notes."""
     have = [r for r in runs if all(k in r['rec'] for k in spec['needs'])]
     lacking = '; '.join(f"{r['name']} lacks {', '.join(k for k in spec['needs'] if k not in r['rec'])}"
                         for r in runs if r not in have)
@@ -1023,40 +934,33 @@ def render(spec, runs, formats, dpi, notes):
     if have:
         fig = draw_figure(spec['name'], have)
         for ext in formats if finish(fig, have) else []:
-            files[f"{spec['name']}.{ext}"] = io.BytesIO()
-            fig.savefig(files[f"{spec['name']}.{ext}"], format=ext, dpi=dpi)
+            fig.savefig(files.setdefault(f"{spec['name']}.{ext}", io.BytesIO()), format=ext, dpi=dpi)
         plt.close(fig)
-        if not files:
-            lacking = "nothing recorded that it can draw: too few steps, or none after step 0, which a log " \
-                      "step axis cannot show"
+        lacking = lacking if files else "nothing recorded that it can draw: too few steps, or none after step 0"
     if lacking:
         notes.append(f"{spec['name']}: {'leaves out runs' if files else 'not drawn'} ({lacking})")
     return {name: f.getvalue() for name, f in files.items()}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = fail
-    p.add_argument('paths', nargs='+', help='run directories, or folders holding run directories')
-    p.add_argument('--out', help='folder for the figures and report.md (default: FIRST_PATH/figures)')
+    p = parser(__doc__, [
+        ('out', None, str, 'folder for the figures and report.md (default: FIRST_PATH/figures)'),
+        ('min_step', bnsl.MIN_STEP, nonnegative, 'BNSL fit: drop the transient steps t <= min_step'),
+        ('dpi', 110, checked(int, lambda v: 0 < v <= 600, 'between 1 and 600'), 'resolution of PNG figures')])
+    p.add_argument('paths', nargs='+', help='run folders, or folders holding run folders')
     p.add_argument('--format', nargs='+', default=['png'], choices=['png', 'pdf'], help='figure file formats')
-    p.add_argument('--min_step', type=float, default=bnsl.MIN_STEP,
-                   help='BNSL fit: drop the transient steps t <= min_step')
-    p.add_argument('--dpi', type=int, default=110, help='resolution of PNG figures')
     args = p.parse_args(argv)
-    for flag, value, low in [('--min_step', args.min_step, 0), ('--dpi', args.dpi, 1)]:
-        if not value >= low:  # NaN is not
-            fail(f"argument {flag}: {value} is not >= {low}")
     np.seterr(all='ignore')  # NaN rows not yet recorded: NaN, not a warning
     warnings.simplefilter('ignore')  # ... and log axes without a positive value, which finish() makes linear
     runs = sorted(map(load_run, find_runs(args.paths)), key=lambda r: (r['config']['n_params'], r['path']))
+    print(f"{len(runs)} run{'s' * (len(runs) != 1)} found: {', '.join(shown(r['path']) for r in runs)}")
+    label_runs(runs)
     for r, c in zip(runs, plt.cm.viridis(np.linspace(0.05, 0.85, len(runs)) if len(runs) > 1 else [0.3])):
         r.update(color=c, fit=fit_run(r, args.min_step))
-    # the folder whose manifest lists the figures: FIRST_PATH (figures/ in it), or --out itself
     if args.out and os.path.lexists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out}: exists and is not a folder")
-    # (with a trailing separator: remove_owned never takes --out itself for a folder it emptied)
+    # the folder whose manifest lists the figures: FIRST_PATH (figures/ in it), or --out itself (with a
+    # trailing separator: remove_owned never takes --out itself for a folder it emptied)
     root, under = (os.path.join(args.out, ''), '') if args.out else (args.paths[0], 'figures')
     out = os.path.join(root, under)
     if under == '' and any(os.path.exists(os.path.join(root, f)) for f in ('config.json', 'progress.json')):
@@ -1064,27 +968,26 @@ def main(argv=None):
     if foreign(root, under):
         fail(f"{out} holds files plot.py did not write ({', '.join(foreign(root, under)[:3])}); "
              "move them or choose another --out")
-    names = [f"{f['name']}.{ext}" for f in FIGURES + PAPER_FIGURES for ext in args.format] + ['report.md']
-    for path in [os.path.join(out, n) for n in names if os.path.isdir(os.path.join(out, n))][:1]:
-        fail(f"{path}: a folder where plot.py writes a file; move it or choose another --out")
+    for name in [f"{f['name']}.{ext}" for f in FIGURES for ext in args.format] + ['report.md']:
+        if os.path.isdir(os.path.join(out, name)):
+            fail(f"{os.path.join(out, name)}: a folder where plot.py writes a file; move it or choose another --out")
     notes = [f"{r['name']} was recorded with --record {r['config']['record']}: what that level does not "
              "record is left out" for r in runs if r['config']['record'] != 'all']
     notes += [f"{r['name']} lacks {', '.join(r['missing'])} (listed in its config.json, not in the directory)"
               for r in runs if r['missing']]
-    files, figures = {}, FIGURES + (PAPER_FIGURES if any('paper' in r['rec'] for r in runs) else [])
+    figures, files = [f for f in FIGURES if not f.get('paper') or any('paper' in r['rec'] for r in runs)], {}
     for f in figures:
         files.update(render(f, runs, args.format, args.dpi, notes))
     if not files:
         fail(f"nothing to plot: {', '.join(r['name'] for r in runs)} recorded nothing that a figure can draw "
              "(too few steps, or none after step 0, which a log step axis cannot show)")
     drawn = [f['name'] for f in figures if f"{f['name']}.{args.format[0]}" in files]
-    files['report.md'] = report_text(runs, drawn, notes, args.format[0]).encode('utf-8', 'surrogateescape')
+    files['report.md'] = report_text(runs, drawn, notes, args.format[0]).encode('utf-8')
     os.makedirs(root, exist_ok=True)
     remove_owned(root, under)  # the figures of the last time, then the new ones
-    os.makedirs(out, exist_ok=True)
     for name, data in files.items():
         write_atomic(root, os.path.join(under, name), lambda f: f.write(data))
-    print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {os.path.normpath(out)}")
+    print(f"{len(drawn)} figures and report.md for {len(runs)} runs in {shown(os.path.normpath(out))}")
     print(''.join(f"  note: {n}\n" for n in notes), end='')
 
 

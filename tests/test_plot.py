@@ -17,7 +17,7 @@ from conftest import ROOT, TINY, run_train
 from plot import FIGURES, N_BUCKETS, plt  # pyplot on plot.py's backend (Agg)
 
 pytestmark = pytest.mark.slow  # every test trains tiny runs and runs plot.py in subprocesses
-NAMES = [f['name'] for f in FIGURES]
+NAMES = [f['name'] for f in FIGURES if not f.get('paper')]  # fig10 needs measure.py
 IGNORE = shutil.ignore_patterns('figures')  # a copied run starts without the figures of earlier tests
 SHORT = ['--max_iters', '30', '--grad_every', '10', '--ckpt_interval', '30']
 
@@ -157,8 +157,9 @@ def bad_inputs(tmp, sweep):
             ([str(truncated)], 'probe_loss.npy'), ([str(garbage)], 'train_D.npy'),
             ([str(config)], 'config.json'), ([str(wrong)], 'train_M.npy'),
             ([str(sweep / 'runs'), '--format', 'gif'], 'invalid choice'),
-            ([str(sweep / 'runs'), '--dpi', '0'], '--dpi'),
+            ([str(sweep / 'runs'), '--dpi', '0'], '--dpi'), ([str(sweep / 'runs'), '--dpi', '100000'], '--dpi'),
             ([str(sweep / 'runs'), '--min_step', 'nan'], '--min_step'),
+            ([str(sweep / 'runs'), '--min_step', 'inf'], '--min_step'),
             ([str(older)], f"{older}: made by an older version of train.py; rerun it")]
 
 
@@ -489,6 +490,7 @@ def test_the_run_legend_lies_inside_the_figure(sweep, tmp_path, monkeypatch):
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, (box, fig.bbox)
         assert len(fig.legends[0].get_texts()) == 4
         assert any('rather' in t.get_text() for t in fig.legends[0].get_texts())
+        assert any(t.get_text().endswith('[a $rather$ long [run] name_3]') for t in fig.legends[0].get_texts())
         for text in [t for t in fig.findobj(matplotlib.text.Text) if 'rather' in t.get_text()]:
             assert not text._preprocess_math(text.get_text())[1], text.get_text()  # not math text
         for ax in fig.axes:  # the panels and their titles stay below it
@@ -681,3 +683,69 @@ def test_loss_change_histogram_and_hidden_norms_are_the_records(sweep):
         assert len(rows) == (hidden_steps > 0).sum()  # every hidden step after 0 (log step axis)
         np.testing.assert_allclose(line.get_ydata(), bucket_mean_brute(norms, of_target, k)[rows], rtol=1e-5)
     plt.close('all')
+
+
+def test_runs_are_found_below_a_run_once_each_and_labelled_by_what_they_are(sweep, tmp_path, monkeypatch):
+    """A run folder holding runs in subfolders, and a link back to its parent: plot.py DIR plots every
+    run once, DIR itself included, and says how many it found; the legend names each run by its size
+    and what differs between the runs (not by folder names); an undecodable folder name is escaped."""
+    top = tmp_path / 'top'
+    shutil.copytree(sweep / 'runs' / 'large', top, ignore=IGNORE)
+    shutil.copytree(sweep / 'runs' / 'small', top / 'sub', ignore=IGNORE)
+    os.symlink(tmp_path, top / 'sub' / 'loop')  # a link to an ancestor: never followed
+    proc = run_plot(str(top))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('2 runs found:'), proc.stdout
+    report = (top / 'figures' / 'report.md').read_text()
+    assert '| top |' in report and '| sub |' in report and 'loop' not in report
+    figs = figures_of(monkeypatch, str(sweep / 'runs'), '--out', str(tmp_path / 'f'))
+    labels = [t.get_text() for t in figs[0].legends[0].get_texts()]
+    assert [label.split(' (')[0] for label in labels] == ['1L/16d', '2L/16d'], labels
+    assert not any('small' in label or 'large' in label for label in labels), labels
+    plt.close('all')
+    odd = os.path.join(os.fsencode(tmp_path), b'odd\xff')
+    shutil.copytree(sweep / 'runs' / 'small', os.fsdecode(odd), ignore=IGNORE)
+    proc = run_plot(os.fsdecode(odd), '--out', str(tmp_path / 'odd_figs'))
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    assert '| odd\\xff |' in (tmp_path / 'odd_figs' / 'report.md').read_text()
+
+
+def test_line_styles_are_keyed_in_legends_and_t_d_is_labelled(sweep):
+    """fig4 and fig8 key their line styles in each panel's legend (titles stay one line); fig1 keys the
+    fit, its power laws and both conventions' break; a run's t_d line is labelled 't_d'."""
+    import plot
+    run = plot.load_run(str(sweep / 'runs' / 'large'))
+    run.update(color='k', label='large', fit=plot.fit_run(run, plot.bnsl.MIN_STEP))
+    for name, panel, keys in [('fig4_opposition', 1, ['blocks', 'blocks, |g|-weighted', 'null of blocks',
+                                                      'every coordinate']),
+                              ('fig8_dissent', 4, ['|grad|', '|grad+|', '|grad-|']),
+                              ('fig1_loss', 0, ['1-break BNSL fit', '(t_d, L_d), published convention'])]:
+        fig = plot.draw_figure(name, [run])
+        assert all('\n' not in ax.get_title() for ax in fig.axes), name
+        legend = [t.get_text() for t in fig.axes[panel].get_legend().get_texts()]
+        assert all(k in legend for k in keys), (name, legend)
+    assert [t.get_text() for t in fig.axes[0].texts] == []  # fig1 marks t_d with its dot
+    run['fit'] = dict(identifiable=True, t_d=5.0)  # a break at step 5
+    fig = plot.draw_figure('fig3_zero_sum', [run])
+    assert [t.get_text().strip() for t in fig.axes[0].texts] == ['t_d']
+    plt.close('all')
+
+
+def test_the_report_gives_the_published_c_terms_beside_the_blocks(tmp_path, cache_dir):
+    """measure.py's update-weighted terms in the report: Cg, Cug, C_i_dli of the blocks and of every
+    parameter (the published set: 'model'), each the record's value."""
+    run = tmp_path / 'kept'
+    run_train(*TINY, '--max_iters', '4', '--keep_ckpts', 'log2', '--cache_dir', cache_dir, '--out_dir', str(run))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'measure.py'), str(run), '--tokens', '32',
+                           '--batches', '1', '--steps', '2', '--threads', '1'], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert run_plot(str(run)).returncode == 0
+    report = (run / 'figures' / 'report.md').read_text()
+    assert 'Cg, Cug, C_i_dli model (the published set)' in report
+    paper = next(run.glob('paper*'))
+    keys = json.loads((paper / 'progress.json').read_text())['opposition_keys']
+    terms = {t: np.load(paper / f'update_{t}.npy') for t in ('Cg', 'Cug', 'C_i_dli')}
+    row = next(line for line in report.splitlines() if line.startswith('| 2 |')).split('|')[1:-1]
+    for cell, key in zip(row[-2:], ['blocks', 'model']):
+        assert cell.strip() == ', '.join(f"{terms[t][0, keys.index(key)]:.3f}" for t in terms), (cell, key)
