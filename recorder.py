@@ -1,7 +1,6 @@
 """
 What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder, which
-measures and writes them at each moment of a training step (README, "one recorded step"), into .npy
-memmaps preallocated for the whole run (process 0 only; their precision: docs/records.md).
+measures them at each moment of a training step into .npy memmaps for the whole run (process 0 only).
 """
 
 import os
@@ -130,18 +129,14 @@ class Recorder:
 
     def open(self, out_dir, create):
         """The records as .npy memmaps in out_dir, listed in its manifest: created (float rows NaN,
-        integer rows -1: not yet written), or opened to continue a run (a bad one: one line, exit 2)."""
+        integer rows -1: not yet written), or opened to continue a run if each is whole and of its shape."""
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
+        if not create:  # a bad one: one line, exit 2
+            runs.check_records(out_dir, {name: (shape, dtype.name) for name, (shape, dtype) in self.specs.items()})
         for name, (shape, dtype) in self.specs.items():
-            path = os.path.join(out_dir, name + '.npy')
-            try:  # 'r+' reads the shape and dtype from the file
-                r = np.lib.format.open_memmap(path, 'w+' if create else 'r+', dtype, shape)
-            except (OSError, ValueError, EOFError) as e:
-                runs.fail(f"{path}: corrupt or truncated record ({e})")
+            r = np.lib.format.open_memmap(os.path.join(out_dir, name + '.npy'), 'w+' if create else 'r+', dtype, shape)
             if create:
                 r[...] = np.nan if dtype.kind == 'f' else -1
-            if (r.shape, r.dtype) != (shape, dtype):
-                runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
             self.records[name] = r
 
     def write(self, name, row, value):
@@ -153,8 +148,7 @@ class Recorder:
         for r in self.records.values():
             r.flush()
 
-    def full(self, step):
-        """Is `step` a full step (see RECORDS' 'full')?"""
+    def full(self, step):  # a step with every measurement (RECORDS' 'full')
         return self.args.record == 'all' or (self.args.record == 'light' and step in self.light_steps)
 
     def kind(self, step):
@@ -189,8 +183,7 @@ class Recorder:
                 self.write('head_singular_values', self.hidden_row[step], metrics.singular_values(U))
 
     def capture(self, step):
-        """Around the training forward and backward: on full steps, keeps the inputs X and output
-        gradients G of the position-local layers (module hooks: the model runs eagerly)."""
+        """On full steps, keeps the inputs X and output gradients G of the position-local layers."""
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
     def batch(self, step, x, y, logits, losses, acts, h):
@@ -250,8 +243,6 @@ class Recorder:
             self.write_columns('opposition', row, metrics.opposition_summary(sums, HIST_BINS), self.all_keys)
             self.write_columns('update', row, metrics.update_weighted_terms(sums, delta, dots), self.all_keys)
 
-    # --- helpers ------------------------------------------------------------------------------
-
     def write_interference(self, prefix, row, change, step):
         """Row `row` of prefix_D, _M and _D_null; the null's signs are a function of (seed, step)."""
         signs = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
@@ -272,7 +263,7 @@ class Recorder:
         return torch.cat(parts)
 
     def average(self, t):
-        """Mean of a tensor over the processes, in place (a no-op for one process)."""
+        """Mean of a tensor over the processes, in place."""
         if self.world > 1:
             dist.all_reduce(t)
             t.div_(self.world)
