@@ -129,10 +129,8 @@ class Recorder:
 
     def open(self, out_dir, create):
         """The records as .npy memmaps in out_dir, listed in its manifest: created (float rows NaN,
-        integer rows -1: not yet written), or opened to continue a run if each is whole and of its shape."""
+        integer rows -1: not yet written), or opened to continue a run (checked by train.open_run_dir)."""
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
-        if not create:  # a bad one: one line, exit 2
-            runs.check_records(out_dir, {name: (shape, dtype.name) for name, (shape, dtype) in self.specs.items()})
         for name, (shape, dtype) in self.specs.items():
             r = np.lib.format.open_memmap(os.path.join(out_dir, name + '.npy'), 'w+' if create else 'r+', dtype, shape)
             if create:
@@ -187,13 +185,12 @@ class Recorder:
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
     def batch(self, step, x, y, logits, losses, acts, h):
-        """Training-batch measures at theta_t, after the backward, before clipping, from this
-        process's rows of the training forward (on full steps logits and h still hold their graph)."""
+        """Training-batch measures at theta_t from this process's rows of the training forward, after the
+        backward, before clipping (on full steps logits and h still hold their graph)."""
         if self.full(step):
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
             # dissent in theta: grad+ by a row scatter into U and a second backward from h
-            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
-                                                  losses)
+            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head, losses)
             self.write_columns('theta', step, dissent, self.theta_names)
             # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
             # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
@@ -214,16 +211,14 @@ class Recorder:
         self.theta_t = {n: p.detach().clone() for n, p in self.params.items()} if self.recording else None
 
     def after_update(self, step, x, y, offsets, lr, grad_norm):
-        """After optimizer.step(): the real update delta, the step's scalars; on full steps the same
-        batch at theta_{t+1}; on grad steps (process 0) the first-order prediction along delta and the
-        exact opposition of the probe tokens at theta_t with its update-weighted terms."""
+        """After optimizer.step(): the update delta, the step's scalars; on full steps the batch at theta_{t+1};
+        on grad steps (process 0) the prediction along delta, the probe tokens' opposition and update terms."""
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
             update_norm = torch.stack([v.pow(2).sum() for v in delta.values()]).double().sum().sqrt().item()
-        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm).items():
+        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm, train_offsets=offsets).items():
             self.write(name, step, value)
-        self.write('train_offsets', step, offsets)
         if self.full(step):
             loss_post = self.gather(metrics.fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)

@@ -49,11 +49,10 @@ SETTINGS = [
     ('bias', True, bool, 'biases in Linear and LayerNorm layers'),
     ('tie_weights', False, bool, 'share the LM head matrix U with the token embedding'),
     # data
-    ('data', None, str, "a UTF-8 text file, a folder of .txt files, or a folder of nanoGPT's train.bin and "
-     "val.bin (default: the King James Bible)"),
+    ('data', None, str, "a UTF-8 text file, a folder of .txt files or of nanoGPT's train.bin, val.bin "
+     "(default: the King James Bible)"),
     ('vocab_size', 4096, int,  # checked by data.prepare: a .bin folder's may be below 257
-     "vocabulary size: of the BPE trained on a text corpus, or of the tokenizer that made a .bin folder's "
-     "ids (GPT-2: 50257)"),
+     "the BPE's vocabulary size, or that of the tokenizer that made a .bin folder's ids (GPT-2: 50257)"),
     ('cache_dir', os.path.join(here, 'data_cache'), str, 'where tokenizers and token arrays are cached'),
     ('batch_size', 16, positive, 'sequences per step (the global batch under DDP)'),
     # optimizer and schedule
@@ -65,8 +64,7 @@ SETTINGS = [
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
     ('beta1', 0.9, fraction, 'AdamW beta1'),
     ('beta2', 0.99, fraction, 'AdamW beta2'),
-    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95 (over --beta2), embeddings '
-     'undecayed'),
+    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95, embeddings undecayed'),
     ('grad_clip', 1.0, nonnegative, 'clip the global gradient norm to this (0: no clipping)'),
     # system
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
@@ -76,8 +74,7 @@ SETTINGS = [
     ('threads', 0, count, "CPU threads (0: one on a CPU, where torch's one per core collapses under load)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
-    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: some on a log schedule; '
-     'none: scalars'),
+    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: some log-spaced; none: scalars'),
     ('probe_seqs', None, positive, 'held-out probe sequences, chosen once (default: 2048 tokens / T)'),
     ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
     ('grad_every', 0, count, 'exact opposition and first-order prediction every N steps (0: log-spaced)'),
@@ -139,7 +136,7 @@ def main(argv=None):
                                                device.split(':')[0], args.optim == 'published')
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
-    start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
+    start, lock = open_run_dir(args, corpus, rec, raw_model, optimizer, device, master)
     if master:
         rec.open(args.out_dir, create=start == 0)
         write_run_files(args, start, corpus, raw_model, rec, probe[0], train_probe[0], device, dtype, world)
@@ -314,9 +311,9 @@ def check_resources(args, rec, model, autocast, batch):
         model.zero_grad(set_to_none=True)
 
 
-def open_run_dir(args, corpus, model, optimizer, device, master):
+def open_run_dir(args, corpus, rec, model, optimizer, device, master):
     """(first step, the folder's lock), checked before any change: a new run, or a --resume whose
-    RESUME_SAME settings, corpus, checkpoint and records agree with the run's."""
+    RESUME_SAME settings, corpus, checkpoint and whole records agree with the run's."""
     if not args.resume:
         taken = 'already holds a run: --resume to continue it, --overwrite to replace it'
         return 0, runs.open_folder(args.out_dir, overwrite=args.overwrite, taken=taken) if master else None
@@ -328,7 +325,7 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
              f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
     lock = runs.lock(args.out_dir) if master else None  # then nothing changes in it while we look
     start = load_checkpoint(args.out_dir, model, optimizer, device)
-    runs.check_records(args.out_dir, config['records'], start, [r[0] for r in RECORDS if r[3] == 'every'])
+    runs.check_records(args.out_dir, rec.specs, start, [r[0] for r in RECORDS if r[3] == 'every'])
     return start, lock
 
 
