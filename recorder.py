@@ -1,7 +1,6 @@
 """
 What train.py records, and when: the table of every per-step record (RECORDS), and the Recorder, which
-measures and writes them at each moment of a training step (README, "one recorded step"), into .npy
-memmaps preallocated for the whole run (process 0 only; their precision: docs/records.md).
+measures them at each moment of a training step into .npy memmaps for the whole run (process 0 only).
 """
 
 import os
@@ -130,18 +129,12 @@ class Recorder:
 
     def open(self, out_dir, create):
         """The records as .npy memmaps in out_dir, listed in its manifest: created (float rows NaN,
-        integer rows -1: not yet written), or opened to continue a run (a bad one: one line, exit 2)."""
+        integer rows -1: not yet written), or opened to continue a run (checked by train.open_run_dir)."""
         runs.own(out_dir, *(name + '.npy' for name in self.specs))
         for name, (shape, dtype) in self.specs.items():
-            path = os.path.join(out_dir, name + '.npy')
-            try:  # 'r+' reads the shape and dtype from the file
-                r = np.lib.format.open_memmap(path, 'w+' if create else 'r+', dtype, shape)
-            except (OSError, ValueError, EOFError) as e:
-                runs.fail(f"{path}: corrupt or truncated record ({e})")
+            r = np.lib.format.open_memmap(os.path.join(out_dir, name + '.npy'), 'w+' if create else 'r+', dtype, shape)
             if create:
                 r[...] = np.nan if dtype.kind == 'f' else -1
-            if (r.shape, r.dtype) != (shape, dtype):
-                runs.fail(f"{path}: shape {r.shape} {r.dtype}, expected {shape} {dtype}")
             self.records[name] = r
 
     def write(self, name, row, value):
@@ -153,8 +146,7 @@ class Recorder:
         for r in self.records.values():
             r.flush()
 
-    def full(self, step):
-        """Is `step` a full step (see RECORDS' 'full')?"""
+    def full(self, step):  # a step with every measurement (RECORDS' 'full')
         return self.args.record == 'all' or (self.args.record == 'light' and step in self.light_steps)
 
     def kind(self, step):
@@ -189,18 +181,16 @@ class Recorder:
                 self.write('head_singular_values', self.hidden_row[step], metrics.singular_values(U))
 
     def capture(self, step):
-        """Around the training forward and backward: on full steps, keeps the inputs X and output
-        gradients G of the position-local layers (module hooks: the model runs eagerly)."""
+        """On full steps, keeps the inputs X and output gradients G of the position-local layers."""
         return metrics.capture_activations(self.local_modules) if self.full(step) else nullcontext({})
 
     def batch(self, step, x, y, logits, losses, acts, h):
-        """Training-batch measures at theta_t, after the backward, before clipping, from this
-        process's rows of the training forward (on full steps logits and h still hold their graph)."""
+        """Training-batch measures at theta_t from this process's rows of the training forward, after the
+        backward, before clipping (on full steps logits and h still hold their graph)."""
         if self.full(step):
             grads = {n: p.grad for n, p in self.params.items()}  # the training gradient (DDP: averaged)
             # dissent in theta: grad+ by a row scatter into U and a second backward from h
-            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head,
-                                                  losses)
+            dissent = metrics.theta_decomposition(logits, y, self.params, grads, self.average, h, self.head, losses)
             self.write_columns('theta', step, dissent, self.theta_names)
             # exact opposition of the position-local layers from this backward: |G|^T |X|, and the
             # signed sums N * p.grad (DDP: each process's N times the global mean, then added up)
@@ -221,16 +211,14 @@ class Recorder:
         self.theta_t = {n: p.detach().clone() for n, p in self.params.items()} if self.recording else None
 
     def after_update(self, step, x, y, offsets, lr, grad_norm):
-        """After optimizer.step(): the real update delta, the step's scalars; on full steps the same
-        batch at theta_{t+1}; on grad steps (process 0) the first-order prediction along delta and the
-        exact opposition of the probe tokens at theta_t with its update-weighted terms."""
+        """After optimizer.step(): the update delta, the step's scalars; on full steps the batch at theta_{t+1};
+        on grad steps (process 0) the prediction along delta, the probe tokens' opposition and update terms."""
         update_norm = float('nan')
         if self.recording:
             delta = {n: p.detach() - self.theta_t[n] for n, p in self.params.items()}
             update_norm = torch.stack([v.pow(2).sum() for v in delta.values()]).double().sum().sqrt().item()
-        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm).items():
+        for name, value in dict(lr=lr, grad_norm=grad_norm, update_norm=update_norm, train_offsets=offsets).items():
             self.write(name, step, value)
-        self.write('train_offsets', step, offsets)
         if self.full(step):
             loss_post = self.gather(metrics.fp32_forward(self.model, x, y)[0])  # (B, T)
             self.write('train_loss_post', step, loss_post)
@@ -249,8 +237,6 @@ class Recorder:
                 sums, dots = metrics.per_token_gradient_sums(self.model, px, py, delta=delta)
             self.write_columns('opposition', row, metrics.opposition_summary(sums, HIST_BINS), self.all_keys)
             self.write_columns('update', row, metrics.update_weighted_terms(sums, delta, dots), self.all_keys)
-
-    # --- helpers ------------------------------------------------------------------------------
 
     def write_interference(self, prefix, row, change, step):
         """Row `row` of prefix_D, _M and _D_null; the null's signs are a function of (seed, step)."""
@@ -272,7 +258,7 @@ class Recorder:
         return torch.cat(parts)
 
     def average(self, t):
-        """Mean of a tensor over the processes, in place (a no-op for one process)."""
+        """Mean of a tensor over the processes, in place."""
         if self.world > 1:
             dist.all_reduce(t)
             t.div_(self.world)

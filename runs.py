@@ -1,8 +1,7 @@
 """
 Run folders, the machinery every program shares. Bad input: one line and exit 2 (fail, parser). A
-folder's manifest lists each path a program wrote, before its first write; anything else is the user's:
---overwrite deletes listed files only and refuses a folder holding anything else. Files are written
-whole; lock() keeps one program on a folder; on_signals() stops with one line; load_run() reads a run.
+folder's manifest lists each path a program wrote, before its first write; anything else is the user's
+(open_folder). Files are written whole; lock() keeps one program on a folder; load_run() reads a run.
 """
 
 import argparse
@@ -22,21 +21,19 @@ from model import build_gpt
 MANIFEST = 'manifest.txt'
 
 
-def fail(msg):
-    """Bad input: one line naming the problem and exit status 2, never a traceback."""
+def fail(msg):  # bad input: one line naming the problem and exit status 2, never a traceback
     print(f"{os.path.basename(sys.argv[0])}: error: {' '.join(str(msg).split())}", file=sys.stderr)
     sys.exit(2)
 
 
 def parser(doc, settings=()):
-    """An argparse parser with one-line errors and a flag --name per (name, default, type or choices, help)
-    of settings (bool: --name, --no-name); --help shows a default once, none where the help names one."""
+    """An argparse parser with one-line errors, a flag --name per (name, default, type or choices, help)."""
     p = argparse.ArgumentParser(description=doc.strip().split('\n')[0])
     p.error = lambda msg: fail(re.sub(r'^argument (\S+): ', r'\1 ', msg))
     for name, default, kind, help in settings:
         how = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
-            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        shown = '' if default is None or 'default:' in help else ' (default: %(default)s)'
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)  # bool: --name, --no-name
+        shown = '' if default is None or 'default:' in help else ' (default: %(default)s)'  # a default once
         p.add_argument('--' + name, default=default, help=help + shown, **how)
     return p
 
@@ -56,8 +53,7 @@ count = checked(int, lambda v: v >= 0, 'a finite number >= 0')
 nonnegative = checked(float, lambda v: 0 <= v < float('inf'), 'a finite number >= 0')
 
 
-def owned(root):
-    """The relative paths root's manifest lists (an empty set if it has none)."""
+def owned(root):  # the relative paths root's manifest lists
     try:
         with open(os.path.join(root, MANIFEST)) as f:
             return set(f.read().split('\n')) - {''}
@@ -65,8 +61,7 @@ def owned(root):
         return set()
 
 
-def own(root, *paths):
-    """List paths (relative to root) in root's manifest, before they are written."""
+def own(root, *paths):  # list paths (relative to root) in root's manifest, before they are written
     with open(os.path.join(root, MANIFEST), 'a') as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # one program at a time reads and changes the list
         new = [p for p in dict.fromkeys(paths) if p not in owned(root)]
@@ -90,14 +85,12 @@ def foreign(root, under=''):
     return out
 
 
-def ancestors(rel):
-    """The folders a relative path lies in: 'a/b/c' -> ['a', 'a/b'] (a listed folder 'a/b/': the same)."""
+def ancestors(rel):  # the folders a relative path lies in: 'a/b/c' (or 'a/b/c/') -> ['a', 'a/b']
     return ['/'.join(rel.split('/')[:i]) for i in range(1, rel.count('/') + 1)]
 
 
 def remove_owned(root, under=''):
-    """Delete the listed files below root/under (and their '.tmp' twins), then the folders there left
-    empty; the manifest keeps the other paths. Call it after foreign() found nothing."""
+    """Delete the listed files below root/under (and '.tmp' twins), then the folders left empty."""
     if not owned(root):  # no manifest (a new folder): nothing to delete
         return
     base = under and under + '/'
@@ -118,8 +111,7 @@ def remove_owned(root, under=''):
 
 
 def open_folder(root, under='', overwrite=False, taken=None):
-    """root/under, created if absent, locked; returns the lock. Refused (one line, exit 2, nothing changed)
-    if it holds a file no program wrote, or, unless overwrite, anything and `taken` says why."""
+    """root/under's lock, created if absent; refused if it holds a file no program wrote, or any if `taken`."""
     folder, program = os.path.join(root, under), os.path.basename(sys.argv[0])
     check_folder(folder)
     os.makedirs(folder, exist_ok=True)
@@ -152,7 +144,6 @@ def write_atomic(root, rel, write):
 
 
 def write_json(root, rel, obj):
-    """root/rel := obj as JSON, written whole."""
     write_atomic(root, rel, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
@@ -171,8 +162,7 @@ def read_json(root, rel, by):
 
 
 def check_folder(path):
-    """The nearest existing folder on the way to `path`, or exit 2 (nothing created) if `path` cannot be
-    made a folder: a part is a file, that folder is not writable, a name or the path is too long."""
+    """The nearest existing folder on the way to `path`; exit 2 if `path` cannot be made a folder."""
     full = base = os.path.abspath(path)
     while not os.path.lexists(base):
         base = os.path.dirname(base)
@@ -186,9 +176,8 @@ def check_folder(path):
 
 
 def check_records(root, records, rows=0, every=()):
-    """Exit 2 unless each record (name -> [shape, dtype], as config.json lists them) is a whole .npy
-    of that shape, those in `every` written (not NaN or -1) in rows 0..rows-1. Read-only: a memmap
-    opened to write extends a short file with zeros."""
+    """Exit 2 unless each record (name -> (shape, dtype)) is a whole .npy of that shape, those in `every`
+    written (not NaN or -1) in rows 0..rows-1. Read-only: a memmap opened to write would extend it."""
     for name, (shape, dtype) in records.items():
         path = os.path.join(root, name + '.npy')
         try:
@@ -219,8 +208,7 @@ def load_run(folder, step=None):
 
 
 def lock(folder):
-    """An exclusive lock on the folder while this process lives: no lock file, so a killed program
-    never blocks the next; a second program is refused."""
+    """A folder's lock while this process lives (no lock file: a killed program never blocks the next)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -230,8 +218,7 @@ def lock(folder):
 
 
 def on_signals(message):
-    """SIGTERM (job schedulers) and Ctrl-C stop with one line, message() (how to continue), and exit
-    status 128 + the signal. Returns the handlers it replaced."""
+    """SIGTERM and Ctrl-C stop with one line and message(), exit 128 + signal; the handlers replaced."""
     def stop(signum, frame):
         print(f"\n{os.path.basename(sys.argv[0])}: stopped by {signal.Signals(signum).name}; {message()}",
               file=sys.stderr, flush=True)
@@ -254,8 +241,7 @@ def check_device(device, dtype='float32'):
 
 
 def keep_freed_memory():
-    """On the CPU, keep the memory a step frees for the next (glibc returns freed large blocks, the next
-    step page-faults them in: a fifth of a step, results/bench.md). glibc only; True if both were set."""
+    """Keep what a step frees for the next (else glibc returns it and page-faults it in); True if set."""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
     try:
         mallopt = ctypes.CDLL(None).mallopt

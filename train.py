@@ -49,11 +49,10 @@ SETTINGS = [
     ('bias', True, bool, 'biases in Linear and LayerNorm layers'),
     ('tie_weights', False, bool, 'share the LM head matrix U with the token embedding'),
     # data
-    ('data', None, str, "a UTF-8 text file, a folder of .txt files, or a folder of nanoGPT's train.bin and "
-     "val.bin (default: the King James Bible)"),
+    ('data', None, str, "a UTF-8 text file, a folder of .txt files or of nanoGPT's train.bin, val.bin "
+     "(default: the King James Bible)"),
     ('vocab_size', 4096, int,  # checked by data.prepare: a .bin folder's may be below 257
-     "vocabulary size: of the BPE trained on a text corpus, or of the tokenizer that made a .bin folder's "
-     "ids (GPT-2: 50257)"),
+     "the BPE's vocabulary size, or that of the tokenizer that made a .bin folder's ids (GPT-2: 50257)"),
     ('cache_dir', os.path.join(here, 'data_cache'), str, 'where tokenizers and token arrays are cached'),
     ('batch_size', 16, positive, 'sequences per step (the global batch under DDP)'),
     # optimizer and schedule
@@ -65,8 +64,7 @@ SETTINGS = [
     ('weight_decay', 0.1, nonnegative, 'AdamW weight decay on matrices'),
     ('beta1', 0.9, fraction, 'AdamW beta1'),
     ('beta2', 0.99, fraction, 'AdamW beta2'),
-    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95 (over --beta2), embeddings '
-     'undecayed'),
+    ('optim', 'nanogpt', ['nanogpt', 'published'], 'published: eps 1e-5, beta2 0.95, embeddings undecayed'),
     ('grad_clip', 1.0, nonnegative, 'clip the global gradient norm to this (0: no clipping)'),
     # system
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
@@ -76,8 +74,7 @@ SETTINGS = [
     ('threads', 0, count, "CPU threads (0: one on a CPU, where torch's one per core collapses under load)"),
     # recording
     ('out_dir', 'out', str, 'run directory'),
-    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: some on a log schedule; '
-     'none: scalars'),
+    ('record', 'all', ['all', 'light', 'none'], 'all: every record every step; light: some log-spaced; none: scalars'),
     ('probe_seqs', None, positive, 'held-out probe sequences, chosen once (default: 2048 tokens / T)'),
     ('hidden_every', 0, count, 'probe hidden states every N steps (0: log-spaced; first and last always)'),
     ('grad_every', 0, count, 'exact opposition and first-order prediction every N steps (0: log-spaced)'),
@@ -139,13 +136,10 @@ def main(argv=None):
                                                device.split(':')[0], args.optim == 'published')
     rec = Recorder(args, raw_model, corpus, probe[1:], dtype, rank, world, train_probe[1:])  # the fp32 module
     check_resources(args, rec, raw_model, autocast, get_batch(args, corpus, 0, rank, world, device)[1:])
-    start, lock = open_run_dir(args, corpus, raw_model, optimizer, device, master)
+    start, lock = open_run_dir(args, corpus, rec, raw_model, optimizer, device, master)
     if master:
         rec.open(args.out_dir, create=start == 0)
-        if start == 0:  # a new run (or one resumed before its first checkpoint)
-            write_run_files(args, corpus, raw_model, rec, probe[0], train_probe[0], device, dtype, world)
-        else:
-            note_resume(args, start, device)
+        write_run_files(args, start, corpus, raw_model, rec, probe[0], train_probe[0], device, dtype, world)
     # DDP: the backward averages the gradients; steps that capture activations run eagerly (hooks)
     devices = [torch.cuda.current_device()] if device.startswith('cuda') else None
     eager = DDP(raw_model, device_ids=devices) if ddp else raw_model
@@ -222,8 +216,7 @@ def main(argv=None):
 # the pieces of main, in the order it uses them
 
 def setup_system(args):
-    """(ddp, rank, world size, device, training dtype, its autocast). Under torchrun each process takes
-    one device (NCCL on GPUs, gloo on the CPU); otherwise one process on --device."""
+    """(ddp, rank, world size, device, dtype, autocast): under torchrun a device per process."""
     ddp = int(os.environ.get('RANK', -1)) != -1  # started by torchrun
     if ddp:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else 'cpu'
@@ -246,8 +239,7 @@ def setup_system(args):
 
 
 def precision(dtype, device_type):
-    """(training dtype, its autocast context): --dtype auto is bf16 autocast on GPUs that support it,
-    fp32 elsewhere. Parameters, optimizer state and the recording passes stay fp32."""
+    """(dtype, autocast): auto is bf16 on GPUs with it. Parameters and the recording passes stay fp32."""
     if dtype == 'auto':
         dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     return dtype, nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
@@ -267,8 +259,7 @@ def load_corpus(args, master):
 
 
 def fixed_windows(tokens, n, T, seed, flag, device='cpu'):
-    """n disjoint windows of T + 1 tokens, chosen once by `seed` for the whole run: the probe set
-    (validation split) or the training-window probe. offsets, inputs, targets (n, T); Nones if n is 0."""
+    """offsets, inputs, targets (n, T) of n disjoint windows chosen once by `seed` (Nones if n is 0)."""
     if n == 0:
         return None, None, None
     n_windows = len(tokens) // (T + 1)  # disjoint windows
@@ -279,8 +270,7 @@ def fixed_windows(tokens, n, T, seed, flag, device='cpu'):
 
 
 def get_batch(args, corpus, step, rank=0, world=1, device='cpu'):
-    """The offsets of step t's global batch (a function of (seed, step)) and this process's rows of
-    it, inputs x and targets y (B/world, T)."""
+    """Step t's global batch offsets, a function of (seed, step), and this process's x, y (B/world, T)."""
     B, T = args.batch_size, args.block_size
     offsets = data.batch_offsets(args.seed, step, B, T, len(corpus['train']))  # (B,)
     mine = offsets[rank * (B // world):(rank + 1) * (B // world)]
@@ -321,9 +311,9 @@ def check_resources(args, rec, model, autocast, batch):
         model.zero_grad(set_to_none=True)
 
 
-def open_run_dir(args, corpus, model, optimizer, device, master):
-    """(the first step to run, the folder's lock), every check before the first change: a new run, or
-    --resume if RESUME_SAME, the corpus, the checkpoint and whole records agree with the run's."""
+def open_run_dir(args, corpus, rec, model, optimizer, device, master):
+    """(first step, the folder's lock), checked before any change: a new run, or a --resume whose
+    RESUME_SAME settings, corpus, checkpoint and whole records agree with the run's."""
     if not args.resume:
         taken = 'already holds a run: --resume to continue it, --overwrite to replace it'
         return 0, runs.open_folder(args.out_dir, overwrite=args.overwrite, taken=taken) if master else None
@@ -335,13 +325,12 @@ def open_run_dir(args, corpus, model, optimizer, device, master):
              f"(a resume may change only {', '.join(RESUME_MAY_CHANGE)})")
     lock = runs.lock(args.out_dir) if master else None  # then nothing changes in it while we look
     start = load_checkpoint(args.out_dir, model, optimizer, device)
-    runs.check_records(args.out_dir, config['records'], start, [r[0] for r in RECORDS if r[3] == 'every'])
+    runs.check_records(args.out_dir, rec.specs, start, [r[0] for r in RECORDS if r[3] == 'every'])
     return start, lock
 
 
 def load_checkpoint(out, model, optimizer, device):
-    """The step to continue from, model, optimizer and torch's random state loaded; 0 if the run never
-    wrote a checkpoint (no progress.json). A checkpoint missing, unreadable or behind progress.json: exit 2."""
+    """The step to continue from, its state loaded (0: no checkpoint yet); a bad checkpoint: exit 2."""
     done = (runs.read_json(out, 'progress.json', 'train.py') or {}).get('steps_done', 0)
     if not done and not os.path.exists(os.path.join(out, 'ckpt.pt')):
         return 0
@@ -360,8 +349,15 @@ def load_checkpoint(out, model, optimizer, device):
         fail(f"cannot resume from checkpoint {out}/ckpt.pt (progress.json: {done} steps done): {str(e)[:300]}")
 
 
-def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets, device, dtype, world):
-    """The one-off files of a new run: tokenizer, counts, probe sets, schedules, config.json."""
+def write_run_files(args, start, corpus, model, rec, probe_offsets, train_probe_offsets, device, dtype, world):
+    """The one-off files of a new run (start 0, or a resume before its first checkpoint): tokenizer,
+    counts, probe sets, schedules, config.json; a resume adds its step and RESUME_MAY_CHANGE to `resumed`."""
+    if start:
+        config = runs.read_json(args.out_dir, 'config.json', 'train.py')
+        config.setdefault('resumed', []).append(
+            dict(step=start, device_used=device, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE}))
+        runs.write_json(args.out_dir, 'config.json', config)
+        return
     arrays = {'train_counts.npy': corpus['counts'], 'grad_steps.npy': np.array(rec.grad_steps, np.int64),
               'hidden_steps.npy': np.array(rec.hidden_steps, np.int64),
               'probe_tokens.npy': torch.cat([rec.px, rec.py[:, -1:]], 1).cpu().numpy()}  # (P, T + 1)
@@ -386,7 +382,7 @@ def write_run_files(args, corpus, model, rec, probe_offsets, train_probe_offsets
 
 
 def finish(ddp, lock, handlers):
-    """Leave as main came (bench.py calls it): signal handlers restored, folder unlocked."""
+    """Leave as main came: signal handlers restored, folder unlocked."""
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if lock is not None:
@@ -397,33 +393,23 @@ def finish(ddp, lock, handlers):
         dist.destroy_process_group()
 
 
-def note_resume(args, start, device):
-    """config.json's `resumed`: at each resume, its step and the RESUME_MAY_CHANGE settings."""
-    config = runs.read_json(args.out_dir, 'config.json', 'train.py')
-    config.setdefault('resumed', []).append(
-        dict(step=start, device_used=device, **{k: getattr(args, k) for k in RESUME_MAY_CHANGE}))
-    runs.write_json(args.out_dir, 'config.json', config)
-
-
 def save_checkpoint(args, rel, model, optimizer, step):
-    """Model, optimizer, the next step, torch's random state (for forks that add dropout) and RESUME_SAME
-    (what a resume keeps: same bytes), written whole. Batches and the null's signs follow (seed, step)."""
+    """Model, optimizer, the next step, torch's random state (for forks that add dropout), RESUME_SAME.
+    Batches and the null's signs need none: they follow (seed, step)."""
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
              'rng': torch.get_rng_state(), 'args': {k: getattr(args, k) for k in RESUME_SAME}}
     runs.write_atomic(args.out_dir, rel, lambda f: torch.save(state, f))
 
 
 def how_to_continue(out_dir):
-    """What a stopped run's one line says: --resume continues from the last checkpoint."""
     done = (runs.read_json(out_dir, 'progress.json', 'train.py') or {}).get('steps_done', 0)
     return f"continue it with the same command and --resume (from step {done}, its last checkpoint)" \
         if os.path.exists(os.path.join(out_dir, 'config.json')) else "no run had been written yet"
 
 
 def progress_line(step, S, rec, lr, recent_ms, slow=()):
-    """One line of progress. The ETA: each ordinary step left at the median of recent_ms, the recent
-    ordinary steps' ms, and each slow one (grad steps, full steps under --record light: many ordinary
-    steps' time) at the median of its kind; slow: (recent ms, steps left) of each kind."""
+    """One line of progress. The ETA prices each ordinary step left at the median of recent_ms, and
+    each slow one at the median of its kind; slow: (recent ms, steps left) of each slow kind."""
     ms = statistics.median(recent_ms) if recent_ms else float('nan')
     eta = ms * (S - step - 1 - sum(n for _, n in slow))
     eta += sum(statistics.median(t) * n if t else float('nan') for t, n in slow if n)
@@ -432,9 +418,8 @@ def progress_line(step, S, rec, lr, recent_ms, slow=()):
 
 
 class Progress:
-    """Progress lines (process 0) and the loop's clock: the ETA prices each step left at the median of the
-    recent steps of its kind (Recorder.kind: a grad step takes many ordinary steps' time); a heartbeat
-    thread prints a line whenever none came for --log_seconds, the first after 5 s; the last checkpoint."""
+    """Progress lines (process 0), the ETA by Recorder.kind (a grad step takes many ordinary steps' time),
+    a heartbeat line whenever none came for --log_seconds (the first after 5 s), the last checkpoint's time."""
 
     def __init__(self, rec, start, seconds, master):
         self.kinds = np.array([rec.kind(s) for s in range(rec.args.max_iters)])  # (S,) Recorder.kind
@@ -455,7 +440,7 @@ class Progress:
         self.step, self.began = step, time.perf_counter()
 
     def end(self, step):
-        """Step `step`'s wall time in ms, kept for the ETA unless it is the run's first (it warms up too)."""
+        """Wall time in ms, kept for the ETA unless it is the run's first step (it warms up too)."""
         ms = 1000 * (time.perf_counter() - self.began)
         if step != self.start:
             self.recent[self.kinds[step]].append(ms)
@@ -469,8 +454,7 @@ class Progress:
         self.printed = time.time()
 
     def line(self, step, rec, lr):
-        """progress_line after `step`; the most frequent kind of step is the ordinary one."""
-        usual = np.bincount(self.kinds, minlength=3).argmax()
+        usual = np.bincount(self.kinds, minlength=3).argmax()  # the most frequent kind is the ordinary one
         left = np.bincount(self.kinds[step + 1:], minlength=3)
         slow = [(self.recent[k], left[k]) for k in range(3) if k != usual]
         return progress_line(step, len(self.kinds), rec, lr, self.recent[usual], slow)
