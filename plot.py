@@ -668,10 +668,8 @@ def finish(fig, runs):
             a.set_visible(a.get_gid() in ((None, GUIDE) if a in ax.texts else (GUIDE,)))
         if ax.get_legend():
             ax.get_legend().remove()
-        for axis, set_scale in [(ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)]:
-            if axis.get_scale() == 'log':  # no positive value: a log axis cannot be drawn
-                set_scale('linear')
-                axis.set_ticks([])
+        for a in [a for a in 'xy' if getattr(ax, f"get_{a}scale")() == 'log']:  # no positive value to draw
+            ax.set(**{a + 'scale': 'linear', a + 'ticks': []})
         if not any(t.get_visible() for t in ax.texts):
             ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
                     ha='center', va='center', fontsize=8, color='0.4', gid=GUIDE)
