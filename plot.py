@@ -226,9 +226,9 @@ def first_order(run):
     if 'first_order' not in run:
         rec, out = run['rec'], dict(steps=[], pred=[], true=[], corr=[], slope=[])
         for k, s in enumerate(rec['grad_steps'][:len(rec['train_loss_pred'])]):
-            pred = np.asarray(rec['train_loss_pred'][k], dtype=float).ravel()
-            true = np.asarray(rec['train_loss_post'][s], dtype=float).ravel() - \
-                np.asarray(rec['train_loss_pre'][s], dtype=float).ravel()
+            pred, post, pre = (np.asarray(a, dtype=float).ravel() for a in
+                               (rec['train_loss_pred'][k], rec['train_loss_post'][s], rec['train_loss_pre'][s]))
+            true = post - pre
             if np.isfinite(pred).all() and np.isfinite(true).all():
                 agree = metrics.first_order_agreement(torch.from_numpy(pred), torch.from_numpy(true))
                 for key, v in zip(out, [int(s), pred, true, float(agree['corr']), float(agree['slope'])]):
@@ -288,13 +288,6 @@ def interval(fit, key):
 # figures: a table of panels, one function that draws a time-series panel
 
 
-def key(fmt, label):
-    """A legend entry for a line style of FIGURES ('o--': dots joined by dashes), in grey."""
-    marker = fmt[0] if fmt[0] in 'o.sx' else 'None'
-    return Line2D([], [], color='0.3', ls=fmt.lstrip('o.sxk') or 'None', marker=marker, label=label,
-                  mfc='none' if marker == 's' else None)
-
-
 def draw_line(ax, run, name, col, smooth, fmt, *_):
     """One run's line: 'raw', 'smooth', or 'both' (faint under smoothed); a colour per bucket or layer."""
     steps, v = line_data(run, name, col)
@@ -332,7 +325,9 @@ def draw_panel(ax, runs, panel, everyone):
         ax.set(xscale='log', xlabel=panel.get('x', 'step t') + ' (log)')
     if panel.get('log'):
         ax.set_yscale('log')
-    keys = [key(*k) for k in panel.get('keys', []) + [line[3:] for line in panel.get('lines', []) if len(line) > 4]]
+    keys = [Line2D([], [], color='0.3', ls=f.lstrip('o.sxk') or 'None', marker=f[0] if f[0] in 'o.sx' else 'None',
+                   mfc='none' if f[0] == 's' else None, label=label)  # FIGURES' styles in grey: 'o--', dots by dashes
+            for f, label in panel.get('keys', []) + [line[3:] for line in panel.get('lines', []) if len(line) > 4]]
     if handles := [line for line in ax.lines if line.get_label()[0] != '_'] + keys:
         ax.legend(handles=handles, fontsize=6, ncol=2)
     n = lambda what: 'N = ' + '/'.join(f"{v:,}" for v in dict.fromkeys(r['config'][what] for r in everyone))
@@ -673,10 +668,8 @@ def finish(fig, runs):
             a.set_visible(a.get_gid() in ((None, GUIDE) if a in ax.texts else (GUIDE,)))
         if ax.get_legend():
             ax.get_legend().remove()
-        for axis, set_scale in [(ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)]:
-            if axis.get_scale() == 'log':  # no positive value: a log axis cannot be drawn
-                set_scale('linear')
-                axis.set_ticks([])
+        for a in [a for a in 'xy' if getattr(ax, f"get_{a}scale")() == 'log']:  # no positive value to draw
+            ax.set(**{a + 'scale': 'linear', a + 'ticks': []})
         if not any(t.get_visible() for t in ax.texts):
             ax.text(0.5, 0.5, 'nothing recorded\nthat this panel can draw', transform=ax.transAxes,
                     ha='center', va='center', fontsize=8, color='0.4', gid=GUIDE)
@@ -713,12 +706,6 @@ def onsets(values):
     step = lambda i: None if i is None else int(steps[i])
     return dict(never=False, plateau=step(metrics.plateau_onset(loss, torch.from_numpy(steps))),
                 rise=step(metrics.rise_onset(loss)))
-
-
-def md_table(header, rows):
-    """A markdown table; a bar in a cell escaped (a run's name must not split a cell)."""
-    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] +
-                     ['| ' + ' | '.join(str(c).replace('|', r'\|') for c in row) + ' |' for row in rows])
 
 
 def fmt(v, spec, ci=None):
@@ -908,14 +895,16 @@ REPORT = [
 
 
 def report_text(runs, drawn, notes, ext):
-    """report.md: the runs, each section of REPORT that has rows, the drawn figures, the notes."""
+    """report.md: the runs, each section of REPORT that has rows (a bar in a cell escaped: a run's name must
+    not split a cell), the drawn figures, the notes."""
     parts = ['# Training dynamics report', '', "Runs (ordered and coloured by parameter count): "
              f"{'; '.join(r['name'] + ': ' + r['label'] for r in runs)}. What to look for: docs/figures.md.", '']
     for title, what, tables in REPORT:
         tables = [t for t in tables(runs) if t[2]]
         parts += [f"## {title}", '', what, ''] * bool(tables)
         for line, header, rows in tables:
-            parts += [line, ''] * bool(line) + [md_table(header, rows), '']
+            parts += [line, ''] * bool(line) + ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+            parts += ['| ' + ' | '.join(str(c).replace('|', r'\|') for c in row) + ' |' for row in rows] + ['']
     parts += ['## Figures', '']
     for f in [f for f in FIGURES if f['name'] in drawn]:
         parts += [f"### {f['name']}", '', f"![{f['name']}]({f['name']}.{ext})", '', f['caption'], '']
