@@ -74,7 +74,7 @@ SETTINGS = [  # (name, default, type or choices, help): a flag --name each, afte
     ('chunk_seqs', 16, runs.positive, 'held-out sequences a pass (memory); fixed at the first run'),
     ('cache_dir', None, str, "token cache (default: the run's)"),
     ('device', 'auto', str, 'auto, cpu, cuda, cuda:N or mps'),
-    ('threads', 0, runs.count, "CPU threads for torch (0: torch's default)"),
+    ('threads', 0, runs.count, "CPU threads (0: one on a CPU, as train.py)"),
     ('overwrite', False, bool, 'measure again: delete the records of this N (RUN/paper/ or RUN/paper_N<N>/)'),
 ]
 
@@ -86,11 +86,8 @@ def main(argv=None):
     runs.on_signals(lambda: "the checkpoints measured are kept; the same command continues")  # one line
     if problem := runs.check_device(args.device):
         fail(problem)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cpu':
-        runs.keep_freed_memory()  # large tensors reused rather than page-faulted in again
+    runs.use_cpu_well(device, args.threads)  # one thread on a CPU unless --threads says
     config, corpus, kept = load_run(args)
     hx, hy = heldout_windows(corpus['val'], config['block_size'], args.tokens)
     model = build_gpt(config, config['vocab_size_actual']).to(device)
@@ -99,7 +96,7 @@ def main(argv=None):
                     dt1=args.dt1, opposition=args.opposition, opposition_keys=keys, protocol=args.protocol,
                     chunk_seqs=args.chunk_seqs, data_key=config['data_key'], seed_stream=MEASURE_STREAM)
     for t in kept:  # every check before the first write: each checkpoint opens and holds its step
-        load_checkpoint(kept[t], t, 'cpu')
+        runs.load_checkpoint(kept[t], t)
     rel = 'paper' + (f"_N{hx.numel()}" if args.tokens else '')  # the whole split, or N held-out tokens
     lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
     rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
@@ -108,8 +105,8 @@ def main(argv=None):
           f"before; N = {hx.numel()} held-out tokens, k = {args.batches} batches", flush=True)
     try:
         for i, t in enumerate(todo):
-            row = measure_checkpoint(model, load_checkpoint(kept[t], t, device), hx, hy, args, config, corpus,
-                                     keys, device)
+            ckpt = runs.load_checkpoint(kept[t], t, device)
+            row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device)
             for name, value in row.items():
                 rows[name].append(value)
             write_rows(args.run, rel, rows, settings, config['seed'])
@@ -143,17 +140,6 @@ def load_run(args):
     if corpus['key'] != config['data_key']:
         fail(f"{args.run}: the corpus at {config['data']} is not the one the run was trained on")
     return config, corpus, {t: kept[t] for t in sorted({int(t) for t in wanted})}
-
-
-def load_checkpoint(path, t, device):
-    """Kept checkpoint t; a torn or foreign file: one line, exit 2, never trusted."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if int(ckpt['step']) != t:
-            raise ValueError(f"it holds step {ckpt['step']}")
-        return ckpt
-    except Exception as e:
-        fail(f"{path}: not a checkpoint of step {t} ({' '.join(str(e).split())[:200]})")
 
 
 def heldout_windows(val, T, tokens):

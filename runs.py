@@ -199,12 +199,23 @@ def load_run(folder, step=None):
     if step is None:
         return config, records, None
     path = next((p for p in [f"{folder}/ckpts/step_{step:06d}.pt", f"{folder}/ckpt.pt"] if os.path.exists(p)), '')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else {}
-    if ckpt.get('step') != step:
+    if (load_checkpoint(path) if path else {}).get('step') != step:
         fail(f"{folder}: no checkpoint of step {step} (ckpts/step_{step:06d}.pt, or ckpt.pt at that step)")
     model = build_gpt(config, config['vocab_size_actual'])
-    model.load_state_dict(ckpt['model'])
+    model.load_state_dict(load_checkpoint(path, step)['model'])
     return config, records, model
+
+
+def load_checkpoint(path, step=None, device='cpu'):
+    """A checkpoint of train.py (of `step`, if given); a torn or foreign file: one line, exit 2, never trusted."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if step is not None and int(ckpt['step']) != step:
+            raise ValueError(f"it holds step {ckpt['step']}")
+        return ckpt
+    except Exception as e:
+        fail(f"{path}: not a checkpoint{f' of step {step}' if step is not None else ''} "
+             f"({' '.join(str(e).split())[:200]})")
 
 
 def lock(folder):
@@ -238,6 +249,15 @@ def check_device(device, dtype='float32'):
         return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices"
     if dtype == 'bfloat16' and not torch.cuda.is_bf16_supported():
         return f"--dtype bfloat16: {torch.cuda.get_device_name(int(device[5:] or 0))} does not support it"
+
+
+def use_cpu_well(device, threads):
+    """--threads, or one thread on a CPU: torch's default of one per core spin-waits for all of them, so a
+    core that another program holds stalls every matmul (steps several times slower on a shared machine)."""
+    if device == 'cpu':
+        keep_freed_memory()
+    if threads or device == 'cpu':
+        torch.set_num_threads(threads or 1)
 
 
 def keep_freed_memory():

@@ -229,12 +229,7 @@ def setup_system(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if args.batch_size % world:
         fail(f"--batch_size {args.batch_size} is not divisible by the {world} processes")
-    if device == 'cpu':
-        runs.keep_freed_memory()
-    # --threads, or one on a CPU: torch's default of one per core spin-waits for all of them, so a core
-    # that another program holds stalls every matmul (steps several times slower on a shared machine)
-    if args.threads or device == 'cpu':
-        torch.set_num_threads(args.threads or 1)
+    runs.use_cpu_well(device, args.threads)
     return (ddp, rank, world, device, *precision(args.dtype, device.split(':')[0]))
 
 

@@ -295,6 +295,21 @@ def test_dt1_batches_and_the_delta_batch_are_the_same_at_every_t_and_size(measur
         assert len(summed) == len(kept) and all(d is delta for d, (_, _, delta) in zip(summed, stepped[::K]))
 
 
+def test_one_thread_on_a_cpu_unless_told(measured, monkeypatch):
+    """--threads 0 (the default) is one thread on a CPU, as in train.py; --threads N is N (set before the
+    run is read: a bad --steps stops after it)."""
+    monkeypatch.setattr(runs, 'on_signals', lambda message: None)  # pytest keeps its own handlers
+    before = torch.get_num_threads()
+    try:
+        for flags, threads in [([], 1), (['--threads', '2'], 2)]:
+            torch.set_num_threads(3)
+            with pytest.raises(SystemExit):
+                measure.main([measured, '--device', 'cpu', '--steps', '3', *flags])
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_damaged_checkpoint_is_refused_before_anything_is_written(measured, tmp_path):
     """A torn kept checkpoint, or one that holds another step: one line naming it, exit 2, no folder
     created and the manifest unchanged, even though the checkpoints before it are good."""

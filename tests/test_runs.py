@@ -2,6 +2,7 @@
 wrote (and so which files --overwrite may delete), whole-file writes, the folder lock, signals."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,3 +248,10 @@ def test_load_run_gives_settings_records_and_the_model_of_a_checkpoint(tiny_run,
     with pytest.raises(SystemExit):
         runs.load_run(tiny_run, 6)  # no checkpoint holds step 6 (ckpt.pt holds 12; none kept)
     assert 'no checkpoint of step 6' in capsys.readouterr().err
+    torn = str(tmp_path / 'torn')
+    shutil.copytree(tiny_run, torn)
+    os.truncate(os.path.join(torn, 'ckpt.pt'), 100)  # a copy cut short: one line, never a traceback
+    with pytest.raises(SystemExit) as stop:
+        runs.load_run(torn, 12)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and 'ckpt.pt: not a checkpoint' in err[0]
