@@ -99,11 +99,12 @@ def main(argv=None):
         runs.load_checkpoint(kept[t], t)
     rel = 'paper' + (f"_N{hx.numel()}" if args.tokens else '')  # the whole split, or N held-out tokens
     lock = runs.open_folder(args.run, rel, overwrite=args.overwrite)  # a second measure.py is refused
-    rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
-    todo, t0, folder = [t for t in kept if t not in rows['steps']], time.time(), os.path.join(args.run, rel)
-    print(f"measure.py: {args.run}: steps {', '.join(map(str, kept))}, {len(kept) - len(todo)} measured "
-          f"before; N = {hx.numel()} held-out tokens, k = {args.batches} batches", flush=True)
-    try:
+    folder = os.path.join(args.run, rel)
+    try:  # from here a stop (a signal, a failure) leaves no empty folder behind
+        rows = read_rows(args.run, rel, settings)  # record name -> its finished rows
+        todo, t0 = [t for t in kept if t not in rows['steps']], time.time()
+        print(f"measure.py: {args.run}: steps {', '.join(map(str, kept))}, {len(kept) - len(todo)} measured "
+              f"before; N = {hx.numel()} held-out tokens, k = {args.batches} batches", flush=True)
         for i, t in enumerate(todo):
             ckpt = runs.load_checkpoint(kept[t], t, device)
             row = measure_checkpoint(model, ckpt, hx, hy, args, config, corpus, keys, device)
