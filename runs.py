@@ -199,10 +199,11 @@ def load_run(folder, step=None):
     if step is None:
         return config, records, None
     path = next((p for p in [f"{folder}/ckpts/step_{step:06d}.pt", f"{folder}/ckpt.pt"] if os.path.exists(p)), '')
-    if (load_checkpoint(path) if path else {}).get('step') != step:
+    ckpt = load_checkpoint(path) if path else {}
+    if ckpt.get('step') != step:
         fail(f"{folder}: no checkpoint of step {step} (ckpts/step_{step:06d}.pt, or ckpt.pt at that step)")
     model = build_gpt(config, config['vocab_size_actual'])
-    model.load_state_dict(load_checkpoint(path, step)['model'])
+    model.load_state_dict(ckpt['model'])
     return config, records, model
 
 
