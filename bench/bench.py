@@ -459,8 +459,7 @@ def print_flops(args, corpus, median_ms, matmuls):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.device == 'cpu':  # as train.py does; here before the first step, so every variant runs under it
-        runs.keep_freed_memory()
+    runs.use_cpu_well(args.device, 0)  # as train.py does, before the first step: every variant runs under it
     corpus = train.load_corpus(args, master=False)  # the default corpus; bad values: one line, exit 2
     print(f"bench.py: GPT {args.n_layer}L/{args.n_embd}d, batch {args.batch_size} x {args.block_size}, "
           f"vocabulary {corpus['vocab_size']}, probe {args.probe_seqs} x {args.block_size}, "
